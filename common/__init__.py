@@ -1,0 +1,21 @@
+"""Plumbing shared by the numbered lessons: toy models, synthetic data, devices, timing, runs.
+
+Nothing in here is the lesson itself. A reader may copy one numbered script plus this package.
+
+Checkpoint keys used by every script (one vocabulary across the collection)
+---------------------------------------------------------------------------
+A training checkpoint is a plain ``dict`` whose keys say what they hold:
+
+``model``        the model's ``state_dict()`` (parameters and buffers)
+``optimizer``    the optimizer's ``state_dict()`` (``state`` + ``param_groups``)
+``scheduler``    the LR scheduler's ``state_dict()``, when there is one
+``scaler``       the ``torch.amp.GradScaler`` ``state_dict()``, when AMP is on
+``epoch``        the NEXT epoch to run: a resume starts ``for epoch in range(ckpt["epoch"], ...)``
+                 so it never repeats nor skips one
+``step``         optimizer steps taken so far
+``metrics``      a dict of the latest figures (``{"train_loss": ..., "val_loss": ...}``)
+``rng``          random-number-generator states, for a bit-exact resume
+``config``       plain hyperparameters (ints, floats, strings) needed to rebuild the model
+
+See ``common.training.CHECKPOINT_KEYS``.
+"""

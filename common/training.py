@@ -1,0 +1,54 @@
+"""A tiny train/evaluate pair that every lesson shares, and the checkpoint key set."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+#: The one checkpoint vocabulary of the collection (see the ``common`` package docstring).
+#: ``epoch`` is the NEXT epoch to run, so a resume never repeats or skips one.
+CHECKPOINT_KEYS = (
+    "model", "optimizer", "scheduler", "scaler", "epoch", "step", "metrics", "rng", "config",
+)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device | str,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> float:
+    """Run one epoch of cross-entropy training; return the mean training loss.
+
+    ``scheduler`` (optional) is stepped once per epoch, after the optimizer steps.
+    """
+    model.train()
+    total, count = 0.0, 0
+    for inputs, targets in loader:
+        inputs, targets = inputs.to(device), targets.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(targets)
+        count += len(targets)
+    if scheduler is not None:
+        scheduler.step()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str) -> dict[str, float]:
+    """Return ``{"loss": mean cross-entropy, "accuracy": fraction correct}`` in eval mode."""
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for inputs, targets in loader:
+        inputs, targets = inputs.to(device), targets.to(device)
+        logits = model(inputs)
+        total_loss += F.cross_entropy(logits, targets, reduction="sum").item()
+        correct += (logits.argmax(dim=1) == targets).sum().item()
+        count += len(targets)
+    return {"loss": total_loss / max(count, 1), "accuracy": correct / max(count, 1)}

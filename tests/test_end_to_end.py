@@ -1,0 +1,69 @@
+"""Every numbered script runs end to end (CPU always, CUDA when present) and its claims hold."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import DEVICES, SCRIPTS
+
+RUNS = [(stem, device) for stem in SCRIPTS for device in DEVICES]
+
+
+@pytest.mark.parametrize(("stem", "device"), RUNS, ids=[f"{s}-{d}" for s, d in RUNS])
+def test_script_runs_and_writes_a_complete_summary(default_run, stem, device):
+    run = default_run(stem, device)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = run.summary
+    assert set(summary) == {"script", "seconds", "environment", "args", "metrics", "artifacts"}
+    assert summary["script"] == stem
+    assert summary["environment"]["device"].startswith(device)
+    assert summary["metrics"] and summary["artifacts"]
+    for name, value in summary["metrics"].items():
+        assert isinstance(value, (int, float, str, bool)), name
+    for name, relative in summary["artifacts"].items():
+        assert (run.out_dir / relative).exists(), f"artifact {name} missing: {relative}"
+    # It wrote nothing into the folder it was started from.
+    assert list(run.cwd.iterdir()) == []
+
+
+def test_01_claims(default_run):
+    metrics = default_run("01_basic_save_load").metrics
+    # The three methods reload exactly, and a resumed run equals a straight one.
+    assert metrics["state_dict_reload_max_abs_diff"] == 0.0
+    assert metrics["pickled_model_reload_max_abs_diff"] == 0.0
+    assert metrics["pickled_model_breaks_when_class_moves"] is True
+    assert metrics["resume_max_abs_diff"] == 0.0
+    assert metrics["multi_model_max_abs_diff"] == 0.0
+    # state_dict contents: SmallCNN has 10 parameters and 6 BatchNorm buffers.
+    assert (metrics["parameter_tensors"], metrics["buffer_tensors"]) == (10, 6)
+    assert metrics["optimizer_state_entries"] == metrics["parameter_tensors"]
+    # Pitfalls are real: the reference snapshot drifted, the view saved its whole storage.
+    assert metrics["snapshot_by_reference_diff_from_current"] == 0.0
+    assert metrics["snapshot_by_deepcopy_diff_from_current"] > 0.0
+    assert metrics["view_file_bytes"] > 100 * metrics["cloned_view_file_bytes"]
+    assert metrics["strict_false_shape_mismatch_raises"] is True
+    # Devices and security.
+    assert metrics["cuda_checkpoint_on_cpu_max_abs_diff"] == 0.0
+    assert metrics["payload_ran_with_weights_only_true"] is False
+    assert metrics["payload_ran_with_weights_only_false"] is True
+    assert "builtins.exec" in metrics["unsafe_globals_found"]
+    assert metrics["safe_globals_loaded_config"] is True
+    # safetensors round trip, sizes by dtype and with Adam state.
+    assert metrics["safetensors_max_abs_diff"] == 0.0
+    assert metrics["safetensors_metadata_round_trip"] is True
+    assert metrics["fp16_bytes"] < 0.55 * metrics["fp32_bytes"]
+    assert metrics["bf16_bytes"] < 0.55 * metrics["fp32_bytes"]
+    assert metrics["fp32_with_adam_bytes"] > 2.8 * metrics["fp32_bytes"]
+    # Big checkpoint: the mmap + meta + assign path holds the weights once, the naive one twice.
+    assert metrics["big_checkpoint_output_diff"] == 0.0
+    assert metrics["mmap_peak_rss_above_baseline_bytes"] < metrics[
+        "naive_peak_rss_above_baseline_bytes"]
+    assert metrics["naive_peak_rss_above_baseline_bytes"] > 1.5 * metrics["big_checkpoint_bytes"]
+    # train() vs eval().
+    assert metrics["train_mode_repeat_diff"] > 0.0
+    assert metrics["eval_mode_repeat_diff"] == 0.0
+    assert metrics["batchnorm_running_mean_change"] > 0.0
+    # Bad input: every case gets a clear error naming its file, and nothing changed.
+    assert metrics["bad_input_clear_errors"] == metrics["bad_input_cases"] == 6
+    assert metrics["failed_loads_model_max_abs_diff"] == 0.0
+    assert metrics["trained_val_accuracy"] > 0.4  # chance is 0.25
