@@ -14,6 +14,7 @@ A training checkpoint is a plain ``dict`` whose keys say what they hold:
                  so it never repeats nor skips one
 ``step``         optimizer steps taken so far
 ``metrics``      a dict of the latest figures (``{"train_loss": ..., "val_loss": ...}``)
+``history``      per-epoch metrics so far (a list of dicts), so a resumed run can plot them all
 ``rng``          random-number-generator states, for a bit-exact resume
 ``config``       plain hyperparameters (ints, floats, strings) needed to rebuild the model
 

@@ -32,8 +32,12 @@ def benchmark(
     warmup: int = 3,
     repeats: int = 20,
     device: torch.device | str = "cpu",
+    setup: Callable[[], object] | None = None,
 ) -> Timing:
     """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` timed ones.
+
+    ``setup`` (optional) runs untimed before every call, e.g. to wait for background work that
+    should not be charged to the next call.
 
     On CUDA, kernels run asynchronously, so the device is synchronised before and after each
     call; without that a GPU timing measures only how fast work is queued. The median is robust
@@ -42,9 +46,13 @@ def benchmark(
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
     samples = []
     for _ in range(repeats):
+        if setup is not None:
+            setup()
         synchronize(device)
         start = time.perf_counter()
         fn()

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 #: The one checkpoint vocabulary of the collection (see the ``common`` package docstring).
 #: ``epoch`` is the NEXT epoch to run, so a resume never repeats or skips one.
 CHECKPOINT_KEYS = (
-    "model", "optimizer", "scheduler", "scaler", "epoch", "step", "metrics", "rng", "config",
+    "model", "optimizer", "scheduler", "scaler", "epoch", "step", "metrics", "history", "rng",
+    "config",
 )
 
 
@@ -20,19 +21,30 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     device: torch.device | str,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """Run one epoch of cross-entropy training; return the mean training loss.
 
     ``scheduler`` (optional) is stepped once per epoch, after the optimizer steps.
+    ``scaler`` (optional, an enabled ``torch.amp.GradScaler``) turns on mixed precision:
+    the forward pass runs under ``torch.autocast`` and the loss is scaled against fp16 underflow.
     """
     model.train()
+    device_type = torch.device(device).type
+    use_amp = scaler is not None and scaler.is_enabled()
     total, count = 0.0, 0
     for inputs, targets in loader:
         inputs, targets = inputs.to(device), targets.to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(inputs), targets)
-        loss.backward()
-        optimizer.step()
+        with torch.autocast(device_type, enabled=use_amp):
+            loss = F.cross_entropy(model(inputs), targets)
+        if use_amp:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         total += loss.item() * len(targets)
         count += len(targets)
     if scheduler is not None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from common.models import SmallCNN
 from tests.conftest import DEVICES, SCRIPTS
 
 RUNS = [(stem, device) for stem in SCRIPTS for device in DEVICES]
@@ -67,3 +69,23 @@ def test_01_claims(default_run):
     assert metrics["bad_input_clear_errors"] == metrics["bad_input_cases"] == 6
     assert metrics["failed_loads_model_max_abs_diff"] == 0.0
     assert metrics["trained_val_accuracy"] > 0.4  # chance is 0.25
+
+
+def test_02_claims(default_run):
+    run = default_run("02_checkpoint_manager")
+    metrics, artifacts = run.metrics, run.summary["artifacts"]
+    assert metrics["resume_max_abs_diff"] == 0.0
+    assert metrics["crash_earlier_checkpoints_intact"] is True
+    assert metrics["crash_partial_files_left"] == 0
+    assert metrics["damaged_checkpoint_skipped"] is True
+    assert metrics["async_vs_sync_max_abs_diff"] == 0.0
+    assert metrics["sync_save_stall_ms"] > 0 and metrics["async_save_stall_ms"] > 0
+    assert metrics["resumed_from_epoch"] == 0
+    # Retention: at most keep_last + save_top_k files, and the best one is among them.
+    manifest = (run.out_dir / artifacts["manifest"]).read_text()
+    assert 1 <= metrics["checkpoints_kept"] <= 4
+    assert f"step{metrics['best_step']:06d}" in manifest
+    state_dict = torch.load(run.out_dir / artifacts["final_model"], map_location="cpu",
+                            weights_only=True)
+    SmallCNN().load_state_dict(state_dict)
+    assert metrics["final_val_accuracy"] > 0.5  # chance is 0.25
