@@ -89,3 +89,20 @@ def test_02_claims(default_run):
                             weights_only=True)
     SmallCNN().load_state_dict(state_dict)
     assert metrics["final_val_accuracy"] > 0.5  # chance is 0.25
+
+
+def test_03_claims(default_run):
+    run = default_run("03_model_versioning")
+    metrics, artifacts = run.metrics, run.summary["artifacts"]
+    assert metrics["content_fingerprints_distinct"] == 1
+    assert metrics["file_hashes_distinct"] > 1
+    assert metrics["one_element_changes_fingerprint"] is True
+    assert metrics["versions"] == "1.0, 1.1, 2.0"
+    assert metrics["duplicate_registration_version"] == "1.1"
+    assert metrics["tampering_detected"] is True
+    assert metrics["reproduced_fingerprint_matches"] is True
+    assert metrics["migration_max_abs_diff"] == 0.0
+    assert metrics["verify_exit_code"] == 0
+    assert (run.out_dir / artifacts["registry"]).is_dir()
+    released = run.out_dir / artifacts["released_version"]
+    assert (released / "model.safetensors").is_file() and (released / "metadata.json").is_file()
