@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -106,3 +109,31 @@ def test_03_claims(default_run):
     assert (run.out_dir / artifacts["registry"]).is_dir()
     released = run.out_dir / artifacts["released_version"]
     assert (released / "model.safetensors").is_file() and (released / "metadata.json").is_file()
+
+
+def test_04_claims(default_run, tmp_path):
+    run = default_run("04_onnx_export")
+    metrics, artifacts = run.metrics, run.summary["artifacts"]
+    assert metrics["onnx_checker_passed"] is True
+    assert metrics["onnx_input_dims"] == "['batch', 1, 'height', 'width']"
+    assert 0 <= metrics["onnx_max_abs_diff"] < 1e-4
+    assert metrics["onnx_runs_without_project_code"] is True
+    assert metrics["external_data_files"] == 1 and metrics["onnx_without_data_file_fails"]
+    assert metrics["external_data_max_abs_diff"] < 1e-4
+    assert metrics["control_flow_export_fails"] is True
+    assert metrics["torch_cond_max_abs_diff"] < 1e-5
+    assert metrics["train_mode_export_warned"] is True
+    assert metrics["train_mode_parity_max_abs_diff"] > 1e-3
+    assert metrics["specialised_dim_is_static"] and metrics["specialised_dim_other_size_fails"]
+    for batch in (1, 32, 256):
+        assert metrics[f"eager_batch{batch}_median_ms"] > 0
+        assert metrics[f"ort_batch{batch}_median_ms"] > 0
+    # The artifact runs in a fresh interpreter with only onnxruntime: no project code, no torch.
+    code = ("import sys, numpy as np, onnxruntime as ort\n"
+            "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+            "print(s.run(None, {'images': np.ones((9, 1, 16, 16), np.float32)})[0].shape)\n")
+    completed = subprocess.run([sys.executable, "-I", "-c", code,
+                                str(run.out_dir / artifacts["onnx_model"])], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=120, check=False)
+    assert completed.stdout.strip() == "(9, 4)", completed.stderr
+    assert (run.out_dir / artifacts["latency_chart"]).stat().st_size > 1000
