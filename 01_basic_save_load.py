@@ -45,7 +45,7 @@ from common.data import make_image_classification, make_loaders
 from common.models import MLP, SmallCNN
 from common.run import Run, format_bytes, make_parser
 from common.timing import benchmark
-from common.training import evaluate, train_one_epoch
+from common.training import fit, train_one_epoch
 
 # ############################################################################################
 # Reusable pieces: copy these into your own code.
@@ -843,10 +843,7 @@ def main(argv: list[str] | None = None) -> dict:
     # One small model trained for two epochs serves the lessons that need trained weights.
     loaders = make_loaders(make_image_classification(768, seed=run.seed), seed=run.seed)
     model = SmallCNN().to(run.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(2):
-        train_one_epoch(model, loaders[0], optimizer, run.device)
-    accuracy = evaluate(model, loaders[1], run.device)["accuracy"]
+    accuracy = fit(model, *loaders, run.device, epochs=2)["accuracy"]
     print(f"trained SmallCNN for 2 epochs: validation accuracy {accuracy:.3f}")
     run.record("trained_val_accuracy", accuracy)
     inputs = next(iter(loaders[1]))[0].to(run.device)

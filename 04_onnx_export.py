@@ -43,7 +43,7 @@ from common.data import make_image_classification, make_loaders
 from common.models import SmallCNN
 from common.run import Run, format_bytes, make_parser
 from common.timing import benchmark
-from common.training import evaluate, train_one_epoch
+from common.training import fit
 
 matplotlib.use("Agg")  # write PNG files, never open a window
 
@@ -496,10 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ONNX file is device-independent, and the CPU copy is what the lessons compare against.
     loaders = make_loaders(make_image_classification(768, seed=run.seed), seed=run.seed)
     model = SmallCNN().to(run.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(3):
-        train_one_epoch(model, loaders[0], optimizer, run.device)
-    accuracy = evaluate(model, loaders[1], run.device)["accuracy"]
+    accuracy = fit(model, *loaders, run.device, epochs=3)["accuracy"]
     print(f"trained SmallCNN for 3 epochs: validation accuracy {accuracy:.3f}")
     model = model.to("cpu").eval()
     run.record("trained_val_accuracy", accuracy)

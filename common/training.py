@@ -64,3 +64,22 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str) -
         correct += (logits.argmax(dim=1) == targets).sum().item()
         count += len(targets)
     return {"loss": total_loss / max(count, 1), "accuracy": correct / max(count, 1)}
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    device: torch.device | str,
+    *,
+    epochs: int,
+    lr: float = 3e-3,
+) -> dict[str, float]:
+    """Train ``model`` with Adam for ``epochs``; return the final ``evaluate`` figures.
+
+    For lessons that only need *a* trained model to save, export or compare.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        train_one_epoch(model, train_loader, optimizer, device)
+    return evaluate(model, val_loader, device)

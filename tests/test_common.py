@@ -13,7 +13,7 @@ from common.devices import environment, pick_device, seed_everything
 from common.models import MLP, SmallCNN
 from common.run import Run, format_bytes, make_parser
 from common.timing import benchmark
-from common.training import evaluate, train_one_epoch
+from common.training import evaluate, fit, train_one_epoch
 
 
 def test_pick_device():
@@ -136,3 +136,10 @@ def test_run_writes_summary_and_guards_artifacts(tmp_path, capsys):
 def test_default_out_dir_is_beside_the_script(tmp_path):
     parser = make_parser(str(tmp_path / "09_example.py"), "an example")
     assert parser.parse_args([]).out_dir == tmp_path / "outputs" / "09_example"
+
+
+def test_fit_trains_and_reports():
+    seed_everything(0)
+    train, val = make_loaders(make_vector_classification(400))
+    figures = fit(MLP(), train, val, "cpu", epochs=3)
+    assert set(figures) == {"loss", "accuracy"} and figures["accuracy"] > 0.8
