@@ -137,3 +137,56 @@ def test_04_claims(default_run, tmp_path):
                                capture_output=True, text=True, timeout=120, check=False)
     assert completed.stdout.strip() == "(9, 4)", completed.stderr
     assert (run.out_dir / artifacts["latency_chart"]).stat().st_size > 1000
+
+
+FRESH_LOAD = r"""
+import sys, torch
+script_path, program_path, input_path = sys.argv[1:4]
+example = torch.load(input_path, map_location="cpu", weights_only=True)
+batch = torch.cat([example, example, example[:1]])
+scripted = torch.jit.load(script_path, map_location="cpu")
+program = torch.export.load(program_path).module()
+gap = float((scripted(batch) - program(batch)).abs().max())
+try:
+    import common  # noqa: F401
+    importable = True
+except ImportError:
+    importable = False
+print(len(batch), gap, importable)
+"""
+
+
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated:FutureWarning")
+def test_05_claims(default_run, tmp_path):
+    run = default_run("05_torchscript_export")
+    metrics, artifacts = run.metrics, run.summary["artifacts"]
+    assert metrics["tracer_warning_shown"] and metrics["deprecation_warning_shown"]
+    assert metrics["trace_vs_eager_other_branch_diff"] > 0.1
+    assert metrics["script_vs_eager_other_branch_diff"] == 0.0
+    assert metrics["export_python_if_fails"] is True
+    assert metrics["fresh_process_could_import_common"] is False
+    assert metrics["fresh_process_torchscript_max_abs_diff"] < 1e-5
+    assert metrics["fresh_process_exported_max_abs_diff"] < 1e-5
+    for key in ("torchscript", "torchscript_frozen", "torch_export", "torch_compile", "aoti"):
+        assert metrics[f"{key}_max_abs_diff"] < 1e-4, key
+        assert metrics[f"{key}_median_ms"] > 0
+    assert metrics["aoti_built"] is True  # this machine has g++
+    example = torch.load(run.out_dir / artifacts["example_input"], map_location="cpu",
+                         weights_only=True)
+    assert example.shape[0] == 4
+    batch = torch.cat([example, example, example[:1]])  # 9: not the example's batch size
+    scripted = torch.jit.load(run.out_dir / artifacts["torchscript_model"], map_location="cpu")
+    reference = scripted(batch)
+    program = torch.export.load(run.out_dir / artifacts["exported_program"]).module()
+    torch.testing.assert_close(program(batch), reference)
+    aoti = torch._inductor.aoti_load_package(str(run.out_dir / artifacts["aoti_package"]))
+    torch.testing.assert_close(aoti(batch), reference, rtol=1e-4, atol=1e-5)
+    # Both files load where neither common/ nor the script can be imported.
+    completed = subprocess.run(
+        [sys.executable, "-I", "-c", FRESH_LOAD, str(run.out_dir / artifacts["torchscript_model"]),
+         str(run.out_dir / artifacts["exported_program"]),
+         str(run.out_dir / artifacts["example_input"])],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    size, gap, importable = completed.stdout.split()
+    assert size == "9" and float(gap) < 1e-5 and importable == "False"
