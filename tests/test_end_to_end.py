@@ -190,3 +190,21 @@ def test_05_claims(default_run, tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     size, gap, importable = completed.stdout.split()
     assert size == "9" and float(gap) < 1e-5 and importable == "False"
+
+
+def test_06_claims(default_run):
+    run = default_run("06_transfer_learning")
+    metrics, artifacts = run.metrics, run.summary["artifacts"]
+    assert metrics["transfer_accuracy"] > metrics["scratch_accuracy"]  # transfer really wins
+    assert metrics["load_report_loaded"] == 14 and metrics["load_report_skipped_shape"] == 2
+    assert metrics["frozen_params_max_abs_diff"] == 0.0
+    assert metrics["frozen_buffers_max_abs_diff"] == 0.0
+    assert metrics["bn_train_mode_buffer_drift"] > 0.0  # the pitfall is real
+    assert metrics["phased_resume_max_abs_diff"] == 0.0
+    assert metrics["head_only_delta_rebuild_max_abs_diff"] == 0.0
+    assert metrics["full_delta_rebuild_max_abs_diff"] == 0.0
+    assert metrics["head_only_delta_bytes"] < metrics["head_only_full_bytes"] / 5
+    assert metrics["feature_hook_max_abs_diff"] == 0.0
+    state_dict = torch.load(run.out_dir / artifacts["finetuned_model"], map_location="cpu",
+                            weights_only=True)
+    SmallCNN(num_classes=4).load_state_dict(state_dict)

@@ -1,0 +1,547 @@
+"""06 · Transfer learning — load what fits, freeze what works, save what changed.
+
+What you will learn (each section runs real code and prints the measured figure):
+  1. A "pretrained" backbone you can trust offline (and torchvision's real weights, on a flag)
+  2. Loading into a changed architecture: strict=False, missing/unexpected keys, shape
+     mismatches, renamed keys, and a helper that loads what fits and reports the rest
+  3. Freezing: requires_grad_(False), frozen BatchNorm kept in eval(), an optimizer over the
+     trainable parameters only
+  4. Gradual unfreezing with discriminative learning rates, and saving/restoring optimizer
+     state when the set of trainable parameters changes
+  5. Saving fine-tuned models: the full state_dict vs only what changed, and rebuilding
+  6. The feature-extractor pattern: create_feature_extractor, saved features
+  7. Measured transfer: target accuracy of transfer vs training from scratch, same budget
+
+Run it:   python 06_transfer_learning.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
+          [--torchvision-weights]   also load ResNet18_Weights.DEFAULT (downloads ~45 MB
+                                    into torch's hub cache unless it is already there)
+Takes:    about 10 s on a laptop CPU.
+Next:     07_distributed_training.py, checkpoints under DDP and FSDP2.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import socket
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+from common.compare import max_abs_diff
+from common.data import make_image_classification, make_loaders
+from common.devices import seed_everything
+from common.models import SmallCNN
+from common.run import Run, format_bytes, make_parser
+from common.training import evaluate, fit
+
+matplotlib.use("Agg")  # write PNG files, never open a window
+
+SOURCE_CLASSES, TARGET_CLASSES = 16, 4
+TARGET_TRAIN, TARGET_VAL = 96, 400  # a small target set: where transfer pays off
+EPOCHS, UNFREEZE_AT = 5, 2  # the target budget; the backbone unfreezes after epoch 2
+HEAD_LR, BACKBONE_LR = 3e-2, 1e-3  # discriminative learning rates
+BATCH_SIZE = 8
+
+# ############################################################################################
+# Reusable pieces: copy these into your own code.
+# ############################################################################################
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What ``load_what_fits`` did with each key."""
+
+    loaded: list[str]
+    skipped_shape: list[tuple[str, tuple, tuple]]  # (key, checkpoint shape, model shape)
+    missing: list[str]  # in the model, absent from the checkpoint: left as initialised
+    unexpected: list[str]  # in the checkpoint, absent from the model: ignored
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        lines += [f"skipped for shape: {k} {a} -> model {b}" for k, a, b in self.skipped_shape]
+        if self.missing:
+            lines.append(f"missing (kept their init): {', '.join(self.missing)}")
+        if self.unexpected:
+            lines.append(f"unexpected (ignored): {', '.join(self.unexpected)}")
+        return "\n".join(lines)
+
+
+def load_what_fits(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                   rename: Callable[[str], str] | None = None) -> LoadReport:
+    """Load every tensor whose (renamed) key exists in ``model`` with the same shape.
+
+    ``load_state_dict(strict=False)`` alone forgives missing and unexpected keys but still
+    raises on a shape mismatch; this filters those out first and reports everything.
+    """
+    own = model.state_dict()
+    renamed = {(rename(k) if rename else k): v for k, v in state_dict.items()}
+    fitting = {k: v for k, v in renamed.items() if k in own and own[k].shape == v.shape}
+    result = model.load_state_dict(fitting, strict=False)
+    return LoadReport(
+        loaded=sorted(fitting),
+        skipped_shape=[(k, tuple(v.shape), tuple(own[k].shape)) for k, v in renamed.items()
+                       if k in own and own[k].shape != v.shape],
+        missing=[k for k in result.missing_keys if k not in renamed],
+        unexpected=[k for k in renamed if k not in own],
+    )
+
+
+class FineTunableCNN(SmallCNN):
+    """SmallCNN whose backbone can be frozen, BatchNorm included.
+
+    requires_grad_(False) stops gradients, but BatchNorm in train mode still updates its
+    running statistics on every forward pass, so a "frozen" backbone drifts. ``train()`` here
+    keeps a frozen backbone in eval mode (the "norm_eval" pattern of detection libraries).
+    """
+
+    def __init__(self, num_classes: int = TARGET_CLASSES) -> None:
+        super().__init__(num_classes=num_classes)
+        self.backbone_frozen = False
+
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        self.backbone_frozen = frozen
+        self.backbone.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> FineTunableCNN:
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+
+def build_optimizer(model: FineTunableCNN, phase: int) -> torch.optim.Optimizer:
+    """The optimizer for a fine-tuning phase: 1 = head only, 2 = head + backbone.
+
+    Discriminative learning rates: the new head learns fast (HEAD_LR); the pretrained backbone
+    moves slowly (BACKBONE_LR) so it adapts without forgetting. Named groups show the layout.
+    """
+    groups = [{"params": list(model.head.parameters()), "lr": HEAD_LR, "name": "head"}]
+    if phase == 2:
+        groups.append({"params": list(model.backbone.parameters()), "lr": BACKBONE_LR,
+                       "name": "backbone"})
+    return torch.optim.Adam(groups)
+
+
+def state_dict_delta(finetuned: Mapping[str, torch.Tensor],
+                     base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of ``finetuned`` that differ from ``base`` (or that ``base`` lacks).
+
+    Parameters AND buffers are compared: BatchNorm statistics that moved belong to the delta.
+    """
+    return {k: v for k, v in finetuned.items()
+            if k not in base or v.shape != base[k].shape or not torch.equal(v, base[k].to(v))}
+
+
+def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
+                device: torch.device) -> float:
+    """One epoch of cross-entropy training that respects a model's own train() override."""
+    model.train()
+    total, count = 0.0, 0
+    for inputs, targets in loader:
+        inputs, targets = inputs.to(device), targets.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        total, count = total + loss.item() * len(targets), count + len(targets)
+    return total / count
+
+
+def fine_tune(model: FineTunableCNN, loaders, device: torch.device, *, start_epoch: int = 0,
+              optimizer: torch.optim.Optimizer | None = None, stop_after: int | None = None,
+              on_epoch_end: Callable[[int, torch.optim.Optimizer], None] | None = None):
+    """Gradual unfreezing: head only for UNFREEZE_AT epochs, then head + backbone.
+
+    Returns (optimizer, validation accuracy per epoch run).
+    """
+    train_loader, val_loader = loaders
+    if optimizer is None:
+        phase = 1 if start_epoch < UNFREEZE_AT else 2
+        model.freeze_backbone(phase == 1)
+        optimizer = build_optimizer(model, phase)
+    accuracies = []
+    for epoch in range(start_epoch, stop_after or EPOCHS):
+        if epoch == UNFREEZE_AT:  # phase 2: unfreeze, and give the backbone its own group
+            model.freeze_backbone(False)
+            optimizer.add_param_group({"params": list(model.backbone.parameters()),
+                                       "lr": BACKBONE_LR, "name": "backbone"})
+        train_epoch(model, train_loader, optimizer, device)
+        accuracies.append(evaluate(model, val_loader, device)["accuracy"])
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, optimizer)
+    return optimizer, accuracies
+
+
+class RenamedCNN(nn.Module):
+    """The same layers as SmallCNN under other names (features/classifier), as in another
+    codebase. Warm-start it by renaming keys: backbone.* -> features.*."""
+
+    def __init__(self, num_classes: int = TARGET_CLASSES) -> None:
+        super().__init__()
+        reference = SmallCNN(num_classes=num_classes)
+        self.features, self.classifier = reference.backbone, reference.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def torchvision_resnet18(num_classes: int):
+    """ResNet-18 with ImageNet weights, re-headed for ``num_classes``; ``(model, message)``.
+
+    ``resnet18(weights=ResNet18_Weights.DEFAULT)`` loads from torch's hub cache
+    (``torch.hub.get_dir()``), downloading once if needed. Without network or cache it fails;
+    we turn that into one clear message instead of a traceback.
+    """
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    weights = ResNet18_Weights.DEFAULT
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)  # a download that cannot connect fails instead of hanging
+    try:
+        pretrained = resnet18(weights=weights, progress=False)
+    except Exception as err:  # URLError, HTTPError, OSError, a truncated cache file...
+        where = "found in" if cached.exists() else "not in"
+        return None, (f"could not load {weights} ({where} the cache at {cached}; "
+                      f"{type(err).__name__}: {err}); without network, copy the file there")
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+    model = resnet18(num_classes=num_classes)
+    report = load_what_fits(model, pretrained.state_dict())
+    return model, f"loaded {weights} from {cached}: {report.skipped_shape} re-initialised"
+
+
+# ############################################################################################
+# The lessons, in order.
+# ############################################################################################
+
+# %% 1. A pretrained backbone, honestly offline
+# Transfer learning reuses features learned on a big SOURCE task for a small TARGET task. To
+# stay offline and measurable, we pretrain ourselves: SmallCNN on a 16-class synthetic source
+# task (seconds), saved as a plain state_dict, exactly like a downloaded checkpoint. The target
+# task has 4 different classes and only 96 training images. With --torchvision-weights the
+# script also loads real ImageNet weights the torchvision way:
+#     from torchvision.models import resnet18, ResNet18_Weights
+#     model = resnet18(weights=ResNet18_Weights.DEFAULT)   # cached in torch.hub.get_dir()
+
+
+def lesson_1_pretrain(run: Run, use_torchvision: bool) -> Path:
+    run.section("1. A pretrained backbone, honestly offline")
+    seed_everything(run.seed)
+    source = make_loaders(make_image_classification(
+        3072, num_classes=SOURCE_CLASSES, template_seed=100, noise=1.0, seed=run.seed + 1),
+        seed=run.seed + 1)
+    pretrained = SmallCNN(num_classes=SOURCE_CLASSES).to(run.device)
+    source_accuracy = fit(pretrained, *source, run.device, epochs=6)["accuracy"]
+    path = run.path("pretrained_source.pt")
+    torch.save(pretrained.state_dict(), path)
+    print(f"  pretrained on the source task ({SOURCE_CLASSES} classes): validation accuracy "
+          f"{source_accuracy:.3f}")
+    run.artifact("pretrained_model", path)
+    run.record("source_accuracy", source_accuracy)
+    if use_torchvision:
+        model, message = torchvision_resnet18(TARGET_CLASSES)
+        print(f"  --torchvision-weights: {message}")
+        run.record("torchvision_weights_loaded", model is not None)
+    else:
+        print("  (add --torchvision-weights to also load ResNet18_Weights.DEFAULT)")
+    return path
+
+
+# %% 2. Loading into a changed architecture
+# The target model has a 4-class head; the checkpoint's head has 16 outputs.
+# - load_state_dict (strict) fails on the head's shape ("size mismatch for head.1.weight").
+# - strict=False does NOT forgive shapes, only missing/unexpected keys; it returns them as
+#   result.missing_keys / result.unexpected_keys, which you must read, not ignore.
+# - The fix: drop mis-shaped entries first. load_what_fits() does it and reports every key.
+# - A model with other names (features/classifier) warm-starts by renaming keys.
+
+
+def lesson_2_load_what_fits(run: Run, pretrained_path: Path) -> None:
+    run.section("2. Loading into a changed architecture")
+    state_dict = torch.load(pretrained_path, map_location="cpu", weights_only=True)
+    for strict in (True, False):
+        try:
+            FineTunableCNN().load_state_dict(state_dict, strict=strict)
+        except RuntimeError as err:
+            mismatch = next(line.strip() for line in str(err).splitlines() if "size" in line)
+            print(f"  load_state_dict(strict={strict}): {mismatch[:100]}")
+    backbone_only = {k: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    result = FineTunableCNN().load_state_dict(backbone_only, strict=False)
+    print(f"  strict=False with the backbone only: missing_keys={result.missing_keys}, "
+          f"unexpected_keys={result.unexpected_keys}")
+    report = load_what_fits(FineTunableCNN(), state_dict)
+    print("  load_what_fits:\n    " + str(report).replace("\n", "\n    "))
+    renamed_model = RenamedCNN()
+    renamed = load_what_fits(renamed_model, state_dict,
+                             rename=lambda key: key.replace("backbone.", "features.", 1)
+                             .replace("head.", "classifier.", 1))
+    print(f"  RenamedCNN with backbone.* -> features.*: loaded {len(renamed.loaded)}, "
+          f"skipped {[k for k, _, _ in renamed.skipped_shape]}")
+    run.record("load_report_loaded", len(report.loaded))
+    run.record("load_report_skipped_shape", len(report.skipped_shape))
+    run.record("renamed_model_loaded", len(renamed.loaded))
+
+
+# %% 3. Freezing the backbone
+# requires_grad_(False) on the backbone: no gradients, no updates, less memory. Build the
+# optimizer over the trainable parameters only (filter(lambda p: p.requires_grad, ...)) so
+# weight decay and momentum never touch frozen ones. And keep frozen BatchNorm in eval():
+# in train mode it keeps updating running_mean/var from target batches, so the "frozen"
+# backbone changes anyway. Below: one epoch head-only, with and without that care.
+
+
+def lesson_3_freezing(run: Run, pretrained_path: Path, loaders) -> None:
+    run.section("3. Freezing the backbone")
+    state_dict = torch.load(pretrained_path, map_location="cpu", weights_only=True)
+    drift = {}
+    for label, keep_bn_eval in (("requires_grad only", False), ("+ BatchNorm in eval", True)):
+        model = FineTunableCNN().to(run.device)
+        load_what_fits(model, state_dict)
+        before = copy.deepcopy(model.backbone.state_dict())
+        model.freeze_backbone(True)
+        if not keep_bn_eval:
+            model.backbone_frozen = False  # gradients off, but train() now reaches BatchNorm
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(trainable, lr=HEAD_LR)
+        train_epoch(model, loaders[0], optimizer, run.device)
+        after = model.backbone.state_dict()
+        params = max(max_abs_diff(before[k], after[k]) for k, _ in
+                     model.backbone.named_parameters())
+        buffers = max(max_abs_diff(before[k], after[k]) for k, b in
+                      model.backbone.named_buffers() if b.is_floating_point())
+        drift[label] = (params, buffers)
+        print(f"  {label:<22} trainable tensors {len(trainable)}; backbone weights max |diff| "
+              f"{params}, BatchNorm running stats max |diff| {buffers:.4g}")
+    run.record("frozen_params_max_abs_diff", drift["+ BatchNorm in eval"][0])
+    run.record("frozen_buffers_max_abs_diff", drift["+ BatchNorm in eval"][1])
+    run.record("bn_train_mode_buffer_drift", drift["requires_grad only"][1])
+
+
+# %% 4. Gradual unfreezing, and optimizer state across phases
+# Phase 1 trains the new head alone (the backbone's features are fine; a random head's big
+# gradients would damage them); phase 2 unfreezes the backbone with a 10x smaller learning rate
+# (discriminative learning rates, one param group each; optimizer.add_param_group adds it).
+# Saving and resuming: an optimizer's state_dict records its param groups, so the phase-1
+# state does NOT load into a phase-2 optimizer ("loaded state dict has a different number of
+# parameter groups"). Save the phase with the checkpoint, rebuild the optimizer for THAT
+# phase, load its state, and let the loop unfreeze at the same epoch it would have.
+
+
+def lesson_4_gradual_unfreezing(run: Run, pretrained_path: Path, loaders) -> dict:
+    run.section("4. Gradual unfreezing, and optimizer state across phases")
+    state_dict = torch.load(pretrained_path, map_location="cpu", weights_only=True)
+    checkpoint_path = run.path("finetune_checkpoint_epoch002.pt")
+
+    def save_at_phase_end(epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        if epoch == UNFREEZE_AT:
+            torch.save({"epoch": epoch, "phase": 1, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "rng": {"torch": torch.get_rng_state(),
+                                "loader": loaders[0].generator.get_state()}},
+                       checkpoint_path)
+
+    seed_everything(run.seed)
+    generator_start = loaders[0].generator.get_state()
+    model = FineTunableCNN().to(run.device)
+    load_what_fits(model, state_dict)
+    optimizer, accuracies = fine_tune(model, loaders, run.device, on_epoch_end=save_at_phase_end)
+    print(f"  param groups at the end: {[(g['name'], g['lr']) for g in optimizer.param_groups]}")
+    print(f"  target validation accuracy per epoch: {[round(a, 3) for a in accuracies]}")
+
+    checkpoint = torch.load(checkpoint_path, map_location=run.device, weights_only=True)
+    resumed = FineTunableCNN().to(run.device)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed.freeze_backbone(False)
+    try:
+        build_optimizer(resumed, phase=2).load_state_dict(checkpoint["optimizer"])
+    except ValueError as err:
+        print(f"  phase-1 optimizer state into a phase-2 optimizer: {err}")
+    resumed.freeze_backbone(checkpoint["phase"] == 1)
+    restored = build_optimizer(resumed, phase=checkpoint["phase"])
+    restored.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+    loaders[0].generator.set_state(checkpoint["rng"]["loader"].cpu())
+    fine_tune(resumed, loaders, run.device, start_epoch=checkpoint["epoch"], optimizer=restored)
+    diff = max_abs_diff(model.state_dict(), resumed.state_dict())
+    print(f"  resumed at epoch {checkpoint['epoch']} with the phase-1 layout, then unfrozen: "
+          f"final weights vs uninterrupted max |diff| = {diff}")
+    loaders[0].generator.set_state(generator_start)
+    run.artifact("finetune_checkpoint", checkpoint_path)
+    run.record("phased_resume_max_abs_diff", diff)
+    return {"model": model, "accuracies": accuracies, "checkpoint": checkpoint}
+
+
+# %% 5. Saving what changed
+# A fine-tuned model is a base (the pretrained file everyone has) plus what training changed.
+# After the head-only phase only the head differs, so the delta is tiny: ship it, and
+# rebuild = load the base, then load the delta (load_what_fits / strict=False). Compare the
+# rebuilt model's outputs with the fine-tuned one's: identical. After full fine-tuning every
+# tensor changed, and the delta is the whole model.
+
+
+def lesson_5_save_delta(run: Run, pretrained_path: Path, tuned: dict, inputs) -> None:
+    run.section("5. Saving what changed")
+    base = torch.load(pretrained_path, map_location="cpu", weights_only=True)
+    head_only = {k: v.cpu() for k, v in tuned["checkpoint"]["model"].items()}
+    full = {k: v.cpu() for k, v in tuned["model"].state_dict().items()}
+    sizes = {}
+    for label, state_dict in (("head-only phase", head_only), ("full fine-tune", full)):
+        delta = state_dict_delta(state_dict, base)
+        full_path = run.path(f"saved/{label.split()[0]}_full.pt")
+        delta_path = run.path(f"saved/{label.split()[0]}_delta.pt")
+        torch.save(state_dict, full_path)
+        torch.save(delta, delta_path)
+        sizes[label] = (full_path.stat().st_size, delta_path.stat().st_size)
+        rebuilt = FineTunableCNN()
+        load_what_fits(rebuilt, base)  # 1. the base, as everyone has it
+        rebuilt.load_state_dict(torch.load(delta_path, map_location="cpu", weights_only=True),
+                                strict=False)  # 2. the delta on top
+        reference = FineTunableCNN()
+        reference.load_state_dict(state_dict)
+        with torch.no_grad():
+            diff = max_abs_diff(rebuilt.eval()(inputs.cpu()), reference.eval()(inputs.cpu()))
+        print(f"  {label:<16} full {format_bytes(sizes[label][0]):>9}, delta "
+              f"{format_bytes(sizes[label][1]):>9} ({len(delta)} tensors: "
+              f"{sorted(delta)[:3]}{' ...' if len(delta) > 3 else ''}); base + delta vs "
+              f"fine-tuned: max |diff| = {diff}")
+        run.record(f"{label.split()[0].replace('-', '_')}_delta_rebuild_max_abs_diff", diff)
+    run.record("head_only_full_bytes", sizes["head-only phase"][0])
+    run.record("head_only_delta_bytes", sizes["head-only phase"][1])
+    final_path = run.path("finetuned_model.pt")
+    torch.save(full, final_path)
+    run.artifact("finetuned_model", final_path)
+    run.artifact("deltas", full_path.parent)
+
+
+# %% 6. The feature-extractor pattern
+# Sometimes you only need the backbone's features: for a linear probe, retrieval, or to train
+# many small heads without re-running the backbone. torchvision's create_feature_extractor
+# rewrites a model (via torch.fx) to return named intermediate outputs; get_graph_node_names
+# lists the names. (A forward hook on the layer does the same without rewriting.) Save the
+# features once as tensors, then train on them in milliseconds.
+
+
+def lesson_6_feature_extractor(run: Run, pretrained_path: Path, loaders) -> None:
+    run.section("6. The feature-extractor pattern")
+    model = SmallCNN(num_classes=SOURCE_CLASSES)
+    model.load_state_dict(torch.load(pretrained_path, map_location="cpu", weights_only=True))
+    model.eval()
+    _, eval_nodes = get_graph_node_names(model)
+    print(f"  some node names: {[n for n in eval_nodes if n.startswith('backbone')][-3:]}")
+    extractor = create_feature_extractor(model, return_nodes={"backbone.8": "features"})
+    captured = {}
+    hook = model.backbone[8].register_forward_hook(
+        lambda module, args, output: captured.update(features=output))
+    features = {}
+    with torch.no_grad():
+        for split, loader in (("train", loaders[0]), ("val", loaders[1])):
+            batches = [(extractor(x)["features"], y) for x, y in loader]
+            features[split] = (torch.cat([f for f, _ in batches]),
+                               torch.cat([y for _, y in batches]))
+        model(next(iter(loaders[1]))[0])
+    hook.remove()
+    hook_diff = max_abs_diff(captured["features"], extractor(next(iter(loaders[1]))[0])
+                             ["features"].detach())
+    path = run.path("target_features.pt")
+    torch.save({"train": features["train"], "val": features["val"], "node": "backbone.8"},
+               path)
+    run.artifact("features", path)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    train_x, train_y = saved["train"]
+    val_x, val_y = saved["val"]
+    probe = nn.Linear(train_x.shape[1], TARGET_CLASSES)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=0.05)
+    for _ in range(200):
+        optimizer.zero_grad()
+        F.cross_entropy(probe(train_x), train_y).backward()
+        optimizer.step()
+    accuracy = (probe(val_x).argmax(1) == val_y).float().mean().item()
+    print(f"  saved features {tuple(train_x.shape)} + {tuple(val_x.shape)}; forward hook vs "
+          f"extractor max |diff| = {hook_diff}; linear probe on saved features: "
+          f"accuracy {accuracy:.3f}")
+    run.record("feature_hook_max_abs_diff", hook_diff)
+    run.record("linear_probe_accuracy", accuracy)
+
+
+# %% 7. Measured transfer: pretrained vs from scratch
+# The claim of transfer learning, measured: the same target data in the same order, the same
+# 5 epochs; the transfer run is section 4's gradual unfreezing from the pretrained backbone,
+# the scratch run trains the whole network from a random init with Adam at 3e-3 (the setting
+# the other lessons use). Transfer should win clearly with so few target images.
+
+
+def lesson_7_transfer_vs_scratch(run: Run, loaders, transfer_accuracies: list[float]) -> None:
+    run.section("7. Measured transfer: pretrained vs from scratch")
+    seed_everything(run.seed)
+    generator_start = loaders[0].generator.get_state()
+    scratch = SmallCNN(num_classes=TARGET_CLASSES).to(run.device)
+    optimizer = torch.optim.Adam(scratch.parameters(), lr=3e-3)
+    scratch_accuracies = []
+    for _ in range(EPOCHS):
+        train_epoch(scratch, loaders[0], optimizer, run.device)
+        scratch_accuracies.append(evaluate(scratch, loaders[1], run.device)["accuracy"])
+    loaders[0].generator.set_state(generator_start)
+    print(f"  {'epoch':>5}  {'transfer':>8}  {'scratch':>8}")
+    for epoch, (ours, theirs) in enumerate(zip(transfer_accuracies, scratch_accuracies,
+                                               strict=True), start=1):
+        print(f"  {epoch:>5}  {ours:>8.3f}  {theirs:>8.3f}")
+    figure, axes = plt.subplots(figsize=(6, 4))
+    epochs = range(1, EPOCHS + 1)
+    axes.plot(epochs, transfer_accuracies, marker="o", label="transfer (pretrained backbone)")
+    axes.plot(epochs, scratch_accuracies, marker="s", label="from scratch")
+    axes.axvline(UNFREEZE_AT + 0.5, color="grey", linestyle=":", label="backbone unfrozen")
+    axes.set_xticks(list(epochs))
+    axes.set(xlabel="epoch", ylabel="target validation accuracy", ylim=(0, 1),
+             title=f"{TARGET_TRAIN} target images, same budget")
+    axes.legend()
+    path = run.path("transfer_vs_scratch.png")
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    run.artifact("learning_curves", path)
+    run.record("transfer_accuracy", transfer_accuracies[-1])
+    run.record("scratch_accuracy", scratch_accuracies[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run every lesson in order and return the summary (also written to summary.json)."""
+    parser = make_parser(__file__, __doc__.splitlines()[0])
+    parser.add_argument("--torchvision-weights", action="store_true",
+                        help="also load torchvision's ResNet18_Weights.DEFAULT (network or "
+                             "cache needed; without them a clear message, then the rest runs)")
+    run = Run.start(__file__, parser, argv)
+
+    pretrained_path = lesson_1_pretrain(run, run.args.torchvision_weights)
+    target = make_image_classification(TARGET_TRAIN + TARGET_VAL, num_classes=TARGET_CLASSES,
+                                       template_seed=7, noise=1.5, seed=run.seed + 2)
+    loaders = make_loaders(target, batch_size=BATCH_SIZE, seed=run.seed + 2,
+                           val_fraction=TARGET_VAL / (TARGET_TRAIN + TARGET_VAL))
+    lesson_2_load_what_fits(run, pretrained_path)
+    lesson_3_freezing(run, pretrained_path, loaders)
+    tuned = lesson_4_gradual_unfreezing(run, pretrained_path, loaders)
+    lesson_5_save_delta(run, pretrained_path, tuned, next(iter(loaders[1]))[0])
+    lesson_6_feature_extractor(run, pretrained_path, loaders)
+    lesson_7_transfer_vs_scratch(run, loaders, tuned["accuracies"])
+    return run.finish(
+        recap=[
+            "strict=False forgives missing/unexpected keys, never shapes: filter by shape "
+            "(load_what_fits) and READ the report",
+            "freeze = requires_grad_(False) + BatchNorm in eval() + an optimizer over trainable "
+            "parameters; save the phase with the optimizer state",
+            "ship base + delta when only part of the model changed; rebuild exactly",
+        ],
+        try_it="set UNFREEZE_AT = 0 (fine-tune everything from the start) and compare the "
+               "curves; then run 07_distributed_training.py",
+    )
+
+
+if __name__ == "__main__":
+    main()
