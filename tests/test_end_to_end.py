@@ -208,3 +208,22 @@ def test_06_claims(default_run):
     state_dict = torch.load(run.out_dir / artifacts["finetuned_model"], map_location="cpu",
                             weights_only=True)
     SmallCNN(num_classes=4).load_state_dict(state_dict)
+
+
+def test_07_claims(default_run):
+    run = default_run("07_distributed_training")
+    metrics, artifacts = run.metrics, run.summary["artifacts"]
+    assert metrics["reshard_max_abs_diff"] == 0.0
+    assert metrics["reshard_optimizer_max_abs_diff"] == 0.0
+    assert metrics["save_world_size"] != metrics["reshard_world_size"]
+    assert metrics["ddp_ranks_max_abs_diff"] == 0.0
+    assert metrics["dcp_files"] == metrics["save_world_size"]
+    assert metrics["dcp_no_dist_max_abs_diff"] == 0.0
+    assert metrics["dcp_async_max_abs_diff"] == 0.0
+    assert metrics["dcp_to_torch_save_max_abs_diff"] == 0.0
+    assert metrics["prefix_strip_max_abs_diff"] == 0.0
+    assert metrics["fsdp_buffer_gap_before_sync"] > 0.0  # the unsynced-buffer pitfall is real
+    portable = torch.load(run.out_dir / artifacts["portable_model"], map_location="cpu",
+                          weights_only=True)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in portable)
+    SmallCNN().load_state_dict(portable)  # a plain single-process model, strict

@@ -1,0 +1,543 @@
+"""07 · Distributed checkpoints — save and load across GPUs, processes and world sizes.
+
+What you will learn (each section runs real code and prints the measured figure):
+  1. Wrapper prefixes: DataParallel/DDP's "module.", torch.compile's "_orig_mod.", and a
+     portable checkpoint without them
+  2. DDP: rank 0 saves, a barrier, every rank loads with the right map_location
+  3. FSDP2 + torch.distributed.checkpoint (DCP): sharded saves (a file per rank), full
+     state_dicts consolidated on rank 0, async_save
+  4. Resharding: load a checkpoint saved at one world size into another, exactly
+  5. DCP without a process group: load in a single process, convert to a torch.save file
+
+Run it:   python 07_distributed_training.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
+          (spawns its own process groups: 2 processes, then 3, with gloo on the CPU)
+   or:    torchrun --standalone --nproc_per_node=N 07_distributed_training.py [...]
+          (any N; then the torchrun processes are the training world)
+Takes:    about 20 s on a laptop CPU (each process imports torch).
+Next:     you have the whole path; the README's "Common problems" maps errors to sections.
+
+Multi-GPU and multi-node notes:
+  - Backend: gloo runs on CPUs (and here on a laptop); nccl is the GPU backend. Each process
+    drives ONE GPU: torch.cuda.set_device(LOCAL_RANK) and device = f"cuda:{LOCAL_RANK}".
+    LOCAL_RANK is the GPU index within a node; RANK is global across nodes.
+  - Multi-node: torchrun --nnodes=2 --node_rank=K --rdzv-endpoint=HOST:PORT on each node;
+    checkpoints must go to storage every node sees (a shared file system or object store).
+  - Saving on rank 0 only (a full state_dict) is simple and portable but gathers the whole
+    model into one process's memory; sharded saves (DCP) write in parallel, one file per rank,
+    and never hold the full model anywhere.
+  - Loading: map_location={"cuda:0": f"cuda:{local_rank}"} keeps every rank off GPU 0. For
+    full state_dicts on big models, StateDictOptions(full_state_dict=True, cpu_offload=True,
+    broadcast_from_rank0=True) loads on rank 0 and broadcasts, instead of N copies in RAM.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import socket
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from common.compare import max_abs_diff
+from common.data import make_image_classification
+from common.models import SmallCNN
+from common.run import Run, format_bytes, make_parser, print_section
+
+SAVE_WORLD = 2  # processes that train and save (in the default, self-spawning mode)
+# A collective that waits longer than this raises instead of hanging forever (default: 30 min).
+GROUP_TIMEOUT = datetime.timedelta(minutes=3)
+NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+
+# ############################################################################################
+# Reusable pieces: copy these into your own code.
+# ############################################################################################
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
+
+
+def portable_state_dict(state_dict: Mapping[str, torch.Tensor]) -> OrderedDict:
+    """A state_dict any plain model can load: wrapper prefixes stripped, tensors on the CPU.
+
+    A prefix is stripped only when EVERY key has it (a model may legitimately own a submodule
+    called "module"), repeatedly, so nested wrappers ("_orig_mod.module.") go too. It uses
+    torch's own consume_prefix_in_state_dict_if_present, which also fixes the _metadata
+    (module versions, see 03) that load_state_dict reads.
+    """
+    result = OrderedDict((k, v.detach().cpu()) for k, v in state_dict.items())
+    result._metadata = getattr(state_dict, "_metadata", OrderedDict()).copy()
+    stripped = True
+    while stripped and result:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(key.startswith(prefix) for key in result):
+                consume_prefix_in_state_dict_if_present(result, prefix)
+                stripped = True
+    return result
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a process group's rendezvous.
+
+    A fixed MASTER_PORT makes two runs on one machine collide; asking the OS for a free port
+    lets them overlap.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rank_device(device_type: str, local_rank: int) -> torch.device:
+    """One device per process: cuda:LOCAL_RANK on GPUs, the CPU otherwise."""
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def average_buffers(model: nn.Module) -> None:
+    """All-reduce (average) every floating-point buffer across ranks.
+
+    DDP broadcasts buffers from rank 0 on every forward; FSDP2 does NOT: each rank's BatchNorm
+    updates its running statistics from its own batches, so the ranks disagree, and a sharded
+    checkpoint stores one rank's copy (DCP saves replicated tensors once). Average them before
+    saving, or use SyncBatchNorm on GPUs.
+    """
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(dist.get_world_size())
+
+
+def build_fsdp2_model(mesh, device: torch.device, seed: int):
+    """SmallCNN sharded with FSDP2: each Conv/Linear layer, then the root; plus Adam.
+
+    fully_shard(layer) turns the layer's parameters into DTensors sharded over the mesh (dim 0
+    split across ranks); the root call handles what is left. Shard the layers that hold the
+    weights: a sharded unit whose output is a view (like a Sequential ending in Flatten) gets
+    a warning about in-place ops on views.
+    """
+    torch.manual_seed(seed)
+    model = SmallCNN().to(device)
+    for layer in (model.backbone[0], model.backbone[4], model.head[1]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                epochs: int, seed: int) -> None:
+    """A few epochs on this rank's share of the data (DistributedSampler splits it)."""
+    dataset = make_image_classification(256, seed=seed)
+    sampler = DistributedSampler(dataset, num_replicas=dist.get_world_size(),
+                                 rank=dist.get_rank(), shuffle=True, seed=seed)
+    loader = DataLoader(dataset, batch_size=16, sampler=sampler)
+    model.train()
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)  # a different shuffle each epoch, the same on every rank
+        for inputs, targets in loader:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(inputs.to(device)), targets.to(device)).backward()
+            optimizer.step()
+
+
+def ranks_max_abs_diff(state_dict: Mapping[str, torch.Tensor]) -> float:
+    """Largest difference between this rank's tensors and rank 0's (0.0: all identical)."""
+    flat = torch.cat([v.detach().flatten().double() for v in state_dict.values()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return max(max_abs_diff(other, gathered[0]) for other in gathered)
+
+
+def log0(*parts: object) -> None:
+    """Print on rank 0 only (every rank runs the same code)."""
+    if dist.get_rank() == 0:
+        print(*parts, flush=True)
+
+
+def optimizer_state_diff(a: Mapping, b: Mapping) -> float:
+    """Max |diff| over the tensors of two full optimizer state_dicts (keyed by FQN)."""
+    return max(max_abs_diff(value, b["state"][name][key])
+               for name, entry in a["state"].items() for key, value in entry.items()
+               if isinstance(value, torch.Tensor))
+
+
+# ############################################################################################
+# The lessons, in order.
+# ############################################################################################
+
+# %% 1. Wrapper prefixes and portable checkpoints
+# nn.DataParallel and DistributedDataParallel keep your model as .module, so their
+# state_dict() keys read "module.backbone.0.weight"; torch.compile's wrapper keeps it as
+# ._orig_mod. Loading such a file into a plain model fails with
+#   Missing key(s) in state_dict: "backbone.0.weight" ... Unexpected key(s): "module.backbone..."
+# Save the unwrapped module (ddp.module.state_dict(), compiled._orig_mod.state_dict()), and
+# clean files you received with torch.nn.modules.utils.consume_prefix_in_state_dict_if_present
+# or portable_state_dict() above, which also moves tensors to the CPU so the file loads on
+# machines without the GPU it was saved on.
+
+
+def lesson_1_prefixes(run: Run) -> None:
+    run.section("1. Wrapper prefixes and portable checkpoints")
+    model = SmallCNN()
+    wrapped = {
+        "nn.DataParallel": nn.DataParallel(model),
+        "torch.compile": torch.compile(model),  # compiles lazily; state_dict() needs no compile
+        "compile(DataParallel)": torch.compile(nn.DataParallel(model)),
+    }
+    for label, wrapper in wrapped.items():
+        keys = list(wrapper.state_dict())
+        print(f"  {label:<22} first key {keys[0]!r}")
+    foreign = wrapped["nn.DataParallel"].state_dict()
+    try:
+        SmallCNN().load_state_dict(foreign)
+    except RuntimeError as err:
+        print(f"  into a plain SmallCNN: {' '.join(str(err).split())[:100]}...")
+    cleaned = OrderedDict(foreign)
+    consume_prefix_in_state_dict_if_present(cleaned, "module.")
+    SmallCNN().load_state_dict(cleaned)
+    nested = portable_state_dict(wrapped["compile(DataParallel)"].state_dict())
+    plain = SmallCNN()
+    plain.load_state_dict(nested)
+    diff = max_abs_diff(plain.state_dict(), model.state_dict())
+    print(f"  consume_prefix_in_state_dict_if_present(sd, 'module.') -> loads; "
+          f"portable_state_dict strips '_orig_mod.module.' -> loads, max |diff| = {diff}")
+    run.record("prefix_strip_max_abs_diff", diff)
+
+
+# %% 2. DDP: rank 0 saves, every rank loads
+# Under DistributedDataParallel every rank holds the same full model (gradients are averaged,
+# buffers broadcast from rank 0), so ONE rank writes: if rank == 0: torch.save(...). Without
+# rank 0 only, N processes write the same file at once. Then dist.barrier(): no rank may read
+# the file before rank 0 has finished writing it. Each rank then loads with a map_location that
+# puts tensors on ITS device ({"cuda:0": f"cuda:{local_rank}"} on GPUs), or every rank would
+# allocate on GPU 0.
+
+
+def lesson_2_ddp(out_dir: Path, device: torch.device, seed: int) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(seed)  # the same init everywhere (DDP also broadcasts rank 0's weights)
+    ddp = DistributedDataParallel(SmallCNN().to(device),
+                                  device_ids=[device.index] if device.type == "cuda" else None)
+    train_steps(ddp, torch.optim.SGD(ddp.parameters(), lr=0.05), device, epochs=2, seed=seed)
+    log0(f"  world {world}, backend {dist.get_backend()}; DDP state_dict keys start with "
+         f"{next(iter(ddp.state_dict()))!r}")
+    path = out_dir / "ddp_model.pt"
+    if rank == 0:
+        torch.save(ddp.module.state_dict(), path)  # the unwrapped module: no "module." prefix
+    dist.barrier()  # everyone waits until rank 0's file is complete
+    map_location = {"cuda:0": f"cuda:{rank}"} if device.type == "cuda" else "cpu"
+    fresh = SmallCNN().to(device)
+    fresh.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
+    diff = ranks_max_abs_diff(fresh.state_dict())
+    log0(f"  rank 0 saved {path.name}; all {world} ranks loaded it: max |diff| across ranks "
+         f"= {diff}")
+    return {"ddp_ranks_max_abs_diff": diff}
+
+
+# %% 3. FSDP2 and torch.distributed.checkpoint
+# FSDP2 (torch.distributed.fsdp.fully_shard) splits every parameter across ranks as a DTensor:
+# no rank holds the whole model. torch.distributed.checkpoint (DCP) saves such a model as it
+# is: dcp.save(state, checkpoint_id=folder) writes one file per rank plus a .metadata index, in
+# parallel. get_state_dict(model, optimizer) returns the model's and optimizer's state_dicts in
+# a canonical form (keys are parameter names, also for the optimizer) and set_state_dict puts
+# them back. StateDictOptions(full_state_dict=True, cpu_offload=True) instead gathers full
+# tensors onto rank 0's CPU, for one portable file. dcp.async_save returns once the state is
+# copied (staged) and writes in the background; give it a process group of its own (its
+# thread's collectives must not interleave with training's) and wait on its future before
+# anything reads the checkpoint or the process exits.
+
+
+def lesson_3_fsdp2(out_dir: Path, device: torch.device, seed: int) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    model, optimizer = build_fsdp2_model(mesh, device, seed)
+    train_steps(model, optimizer, device, epochs=2, seed=seed)
+    weight = model.backbone[0].weight
+    log0(f"  backbone.0.weight is a {type(weight).__name__} {tuple(weight.shape)}, placements "
+         f"{weight.placements}; rank 0 holds {tuple(weight.to_local().shape)}")
+    stats_gap = ranks_max_abs_diff({k: v for k, v in model.state_dict().items()
+                                    if "running" in k})
+    average_buffers(model)
+    log0(f"  BatchNorm running stats differ across ranks by {stats_gap:.4g} (FSDP2 does not "
+         "sync buffers); averaged before saving")
+
+    model_state, optim_state = get_state_dict(model, optimizer)  # sharded: DTensors
+    state = {"model": model_state, "optim": optim_state}
+    sharded_dir = out_dir / "dcp_checkpoint"
+    started = time.perf_counter()
+    dcp.save(state, checkpoint_id=sharded_dir)
+    save_seconds = time.perf_counter() - started
+    files = sorted(p.name for p in sharded_dir.iterdir())
+    log0(f"  dcp.save: {save_seconds * 1000:.1f} ms, files {files}")
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full_model, full_optim = get_state_dict(model, optimizer, options=options)
+    if rank == 0:  # with cpu_offload, only rank 0 receives the full tensors (others: {})
+        torch.save(portable_state_dict(full_model), out_dir / "portable_model.pt")
+        torch.save({"model": full_model, "optim": full_optim}, out_dir / "full_checkpoint.pt")
+        print(f"  full state_dict on rank 0: {len(full_model)} tensors -> portable_model.pt; "
+              f"with Adam state for {len(full_optim['state'])} parameters -> "
+              "full_checkpoint.pt", flush=True)
+
+    # async_save finishes in a background thread that runs its own collectives; on the
+    # training group they would interleave with FSDP's all-gathers and deadlock. Give the
+    # checkpoint its own group (gloo, which also works for CPU-staged state on GPU jobs).
+    checkpoint_group = dist.new_group(backend="gloo")
+    started = time.perf_counter()
+    future = dcp.async_save(state, checkpoint_id=out_dir / "dcp_async_checkpoint",
+                            process_group=checkpoint_group)
+    async_seconds = time.perf_counter() - started
+    train_steps(model, optimizer, device, epochs=1, seed=seed + 1)  # training goes on...
+    future.result()  # ...and the write is waited for before anything reads it or we exit
+    log0(f"  dcp.async_save returned after {async_seconds * 1000:.1f} ms; training went on "
+         "while it wrote; future.result() waited for it")
+    dist.barrier()
+    return {"dcp_files": len([f for f in files if f.endswith(".distcp")]),
+            "dcp_save_ms": round(save_seconds * 1000, 2),
+            "dcp_async_save_return_ms": round(async_seconds * 1000, 2),
+            "fsdp_buffer_gap_before_sync": stats_gap}
+
+
+# %% 4. Resharding: a different world size
+# A DCP checkpoint records each tensor's global shape and which slice each file holds, so it
+# loads into ANY sharding: save on 2 GPUs, resume on 3 (or 64). The recipe: build the model
+# and optimizer at the new world size, take their (sharded) state_dicts as the targets,
+# dcp.load(state, checkpoint_id=...) fills them with the right slices, set_state_dict applies.
+# We compare the result, gathered in full, with the full checkpoint from section 3: equal.
+
+
+def lesson_4_reshard(out_dir: Path, device: torch.device, seed: int) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    model, optimizer = build_fsdp2_model(mesh, device, seed + 1000)  # another init on purpose
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=out_dir / "dcp_checkpoint")
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    local = tuple(model.backbone[0].weight.to_local().shape)
+    saved_world = len(list((out_dir / "dcp_checkpoint").glob("*.distcp")))  # a file per rank
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full_model, full_optim = get_state_dict(model, optimizer, options=options)
+    result = {}
+    if rank == 0:
+        reference = torch.load(out_dir / "full_checkpoint.pt", map_location="cpu",
+                               weights_only=True)
+        result = {"reshard_max_abs_diff": max_abs_diff(full_model, reference["model"]),
+                  "reshard_optimizer_max_abs_diff": optimizer_state_diff(full_optim,
+                                                                         reference["optim"])}
+        print(f"  loaded the {saved_world}-rank checkpoint into {world} ranks (rank 0 now holds "
+              f"backbone.0.weight {local}); vs the saved full state: weights max |diff| = "
+              f"{result['reshard_max_abs_diff']}, Adam state max |diff| = "
+              f"{result['reshard_optimizer_max_abs_diff']}", flush=True)
+    dist.barrier()
+    return result
+
+
+# %% 5. DCP without a process group, and conversion
+# A DCP folder is not a torch.save file, but you do not need a cluster to read it:
+# dcp.load(state, checkpoint_id=folder, no_dist=True) fills a plain model's state_dict in one
+# process (it warns that torch.distributed is not initialised: that is the point), and
+# torch.distributed.checkpoint.format_utils.dcp_to_torch_save(folder, "model.pt") converts the
+# whole checkpoint into one ordinary file (torch_save_to_dcp goes the other way).
+
+
+def lesson_5_no_process_group(run: Run) -> None:
+    run.section("5. DCP without a process group, and conversion")
+    portable_path = run.out_dir / "portable_model.pt"
+    reference = torch.load(portable_path, map_location="cpu", weights_only=True)
+    plain = SmallCNN()
+    plain.load_state_dict(reference)  # the contract: a plain model, weights_only=True
+    size = format_bytes(portable_path.stat().st_size)
+    print(f"  portable_model.pt loads into a plain SmallCNN ({size}; keys "
+          f"{next(iter(reference))!r} ...)")
+    results = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name in ("dcp_checkpoint", "dcp_async_checkpoint"):
+            state = {"model": SmallCNN().state_dict()}
+            dcp.load(state, checkpoint_id=run.out_dir / name, no_dist=True)
+            results[name] = max_abs_diff(state["model"], reference)
+    expected = [str(w.message) for w in caught if NO_DIST_WARNING in str(w.message)]
+    if expected:
+        print(f"  (expected warning, as no process group exists here: {expected[0][:60]}...)")
+    print(f"  dcp.load(no_dist=True) into a plain model: sync checkpoint max |diff| = "
+          f"{results['dcp_checkpoint']}, async checkpoint max |diff| = "
+          f"{results['dcp_async_checkpoint']}")
+    converted = run.out_dir / "dcp_as_torch_save.pt"
+    dcp_to_torch_save(run.out_dir / "dcp_checkpoint", converted)
+    loaded = torch.load(converted, map_location="cpu", weights_only=True)
+    converted_diff = max_abs_diff(loaded["model"], reference)
+    print(f"  dcp_to_torch_save -> {converted.name} ({format_bytes(converted.stat().st_size)}, "
+          f"keys {sorted(loaded)}): max |diff| = {converted_diff}")
+    run.artifact("portable_model", portable_path)
+    run.artifact("ddp_model", run.out_dir / "ddp_model.pt")
+    run.artifact("dcp_checkpoint", run.out_dir / "dcp_checkpoint")
+    run.artifact("dcp_async_checkpoint", run.out_dir / "dcp_async_checkpoint")
+    run.artifact("dcp_as_torch_save", converted)
+    run.record("dcp_no_dist_max_abs_diff", results["dcp_checkpoint"])
+    run.record("dcp_async_max_abs_diff", results["dcp_async_checkpoint"])
+    run.record("dcp_to_torch_save_max_abs_diff", converted_diff)
+
+
+# ############################################################################################
+# Process plumbing: spawn our own process groups, or run under torchrun.
+# ############################################################################################
+
+
+def spawned_worker(rank: int, world: int, port: int, phases: list[str], out_dir: str,
+                   device_type: str, seed: int, results) -> None:
+    """Entry point of a process started by spawn_world: join the group, run, leave cleanly."""
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    device = rank_device(device_type, rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=GROUP_TIMEOUT)
+    try:
+        collected = run_phases(phases, Path(out_dir), device, seed)
+        if rank == 0:
+            results.put(collected)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_world(world: int, phases: list[str], out_dir: Path, device_type: str,
+                seed: int) -> dict:
+    """Start ``world`` fresh processes (a new group on a free port), run ``phases``, join."""
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(spawned_worker, nprocs=world, join=True, start_method="spawn",
+                       args=(world, free_port(), phases, str(out_dir), device_type, seed,
+                             results))
+    return results.get()
+
+
+PHASES: dict[str, tuple[str, Callable[[Path, torch.device, int], dict]]] = {
+    "ddp": ("2. DDP: rank 0 saves, every rank loads", lesson_2_ddp),
+    "fsdp": ("3. FSDP2 and torch.distributed.checkpoint", lesson_3_fsdp2),
+    "reshard": ("4. Resharding: a different world size", lesson_4_reshard),
+}
+
+
+def run_phases(phases: list[str], out_dir: Path, device: torch.device, seed: int) -> dict:
+    """Run the named distributed lessons in this process group; rank 0 prints the banners."""
+    collected: dict[str, Any] = {}
+    for phase in phases:
+        title, lesson = PHASES[phase]
+        if dist.get_rank() == 0:
+            print_section(title)
+        collected.update(lesson(out_dir, device, seed))
+    return collected
+
+
+def world_device_type(requested: torch.device, world: int) -> str:
+    """nccl needs one GPU per process; with fewer GPUs than processes, use gloo on the CPU."""
+    if requested.type == "cuda" and torch.cuda.device_count() >= world:
+        return "cuda"
+    if requested.type == "cuda":
+        print(f"  SKIPPED (only {torch.cuda.device_count()} GPU(s) for {world} processes): "
+              "nccl on one GPU per process; this world runs with gloo on the CPU")
+    return "cpu"
+
+
+def reshard_world(save_world: int) -> int:
+    """A world size different from the one that saved."""
+    return 3 if save_world != 3 else 2
+
+
+def clean_outputs(out_dir: Path) -> None:
+    """Remove the previous run's DCP folders: dcp.save would overwrite into them (and warn)."""
+    for name in ("dcp_checkpoint", "dcp_async_checkpoint"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """Run every lesson; under torchrun every process calls this, and rank 0 reports."""
+    parser = make_parser(__file__, __doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if under_torchrun:
+        return main_under_torchrun(args)
+    run = Run(__file__, args)
+    clean_outputs(run.out_dir)
+    lesson_1_prefixes(run)
+    device_type = world_device_type(run.device, SAVE_WORLD)
+    metrics = spawn_world(SAVE_WORLD, ["ddp", "fsdp"], run.out_dir, device_type, run.seed)
+    new_world = reshard_world(SAVE_WORLD)
+    metrics |= spawn_world(new_world, ["reshard"], run.out_dir,
+                           world_device_type(run.device, new_world), run.seed)
+    return finish(run, metrics, SAVE_WORLD, new_world)
+
+
+def main_under_torchrun(args) -> dict | None:
+    """torchrun started N processes: they are the saving world; rank 0 spawns the reshard one."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    requested = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    device_type = "cuda" if requested == "cuda" and torch.cuda.device_count() > local_rank \
+        else "cpu"
+    device = rank_device(device_type, local_rank)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo",  # env:// (torchrun)
+                            timeout=GROUP_TIMEOUT)
+    try:
+        run = Run(__file__, args) if rank == 0 else None
+        if run is not None:
+            clean_outputs(run.out_dir)
+            lesson_1_prefixes(run)
+        dist.barrier()  # the out-dir exists and is clean before anyone writes
+        metrics = run_phases(["ddp", "fsdp"], Path(args.out_dir).resolve(), device, args.seed)
+        if run is not None:
+            new_world = reshard_world(world)
+            metrics |= spawn_world(new_world, ["reshard"], run.out_dir,
+                                   world_device_type(run.device, new_world), run.seed)
+        dist.barrier()  # the other ranks wait while rank 0 reshards and reports
+        return finish(run, metrics, world, reshard_world(world)) if run is not None else None
+    finally:
+        dist.destroy_process_group()
+
+
+def finish(run: Run, metrics: dict, save_world: int, load_world: int) -> dict:
+    """Section 5 (single process), then the summary."""
+    lesson_5_no_process_group(run)
+    for name, value in metrics.items():
+        run.record(name, value)
+    run.record("save_world_size", save_world)
+    run.record("reshard_world_size", load_world)
+    (run.out_dir / "full_checkpoint.pt").unlink()  # the reference for section 4 only
+    return run.finish(
+        recap=[
+            "save the unwrapped module (or portable_state_dict): no 'module.'/'_orig_mod.', "
+            "CPU tensors",
+            "DDP: rank 0 saves, barrier, every rank loads with its own map_location",
+            "FSDP2: dcp.save/load with get_state_dict/set_state_dict; a DCP checkpoint reshards "
+            "to any world size; full_state_dict for one portable file",
+        ],
+        try_it="torchrun --standalone --nproc_per_node=3 07_distributed_training.py, and "
+               "compare reshard_max_abs_diff in summary.json",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Unit tests of 07's prefix helpers, plus runs under torchrun and two overlapping runs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from common.compare import max_abs_diff
+from common.models import SmallCNN
+from tests.conftest import ROOT, load_script
+
+lesson = load_script("07_distributed_training")
+SCRIPT = str(ROOT / "07_distributed_training.py")
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda m: nn.DataParallel(m),
+    lambda m: torch.compile(m),
+    lambda m: torch.compile(nn.DataParallel(m)),
+], ids=["DataParallel", "compile", "compile(DataParallel)"])
+def test_portable_state_dict_strips_wrapper_prefixes(wrap):
+    model = SmallCNN()
+    wrapped = wrap(model).state_dict()
+    assert not next(iter(wrapped)).startswith("backbone.")
+    portable = lesson.portable_state_dict(wrapped)
+    assert list(portable) == list(model.state_dict())
+    plain = SmallCNN()
+    plain.load_state_dict(portable)  # strict, and _metadata keys were renamed too
+    assert max_abs_diff(plain.state_dict(), model.state_dict()) == 0.0
+
+
+def test_a_submodule_called_module_is_not_stripped():
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = nn.Linear(2, 2)
+            self.other = nn.Linear(2, 1)
+
+    state_dict = Holder().state_dict()
+    assert list(lesson.portable_state_dict(state_dict)) == list(state_dict)
+
+
+def test_portable_state_dict_moves_tensors_to_cpu_and_copies():
+    state_dict = OrderedDict({"module.w": torch.ones(2)})
+    portable = lesson.portable_state_dict(state_dict)
+    assert list(portable) == ["w"] and portable["w"].device.type == "cpu"
+    assert list(state_dict) == ["module.w"]  # the input is left alone
+    if torch.cuda.is_available():
+        on_gpu = lesson.portable_state_dict({"module.w": torch.ones(2, device="cuda")})
+        assert on_gpu["w"].device.type == "cpu"
+
+
+def test_free_port_is_bindable():
+    port = lesson.free_port()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))
+
+
+def test_reshard_world_differs():
+    for world in (1, 2, 3, 4):
+        assert lesson.reshard_world(world) != world
+
+
+def summary_of(out_dir):
+    return json.loads((out_dir / "summary.json").read_text())
+
+
+def test_runs_under_torchrun(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=3", SCRIPT, "--device", "cpu", "--out-dir",
+               str(tmp_path / "out")]
+    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
+                               timeout=600, check=False)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    metrics = summary_of(tmp_path / "out")["metrics"]
+    assert metrics["save_world_size"] == 3 and metrics["reshard_world_size"] == 2
+    assert metrics["dcp_files"] == 3
+    assert metrics["reshard_max_abs_diff"] == 0.0
+    assert metrics["ddp_ranks_max_abs_diff"] == 0.0
+    assert metrics["dcp_no_dist_max_abs_diff"] == 0.0
+
+
+def test_two_runs_can_overlap(tmp_path):
+    processes = [subprocess.Popen([sys.executable, SCRIPT, "--device", "cpu", "--out-dir",
+                                   str(tmp_path / f"run{i}")], cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for i in range(2)]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output[-3000:]
+    for i in range(2):
+        assert summary_of(tmp_path / f"run{i}")["metrics"]["reshard_max_abs_diff"] == 0.0
