@@ -15,7 +15,7 @@ What you will learn (each section runs real code and prints the measured figure)
  12. Bad input: clear errors for missing, truncated, foreign and mismatched files
 
 Run it:   python 01_basic_save_load.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
-Takes:    about 15 s on a laptop CPU (two child processes load a ~270 MB checkpoint).
+Takes:    about 8 s on a 2-core CPU (two child processes load a ~270 MB checkpoint).
 Next:     02_checkpoint_manager.py, checkpoints that survive crashes and resume bit-exactly.
 """
 

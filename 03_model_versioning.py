@@ -13,7 +13,7 @@ What you will learn (each section runs real code and prints the measured figure)
 
 Run it:   python 03_model_versioning.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
           python 03_model_versioning.py --verify PATH   (a version folder or its .safetensors)
-Takes:    about 6 s on a laptop CPU.
+Takes:    about 5 s on a 2-core CPU.
 Next:     04_onnx_export.py, exporting to ONNX and proving parity and speed.
 
 The ideas come from MLflow's model registry (versions, and aliases, which replaced its

@@ -10,7 +10,7 @@ What you will learn (each section runs real code and prints the measured figure)
      dimension the exporter quietly makes static, and the legacy exporter
 
 Run it:   python 04_onnx_export.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
-Takes:    about 20 s on a laptop CPU (each export takes about a second).
+Takes:    about 11 s on a 2-core CPU (each export takes about a second).
 Next:     05_torchscript_export.py, TorchScript and its successors torch.export and AOTInductor.
 
 Since torch 2.9, torch.onnx.export uses the dynamo exporter by default: it captures the model

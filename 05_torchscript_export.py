@@ -9,7 +9,7 @@ What you will learn (each section runs real code and prints the measured figure)
   6. Side by side: parity and latency of all six; which one should I use?
 
 Run it:   python 05_torchscript_export.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
-Takes:    about 45 s on a laptop CPU, most of it the C++ compiles of AOTInductor and
+Takes:    about 30 s on a 2-core CPU, most of it the C++ compiles of AOTInductor and
           torch.compile (needs gcc/clang; without one, those two are skipped with a message).
 Next:     06_transfer_learning.py, loading what fits into a changed model.
 

@@ -15,7 +15,7 @@ What you will learn (each section runs real code and prints the measured figure)
 Run it:   python 06_transfer_learning.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
           [--torchvision-weights]   also load ResNet18_Weights.DEFAULT (downloads ~45 MB
                                     into torch's hub cache unless it is already there)
-Takes:    about 10 s on a laptop CPU.
+Takes:    about 5 s on a 2-core CPU.
 Next:     07_distributed_training.py, checkpoints under DDP and FSDP2.
 """
 

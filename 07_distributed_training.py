@@ -13,7 +13,7 @@ Run it:   python 07_distributed_training.py [--device cpu|cuda] [--out-dir DIR] 
           (spawns its own process groups: 2 processes, then 3, with gloo on the CPU)
    or:    torchrun --standalone --nproc_per_node=N 07_distributed_training.py [...]
           (any N; then the torchrun processes are the training world)
-Takes:    about 20 s on a laptop CPU (each process imports torch).
+Takes:    about 16 s on a 2-core CPU (each of the 5 processes imports torch).
 Next:     you have the whole path; the README's "Common problems" maps errors to sections.
 
 Multi-GPU and multi-node notes:
