@@ -256,6 +256,11 @@ class CheckpointManager:
                 f"{self.manifest_path}: not a valid manifest ({type(err).__name__}: {err}); it "
                 "was left untouched, and so were the checkpoints beside it"
             ) from err
+        if (data.get("monitor"), data.get("mode")) != (self.monitor, self.mode):
+            raise ValueError(
+                f"{self.manifest_path}: this run monitors {data.get('monitor')!r} "
+                f"({data.get('mode')}), not {self.monitor!r} ({self.mode}); open it with the "
+                "same monitor and mode, or use another directory")
         self._delete(pending)  # finish deletions a crash interrupted (see _apply_retention)
         if pending:
             self._write_manifest(entries)
@@ -324,20 +329,23 @@ class CheckpointManager:
                     timespec="seconds"),
                 bytes=path.stat().st_size, sha256=digest,
             )
-            # A re-saved step (a resumed run repeating one) replaces its old entry.
+            # A re-saved step (a resumed run repeating one) replaces its old entry; if the
+            # metric, and so the file name, changed, the old file goes too.
+            replaced = [e.file for e in self.entries if e.step == step and e.file != name]
             entries = [e for e in self.entries if e.file != name and e.step != step] + [entry]
-            self._apply_retention(sorted(entries, key=lambda e: e.step))
+            self._apply_retention(sorted(entries, key=lambda e: e.step), also_delete=replaced)
 
     def _ranked(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
         """Entries from best to worst by the monitored metric (ties: the earlier step first)."""
         return sorted(entries, key=lambda e: e.metrics[self.monitor],
                       reverse=self.mode == "max")
 
-    def _apply_retention(self, entries: list[CheckpointEntry]) -> None:
+    def _apply_retention(self, entries: list[CheckpointEntry],
+                         also_delete: list[str] = ()) -> None:
         keep = {e.file for e in entries[-self.keep_last:]}  # the newest N, the latest included
         keep |= {e.file for e in self._ranked(entries)[: max(self.save_top_k, 1)]}  # best K
         kept = [e for e in entries if e.file in keep]
-        dropped = [e.file for e in entries if e.file not in keep]
+        dropped = [e.file for e in entries if e.file not in keep] + list(also_delete)
         # Durable order: the new file is already on disk; now the manifest (which names the
         # files about to go in "deleting"), then the deletions, then a clean manifest.
         self._write_manifest(kept, deleting=dropped)

@@ -315,7 +315,15 @@ class ModelRegistry:
         path = self._index_path(name)
         if not path.exists():
             return {"name": name, "versions": {}, "aliases": {}}
-        return json.loads(path.read_text())
+        try:
+            index = json.loads(path.read_text())
+            if not (isinstance(index, dict) and isinstance(index.get("versions"), dict)
+                    and isinstance(index.get("aliases"), dict)):
+                raise ValueError("needs 'versions' and 'aliases' objects")
+        except ValueError as err:
+            raise IntegrityError(f"{path}: not a valid registry index ({err}); the version "
+                                 "folders beside it are untouched") from err
+        return index
 
     def _write_index(self, name: str, index: dict) -> None:
         self._index_path(name).parent.mkdir(parents=True, exist_ok=True)

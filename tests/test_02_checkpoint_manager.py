@@ -260,3 +260,18 @@ def test_kill_9_at_any_point_then_resume_is_bit_identical(default_run, tmp_path)
                           weights_only=True)
     got = torch.load(out_dir / "final_model.pt", map_location="cpu", weights_only=True)
     assert max_abs_diff(expected, got) == 0.0
+
+
+def test_resaving_a_step_with_another_metric_replaces_its_file(tmp_path):
+    manager = CheckpointManager(tmp_path, save_top_k=5, keep_last=5)
+    save_all(manager, [0.5, 0.4])
+    manager.save({"w": torch.ones(1)}, step=2, epoch=2, metrics={"val_loss": 0.3})
+    assert [e.step for e in manager.list()] == [1, 2]
+    assert files_on_disk(tmp_path) == sorted(e.file for e in manager.list())
+    assert manager.list()[-1].metrics["val_loss"] == 0.3
+
+
+def test_reopening_with_another_monitor_is_a_clear_error(tmp_path):
+    save_all(CheckpointManager(tmp_path), [0.5])
+    with pytest.raises(ValueError, match="monitors 'val_loss'"):
+        CheckpointManager(tmp_path, monitor="accuracy", mode="max")

@@ -244,3 +244,11 @@ def test_verify_cli_exit_codes(registry, tmp_path):
         assert "Traceback" not in completed.stdout + completed.stderr
     completed = run_verify(tmp_path / "does-not-exist")
     assert completed.returncode == 1 and "no such version folder" in completed.stdout
+
+
+def test_a_corrupt_registry_index_is_a_clear_error(registry):
+    index = registry.root / "m" / "registry.json"
+    index.write_text("[]")
+    with pytest.raises(lesson.IntegrityError, match="registry.json: not a valid registry index"):
+        registry.versions("m")
+    assert (registry.folder("m", "1.0") / "model.safetensors").exists()
