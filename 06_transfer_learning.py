@@ -39,7 +39,7 @@ from common.data import make_image_classification, make_loaders
 from common.devices import seed_everything
 from common.models import SmallCNN
 from common.run import Run, format_bytes, make_parser
-from common.training import evaluate, fit
+from common.training import evaluate, fit, train_one_epoch
 
 matplotlib.use("Agg")  # write PNG files, never open a window
 
@@ -140,21 +140,6 @@ def state_dict_delta(finetuned: Mapping[str, torch.Tensor],
             if k not in base or v.shape != base[k].shape or not torch.equal(v, base[k].to(v))}
 
 
-def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
-                device: torch.device) -> float:
-    """One epoch of cross-entropy training that respects a model's own train() override."""
-    model.train()
-    total, count = 0.0, 0
-    for inputs, targets in loader:
-        inputs, targets = inputs.to(device), targets.to(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(inputs), targets)
-        loss.backward()
-        optimizer.step()
-        total, count = total + loss.item() * len(targets), count + len(targets)
-    return total / count
-
-
 def fine_tune(model: FineTunableCNN, loaders, device: torch.device, *, start_epoch: int = 0,
               optimizer: torch.optim.Optimizer | None = None, stop_after: int | None = None,
               on_epoch_end: Callable[[int, torch.optim.Optimizer], None] | None = None):
@@ -173,7 +158,7 @@ def fine_tune(model: FineTunableCNN, loaders, device: torch.device, *, start_epo
             model.freeze_backbone(False)
             optimizer.add_param_group({"params": list(model.backbone.parameters()),
                                        "lr": BACKBONE_LR, "name": "backbone"})
-        train_epoch(model, train_loader, optimizer, device)
+        train_one_epoch(model, train_loader, optimizer, device)
         accuracies.append(evaluate(model, val_loader, device)["accuracy"])
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, optimizer)
@@ -312,7 +297,7 @@ def lesson_3_freezing(run: Run, pretrained_path: Path, loaders) -> None:
             model.backbone_frozen = False  # gradients off, but train() now reaches BatchNorm
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(trainable, lr=HEAD_LR)
-        train_epoch(model, loaders[0], optimizer, run.device)
+        train_one_epoch(model, loaders[0], optimizer, run.device)
         after = model.backbone.state_dict()
         params = max(max_abs_diff(before[k], after[k]) for k, _ in
                      model.backbone.named_parameters())
@@ -487,7 +472,7 @@ def lesson_7_transfer_vs_scratch(run: Run, loaders, transfer_accuracies: list[fl
     optimizer = torch.optim.Adam(scratch.parameters(), lr=3e-3)
     scratch_accuracies = []
     for _ in range(EPOCHS):
-        train_epoch(scratch, loaders[0], optimizer, run.device)
+        train_one_epoch(scratch, loaders[0], optimizer, run.device)
         scratch_accuracies.append(evaluate(scratch, loaders[1], run.device)["accuracy"])
     loaders[0].generator.set_state(generator_start)
     print(f"  {'epoch':>5}  {'transfer':>8}  {'scratch':>8}")
