@@ -33,6 +33,7 @@ Multi-GPU and multi-node notes:
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import shutil
 import socket
@@ -408,6 +409,18 @@ def lesson_5_no_process_group(run: Run) -> None:
 # ############################################################################################
 
 
+def end_cleanly() -> None:
+    """Free what still holds the process group, then wait for every rank.
+
+    FSDP2 modules and their hooks form reference cycles, so a model can outlive the function
+    that built it; if the garbage collector only frees it at interpreter shutdown, after
+    destroy_process_group, gloo's C++ threads can abort the process ("terminate called without
+    an active exception"). Collect now, and let no rank tear down while another still works.
+    """
+    gc.collect()
+    dist.barrier()
+
+
 def spawned_worker(rank: int, world: int, port: int, phases: list[str], out_dir: str,
                    device_type: str, seed: int, results) -> None:
     """Entry point of a process started by spawn_world: join the group, run, leave cleanly."""
@@ -419,6 +432,7 @@ def spawned_worker(rank: int, world: int, port: int, phases: list[str], out_dir:
         collected = run_phases(phases, Path(out_dir), device, seed)
         if rank == 0:
             results.put(collected)
+        end_cleanly()
     finally:
         dist.destroy_process_group()
 
@@ -513,7 +527,9 @@ def main_under_torchrun(args) -> dict | None:
             metrics |= spawn_world(new_world, ["reshard"], run.out_dir,
                                    world_device_type(run.device, new_world), run.seed)
         dist.barrier()  # the other ranks wait while rank 0 reshards and reports
-        return finish(run, metrics, world, reshard_world(world)) if run is not None else None
+        summary = finish(run, metrics, world, reshard_world(world)) if run is not None else None
+        end_cleanly()
+        return summary
     finally:
         dist.destroy_process_group()
 
