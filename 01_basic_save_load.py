@@ -102,29 +102,46 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Any:
 
 
 def check_state_dict_fits(model: nn.Module, state_dict: Mapping[str, Any], source: str) -> None:
-    """Raise ``CheckpointLoadError`` listing missing, unexpected and mis-shaped keys, if any.
+    """Raise ``CheckpointLoadError`` if ``model.load_state_dict(state_dict)`` would fail.
 
-    Call it before ``model.load_state_dict``: nothing is copied unless everything fits, so a
-    failed load leaves the model exactly as it was.
+    Call it before ``model.load_state_dict``: nothing is copied into ``model`` unless
+    everything fits, so a failed load leaves it exactly as it was. The trial load runs on a
+    twin of the model whose tensors live on the ``meta`` device (shapes only, no memory), with
+    ``assign=True``, so the module's OWN loading code decides: migrations in
+    ``_load_from_state_dict`` (see 03 section 7), ``get_extra_state``/``set_extra_state``,
+    load hooks. Whatever a strict ``load_state_dict`` accepts passes; the error lists the
+    missing, unexpected and mis-shaped keys.
     """
+    memo: dict[int, Any] = {}  # deepcopy's memo: each real tensor maps to a meta stand-in
+    for tensor in [*model.parameters(), *model.buffers()]:
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = (nn.Parameter(meta, requires_grad=tensor.requires_grad)
+                            if isinstance(tensor, nn.Parameter) else meta)
+    twin = copy.deepcopy(model, memo)
+    try:
+        twin.load_state_dict(state_dict, strict=True, assign=True)
+        return
+    except RuntimeError as err:
+        torch_error = err
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     misshaped = [
         f"{k} {tuple(state_dict[k].shape)} != model {tuple(expected[k].shape)}"
         for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+        if k in state_dict and isinstance(state_dict[k], torch.Tensor)
+        and isinstance(expected[k], torch.Tensor)
+        and tuple(state_dict[k].shape) != tuple(expected[k].shape)
     ]
     problems = [
         f"{label} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
         for label, keys in (("missing", missing), ("unexpected", unexpected),
                             ("mis-shaped", misshaped))
         if keys
-    ]
-    if problems:
-        raise CheckpointLoadError(
-            f"{source}: does not fit {type(model).__name__}; " + "; ".join(problems)
-        )
+    ] or [" ".join(str(torch_error).split())[:300]]
+    raise CheckpointLoadError(
+        f"{source}: does not fit {type(model).__name__}; " + "; ".join(problems)
+    ) from torch_error
 
 
 def load_weights(model: nn.Module, path: str | Path, map_location: Any = "cpu") -> nn.Module:
@@ -134,8 +151,9 @@ def load_weights(model: nn.Module, path: str | Path, map_location: Any = "cpu") 
     """
     loaded = load_checkpoint(path, map_location)
     state_dict = loaded.get("model", loaded) if isinstance(loaded, dict) else loaded
-    if not isinstance(state_dict, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in state_dict.values()
+    if not isinstance(state_dict, Mapping) or not all(  # "_extra_state" may hold anything
+        isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")
+        for k, v in state_dict.items()
     ):
         raise CheckpointLoadError(f"{path}: holds a {type(loaded).__name__}, not a state_dict")
     check_state_dict_fits(model, state_dict, str(path))

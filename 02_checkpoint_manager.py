@@ -18,7 +18,9 @@ Next:     03_model_versioning.py, versions, fingerprints and integrity checks.
 
 How the options map to PyTorch Lightning's ModelCheckpoint:
   monitor="val_loss", mode="min"|"max"   same names, same meaning
-  save_top_k=K                           same; here the best is ALWAYS kept, even with K=0
+  save_top_k=K                           same for K >= 1; K=0 differs: Lightning then keeps
+                                         no checkpoint by metric (and -1 keeps all), here
+                                         the best is ALWAYS kept
   keep_last=N                            save_last=True keeps one "last.ckpt"; here the N newest
   filename="...{step}...{value}..."      like filename="{epoch}-{val_loss:.2f}"
 Where this class goes further: a manifest with SHA-256 per file, fsync'd atomic writes for
@@ -31,15 +33,22 @@ Orbax's CheckpointManager has the retention and async parts, for JAX).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
+import math
 import os
 import random
+import re
 import shutil
+import tempfile
 import threading
+import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -66,7 +75,11 @@ matplotlib.use("Agg")  # write PNG files, never open a window: works on servers 
 
 
 class CheckpointWarning(UserWarning):
-    """A checkpoint was damaged, missing or unreadable and was skipped."""
+    """A checkpoint was damaged or missing and was skipped."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder or file cannot be used; the message names the file and the cause."""
 
 
 def fsync_directory(directory: Path) -> None:
@@ -93,19 +106,27 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+TEMPORARY_SUFFIX = ".partial"
+
+
 def atomic_write(path: Path, write: Callable[[Any], None]) -> str:
     """Write a file so that readers see either the old version or the complete new one.
 
     ``write(handle)`` fills a temporary file in the SAME folder (``os.replace`` is atomic only
     within one file system); then flush + fsync (bytes on disk), ``os.replace`` (the atomic
     switch), fsync the folder (the switch on disk). A crash at any instant leaves at most a
-    ``*.partial`` file, never a half-written ``path``. The temporary name must not start with a
-    dot: ``torch.save`` refuses such names. Returns the SHA-256 of what was written.
+    ``*.partial`` file, never a half-written ``path``. The temporary name is unique per write
+    (``tempfile.mkstemp``), so two writers, or a writer and a cleaner, never share one.
+    (``torch.save`` is given the open handle: by PATH it would refuse a name whose stem is
+    empty, such as ``.partial``; through a handle it writes anywhere.)
+    Returns the SHA-256 of what was written.
     """
     path = Path(path)
-    temporary = path.with_name(f"{path.name}.partial")
+    descriptor, temporary_name = tempfile.mkstemp(
+        dir=path.parent, prefix=f"{path.name}.", suffix=TEMPORARY_SUFFIX)
+    temporary = Path(temporary_name)
     try:
-        with temporary.open("wb") as handle:
+        with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -123,17 +144,101 @@ def atomic_torch_save(obj: Any, path: Path) -> str:
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
+def plain_file_name(name: object, directory: Path, source: Path) -> str:
+    """Return ``name`` if it is a plain file name inside ``directory``; else raise.
+
+    Names read from a manifest are data, and data can be hostile: ``"../../home/u/data.db"``
+    or ``"/etc/passwd"`` would make a delete or a load reach outside the folder. A plain name
+    has no separators, is not ``.``/``..``, and is not a symlink that resolves elsewhere.
+    """
+    if (not isinstance(name, str) or not name or name in (".", "..")
+            or Path(name).name != name or "/" in name or "\\" in name or "\0" in name):
+        raise CheckpointError(f"{source}: refuses the file name {name!r}: only plain file "
+                              f"names inside {directory} are allowed; nothing was read or "
+                              "deleted")
+    target = directory / name
+    if target.is_symlink() and target.resolve().parent != directory.resolve():
+        raise CheckpointError(f"{source}: {name!r} is a symlink to {target.resolve()}, outside "
+                              f"{directory}; nothing was read or deleted")
+    return name
+
+
+def safe_file_part(text: str) -> str:
+    """``"val/loss"`` -> ``"val-loss"``: a metric name made safe to put in a file name."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", text).strip(".") or "metric"
+
+
+class WriterLock:
+    """A cross-process lock on a folder (``fcntl.flock`` on a lock file inside it).
+
+    flock locks belong to an open file, so they also separate two managers in ONE process,
+    and the kernel releases them when a process dies: a SIGKILLed writer never leaves the
+    folder locked. ``timeout`` seconds of waiting, then a clear error.
+    """
+
+    def __init__(self, path: Path, timeout: float = 60.0) -> None:
+        self.path, self.timeout = Path(path), timeout
+        self._handle: Any = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        handle = open(self.path, "a+")  # noqa: SIM115 - kept open while the lock is held
+        deadline = time.monotonic() + (self.timeout if blocking else 0.0)
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "unknown"
+                    handle.close()
+                    if not blocking:
+                        return False
+                    raise CheckpointError(
+                        f"{self.path}: another process ({holder}) holds this folder's writer "
+                        f"lock; waited {self.timeout:.0f} s. Use another folder, or stop it"
+                    ) from None
+                time.sleep(0.01)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> WriterLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
 def snapshot_to_cpu(obj: Any) -> Any:
-    """A deep copy of ``obj`` with every tensor copied to the CPU.
+    """A deep copy of ``obj`` with every tensor copied to the CPU, containers kept as they are.
 
     An async save must write the state AS IT WAS when save() was called; the training loop
     goes on changing the live tensors in place. Copying (not just referencing) is what makes
-    the background write safe.
+    the background write safe. A state_dict is an ``OrderedDict`` whose ``_metadata``
+    attribute holds the module versions that ``load_state_dict`` passes to migrations (03
+    section 7): it is copied too, and so are namedtuples.
     """
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {key: snapshot_to_cpu(value) for key, value in obj.items()}
+        items = [(key, snapshot_to_cpu(value)) for key, value in obj.items()]
+        copied = OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
+        if hasattr(obj, "_metadata"):
+            copied._metadata = copy.deepcopy(obj._metadata)  # type: ignore[attr-defined]
+        return copied
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(snapshot_to_cpu(value) for value in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(snapshot_to_cpu(value) for value in obj)
     return obj  # ints, floats, strings, None: immutable
@@ -173,7 +278,11 @@ def restore_rng_state(state: dict, loader_generator: torch.Generator | None = No
 
 @dataclasses.dataclass
 class CheckpointEntry:
-    """One line of the manifest: what a checkpoint file holds and how to verify it."""
+    """One line of the manifest: what a checkpoint file holds and how to verify it.
+
+    ``seq`` numbers the writes of the folder: the highest is the LATEST checkpoint, whatever
+    its step, so a run resumed from an older step is not overtaken by the branch it abandoned.
+    """
 
     file: str
     step: int
@@ -182,6 +291,7 @@ class CheckpointEntry:
     timestamp: str
     bytes: int
     sha256: str
+    seq: int = 0
 
 
 @dataclasses.dataclass
@@ -198,16 +308,32 @@ class CheckpointManager:
 
     ``manager.save(state, step=..., epoch=..., metrics={...})`` writes ``state`` (a checkpoint
     dict, see common/__init__.py for the keys) and applies the retention policy;
-    ``load_latest()`` / ``load_best()`` / ``load(step)`` return the newest good match, skipping
-    (with a ``CheckpointWarning``) any file that is missing, damaged or unreadable.
+    ``load_latest()`` / ``load_best()`` / ``load(step)`` return the newest good match.
 
-    Files in ``directory``: one ``.pt`` per checkpoint, ``manifest.json`` (every write atomic),
-    and, only after a crash, ``*.partial`` leftovers that the next manager removes.
+    Guarantees, and what each one prevents:
+    - Every write is atomic (unique temporary file, fsync, ``os.replace``): a crash leaves the
+      old files and manifest intact, never half a checkpoint.
+    - Writers take a cross-process lock (``writer.lock``) around each save and re-read the
+      manifest under it: two processes saving into one folder lose no entry and delete none
+      of each other's files; a second writer waits (``lock_timeout`` s, then a clear error).
+      Readers never take it, and leftover temporaries are removed only by a lock holder, so
+      opening a folder to evaluate never breaks a trainer's save in flight.
+    - Names in the manifest must be plain file names in the folder: a hostile manifest
+      (``"../../x"``, an absolute path, a symlink out) is refused before anything is read or
+      deleted. File names built from metrics are sanitised (``val/loss`` -> ``val-loss``).
+    - A non-finite monitored metric (NaN, inf) ranks LAST, never best: a diverged step cannot
+      push out the best finite checkpoint.
+    - Only DAMAGE (missing file, size or SHA-256 different from the manifest) is skipped, with
+      a ``CheckpointWarning``; a file whose hash matches but does not load (a weights_only
+      refusal, out of memory) raises ``CheckpointError``: it is your problem, not rot.
+    - "Latest" is the most recent write (``seq``), not the highest step.
+
     With ``async_save=True``, ``save`` snapshots the state to the CPU and writes in a background
     thread; at most one save is in flight; ``wait()`` (or leaving a ``with`` block) waits for it.
     """
 
     MANIFEST = "manifest.json"
+    LOCK = "writer.lock"
 
     def __init__(
         self,
@@ -220,6 +346,7 @@ class CheckpointManager:
         filename: str = "epoch{epoch:03d}-step{step:06d}-{monitor}{value:.4f}.pt",
         async_save: bool = False,
         serialize: Callable[[Any, Any], None] = torch.save,
+        lock_timeout: float = 60.0,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -234,9 +361,14 @@ class CheckpointManager:
         self._executor = ThreadPoolExecutor(max_workers=1) if async_save else None
         self._in_flight: Future | None = None
         self._lock = threading.Lock()
-        for leftover in self.directory.glob("*.partial"):  # from a crash mid-write
-            leftover.unlink()
-        self.entries: list[CheckpointEntry] = self._read_manifest()
+        self._writer_lock = WriterLock(self.directory / self.LOCK, lock_timeout)
+        self.entries: list[CheckpointEntry] = self._read_manifest()[0]
+        # Housekeeping only if no other process is writing here right now (non-blocking).
+        if self._writer_lock.acquire(blocking=False):
+            try:
+                self._recover()
+            finally:
+                self._writer_lock.release()
 
     # ---- the manifest -------------------------------------------------------------------
 
@@ -244,15 +376,16 @@ class CheckpointManager:
     def manifest_path(self) -> Path:
         return self.directory / self.MANIFEST
 
-    def _read_manifest(self) -> list[CheckpointEntry]:
+    def _read_manifest(self) -> tuple[list[CheckpointEntry], list[str]]:
+        """The manifest's entries (sorted by write order) and its pending deletions."""
         if not self.manifest_path.exists():
-            return []
+            return [], []
         try:
             data = json.loads(self.manifest_path.read_text())
             entries = [CheckpointEntry(**item) for item in data["checkpoints"]]
             pending = list(data.get("deleting", []))
         except (ValueError, KeyError, TypeError) as err:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{self.manifest_path}: not a valid manifest ({type(err).__name__}: {err}); it "
                 "was left untouched, and so were the checkpoints beside it"
             ) from err
@@ -261,10 +394,21 @@ class CheckpointManager:
                 f"{self.manifest_path}: this run monitors {data.get('monitor')!r} "
                 f"({data.get('mode')}), not {self.monitor!r} ({self.mode}); open it with the "
                 "same monitor and mode, or use another directory")
+        for name in [e.file for e in entries] + pending:
+            plain_file_name(name, self.directory, self.manifest_path)
+        if len({e.seq for e in entries}) < len(entries):  # a manifest written before "seq"
+            entries = [dataclasses.replace(e, seq=i) for i, e in enumerate(entries, start=1)]
+        return sorted(entries, key=lambda e: e.seq), pending
+
+    def _recover(self) -> None:
+        """Under the writer lock: finish interrupted deletions, remove crashed temporaries."""
+        entries, pending = self._read_manifest()
         self._delete(pending)  # finish deletions a crash interrupted (see _apply_retention)
         if pending:
             self._write_manifest(entries)
-        return entries
+        for leftover in self.directory.glob(f"*{TEMPORARY_SUFFIX}"):  # from a crash mid-write
+            leftover.unlink(missing_ok=True)
+        self.entries = entries
 
     def _write_manifest(self, entries: list[CheckpointEntry], deleting: list[str] = ()) -> None:
         data = {
@@ -287,8 +431,9 @@ class CheckpointManager:
         if self.monitor not in metrics:
             raise KeyError(f"metrics must include the monitored {self.monitor!r}: got "
                            f"{sorted(metrics)}")
-        name = self.filename.format(epoch=epoch, step=step, monitor=self.monitor,
-                                    value=float(metrics[self.monitor]))
+        name = safe_file_part(self.filename.format(
+            epoch=epoch, step=step, monitor=self.monitor, value=float(metrics[self.monitor])))
+        plain_file_name(name, self.directory, self.directory)
         metrics = {key: float(value) for key, value in metrics.items()}
         if self._executor is None:
             self._write(state, name, step, epoch, metrics)
@@ -320,30 +465,41 @@ class CheckpointManager:
         self.close()
 
     def _write(self, state: dict, name: str, step: int, epoch: int, metrics: dict) -> None:
-        with self._lock:
+        with self._lock, self._writer_lock:
             path = self.directory / name
             digest = atomic_write(path, lambda handle: self.serialize(state, handle))
+            entries, _ = self._read_manifest()  # another writer may have saved meanwhile
             entry = CheckpointEntry(
                 file=name, step=step, epoch=epoch, metrics=metrics,
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec="seconds"),
                 bytes=path.stat().st_size, sha256=digest,
+                seq=max((e.seq for e in entries), default=0) + 1,
             )
             # A re-saved step (a resumed run repeating one) replaces its old entry; if the
             # metric, and so the file name, changed, the old file goes too.
-            replaced = [e.file for e in self.entries if e.step == step and e.file != name]
-            entries = [e for e in self.entries if e.file != name and e.step != step] + [entry]
-            self._apply_retention(sorted(entries, key=lambda e: e.step), also_delete=replaced)
+            replaced = [e.file for e in entries if e.step == step and e.file != name]
+            entries = [e for e in entries if e.file != name and e.step != step] + [entry]
+            self._apply_retention(entries, also_delete=replaced)
 
     def _ranked(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
-        """Entries from best to worst by the monitored metric (ties: the earlier step first)."""
-        return sorted(entries, key=lambda e: e.metrics[self.monitor],
-                      reverse=self.mode == "max")
+        """Entries from best to worst by the monitored metric; NaN/inf always last.
+
+        Ties keep write order (the earlier first).
+        """
+        sign = -1.0 if self.mode == "max" else 1.0
+
+        def key(entry: CheckpointEntry) -> tuple[bool, float]:
+            value = entry.metrics[self.monitor]
+            return (not math.isfinite(value), sign * value if math.isfinite(value) else 0.0)
+
+        return sorted(entries, key=key)
 
     def _apply_retention(self, entries: list[CheckpointEntry],
                          also_delete: list[str] = ()) -> None:
         keep = {e.file for e in entries[-self.keep_last:]}  # the newest N, the latest included
-        keep |= {e.file for e in self._ranked(entries)[: max(self.save_top_k, 1)]}  # best K
+        finite = [e for e in self._ranked(entries) if math.isfinite(e.metrics[self.monitor])]
+        keep |= {e.file for e in finite[: max(self.save_top_k, 1)]}  # the best K, finite only
         kept = [e for e in entries if e.file in keep]
         dropped = [e.file for e in entries if e.file not in keep] + list(also_delete)
         # Durable order: the new file is already on disk; now the manifest (which names the
@@ -356,24 +512,32 @@ class CheckpointManager:
 
     def _delete(self, names: list[str]) -> None:
         for name in names:
-            (self.directory / name).unlink(missing_ok=True)
+            (self.directory / plain_file_name(name, self.directory, self.manifest_path)
+             ).unlink(missing_ok=True)
         if names:
             fsync_directory(self.directory)
 
     # ---- reading ------------------------------------------------------------------------
 
     def list(self) -> list[CheckpointEntry]:
-        """The checkpoints the manifest records, oldest first (waits for a save in flight)."""
+        """The checkpoints the manifest records, oldest write first.
+
+        Waits for this manager's save in flight, then re-reads the manifest, so a reader sees
+        what other processes wrote since it opened the folder.
+        """
         self.wait()
+        self.entries = self._read_manifest()[0]
         return list(self.entries)
 
     @property
     def best(self) -> CheckpointEntry | None:
-        entries = self.list()
-        return self._ranked(entries)[0] if entries else None
+        """The best checkpoint with a finite metric, or None if there is none."""
+        finite = [e for e in self._ranked(self.list()) if math.isfinite(e.metrics[self.monitor])]
+        return finite[0] if finite else None
 
     @property
     def latest(self) -> CheckpointEntry | None:
+        """The most recently written checkpoint (highest ``seq``), whatever its step."""
         entries = self.list()
         return entries[-1] if entries else None
 
@@ -384,15 +548,15 @@ class CheckpointManager:
         rows = [f"  {'file':<44} {'step':>6} {'epoch':>5} {self.monitor:>9} "
                 f"{'size':>10}  sha256        flags"]
         for e in entries:
-            flags = " ".join(f for f, on in (("best", e is best), ("latest", e is latest)) if on)
+            flags = " ".join(f for f, on in (("best", e == best), ("latest", e == latest)) if on)
             rows.append(f"  {e.file:<44} {e.step:>6} {e.epoch:>5} "
-                        f"{e.metrics[self.monitor]:>9.4f} {format_bytes(e.bytes):>10}  "
+                        f"{e.metrics[self.monitor]:>9.4f} {e.bytes / 1e6:>7.2f} MB  "
                         f"{e.sha256[:12]}  {flags}")
         return "\n".join(rows)
 
     def verify(self, entry: CheckpointEntry) -> str | None:
         """``None`` if the file matches its manifest entry, else what is wrong with it."""
-        path = self.directory / entry.file
+        path = self.directory / plain_file_name(entry.file, self.directory, self.manifest_path)
         if not path.exists():
             return "the file is missing"
         if path.stat().st_size != entry.bytes:
@@ -407,33 +571,44 @@ class CheckpointManager:
         for entry in candidates:
             path = self.directory / entry.file
             problem = self.verify(entry)
-            if problem is None:
-                try:
-                    state = torch.load(path, map_location=map_location, weights_only=True)
-                    return LoadedCheckpoint(state=state, entry=entry, path=path)
-                except Exception as err:  # noqa: BLE001 - any failure means "skip this file"
-                    problem = f"torch.load failed: {type(err).__name__}: {err}"
-            warnings.warn(f"skipping damaged checkpoint {path}: {problem}", CheckpointWarning,
-                          stacklevel=3)
+            if problem is not None:
+                warnings.warn(f"skipping damaged checkpoint {path}: {problem}",
+                              CheckpointWarning, stacklevel=3)
+                continue
+            try:
+                state = torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as err:
+                # The bytes are exactly those saved, so this is not damage: say so, loudly.
+                lines = [line.strip() for line in
+                         re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if line.strip()]
+                reason = next((line for line in lines if "Unsupported global" in line),
+                              lines[0] if lines else "")
+                raise CheckpointError(
+                    f"{path}: intact (SHA-256 matches the manifest) but torch.load failed: "
+                    f"{type(err).__name__}: {reason}") from err
+            return LoadedCheckpoint(state=state, entry=entry, path=path)
         return None
 
     def load_latest(self, map_location: Any = "cpu") -> LoadedCheckpoint | None:
-        """The newest checkpoint that verifies and loads, or ``None`` if there is none."""
+        """The most recently written checkpoint that verifies, or ``None`` if there is none."""
         return self._load_first_good(self.list()[::-1], map_location)
 
     def load_best(self, map_location: Any = "cpu") -> LoadedCheckpoint | None:
-        """The best checkpoint (by ``monitor``/``mode``) that verifies and loads, or ``None``."""
-        return self._load_first_good(self._ranked(self.list()), map_location)
+        """The best checkpoint (by ``monitor``/``mode``, finite metrics only) that verifies."""
+        finite = [e for e in self._ranked(self.list()) if math.isfinite(e.metrics[self.monitor])]
+        return self._load_first_good(finite, map_location)
 
     def load(self, step: int, map_location: Any = "cpu") -> LoadedCheckpoint:
         """The checkpoint saved at ``step``; an error if there is none or it is damaged."""
-        matches = [e for e in self.list() if e.step == step]
+        entries = self.list()
+        matches = [e for e in entries if e.step == step]
         if not matches:
             raise KeyError(f"{self.directory}: no checkpoint at step {step}; steps kept: "
-                           f"{[e.step for e in self.list()]}")
+                           f"{[e.step for e in entries]}")
         loaded = self._load_first_good(matches, map_location)
         if loaded is None:
-            raise RuntimeError(f"{self.directory / matches[0].file}: damaged (see the warning)")
+            raise CheckpointError(f"{self.directory / matches[0].file}: damaged (see the "
+                                  "warning)")
         return loaded
 
 
@@ -475,8 +650,14 @@ def train(
                            keep_last=2, async_save=async_save) as manager:
         if resume:
             loaded = manager.load_latest(map_location=device)
+            if loaded is None and manager.list():
+                # Starting over here would mix a new run into the old one's folder: refuse.
+                raise CheckpointError(
+                    f"{directory}: --resume found {len(manager.list())} checkpoint(s) but none "
+                    "is intact (see the warnings above); nothing was deleted. Move the folder "
+                    "aside to start a new run")
             if loaded is None:
-                log(f"  --resume: no valid checkpoint in {directory}; starting from scratch")
+                log(f"  --resume: no checkpoint in {directory} yet; starting from scratch")
             else:
                 state = loaded.state
                 model.load_state_dict(state["model"])
@@ -525,9 +706,10 @@ def lesson_1_train(run: Run, epochs: int, resume: bool) -> tuple[CheckpointManag
     run.section("1. Train with a CheckpointManager")
     directory = run.out_dir / "checkpoints"
     if not resume and (directory / CheckpointManager.MANIFEST).exists():
-        # A fresh start never destroys the previous run: it becomes checkpoints.previous.
-        previous = run.out_dir / "checkpoints.previous"
-        shutil.rmtree(previous, ignore_errors=True)
+        # A fresh start never destroys the previous run: it is moved aside under a new name
+        # (delete it yourself when you no longer need it).
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        previous = run.out_dir / f"checkpoints.previous-{stamp}"
         directory.rename(previous)
         print(f"  a previous run was in {directory.name}/: moved to {previous.name}/ "
               "(use --resume to continue a run instead)")
@@ -575,10 +757,16 @@ def lesson_2_manifest(run: Run, manager: CheckpointManager) -> None:
 # %% 3. Crash safety: atomic writes
 # torch.save(obj, "ckpt.pt") writes in place: a crash (OOM kill, preemption, power cut, full
 # disk) half-way leaves a truncated ckpt.pt, and if that name was your only checkpoint, the run
-# is gone. atomic_write() writes "ckpt.pt.partial", fsyncs it, then os.replace()s it over the
-# target: the switch is atomic, so readers see the old file or the new one, never half.
-# The manifest is written the same way. Retention deletes old files only AFTER the new one
-# is durable, through a "deleting" journal in the manifest that a restart finishes.
+# is gone. atomic_write() writes a uniquely named "ckpt.pt.<random>.partial", fsyncs it, then
+# os.replace()s it over the target: the switch is atomic, so readers see the old file or the
+# new one, never half. The manifest is written the same way. Retention deletes old files only
+# AFTER the new one is durable, through a "deleting" journal in the manifest that a restart
+# finishes.
+# A second process on the same folder is the other everyday hazard (an evaluation job opening
+# the folder while training writes, two jobs launched with one --out-dir). Each save takes a
+# cross-process writer lock (fcntl.flock on writer.lock) and re-reads the manifest under it,
+# so two writers lose no entry and never delete each other's files; temporaries are unique
+# per write, and only a lock holder removes stale ones, so a reader never breaks a save.
 # Below, a writer dies half-way through the 4th save: the first three and the manifest survive.
 
 
@@ -618,9 +806,15 @@ def lesson_3_crash_safety(run: Run) -> None:
 
 # %% 4. Damaged checkpoints are detected and skipped
 # Files get damaged after they are written too: a copy cut short, a disk error, a sync tool.
-# Before torch.load, the manager compares size and SHA-256 with the manifest; a mismatch (or a
-# failing torch.load) is reported as a CheckpointWarning and the next candidate is tried, so
-# load_latest() falls back to the newest GOOD checkpoint instead of crashing the resume.
+# Before torch.load, the manager compares size and SHA-256 with the manifest; a mismatch is
+# reported as a CheckpointWarning and the next candidate is tried, so load_latest() falls back
+# to the newest GOOD checkpoint instead of crashing the resume.
+# Only damage is skipped. A file whose hash matches but whose torch.load fails (a weights_only
+# refusal after someone added a custom object, an out-of-memory) raises CheckpointError:
+# skipping it would silently resume from older weights. If checkpoints exist but none is
+# intact, --resume stops with an error instead of starting over in the same folder. Names in
+# the manifest must be plain file names inside the folder ("../x" or "/etc/x" is refused
+# before anything is read or deleted), and a NaN or inf metric never ranks as best.
 
 
 def lesson_4_damaged(run: Run) -> None:
@@ -650,8 +844,14 @@ def lesson_4_damaged(run: Run) -> None:
 # generator (Dropout masks) and the DataLoader's generator (the shuffle order). Miss one and
 # the resumed run drifts, silently. Here: train 4 epochs straight; then train, "crash" after
 # epoch 2, resume from the checkpoints and finish. On the CPU the final weights are identical
-# to the bit. (On a GPU, non-deterministic kernels can differ in the last bits even without a
-# crash; torch.use_deterministic_algorithms(True) removes that.)
+# to the bit. On a GPU, some kernels are non-deterministic (atomic adds in cuDNN/cuBLAS
+# backward passes, cuDNN's benchmark-mode algorithm choice), so two runs can differ in the
+# last bits even without a crash. torch.use_deterministic_algorithms(True) makes those ops
+# pick deterministic algorithms or raise an error where none exists, and
+# torch.backends.cudnn.benchmark = False fixes the algorithm choice; together they make runs
+# repeatable on the SAME GPU model, driver and torch build, not across different ones.
+# (Older torch releases also needed CUBLAS_WORKSPACE_CONFIG=:4096:8 for deterministic cuBLAS;
+# torch 2.14 no longer does.)
 
 
 def lesson_5_resume(run: Run) -> None:
@@ -751,7 +951,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
 
-    manager, history = lesson_1_train(run, args.epochs, args.resume)
+    try:
+        manager, history = lesson_1_train(run, args.epochs, args.resume)
+    except CheckpointError as err:  # one clear line for the command line, no traceback
+        raise SystemExit(f"error: {err}") from None
     lesson_2_manifest(run, manager)
     lesson_3_crash_safety(run)
     lesson_4_damaged(run)

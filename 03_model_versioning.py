@@ -23,21 +23,27 @@ metadata in the header). Here they fit in one file, with no server.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from common.compare import max_abs_diff
@@ -115,11 +121,91 @@ def git_commit(folder: Path) -> str | None:
     return completed.stdout.strip() if completed.returncode == 0 else None
 
 
+def fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (POSIX; see 02 for why)."""
+    if os.name == "posix":
+        handle = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (02's atomic_write, for bytes).
+
+    A uniquely named temporary file in the same folder, flush + fsync, ``os.replace``, fsync
+    the folder: readers see the old file or the new one, and two writers never share a
+    temporary name.
+    """
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.",
+                                             suffix=".partial")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (see 02 for why)."""
-    temporary = path.with_name(f"{path.name}.partial")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    """:func:`write_bytes_atomic` for text (UTF-8)."""
+    write_bytes_atomic(path, text.encode())
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, timeout: float = 60.0) -> Iterator[None]:
+    """Hold a cross-process lock on ``folder`` (``fcntl.flock`` on ``folder/.lock``).
+
+    Every read-modify-write of a registry index happens inside it, so two processes that
+    register at once get two different version numbers instead of one clobbering the other.
+    The kernel drops the lock when a process dies, so a crash never leaves it held. After
+    ``timeout`` seconds of waiting: a clear error naming the folder.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{folder}: locked by another process for over "
+                                       f"{timeout:.0f} s; try again later") from None
+                time.sleep(0.01)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+VERSION_PATTERN = re.compile(r"\d{1,6}\.\d{1,6}")
+
+
+def plain_name(name: object, what: str, source: Path | str) -> str:
+    """Return ``name`` if it is a plain file or folder name; else raise IntegrityError.
+
+    Names come from files (registry.json, metadata.json) and from callers, and any of them
+    can be hostile: ``"../../etc"`` or an absolute path must never become a path we read,
+    write or delete.
+    """
+    if (not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".")
+            or Path(name).name != name or "/" in name or "\\" in name or "\0" in name):
+        raise IntegrityError(f"{source}: refuses {what} {name!r}: not a plain name (no path "
+                             "separators, '..' or leading dot); nothing was read or written")
+    return name
+
+
+def version_name(version: object, source: Path | str) -> str:
+    """A version string of the form MAJOR.MINOR, or IntegrityError."""
+    if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version):
+        raise IntegrityError(f"{source}: {version!r} is not a version number (MAJOR.MINOR)")
+    return version
 
 
 REQUIRED_METADATA = {
@@ -158,19 +244,22 @@ class VersionedModel:
                         for key, value in sorted(state_dict.items())},
         }
 
-    def save(self, folder: Path) -> Path:
-        """Write the version into ``folder`` (created; an existing folder is an error)."""
+    def save(self, folder: Path, card: Callable[[dict], str] | None = None) -> Path:
+        """Write the version into ``folder`` (created; an existing folder is an error).
+
+        The fingerprints and per-tensor hashes in metadata.json are computed HERE, from the
+        tensors written, never copied from the caller's metadata. ``card(metadata)`` returns
+        the model card's text (default: :func:`model_card`).
+        """
         folder = Path(folder)
         if folder.exists():
             raise FileExistsError(f"{folder}: a version is already saved there; versions are "
                                   "immutable, register a new one instead")
-        staging = folder.with_name(f"{folder.name}.incoming")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
         state_dict = {k: v.detach().cpu().contiguous() for k, v in
                       self.model.state_dict().items()}
+        self.metadata = {**self.metadata, **self.describe(state_dict)}
         metadata_text = json.dumps(self.metadata, indent=2) + "\n"
-        (staging / self.METADATA).write_text(metadata_text)
         # The weights' header records the metadata's hash, so an edit to either is detected.
         # (Integrity, not authenticity: whoever can rewrite both files can fake both; sign
         # the folder, e.g. with Sigstore, when that matters.)
@@ -178,9 +267,25 @@ class VersionedModel:
                   "content_fingerprint": self.metadata["fingerprints"]["content"],
                   "signature": self.metadata["fingerprints"]["signature"],
                   "metadata_sha256": hashlib.sha256(metadata_text.encode()).hexdigest()}
-        save_file(state_dict, staging / self.WEIGHTS, metadata=header)
-        (staging / self.CARD).write_text(model_card(self.metadata))
-        staging.rename(folder)  # the version appears complete or not at all
+        files = {self.METADATA: metadata_text.encode(),
+                 self.WEIGHTS: safetensors_bytes(state_dict, metadata=header),
+                 self.CARD: (card or model_card)(self.metadata).encode()}
+        # A staging folder with a unique name beside the target: the version appears complete
+        # (one rename) or not at all, and two writers never share a staging folder.
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.",
+                                        suffix=".incoming"))
+        try:
+            for name, data in files.items():
+                with open(staging / name, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())  # bytes on disk before the rename publishes them
+            fsync_directory(staging)
+            os.rename(staging, folder)  # fails if folder appeared meanwhile: never overwrites
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsync_directory(folder.parent)
         return folder
 
     @classmethod
@@ -230,7 +335,8 @@ def verify_version(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not folder.is_dir():
         raise IntegrityError(f"{path}: no such version folder")
     metadata = read_metadata(folder)
-    weights = folder / metadata["weights_file"]
+    weights = folder / plain_name(metadata["weights_file"], "the weights file",
+                                  folder / VersionedModel.METADATA)
     if not weights.is_file():
         raise IntegrityError(f"{weights}: missing weights file")
     try:
@@ -302,14 +408,20 @@ class ModelRegistry:
     """A registry in a folder: ``<root>/<name>/<version>/`` plus ``<root>/<name>/registry.json``.
 
     registry.json holds the version list (with signatures) and the aliases; it is rewritten
-    atomically. Versions are immutable once written.
+    atomically, under a cross-process lock. Versions are immutable once written.
+    ``build(architecture) -> nn.Module`` rebuilds a model from its recorded architecture and
+    ``card(metadata) -> str`` writes its model card: pass your own, and the class works for
+    any model. Names (registry names, versions, aliases) are plain names, never paths.
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, build: Callable[[dict], nn.Module] | None = None,
+                 card: Callable[[dict], str] | None = None) -> None:
         self.root = Path(root)
+        self.build = build or build_model  # the script's builder when none is given
+        self.card = card or model_card
 
     def _index_path(self, name: str) -> Path:
-        return self.root / name / "registry.json"
+        return self.root / plain_name(name, "the registry name", self.root) / "registry.json"
 
     def _index(self, name: str) -> dict:
         path = self._index_path(name)
@@ -323,14 +435,21 @@ class ModelRegistry:
         except ValueError as err:
             raise IntegrityError(f"{path}: not a valid registry index ({err}); the version "
                                  "folders beside it are untouched") from err
+        for version in index["versions"]:
+            version_name(version, path)
+        for alias, target in index["aliases"].items():
+            plain_name(alias, "the alias", path)
+            if target not in index["versions"]:
+                raise IntegrityError(f"{path}: alias {alias!r} points at {target!r}, which is "
+                                     "not a registered version")
         return index
 
     def _write_index(self, name: str, index: dict) -> None:
-        self._index_path(name).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self._index_path(name), json.dumps(index, indent=2) + "\n")
 
     def folder(self, name: str, version: str) -> Path:
-        return self.root / name / version
+        plain_name(name, "the registry name", self.root)
+        return self.root / name / version_name(version, self.root / name)
 
     def versions(self, name: str) -> list[str]:
         return list(self._index(name)["versions"])
@@ -341,40 +460,55 @@ class ModelRegistry:
     def register(self, name: str, model: nn.Module, *, architecture: dict,
                  hyperparameters: dict, history: list[dict], data_fingerprint: str,
                  seed: int, parent: str | None = None) -> VersionedModel:
-        """Save ``model`` as the next version of ``name`` (or return the identical existing one)."""
+        """Save ``model`` as the next version of ``name`` (or return the identical existing one).
+
+        The whole read-choose-write runs under the registry's lock: two processes that
+        register at once get two different version numbers.
+        """
         state_dict = model.state_dict()
         described = VersionedModel.describe(state_dict)
-        index = self._index(name)
-        for version, info in index["versions"].items():
-            if info["content"] == described["fingerprints"]["content"]:
-                return VersionedModel.load(self.folder(name, version), build_model)
-        version = next_version([(v, info["signature"]) for v, info in index["versions"].items()],
-                               described["fingerprints"]["signature"])
-        env = environment("cpu") | {"seed": seed, "data_fingerprint": data_fingerprint,
-                                    "git_commit": git_commit(Path(__file__).resolve().parent)}
-        metadata = {
-            "name": name, "version": version, "parent": parent,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "architecture": architecture, "hyperparameters": hyperparameters,
-            "history": history, "metrics": history[-1] if history else {},
-            "environment": env, **described,
-            "module_versions": {k: v["version"] for k, v in state_dict._metadata.items()
-                                if "version" in v},
-            "weights_file": VersionedModel.WEIGHTS,
-        }
-        versioned = VersionedModel(model, metadata)
-        versioned.save(self.folder(name, version))
-        index["versions"][version] = {**described["fingerprints"], "parent": parent}
-        self._write_index(name, index)
+        device = next(iter(state_dict.values())).device if state_dict else torch.device("cpu")
+        with folder_lock(self._index_path(name).parent):
+            for stale in self._index_path(name).parent.glob(".*.incoming"):  # from a crash
+                shutil.rmtree(stale, ignore_errors=True)
+            index = self._index(name)
+            for version, info in index["versions"].items():
+                if info["content"] == described["fingerprints"]["content"]:
+                    return VersionedModel.load(self.folder(name, version), self.build)
+            version = next_version(
+                [(v, info["signature"]) for v, info in index["versions"].items()],
+                described["fingerprints"]["signature"])
+            env = environment(device) | {
+                "seed": seed, "data_fingerprint": data_fingerprint,
+                "git_commit": git_commit(Path(__file__).resolve().parent)}
+            metadata = {
+                "name": name, "version": version, "parent": parent,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"),
+                "architecture": architecture, "hyperparameters": hyperparameters,
+                "history": history, "metrics": history[-1] if history else {},
+                "environment": env,
+                "module_versions": {k: v["version"] for k, v in
+                                    getattr(state_dict, "_metadata", {}).items()
+                                    if "version" in v},
+                "weights_file": VersionedModel.WEIGHTS,
+            }
+            versioned = VersionedModel(model, metadata)
+            versioned.save(self.folder(name, version), card=self.card)  # adds fingerprints
+            index["versions"][version] = {**versioned.metadata["fingerprints"], "parent": parent}
+            self._write_index(name, index)
         return versioned
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         """Point ``alias`` (e.g. "production") at ``version``; it moves if it existed."""
-        index = self._index(name)
-        if version not in index["versions"]:
-            raise KeyError(f"{name} has no version {version}; versions: {list(index['versions'])}")
-        index["aliases"][alias] = version
-        self._write_index(name, index)
+        plain_name(alias, "the alias", self.root / name)
+        with folder_lock(self._index_path(name).parent):
+            index = self._index(name)
+            if version not in index["versions"]:
+                raise KeyError(f"{name} has no version {version}; versions: "
+                               f"{list(index['versions'])}")
+            index["aliases"][alias] = version
+            self._write_index(name, index)
 
     def resolve(self, name: str, ref: str) -> str:
         """A version number from a version number or an alias."""
@@ -388,7 +522,7 @@ class ModelRegistry:
 
     def load(self, name: str, ref: str, device: torch.device | str = "cpu") -> VersionedModel:
         """Load version or alias ``ref`` of ``name``, verifying its integrity."""
-        return VersionedModel.load(self.folder(name, self.resolve(name, ref)), build_model,
+        return VersionedModel.load(self.folder(name, self.resolve(name, ref)), self.build,
                                    device)
 
 
@@ -630,6 +764,12 @@ def lesson_3_aliases(run: Run, registry: ModelRegistry) -> None:
 # header's fingerprint equal to the recorded one (else the file belongs to another version),
 # and the fingerprint recomputed from the bytes equal to it (else the weights were changed).
 # The per-tensor hashes name exactly which tensors differ.
+# The registry is hardened the same way as 02's manager. Every name read from registry.json
+# or metadata.json (versions, aliases, the weights file) must be a plain name, so a hostile
+# index cannot make a load read "../../secret" or a save write outside the root. Writes are
+# atomic and fsync'd, and each register() runs under a cross-process lock, so two jobs that
+# register at once get versions 1.0 and 1.1 instead of one erasing the other's folder.
+# The fingerprints in metadata.json are computed from the tensors actually written.
 
 
 def lesson_4_integrity(run: Run, registry: ModelRegistry) -> None:
@@ -681,7 +821,11 @@ def lesson_5_diff(run: Run, models: dict[str, VersionedModel]) -> None:
 # A version records everything that made it: config, seed, data fingerprint, environment,
 # parent. Retraining from the record (on the same software, on the CPU) must give the same
 # content fingerprint; if it does not, something unrecorded influenced training. On GPUs,
-# non-deterministic kernels break this unless torch.use_deterministic_algorithms(True).
+# some kernels are non-deterministic (atomic adds in backward passes, cuDNN's algorithm
+# search); torch.use_deterministic_algorithms(True) plus torch.backends.cudnn.benchmark =
+# False make a rerun repeatable on the same GPU model, driver and torch build (ops with no
+# deterministic version then raise an error), but never across different GPUs or versions:
+# that is why this lesson retrains on the CPU.
 
 
 def lesson_6_reproduce(run: Run, registry: ModelRegistry) -> None:

@@ -72,7 +72,8 @@ def test_manifest_round_trip(tmp_path):
     assert reopened.list() == manager.list()
     data = json.loads((tmp_path / "manifest.json").read_text())
     entry = data["checkpoints"][0]
-    assert set(entry) == {"file", "step", "epoch", "metrics", "timestamp", "bytes", "sha256"}
+    assert set(entry) == {"file", "step", "epoch", "metrics", "timestamp", "bytes", "sha256",
+                          "seq"}
     assert entry["bytes"] == (tmp_path / entry["file"]).stat().st_size
     assert reopened.load(2).state["step"] == 2
     assert reopened.load_best().entry.step == 3
