@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.export import Dim
+from torch.export.passes import move_to_device_pass
 
 from common.compare import max_abs_diff
 from common.data import make_image_classification, make_loaders
@@ -51,9 +53,12 @@ from common.training import fit
 matplotlib.use("Agg")  # write PNG files, never open a window
 
 # Every torch.jit call warns: "`torch.jit.script` is deprecated. Please switch to
-# `torch.compile` or `torch.export`." Section 1 shows the warning once; after that this
-# pattern filters exactly that message (category and text), nothing else.
+# `torch.compile` or `torch.export`." (a FutureWarning on torch 2.14; torch 2.10-2.12 raise
+# it as a DeprecationWarning). Section 1 shows the warning once; after that this pattern
+# filters exactly that message, in those two categories, nothing else. On Python 3.14+
+# torch.jit.script also warns that it is not supported there at all: one more reason to move.
 JIT_DEPRECATION = r"`torch\.jit\.[\w.]+` is deprecated"
+JIT_WARNING_CATEGORIES = (FutureWarning, DeprecationWarning)
 
 # ############################################################################################
 # Reusable pieces: copy these into your own code.
@@ -90,7 +95,8 @@ def keep_compiler_caches_in(folder: Path) -> None:
 
 
 def has_cpp_compiler() -> bool:
-    """Inductor on the CPU compiles C++: it needs g++, clang++ or (Windows) MSVC's cl."""
+    """Inductor compiles C++ on the CPU (g++, clang++ or MSVC's cl) and, on CUDA, Triton
+    compiles a C launcher with the system's C compiler (gcc/cc/clang): g++ brings both."""
     return any(shutil.which(name) for name in ("g++", "c++", "clang++", "cl"))
 
 
@@ -98,8 +104,31 @@ def has_cpp_compiler() -> bool:
 def jit_deprecation_filtered() -> Iterator[None]:
     """Inside, only the (already explained) TorchScript deprecation warning is hidden."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=JIT_DEPRECATION, category=FutureWarning)
+        for category in JIT_WARNING_CATEGORIES:
+            warnings.filterwarnings("ignore", message=JIT_DEPRECATION, category=category)
         yield
+
+
+@contextlib.contextmanager
+def quiet_torch_logs() -> Iterator[str]:
+    """Silence torch's own log lines and graph dumps around a demonstration.
+
+    A failing torch.export writes the partial FX graph to stderr and logs "Unable to find
+    user code" from torch.fx.experimental.symbolic_shapes; Inductor on a CUDA build without a
+    GPU logs "No CUDA runtime is found" from torch.utils.cpp_extension. The lesson prints the
+    one line that matters instead. Only these two loggers and this block's stderr are touched.
+    """
+    loggers = [logging.getLogger(name) for name in
+               ("torch.fx.experimental.symbolic_shapes", "torch.utils.cpp_extension")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def check_in_fresh_process(run: Run, model: nn.Module, example: torch.Tensor,
@@ -180,19 +209,24 @@ def lesson_1_trace_vs_script(run: Run) -> None:
           f"{trace_wrong:.3g}  (baked-in branch)")
     print(f"  traced, positive input: {trace_right}; scripted, negative input: {script_wrong}")
     run.record("tracer_warning_shown", "TracerWarning" in shown)
-    run.record("deprecation_warning_shown", "FutureWarning" in shown)
+    run.record("deprecation_warning_shown",
+               any(c.__name__ in shown for c in JIT_WARNING_CATEGORIES))
     run.record("trace_vs_eager_other_branch_diff", trace_wrong)
     run.record("script_vs_eager_other_branch_diff", script_wrong)
 
 
 # %% 2. Inspect, freeze and save TorchScript
 # .code shows the TorchScript source the compiler understood; .graph the IR. torch.jit.freeze
-# turns parameters into constants and inlines submodules (needs eval()); optimize_for_inference
-# adds fusions such as Conv+BatchNorm folding. torch.jit.save writes a zip with code and
-# weights: it loads with torch.jit.load in any Python process that has torch, with none of
-# your source code (section 3 checks that in a fresh process), or in C++:
+# (needs eval()) turns parameters into constants, inlines submodules and runs the frozen-graph
+# optimisations, among them folding each BatchNorm into the Conv before it: freeze is what
+# you deploy, and it saves like any ScriptModule. torch.jit.optimize_for_inference calls
+# freeze first and then adds rewrites for THIS machine's build (oneDNN layouts); its docstring
+# says serialising its result is not supported, so use it in-process only.
+# torch.jit.save writes a zip with code and weights: it loads with torch.jit.load in any
+# Python process that has torch, with none of your source code (section 3 checks that in a
+# fresh process), or in C++:
 #     #include <torch/script.h>
-#     torch::jit::script::Module module = torch::jit::load("torchscript_model.pt");
+#     torch::jit::Module module = torch::jit::load("torchscript_frozen.pt");
 #     module.eval();
 #     at::Tensor logits = module.forward({torch::ones({8, 1, 16, 16})}).toTensor();
 # (Link against libtorch; see https://pytorch.org/cppdocs/installing.html.)
@@ -205,17 +239,28 @@ def lesson_2_torchscript_files(run: Run, model: nn.Module) -> dict:
         print("  torch.jit.script(SignGate()).code:")
         for line in gate_code.strip().splitlines():
             print(f"    | {line}")
-        scripted = torch.jit.script(model)
-        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(model)))
-        script_path = run.path("torchscript_model.pt")
+        scripted = torch.jit.script(model.eval())
+        frozen = torch.jit.freeze(torch.jit.script(model.eval()))
+        script_path, frozen_path = run.path("torchscript_model.pt"), run.path(
+            "torchscript_frozen.pt")
         torch.jit.save(scripted, script_path)
+        torch.jit.save(frozen, frozen_path)
     run.artifact("torchscript_model", script_path)
-    graph_nodes = len(list(scripted.inlined_graph.nodes()))
-    frozen_nodes = len(list(frozen.graph.nodes()))
-    print(f"  inlined graph: {graph_nodes} nodes; frozen + optimize_for_inference: "
-          f"{frozen_nodes} nodes (BatchNorm folded into Conv)")
+    run.artifact("torchscript_frozen_model", frozen_path)
+
+    def batch_norms(graph) -> int:
+        return sum(node.kind() == "aten::batch_norm" for node in graph.nodes())
+
+    graph_nodes, frozen_nodes = (len(list(scripted.inlined_graph.nodes())),
+                                 len(list(frozen.graph.nodes())))
+    before, after = batch_norms(scripted.inlined_graph), batch_norms(frozen.graph)
+    folded = before > 0 and after == 0
+    print(f"  inlined graph: {graph_nodes} nodes, {before} aten::batch_norm; torch.jit.freeze: "
+          f"{frozen_nodes} nodes, {after} aten::batch_norm"
+          f"{' (BatchNorm folded into Conv)' if folded else ''}")
     run.record("torchscript_graph_nodes", graph_nodes)
     run.record("torchscript_frozen_graph_nodes", frozen_nodes)
+    run.record("torchscript_frozen_batchnorm_folded", folded)
     return {"scripted": scripted, "frozen": frozen, "path": script_path}
 
 
@@ -228,6 +273,13 @@ def lesson_2_torchscript_files(run: Run, model: nn.Module) -> dict:
 # current releases) runs your Python normally and traces the tensor operations;
 # strict=True captures through TorchDynamo and rejects more Python. Data-dependent control
 # flow fails ("Could not guard on data-dependent expression"); torch.cond is the fix, as in 04.
+# "Non-strict" means: export runs your forward() as ordinary Python with fake tensors and
+# records the tensor operations; strict mode reads the Python bytecode with TorchDynamo.
+# A .pt2 is DEVICE-SPECIFIC: torch.export.load puts each weight back on the device it was
+# saved from (there is no map_location), and the graph may hold device constants. A program
+# exported on a GPU fails on a CPU-only machine, so move it before saving:
+#     program = torch.export.passes.move_to_device_pass(program, "cpu")
+# (the same pass takes "cuda:0" or a {"cuda:0": "cpu"} mapping).
 
 
 def lesson_3_torch_export(run: Run, model: nn.Module, example: torch.Tensor,
@@ -236,17 +288,27 @@ def lesson_3_torch_export(run: Run, model: nn.Module, example: torch.Tensor,
     dynamic = {"x": {0: Dim("batch", min=1, max=1024)}}
     program = torch.export.export(model, (example,), dynamic_shapes=dynamic)
     path = run.path("exported_program.pt2")
-    torch.export.save(program, path)
+    # Saved on the CPU, whatever device trained it: the file then loads anywhere.
+    torch.export.save(move_to_device_pass(program, "cpu"), path)
     run.artifact("exported_program", path)
     ops = sorted({str(node.target).split(".")[1] for node in program.graph.nodes
                   if node.op == "call_function" and str(node.target).startswith("aten.")})
     print(f"  graph: {len(program.graph.nodes)} nodes; ATen ops {ops}")
-    print(f"  input shape: {program.graph_signature.user_inputs} -> "
-          f"{[n.meta['val'].shape for n in program.graph.nodes if n.op == 'placeholder'][-1]}")
-    reloaded = torch.export.load(path).module()
+    shape = [n.meta["val"].shape for n in program.graph.nodes if n.op == "placeholder"][-1]
+    ranges = ", ".join(f"{symbol} in [{bounds.lower}, {bounds.upper}]"
+                       for symbol, bounds in program.range_constraints.items())
+    print(f"  input x: {tuple(shape)}; the batch became a symbol with a range "
+          f"(program.range_constraints): {ranges}")
+    saved = torch.export.load(path)
+    devices = sorted({str(t.device) for t in [*saved.state_dict.values(),
+                                               *saved.constants.values()]
+                      if isinstance(t, torch.Tensor)})
+    reloaded = saved.module()
     with torch.no_grad():
-        diff = max_abs_diff(reloaded(example[:3]), model(example[:3]))
-    print(f"  torch.export.load(...).module() at batch 3: max |diff| = {diff:.3g}")
+        diff = max_abs_diff(reloaded(example[:3].cpu()), model(example[:3]))
+    print(f"  saved after move_to_device_pass(program, 'cpu'): weights on {devices}; "
+          f"torch.export.load(...).module() at batch 3: max |diff| = {diff:.3g}")
+    run.record("exported_program_devices", ", ".join(devices))
     fresh = check_in_fresh_process(run, model, example, script_path, path)
     print(f"  fresh process (python -I; could import common: {fresh['common_importable']}), "
           f"batch 9: TorchScript max |diff| = {fresh['torchscript']:.3g}, .pt2 max |diff| = "
@@ -256,7 +318,7 @@ def lesson_3_torch_export(run: Run, model: nn.Module, example: torch.Tensor,
     run.record("fresh_process_could_import_common", fresh["common_importable"])
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # export prints the failing graph
+        with quiet_torch_logs():  # export dumps the partial graph; the error says enough
             torch.export.export(SignGate(), (torch.rand(4, 8),))
         python_if_fails = False
     except Exception as err:
@@ -291,11 +353,9 @@ def lesson_4_aoti(run: Run, program, model: nn.Module, example: torch.Tensor):
         run.record("aoti_built", False)
         return None
     path = run.path("model_aoti.pt2")
-    if torch.version.cuda and not torch.cuda.is_available():
-        print("  (a CUDA build of torch on a machine without a GPU logs 'No CUDA runtime is "
-              "found' from torch.utils.cpp_extension here: harmless, the build is for the CPU)")
-    timing = benchmark(lambda: torch._inductor.aoti_compile_and_package(
-        program, package_path=str(path)), warmup=0, repeats=1)
+    with quiet_torch_logs():  # a CUDA build without a GPU logs "No CUDA runtime is found"
+        timing = benchmark(lambda: torch._inductor.aoti_compile_and_package(
+            program, package_path=str(path)), warmup=0, repeats=1)
     compiled = torch._inductor.aoti_load_package(str(path))
     with torch.no_grad():
         diff = max_abs_diff(compiled(example[:5]), model(example[:5]))
@@ -318,8 +378,9 @@ def lesson_4_aoti(run: Run, program, model: nn.Module, example: torch.Tensor):
 
 def lesson_5_compile(run: Run, model: nn.Module, example: torch.Tensor):
     run.section("5. torch.compile: speed inside the same process")
-    if not has_cpp_compiler() and run.device.type == "cpu":
-        print("  SKIPPED (no C++ compiler found): torch.compile's CPU backend generates C++")
+    if not has_cpp_compiler():
+        print("  SKIPPED (no C/C++ compiler found): torch.compile generates C++ for the CPU, "
+              "and on CUDA Triton builds a small C launcher per kernel")
         run.record("compile_first_call_seconds", 0.0)
         return None
     compiled = torch.compile(model)
@@ -410,8 +471,8 @@ def main(argv: list[str] | None = None) -> dict:
             "eager": model,
             "torchscript (scripted)": scripted["scripted"],
             "torchscript_frozen": scripted["frozen"],
-            "torch.export (.pt2)": torch.export.load(run.out_dir / "exported_program.pt2")
-            .module(),
+            "torch.export (.pt2)": move_to_device_pass(  # the file holds CPU weights
+                torch.export.load(run.out_dir / "exported_program.pt2"), run.device).module(),
             "aoti (AOTInductor)": aoti,
             "torch.compile": compiled,
         })

@@ -19,13 +19,16 @@ Next:     you have the whole path; the README's "Common problems" maps errors to
 Multi-GPU and multi-node notes:
   - Backend: gloo runs on CPUs (and here on a laptop); nccl is the GPU backend. Each process
     drives ONE GPU: torch.cuda.set_device(LOCAL_RANK) and device = f"cuda:{LOCAL_RANK}".
-    LOCAL_RANK is the GPU index within a node; RANK is global across nodes.
+    LOCAL_RANK is the GPU index within a node; RANK is global across nodes (rank 8 of a
+    2 x 8-GPU job is LOCAL_RANK 0 on the second node: never f"cuda:{RANK}"). Choose the
+    backend ONCE for the whole job: if some ranks picked nccl and others gloo, the job hangs.
+    Here, asking for CUDA with fewer GPUs than processes per node is a clear error.
   - Multi-node: torchrun --nnodes=2 --node_rank=K --rdzv-endpoint=HOST:PORT on each node;
     checkpoints must go to storage every node sees (a shared file system or object store).
   - Saving on rank 0 only (a full state_dict) is simple and portable but gathers the whole
     model into one process's memory; sharded saves (DCP) write in parallel, one file per rank,
     and never hold the full model anywhere.
-  - Loading: map_location={"cuda:0": f"cuda:{local_rank}"} keeps every rank off GPU 0. For
+  - Loading: map_location=device (this rank's cuda:LOCAL_RANK) keeps every rank off GPU 0. For
     full state_dicts on big models, StateDictOptions(full_state_dict=True, cpu_offload=True,
     broadcast_from_rank0=True) loads on rank 0 and broadcasts, instead of N copies in RAM.
 """
@@ -36,7 +39,6 @@ import datetime
 import gc
 import os
 import shutil
-import socket
 import time
 import warnings
 from collections import OrderedDict
@@ -68,7 +70,8 @@ from common.models import SmallCNN
 from common.run import Run, format_bytes, make_parser, print_section
 
 SAVE_WORLD = 2  # processes that train and save (in the default, self-spawning mode)
-# A collective that waits longer than this raises instead of hanging forever (default: 30 min).
+# A collective that waits longer than this raises instead of hanging forever. torch's defaults:
+# 10 min for nccl (torch.distributed.constants.default_pg_nccl_timeout), 30 min for gloo.
 GROUP_TIMEOUT = datetime.timedelta(minutes=3)
 NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
@@ -97,17 +100,6 @@ def portable_state_dict(state_dict: Mapping[str, torch.Tensor]) -> OrderedDict:
                 consume_prefix_in_state_dict_if_present(result, prefix)
                 stripped = True
     return result
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 for a process group's rendezvous.
-
-    A fixed MASTER_PORT makes two runs on one machine collide; asking the OS for a free port
-    lets them overlap.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def rank_device(device_type: str, local_rank: int) -> torch.device:
@@ -179,7 +171,8 @@ def log0(*parts: object) -> None:
 
 
 def optimizer_state_diff(a: Mapping, b: Mapping) -> float:
-    """Max |diff| over the tensors of two full optimizer state_dicts (keyed by FQN)."""
+    """Max |diff| over the tensors of two full optimizer state_dicts (keyed by FQN, the
+    fully qualified parameter name such as "backbone.0.weight")."""
     return max(max_abs_diff(value, b["state"][name][key])
                for name, entry in a["state"].items() for key, value in entry.items()
                if isinstance(value, torch.Tensor))
@@ -190,6 +183,8 @@ def optimizer_state_diff(a: Mapping, b: Mapping) -> float:
 # ############################################################################################
 
 # %% 1. Wrapper prefixes and portable checkpoints
+# (nn.DataParallel, single-process multi-GPU, is discouraged by its own docstring: use
+# DistributedDataParallel even on one machine. Old checkpoints still carry its prefix.)
 # nn.DataParallel and DistributedDataParallel keep your model as .module, so their
 # state_dict() keys read "module.backbone.0.weight"; torch.compile's wrapper keeps it as
 # ._orig_mod. Loading such a file into a plain model fails with
@@ -233,8 +228,9 @@ def lesson_1_prefixes(run: Run) -> None:
 # buffers broadcast from rank 0), so ONE rank writes: if rank == 0: torch.save(...). Without
 # rank 0 only, N processes write the same file at once. Then dist.barrier(): no rank may read
 # the file before rank 0 has finished writing it. Each rank then loads with a map_location that
-# puts tensors on ITS device ({"cuda:0": f"cuda:{local_rank}"} on GPUs), or every rank would
-# allocate on GPU 0.
+# puts tensors on ITS device (map_location=device, i.e. cuda:LOCAL_RANK on GPUs; a dict such as
+# {"cuda:0": f"cuda:{local_rank}"} does the same for files saved from cuda:0), or every rank
+# would allocate on GPU 0, the device rank 0 saved from.
 
 
 def lesson_2_ddp(out_dir: Path, device: torch.device, seed: int) -> dict:
@@ -249,9 +245,8 @@ def lesson_2_ddp(out_dir: Path, device: torch.device, seed: int) -> dict:
     if rank == 0:
         torch.save(ddp.module.state_dict(), path)  # the unwrapped module: no "module." prefix
     dist.barrier()  # everyone waits until rank 0's file is complete
-    map_location = {"cuda:0": f"cuda:{rank}"} if device.type == "cuda" else "cpu"
-    fresh = SmallCNN().to(device)
-    fresh.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
+    fresh = SmallCNN().to(device)  # device: this rank's own (cuda:LOCAL_RANK or the CPU)
+    fresh.load_state_dict(torch.load(path, map_location=device, weights_only=True))
     diff = ranks_max_abs_diff(fresh.state_dict())
     log0(f"  rank 0 saved {path.name}; all {world} ranks loaded it: max |diff| across ranks "
          f"= {diff}")
@@ -260,13 +255,17 @@ def lesson_2_ddp(out_dir: Path, device: torch.device, seed: int) -> dict:
 
 # %% 3. FSDP2 and torch.distributed.checkpoint
 # FSDP2 (torch.distributed.fsdp.fully_shard) splits every parameter across ranks as a DTensor:
-# no rank holds the whole model. torch.distributed.checkpoint (DCP) saves such a model as it
-# is: dcp.save(state, checkpoint_id=folder) writes one file per rank plus a .metadata index, in
-# parallel. get_state_dict(model, optimizer) returns the model's and optimizer's state_dicts in
-# a canonical form (keys are parameter names, also for the optimizer) and set_state_dict puts
-# them back. StateDictOptions(full_state_dict=True, cpu_offload=True) instead gathers full
-# tensors onto rank 0's CPU, for one portable file. dcp.async_save returns once the state is
-# copied (staged) and writes in the background; give it a process group of its own (its
+# no rank holds the whole model. A DTensor is a tensor that knows its global shape and its
+# "placements": how it is laid out over the device mesh (Shard(0): split along dim 0, one
+# slice per rank; Replicate(): a full copy on each). torch.distributed.checkpoint (DCP) saves
+# such a model as it is: dcp.save(state, checkpoint_id=folder) writes one file per rank plus a
+# .metadata index, in parallel. get_state_dict(model, optimizer) returns the model's and
+# optimizer's state_dicts in a canonical form keyed by FQN (fully qualified name: the
+# parameter's dotted path in the model, "backbone.0.weight", also for the optimizer instead of
+# positions) and set_state_dict puts them back. StateDictOptions(full_state_dict=True,
+# cpu_offload=True) instead gathers full tensors onto rank 0's CPU, for one portable file.
+# dcp.async_save returns once the state is "staged" (copied into CPU memory, so training may
+# change the live tensors) and writes in the background; give it a process group of its own (its
 # thread's collectives must not interleave with training's) and wait on its future before
 # anything reads the checkpoint or the process exits.
 
@@ -286,7 +285,7 @@ def lesson_3_fsdp2(out_dir: Path, device: torch.device, seed: int) -> dict:
          "sync buffers); averaged before saving")
 
     model_state, optim_state = get_state_dict(model, optimizer)  # sharded: DTensors
-    state = {"model": model_state, "optim": optim_state}
+    state = {"model": model_state, "optimizer": optim_state}
     sharded_dir = out_dir / "dcp_checkpoint"
     started = time.perf_counter()
     dcp.save(state, checkpoint_id=sharded_dir)
@@ -298,7 +297,8 @@ def lesson_3_fsdp2(out_dir: Path, device: torch.device, seed: int) -> dict:
     full_model, full_optim = get_state_dict(model, optimizer, options=options)
     if rank == 0:  # with cpu_offload, only rank 0 receives the full tensors (others: {})
         torch.save(portable_state_dict(full_model), out_dir / "portable_model.pt")
-        torch.save({"model": full_model, "optim": full_optim}, out_dir / "full_checkpoint.pt")
+        torch.save({"model": full_model, "optimizer": full_optim},
+                   out_dir / "full_checkpoint.pt")
         print(f"  full state_dict on rank 0: {len(full_model)} tensors -> portable_model.pt; "
               f"with Adam state for {len(full_optim['state'])} parameters -> "
               "full_checkpoint.pt", flush=True)
@@ -335,10 +335,10 @@ def lesson_4_reshard(out_dir: Path, device: torch.device, seed: int) -> dict:
     mesh = init_device_mesh(device.type, (world,))
     model, optimizer = build_fsdp2_model(mesh, device, seed + 1000)  # another init on purpose
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+    state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=out_dir / "dcp_checkpoint")
     set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
+                   optim_state_dict=state["optimizer"])
     local = tuple(model.backbone[0].weight.to_local().shape)
     saved_world = len(list((out_dir / "dcp_checkpoint").glob("*.distcp")))  # a file per rank
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -349,7 +349,7 @@ def lesson_4_reshard(out_dir: Path, device: torch.device, seed: int) -> dict:
                                weights_only=True)
         result = {"reshard_max_abs_diff": max_abs_diff(full_model, reference["model"]),
                   "reshard_optimizer_max_abs_diff": optimizer_state_diff(full_optim,
-                                                                         reference["optim"])}
+                                                                         reference["optimizer"])}
         print(f"  loaded the {saved_world}-rank checkpoint into {world} ranks (rank 0 now holds "
               f"backbone.0.weight {local}); vs the saved full state: weights max |diff| = "
               f"{result['reshard_max_abs_diff']}, Adam state max |diff| = "
@@ -423,11 +423,14 @@ def end_cleanly() -> None:
 
 def spawned_worker(rank: int, world: int, port: int, phases: list[str], out_dir: str,
                    device_type: str, seed: int, results) -> None:
-    """Entry point of a process started by spawn_world: join the group, run, leave cleanly."""
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    """Entry point of a process started by spawn_world: join the group, run, leave cleanly.
+
+    One machine, so the rank is also the local rank. The rendezvous store already runs in the
+    parent on ``port``; every rank (rank 0 included) is a client of it.
+    """
     device = rank_device(device_type, rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=GROUP_TIMEOUT)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=GROUP_TIMEOUT)
+    init_process_group(device, store=store, rank=rank, world_size=world)
     try:
         collected = run_phases(phases, Path(out_dir), device, seed)
         if rank == 0:
@@ -441,10 +444,27 @@ def spawn_world(world: int, phases: list[str], out_dir: Path, device_type: str,
                 seed: int) -> dict:
     """Start ``world`` fresh processes (a new group on a free port), run ``phases``, join."""
     results = mp.get_context("spawn").SimpleQueue()
+    # The rendezvous store lives HERE, on a port the OS picks and this process keeps: no
+    # probe-then-release race with another program taking the port, and two runs side by
+    # side each get their own.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=GROUP_TIMEOUT)
     mp.start_processes(spawned_worker, nprocs=world, join=True, start_method="spawn",
-                       args=(world, free_port(), phases, str(out_dir), device_type, seed,
+                       args=(world, store.port, phases, str(out_dir), device_type, seed,
                              results))
     return results.get()
+
+
+def init_process_group(device: torch.device, **kwargs: Any) -> None:
+    """Join the process group with the backend for ``device`` (nccl for CUDA, else gloo).
+
+    For nccl, device_id binds the group to this rank's GPU up front (eager init): no guessing
+    which GPU a collective should use, and errors surface at start-up.
+    """
+    if device.type == "cuda":
+        dist.init_process_group("nccl", device_id=device, timeout=GROUP_TIMEOUT, **kwargs)
+    else:
+        dist.init_process_group("gloo", timeout=GROUP_TIMEOUT, **kwargs)
 
 
 PHASES: dict[str, tuple[str, Callable[[Path, torch.device, int], dict]]] = {
@@ -473,6 +493,19 @@ def world_device_type(requested: torch.device, world: int) -> str:
         print(f"  SKIPPED (only {torch.cuda.device_count()} GPU(s) for {world} processes): "
               "nccl on one GPU per process; this world runs with gloo on the CPU")
     return "cpu"
+
+
+def torchrun_device_type(requested: str, local_world: int) -> str:
+    """One decision for every rank: every rank of a node sees the same GPU count.
+
+    "auto" uses CUDA only if each local process gets its own GPU; "cuda" with too few GPUs is
+    an error (deciding per rank would put some ranks on nccl and others on gloo: a hang).
+    """
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested == "cuda" and gpus < local_world:
+        raise SystemExit(f"--device cuda: {local_world} processes per node need one GPU each, "
+                         f"but this node has {gpus}; use fewer processes or --device cpu")
+    return "cuda" if requested in ("cuda", "auto") and gpus >= local_world else "cpu"
 
 
 def reshard_world(save_world: int) -> int:
@@ -508,13 +541,10 @@ def main_under_torchrun(args) -> dict | None:
     """torchrun started N processes: they are the saving world; rank 0 spawns the reshard one."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    requested = args.device if args.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
-    device_type = "cuda" if requested == "cuda" and torch.cuda.device_count() > local_rank \
-        else "cpu"
+    device_type = torchrun_device_type(args.device, int(os.environ.get("LOCAL_WORLD_SIZE",
+                                                                       world)))
     device = rank_device(device_type, local_rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo",  # env:// (torchrun)
-                            timeout=GROUP_TIMEOUT)
+    init_process_group(device)  # env:// rendezvous, set up by torchrun
     try:
         run = Run(__file__, args) if rank == 0 else None
         if run is not None:

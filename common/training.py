@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,3 +86,37 @@ def fit(
     for _ in range(epochs):
         train_one_epoch(model, train_loader, optimizer, device)
     return evaluate(model, val_loader, device)
+
+
+def capture_rng_state(loader_generator: torch.Generator | None = None) -> dict:
+    """Every random generator a training step draws from, under the collection's ``rng`` keys.
+
+    ``python`` (``random``), ``numpy`` (its global generator, as plain ints so the checkpoint
+    loads with ``weights_only=True``), ``torch`` (the CPU generator), ``cuda`` (one state per
+    CUDA device, when CUDA is present: Dropout on a GPU draws from these) and ``loader`` (the
+    DataLoader's own generator, which decides the shuffle order). 02 teaches this; lessons
+    that only need it call this copy.
+    """
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_name, np_keys.tolist(), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if loader_generator is not None:
+        state["loader"] = loader_generator.get_state()
+    return state
+
+
+def restore_rng_state(state: dict, loader_generator: torch.Generator | None = None) -> None:
+    """Undo :func:`capture_rng_state`: set every generator back to the saved state."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if loader_generator is not None and "loader" in state:
+        loader_generator.set_state(state["loader"].cpu())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from collections import OrderedDict
@@ -57,10 +56,13 @@ def test_portable_state_dict_moves_tensors_to_cpu_and_copies():
         assert on_gpu["w"].device.type == "cpu"
 
 
-def test_free_port_is_bindable():
-    port = lesson.free_port()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", port))
+def test_the_backend_is_decided_once_and_too_few_gpus_is_a_clear_error():
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    too_many = gpus + 1
+    with pytest.raises(SystemExit, match=f"{too_many} processes per node need one GPU each"):
+        lesson.torchrun_device_type("cuda", too_many)
+    assert lesson.torchrun_device_type("auto", too_many) == "cpu"  # every rank: the same
+    assert lesson.torchrun_device_type("cpu", 1) == "cpu"
 
 
 def test_reshard_world_differs():
