@@ -15,7 +15,10 @@ Next:     05_torchscript_export.py, TorchScript and its successors torch.export 
 
 Since torch 2.9, torch.onnx.export uses the dynamo exporter by default: it captures the model
 with torch.export (non-strict), then translates the graph with onnxscript (pip install
-onnxscript). We still pass dynamo=True, so the code means the same on torch 2.6 to 2.8.
+onnxscript). We still pass dynamo=True, and every other argument whose default changed
+(external_data, optimize), so a call reads the same on any torch from 2.10 on. On torch 2.14:
+external_data defaults to True (a plain export writes model.onnx AND model.onnx.data) and
+optimize=True (onnxscript's graph optimiser runs after export) has been the default since 2.7.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ def export_onnx(model: nn.Module, example: tuple, path: Path, dynamic_shapes: di
     """Export ``model`` (already in eval mode) to ``path`` with the dynamo exporter.
 
     ``external_data=False`` keeps the weights inside the .onnx file (one file to ship; only
-    possible under 2 GB); True writes them to ``<path>.data`` beside it.
+    possible under 2 GB); True (torch 2.14's DEFAULT) writes them to ``<path>.data`` beside
+    it. Pass it explicitly either way: the default has changed between releases.
     """
     torch.onnx.export(
         model, example, path,
@@ -66,6 +70,7 @@ def export_onnx(model: nn.Module, example: tuple, path: Path, dynamic_shapes: di
         dynamic_shapes=dynamic_shapes,  # keyed by forward()'s argument names
         input_names=input_names, output_names=output_names,
         external_data=external_data,
+        optimize=True,  # run onnxscript's graph optimiser (the default since torch 2.7)
         verbose=False,  # no progress lines on the console
     )
     return path
@@ -171,11 +176,14 @@ INPUT, OUTPUT = "images", "logits"
 # Call model.eval() first: export records ONE behaviour, and you want inference's (Dropout off,
 # BatchNorm on running statistics). Choose the example input with care: its shapes are the
 # ones export traces; a dimension is dynamic only if you say so in dynamic_shapes, keyed by the
-# forward() argument name ("x"), with a torch.export.Dim per dynamic axis. Pitfall, the 0/1
-# specialisation: torch.export treats example sizes 0 and 1 as constants, so an example batch
-# of 1 can pin the batch to 1 (section 6 shows it). Use sizes >= 2, different for each
-# dynamic axis (equal example sizes can be assumed equal). SmallCNN ends in
-# AdaptiveAvgPool2d, so height and width can be dynamic too.
+# forward() argument name ("x"), with a torch.export.Dim per dynamic axis. Each Dim you declare
+# is its own symbol: height and width below are both 16 in the example and stay independent
+# ("duck sizing", giving equal-sized dims ONE symbol, applies only to dims nobody declared).
+# Pitfall, the 0/1 specialisation: torch.export treats a declared dim whose example size is 0
+# or 1 as that constant and raises (section 6(d)). torch.onnx.export traces with
+# backed_size_oblivious=True, which reasons about such a size as a generic one, so it still
+# exports the dim as dynamic; with example sizes >= 2 neither question arises. SmallCNN ends
+# in AdaptiveAvgPool2d, so height and width can be dynamic too.
 
 
 def lesson_1_export(run: Run, model: nn.Module) -> Path:
@@ -249,9 +257,13 @@ def lesson_3_parity(run: Run, model: nn.Module, path: Path) -> float:
 # Same model, same inputs, same thread count, measured side by side with common.timing's
 # benchmark (warm-up, repeats, median and p90). ONNX Runtime applies graph optimisations when
 # the session is created: ORT_DISABLE_ALL, ORT_ENABLE_BASIC (constant folding, redundant
-# nodes), ORT_ENABLE_EXTENDED (fusions), ORT_ENABLE_ALL (plus layout changes). Setting
-# SessionOptions.optimized_model_filepath saves the optimised graph, so a server can skip that
-# work at start-up. Save it at EXTENDED or lower: ALL's layout choices fit one kind of CPU.
+# nodes), ORT_ENABLE_EXTENDED (fusions), ORT_ENABLE_LAYOUT (plus layout optimisations, e.g.
+# NCHWc on CPUs), ORT_ENABLE_ALL (everything). Setting SessionOptions.optimized_model_filepath
+# saves the optimised graph, so a server can skip that work at start-up. Save it at EXTENDED
+# or lower: the layout choices fit one kind of CPU.
+# On CUDA, the ORT timings below go through numpy arrays in host memory, so they include the
+# copies to and from the GPU; PyTorch's do not (its tensors stay on the GPU). To time ORT on the
+# GPU alone, bind device buffers with session.io_binding().
 
 
 def lesson_4_speed(run: Run, model: nn.Module, path: Path) -> None:
@@ -288,7 +300,8 @@ def lesson_4_speed(run: Run, model: nn.Module, path: Path) -> None:
     images = np.random.default_rng(0).standard_normal((32, 1, 16, 16), dtype=np.float32)
     optimized_path = run.path("model.optimized.onnx")
     levels = [("ORT_DISABLE_ALL", None), ("ORT_ENABLE_BASIC", None),
-              ("ORT_ENABLE_EXTENDED", optimized_path), ("ORT_ENABLE_ALL", None)]
+              ("ORT_ENABLE_EXTENDED", optimized_path), ("ORT_ENABLE_LAYOUT", None),
+              ("ORT_ENABLE_ALL", None)]
     print("  graph optimisation level (batch 32):")
     for name, save_to in levels:
         level_session = ort_session(path, torch.device("cpu"), threads,
@@ -304,8 +317,8 @@ def lesson_4_speed(run: Run, model: nn.Module, path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(7, 4))
     positions = np.arange(len(rows))
-    for offset, label, index in ((-0.2, f"PyTorch eager ({device})", 1),
-                                 (0.2, "ONNX Runtime (CPU)", 2)):
+    ort_label = f"ONNX Runtime ({session.get_providers()[0].removesuffix('ExecutionProvider')})"
+    for offset, label, index in ((-0.2, f"PyTorch eager ({device})", 1), (0.2, ort_label, 2)):
         medians = [row[index].median_ms for row in rows]
         errors = [row[index].p90_ms - row[index].median_ms for row in rows]
         axes.bar(positions + offset, medians, width=0.4, yerr=[[0] * len(rows), errors],
@@ -324,8 +337,11 @@ def lesson_4_speed(run: Run, model: nn.Module, path: Path) -> None:
 # An .onnx file is one protobuf message, and protobuf cannot serialise more than 2 GB. Bigger
 # models keep their weights in a separate file that the graph references by name and offset:
 # torch.onnx.export(..., external_data=True) writes model.onnx (the graph, small) plus
-# model.onnx.data (the weights). onnx.load and ONNX Runtime find the data file by its
-# RELATIVE name next to the .onnx file, so ship and move both together; a lone .onnx fails.
+# model.onnx.data (the weights). On torch 2.14 that is the DEFAULT; pass external_data=False
+# for a single file, and ONNXProgram.save switches to external data by itself anyway once the
+# weights pass 1536 MB (its _LARGE_MODEL_THRESHOLD), safely below the 2 GB limit.
+# onnx.load and ONNX Runtime find the data file by its RELATIVE name next to the .onnx file,
+# so ship and move both together; a lone .onnx fails.
 # For an existing ModelProto: onnx.save_model(model, path, save_as_external_data=True,
 # all_tensors_to_one_file=True, location="weights.bin"). Check >2 GB models by path:
 # onnx.checker.check_model("model.onnx") (a loaded ModelProto would exceed the limit).
@@ -370,14 +386,18 @@ def lesson_5_external_data(run: Run, model: nn.Module) -> None:
 #     If node) and the runtime picks one per input. (Shape-dependent `if`s are fine: shapes
 #     are known at export time, and the branch is fixed for that shape.)
 # (b) Forgetting eval(): the exporter warns ("Exporting a model while it is in training
-#     mode"), and a parity check against the live, still-training model fails.
+#     mode") and writes a Dropout node with training_mode=True into the file. ONNX Runtime's
+#     default optimisations happen to delete Dropout nodes, so parity against model.eval()
+#     looks fine; a runtime that honours the node (ORT_DISABLE_ALL below, other engines)
+#     drops random activations, and the same input gives different outputs run to run.
 # (c) A dimension declared dynamic that the model cannot vary: Flatten + Linear(256) needs
 #     16x16 images. torch.export says so ("You marked height as dynamic but your code
 #     specialized it to be a constant (16)"); torch.onnx.export may instead quietly write a
 #     static dim. Read the graph's input dims (section 2) and test unseen shapes (section 3).
 # (d) The 0/1 specialisation: with an example batch of 1, torch.export pins the batch to 1
-#     and refuses the dynamic Dim. torch.onnx.export retries in ways that differ between torch
-#     versions; we print what it wrote. Either way: example sizes >= 2.
+#     and refuses the dynamic Dim. torch.onnx.export traces with backed_size_oblivious=True,
+#     so the same example still gives a dynamic batch; we print what it wrote. Either way:
+#     example sizes >= 2 mean the question never arises.
 # Legacy exporter: torch.onnx.export(..., dynamo=False, dynamic_axes={"images": {0: "batch"}})
 # is the deprecated TorchScript-based path. To migrate, drop dynamic_axes for dynamic_shapes
 # (keyed by forward()'s argument names, torch.export.Dim values) and keep input_names.
@@ -421,13 +441,21 @@ def lesson_6_failures(run: Run, model: nn.Module) -> None:
         train_path = export_onnx(training_model, (torch.randn(4, 1, 16, 16),),
                                  folder / "train_mode.onnx", batch, [INPUT], [OUTPUT])
     warned = [str(w.message) for w in caught if "training mode" in str(w.message)]
-    images = torch.randn(8, 1, 16, 16)
+    images = torch.randn(8, 1, 16, 16).numpy()
     onnx_out = torch.from_numpy(ort_session(train_path, torch.device("cpu"), 1)
-                                .run([OUTPUT], {INPUT: images.numpy()})[0])
+                                .run([OUTPUT], {INPUT: images})[0])
     with torch.no_grad():
-        vs_training = max_abs_diff(onnx_out, training_model(images))
+        vs_training = max_abs_diff(onnx_out, training_model.eval()(torch.from_numpy(images)))
+    plain = ort_session(train_path, torch.device("cpu"), 1,
+                        ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    unoptimised_repeat = max_abs_diff(*(torch.from_numpy(plain.run([OUTPUT], {INPUT: images})[0])
+                                        for _ in range(2)))
+    dropout_nodes = describe_onnx(train_path)["operators"].get("Dropout", 0)
     print(f"  (b) exported in train(): warning {warned[0][:70] if warned else 'none'!r}...")
-    print(f"      parity against the model still in train(): max |diff| = {vs_training:.3g}")
+    print(f"      the file holds {dropout_nodes} Dropout node(s); default ORT removes them: vs "
+          f"model.eval() max |diff| = {vs_training:.3g}")
+    print(f"      with ORT_DISABLE_ALL the Dropout runs: same input twice, max |diff| = "
+          f"{unoptimised_repeat:.3g}")
 
     # (c) a dynamic dimension that the model cannot vary
     flat = FlattenClassifier().eval()
@@ -468,6 +496,8 @@ def lesson_6_failures(run: Run, model: nn.Module) -> None:
     run.record("torch_cond_max_abs_diff", cond_diff)
     run.record("train_mode_export_warned", bool(warned))
     run.record("train_mode_parity_max_abs_diff", vs_training)
+    run.record("train_mode_dropout_nodes", dropout_nodes)
+    run.record("train_mode_unoptimised_repeat_diff", unoptimised_repeat)
     run.record("specialised_dim_is_static", isinstance(flat_dims[2], int))
     run.record("specialised_dim_other_size_fails", other_height_fails)
     run.record("example_batch_1_specialised_by_torch_export", one_specialised)
@@ -517,7 +547,8 @@ def main(argv: list[str] | None = None) -> dict:
             "check_model(full_check=True), then READ the input dims: a number where you "
             "wanted a name means the exporter specialised it",
             "prove parity in ONNX Runtime at unseen shapes; time both with the same threads",
-            "over 2 GB: external_data=True, and ship the .data file with the .onnx",
+            "external_data=True (torch 2.14's default; automatic past 1536 MB) writes a .data "
+            "file: ship it with the .onnx; external_data=False gives one file under 2 GB",
         ],
         try_it="in lesson 1, drop 'height' from dynamic_shapes and see section 2's input dims "
                "and section 3's parity fail at 24x24; then run 05_torchscript_export.py",

@@ -123,7 +123,11 @@ def test_04_claims(default_run, tmp_path):
     assert metrics["control_flow_export_fails"] is True
     assert metrics["torch_cond_max_abs_diff"] < 1e-5
     assert metrics["train_mode_export_warned"] is True
-    assert metrics["train_mode_parity_max_abs_diff"] > 1e-3
+    # Exported in train(): a Dropout node in the file; default ORT deletes it (eval parity),
+    # a runtime that honours it gives a different output each run.
+    assert metrics["train_mode_dropout_nodes"] >= 1
+    assert metrics["train_mode_parity_max_abs_diff"] < 1e-4
+    assert metrics["train_mode_unoptimised_repeat_diff"] > 1e-3
     assert metrics["specialised_dim_is_static"] and metrics["specialised_dim_other_size_fails"]
     for batch in (1, 32, 256):
         assert metrics[f"eager_batch{batch}_median_ms"] > 0
