@@ -59,9 +59,12 @@ class CheckpointLoadError(RuntimeError):
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with errors a person can act on.
 
-    torch's own errors for bad files are accurate but cryptic: a text file gives ``KeyError: 101``,
-    an empty one a bare ``EOFError``, a truncated one a zip-reader error. This wrapper names the
-    file and says what is wrong. It only reads; it never modifies or deletes anything.
+    torch's errors for a file that is not a checkpoint are arbitrary: the unpickler reads the
+    first bytes as opcodes, so the error depends on them (a text starting with "h" gives
+    ``KeyError`` with the code of its 2nd character, "hello" gives ``KeyError: 101``; many
+    letters give ``IndexError``, "U" or "X" ``EOFError``, most others ``UnpicklingError``); an
+    empty file gives a bare ``EOFError``, a truncated one a zip-reader error. This wrapper
+    names the file and says what is wrong. It only reads; it never modifies or deletes anything.
     """
     path = Path(path)
     if not path.exists():
@@ -273,8 +276,10 @@ print(json.dumps({"load_seconds": load_seconds,
 #   reloaded model normalises with the wrong statistics.
 # - optimizer.state_dict() holds "state" (per parameter, keyed by its position 0, 1, 2 ...:
 #   Adam's step, exp_avg, exp_avg_sq) and "param_groups" (lr, betas, weight_decay, and which
-#   positions belong to the group). It names no parameters, only positions: an optimizer state
-#   fits only an optimizer built over the same parameters in the same order.
+#   positions belong to the group). Loading matches parameters BY POSITION: an optimizer state
+#   fits only an optimizer built over the same parameters in the same order. An optimizer
+#   built from model.named_parameters() (torch 2.6+) also stores the names, as
+#   param_groups[i]["param_names"]: readable, but load_state_dict still matches by position.
 # Docs: https://pytorch.org/tutorials/beginner/saving_loading_models.html#what-is-a-state-dict
 
 
@@ -301,6 +306,9 @@ def lesson_1_what_is_a_state_dict(run: Run) -> None:
     group = {k: v for k, v in optimizer_state["param_groups"][0].items() if k != "params"}
     print(f"  param_groups[0]: lr={group['lr']}, betas={group['betas']}, "
           f"params={optimizer_state['param_groups'][0]['params'][:4]}... (positions, not names)")
+    named = torch.optim.Adam(model.named_parameters(), lr=1e-3).state_dict()["param_groups"][0]
+    print(f"  built from named_parameters(): params={named['params'][:2]}..., "
+          f"param_names={named['param_names'][:2]}... (loading still goes by position)")
     run.record("state_dict_entries", len(state_dict))
     run.record("parameter_tensors", len(parameter_names))
     run.record("buffer_tensors", n_buffers)
@@ -309,11 +317,14 @@ def lesson_1_what_is_a_state_dict(run: Run) -> None:
 
 # %% 2. Method 1: pickle the whole model (and why not to)
 # torch.save(model, path) pickles the object. Pickle does not store your class's code: it
-# stores its import path ("common.models.SmallCNN") and, on load, imports that path and calls
-# it. So the file breaks when you rename the module, move the class, or load it in a project
-# without that code: "ModuleNotFoundError" / "Can't get attribute 'Net' on <module ...>".
-# Loading also needs weights_only=False, because the file asks to import arbitrary classes,
-# and that same mechanism can run arbitrary code (section 7). Use it only for files you made.
+# stores its import path ("common.models.SmallCNN") and the object's attributes; on load it
+# imports that path, creates an EMPTY instance (your __init__ never runs) and fills in the
+# attributes. So the file breaks when you rename the module, move the class, or load it in a
+# project without that code: "ModuleNotFoundError" / "Can't get attribute 'Net' on <module>".
+# weights_only=True refuses it, because the file asks to import classes. You need not switch
+# to weights_only=False (the mechanism that can run arbitrary code, section 7): allow exactly
+# the classes the file names, torch.serialization.safe_globals([SmallCNN, nn.Conv2d, ...]).
+# Use whole-model pickles only for files you made; share state_dicts.
 
 
 def lesson_2_pickle_whole_model(run: Run, model: nn.Module, inputs: torch.Tensor) -> None:
@@ -330,10 +341,20 @@ def lesson_2_pickle_whole_model(run: Run, model: nn.Module, inputs: torch.Tensor
         print(f"  weights_only=True refuses it: {unsupported_global(err)}")
     # We wrote this file ourselves seconds ago, so weights_only=False is acceptable HERE ONLY.
     reloaded = torch.load(path, map_location=run.device, weights_only=False)
-    model.eval(), reloaded.eval()
+    model.eval()
+    reloaded.eval()
     with torch.no_grad():
         diff = max_abs_diff(model(inputs), reloaded(inputs))
     print(f"  reloaded with weights_only=False: outputs max |diff| = {diff}")
+    # Safer: allow exactly the classes the file names, and keep weights_only=True.
+    allowed = [SmallCNN, nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d,
+               nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Linear]
+    with torch.serialization.safe_globals(allowed):
+        allow_listed = torch.load(path, map_location=run.device, weights_only=True).eval()
+    with torch.no_grad():
+        safe_diff = max_abs_diff(model(inputs), allow_listed(inputs))
+    print(f"  weights_only=True inside safe_globals([{len(allowed)} classes]): outputs "
+          f"max |diff| = {safe_diff}")
 
     # Why it breaks: define a class in a module, pickle an instance, then "move" the module
     # (we drop it from sys.modules; renaming the file or deleting the class does the same).
@@ -357,6 +378,7 @@ def lesson_2_pickle_whole_model(run: Run, model: nn.Module, inputs: torch.Tensor
     old_path.unlink()  # only a demonstration; keep the out-dir to files a reader may open
     run.record("pickled_model_globals", len(referenced))
     run.record("pickled_model_reload_max_abs_diff", diff)
+    run.record("pickled_model_safe_globals_max_abs_diff", safe_diff)
     run.record("pickled_model_breaks_when_class_moves", breaks)
 
 
@@ -534,22 +556,10 @@ def lesson_5_pitfalls(run: Run, loaders: tuple) -> None:
 # then load its state. Moving the model afterwards leaves Adam's moments behind on the CPU.
 
 
-def lesson_6_devices(run: Run, state_dict_path: Path) -> None:
+def lesson_6_devices(run: Run) -> None:
     run.section("6. Devices: map_location, GPU checkpoints on CPU machines, optimizer state")
     cuda = torch.cuda.is_available()
-    for label, location in [("'cpu'", "cpu"), ("torch.device('cpu')", torch.device("cpu")),
-                            ("{'cuda:0': 'cpu'}", {"cuda:0": "cpu"}),
-                            ("lambda storage, loc: storage", lambda storage, loc: storage)]:
-        loaded = torch.load(state_dict_path, map_location=location, weights_only=True)
-        print(f"  map_location={label:<30} -> tensors on {next(iter(loaded.values())).device}")
-    if cuda:
-        loaded = torch.load(state_dict_path, map_location="cuda:0", weights_only=True)
-        print(f"  map_location='cuda:0'                        -> tensors on "
-              f"{next(iter(loaded.values())).device}")
-    else:
-        print("  SKIPPED (no CUDA): map_location='cuda' / 'cuda:N' would put tensors on that GPU")
-
-    # A checkpoint saved on a GPU, loaded on a CPU-only machine.
+    # A checkpoint saved on a GPU: every storage is tagged "cuda:0".
     model = SmallCNN()
     gpu_path = run.path("saved_on_cuda.pt")
     if cuda:
@@ -563,6 +573,19 @@ def lesson_6_devices(run: Run, state_dict_path: Path) -> None:
         except RuntimeError as err:
             print(f"  without map_location: {first_line(err)[:100]}...")
     run.artifact("cuda_checkpoint", gpu_path)
+    # The same cuda:0 file through each form of map_location.
+    for label, location in [("'cpu'", "cpu"), ("torch.device('cpu')", torch.device("cpu")),
+                            ("{'cuda:0': 'cpu'}", {"cuda:0": "cpu"}),
+                            ("lambda storage, loc: storage", lambda storage, loc: storage)]:
+        loaded = torch.load(gpu_path, map_location=location, weights_only=True)
+        print(f"  map_location={label:<30} -> tensors on {next(iter(loaded.values())).device}")
+    if cuda:
+        loaded = torch.load(gpu_path, map_location=None, weights_only=True)
+        print(f"  map_location=None (as saved)                 -> tensors on "
+              f"{next(iter(loaded.values())).device}")
+    else:
+        print("  SKIPPED (no CUDA): map_location=None would restore the tensors on cuda:0, and "
+              "'cuda:1' or {'cuda:0': 'cuda:1'} would move them to that GPU")
     on_cpu = torch.load(gpu_path, map_location="cpu", weights_only=True)
     diff = max_abs_diff(on_cpu, model.state_dict())
     print(f"  with map_location='cpu': loaded on {next(iter(on_cpu.values())).device}, "
@@ -608,6 +631,11 @@ def lesson_6_devices(run: Run, state_dict_path: Path) -> None:
 # torch.serialization.get_unsafe_globals_in_checkpoint(path) lists what a file would import,
 # WITHOUT running it: inspect an unknown file with it first. (Simplest of all: store configs
 # as plain dicts, dataclasses.asdict(config), and nothing needs allow-listing.)
+# weights_only=True is a defence, not a proof, and it has had holes: CVE-2025-32434 (remote
+# code execution through weights_only=True, torch < 2.6) and GHSA-63cw-57p8-fm3p (published
+# January 2026: the weights_only unpickler could corrupt memory, torch <= 2.9.1, fixed in
+# 2.10.0). So: torch >= 2.10 (this collection's requirements.txt refuses older), and for
+# files from people you do not trust, safetensors (section 8), which has no code path at all.
 
 
 def lesson_7_security(run: Run) -> None:
@@ -619,6 +647,10 @@ def lesson_7_security(run: Run) -> None:
     run.artifact("malicious_checkpoint", evil_path)
     unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(evil_path)
     print(f"  get_unsafe_globals_in_checkpoint (runs nothing): {unsafe}")
+    version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+    print(f"  torch {torch.__version__}: "
+          f"{'has' if version >= (2, 10) else 'LACKS'} the fix for GHSA-63cw-57p8-fm3p "
+          "(weights_only unpickler, fixed in 2.10.0)")
 
     marker.unlink(missing_ok=True)
     try:
@@ -738,9 +770,62 @@ def lesson_9_big_checkpoints(run: Run) -> None:
     run.record("big_checkpoint_output_diff", diff)
 
 
+# %% 9b. Two traps of meta + assign=True
+# (1) assign=True REPLACES the parameters with the loaded tensors, so an optimizer built
+#     before the load holds the old (meta) parameters and would never update the model:
+#     build the optimizer AFTER load_state_dict.
+# (2) A buffer registered with register_buffer(name, tensor, persistent=False) is state you
+#     do not want saved (a cache, a lookup table recomputed from other settings): it is left
+#     out of state_dict(). Built on the meta device, nothing ever gives it values, so after
+#     the load it is still a meta tensor and the first forward fails. Recompute such buffers
+#     after loading (here: the module's own reset method); list them with
+#     [name for name, b in model.named_buffers() if b.is_meta].
+
+
+class ScaledLinear(nn.Module):
+    """A Linear with a non-persistent buffer: ``scale`` is derived, so it is not saved."""
+
+    def __init__(self, features: int = 4) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, features)
+        self.register_buffer("scale", torch.empty(features), persistent=False)
+        self.reset_scale()
+
+    def reset_scale(self) -> None:
+        """(Re)compute the derived buffer, on the device the weights live on."""
+        self.scale = torch.full_like(self.scale, 2.0, device=self.linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.scale
+
+
+def lesson_9b_meta_traps(run: Run) -> None:
+    run.section("9b. Two traps of meta + assign=True")
+    source = ScaledLinear()
+    print(f"  state_dict keys: {list(source.state_dict())} (no 'scale': persistent=False)")
+    with torch.device("meta"):
+        model = ScaledLinear()
+    too_early = torch.optim.SGD(model.parameters(), lr=0.1)  # built BEFORE the load: wrong
+    model.load_state_dict(source.state_dict(), assign=True)
+    after = torch.optim.SGD(model.parameters(), lr=0.1)  # built after the load: right
+    print(f"  optimizer built before the load holds the model's weight: "
+          f"{too_early.param_groups[0]['params'][0] is model.linear.weight}; built after: "
+          f"{after.param_groups[0]['params'][0] is model.linear.weight}")
+    still_meta = [name for name, buffer in model.named_buffers() if buffer.is_meta]
+    print(f"  buffers still on the meta device after the load: {still_meta}")
+    model.reset_scale()
+    inputs = torch.randn(2, 4)
+    diff = max_abs_diff(model(inputs), source(inputs))
+    print(f"  after model.reset_scale(): outputs vs the source model max |diff| = {diff}")
+    run.record("meta_buffers_left_after_assign", len(still_meta))
+    run.record("meta_reset_max_abs_diff", diff)
+
+
 # %% 10. File sizes: precision and optimizer state
 # A float32 weight is 4 bytes; float16 and bfloat16 are 2. Halving the dtype halves the file
-# (bfloat16 keeps float32's range, float16 keeps more mantissa). Adam keeps two moments per
+# (bfloat16 keeps float32's range, float16 keeps more mantissa). Convert FLOATING tensors only:
+# v.half() on every entry would also turn integer buffers (BatchNorm's num_batches_tracked,
+# token ids, masks) into floats that no longer load into the model. Adam keeps two moments per
 # parameter, so a checkpoint with its state is about 3x the weights alone: ship weights only,
 # keep optimizer state for resuming.
 
@@ -754,8 +839,10 @@ def lesson_10_file_sizes(run: Run) -> None:
     sizes = {}
     for label, payload in [
         ("fp32", model.state_dict()),
-        ("fp16", {k: v.half() for k, v in model.state_dict().items()}),
-        ("bf16", {k: v.bfloat16() for k, v in model.state_dict().items()}),
+        ("fp16", {k: v.half() if v.is_floating_point() else v
+                  for k, v in model.state_dict().items()}),
+        ("bf16", {k: v.bfloat16() if v.is_floating_point() else v
+                  for k, v in model.state_dict().items()}),
         ("fp32_with_adam", {"model": model.state_dict(), "optimizer": optimizer.state_dict()}),
     ]:
         path = run.path(f"sizes/{label}.pt")
@@ -771,7 +858,9 @@ def lesson_10_file_sizes(run: Run) -> None:
 # %% 11. train() vs eval(), no_grad vs inference_mode
 # train() and eval() switch module behaviour, not gradients: in train mode Dropout zeroes
 # random activations and BatchNorm normalises with the batch's statistics AND updates its
-# running statistics, so even a forward pass in train mode changes the model's buffers.
+# running statistics, so even a forward pass in train mode changes the model's buffers. The
+# same batch twice in train() differs only through Dropout (a new random mask each call);
+# train() vs eval() differs through both.
 # Call model.eval() before validation, export or inference; model.train() before training.
 # torch.no_grad() and torch.inference_mode() switch off autograd (less memory, faster);
 # inference_mode goes further, and its tensors can never enter autograd later.
@@ -788,7 +877,8 @@ def lesson_11_train_vs_eval(run: Run, model: nn.Module, inputs: torch.Tensor) ->
         model.eval()
         eval_diff = max_abs_diff(model(inputs), model(inputs))
         train_vs_eval = max_abs_diff(model.train()(inputs), model.eval()(inputs))
-    print(f"  same input twice in train(): max |diff| = {train_diff:.4g} (Dropout, batch stats)")
+    print(f"  same input twice in train(): max |diff| = {train_diff:.4g} (Dropout's random mask; "
+          "BatchNorm's batch statistics are the same for the same batch)")
     print(f"  same input twice in eval():  max |diff| = {eval_diff}")
     print(f"  train() vs eval() outputs:   max |diff| = {train_vs_eval:.4g}")
     print(f"  BatchNorm running_mean moved by {bn_changed:.4g} during train-mode forwards")
@@ -811,8 +901,10 @@ def lesson_11_train_vs_eval(run: Run, model: nn.Module, inputs: torch.Tensor) ->
 
 
 # %% 12. Bad input: clear errors, nothing destroyed
-# torch.load's own errors for bad files say little: "KeyError: 101" for a text file, a bare
-# EOFError for an empty one, "failed finding central directory" for a truncated one, and
+# torch.load's own errors for bad files say little, and for a file that is not a checkpoint
+# they are arbitrary: the unpickler reads its first bytes as opcodes, so "hello" gives
+# "KeyError: 101", other texts IndexError, EOFError or UnpicklingError. An empty file gives a
+# bare EOFError, a truncated one "failed finding central directory", and
 # load_state_dict reports mismatches only after a long traceback. load_weights() above turns
 # each into one line naming the file and the cause, and checks keys and shapes BEFORE copying,
 # so a failed load leaves the model untouched. It only reads files, never writes or deletes.
@@ -872,10 +964,11 @@ def main(argv: list[str] | None = None) -> dict:
     state_dict_path = run.out_dir / "model_state_dict.pt"
     lesson_4_general_checkpoint(run)
     lesson_5_pitfalls(run, loaders)
-    lesson_6_devices(run, state_dict_path)
+    lesson_6_devices(run)
     lesson_7_security(run)
     lesson_8_safetensors(run)
     lesson_9_big_checkpoints(run)
+    lesson_9b_meta_traps(run)
     lesson_10_file_sizes(run)
     lesson_11_train_vs_eval(run, model, inputs)
     lesson_12_bad_input(run, state_dict_path)

@@ -59,7 +59,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from common.compare import max_abs_diff
+from common.compare import bit_identical, max_abs_diff
 from common.data import make_image_classification, make_loaders
 from common.devices import seed_everything
 from common.models import MLP, SmallCNN
@@ -869,9 +869,12 @@ def lesson_5_resume(run: Run) -> None:
     resumed, _, _ = train(demo / "interrupted", epochs=4, seed=run.seed, device=run.device,
                           resume=True)
     diff = max_abs_diff(straight.state_dict(), resumed.state_dict())
-    print(f"  straight vs crash+resume, final weights: max |diff| = {diff}")
+    identical = bit_identical(straight.state_dict(), resumed.state_dict())
+    print(f"  straight vs crash+resume, final weights: max |diff| = {diff}; bit-identical "
+          f"(every byte compared): {identical}")
     shutil.rmtree(demo)
     run.record("resume_max_abs_diff", diff)
+    run.record("resume_bit_identical", identical)
 
 
 # %% 6. Asynchronous saving

@@ -14,9 +14,11 @@ Takes:    about 11 s on a 2-core CPU (each export takes about a second).
 Next:     05_torchscript_export.py, TorchScript and its successors torch.export and AOTInductor.
 
 Since torch 2.9, torch.onnx.export uses the dynamo exporter by default: it captures the model
-with torch.export (non-strict), then translates the graph with onnxscript (pip install
-onnxscript). We still pass dynamo=True, and every other argument whose default changed
-(external_data, optimize), so a call reads the same on any torch from 2.10 on. On torch 2.14:
+with torch.export in non-strict mode (your forward() runs as ordinary Python on fake tensors
+while the tensor operations are recorded; strict mode would read the bytecode with
+TorchDynamo), then translates the graph with onnxscript (pip install onnxscript). We still
+pass dynamo=True, and every other argument whose default changed (external_data, optimize),
+so a call reads the same on any torch from 2.10 on. On torch 2.14:
 external_data defaults to True (a plain export writes model.onnx AND model.onnx.data) and
 optimize=True (onnxscript's graph optimiser runs after export) has been the default since 2.7.
 """

@@ -53,3 +53,23 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+class SignGate(nn.Module):
+    """Data-dependent control flow: the branch depends on the input's VALUES.
+
+    Tracing bakes in one branch (05), and torch.export / torch.onnx.export refuse it with
+    "Could not guard on data-dependent expression" (04, 05).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.sum() > 0):
+            return x * 2
+        return x - 1
+
+
+class SignGateCond(nn.Module):
+    """The export-friendly form of :class:`SignGate`: ``torch.cond`` keeps both branches."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cond(x.sum() > 0, lambda x: x * 2, lambda x: x - 1, (x,))

@@ -7,15 +7,31 @@ git-ignored) and ends by writing ``summary.json``::
      "metrics": {name: number | string | bool}, "artifacts": {name: path relative to out-dir}}
 
 Tests and tools read that file, never the console prose.
+
+Two ways to run one file (see README, "Layout"):
+- as a script, ``python NN_x.py [flags]``: ``main()`` runs the lessons in order;
+- as a notebook (jupytext, VS Code, PyCharm, Jupyter: the ``# %%`` cells), top to bottom in a
+  kernel started in the project folder: each lesson cell ends with
+  ``if in_notebook(): ...`` and so runs its own lesson and shows its output. There is no
+  command line in a kernel, so ``Run.start`` parses the flags in the ``LESSON_ARGS``
+  environment variable instead (empty: the defaults), and a script names itself with
+  :func:`script_file` because a kernel has no ``__file__``.
+Importing a script (the tests do) runs nothing: both ways are guarded.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import re
+import shlex
+import shutil
+import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -23,6 +39,36 @@ import torch
 from common.devices import environment, pick_device, seed_everything
 
 Metric = int | float | str | bool
+
+
+def in_notebook() -> bool:
+    """True inside an IPython/Jupyter kernel (where VS Code and PyCharm run cells too).
+
+    Looks only at modules already imported: a plain ``python script.py`` never imports
+    IPython, so this costs nothing there.
+    """
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None
+
+
+def script_file(namespace: Mapping[str, object], name: str) -> Path:
+    """The running script's path: ``__file__`` when there is one, else ``name`` in the
+    current folder (a notebook kernel started in the project folder has no ``__file__``)."""
+    return Path(str(namespace.get("__file__", name))).resolve()
+
+
+def first_line(err: BaseException, containing: str = "") -> str:
+    """The one line of an error message that matters, for printing a failure as a lesson.
+
+    ANSI colour codes are removed; with ``containing``, the first line that contains it,
+    from there on (else the first non-empty line).
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    lines = [line.strip(" -") for line in text.splitlines() if line.strip(" -")]
+    for line in lines:
+        if containing and containing in line:
+            return line[line.index(containing):]
+    return lines[0] if lines else type(err).__name__
 
 
 def make_parser(script_file: str, description: str) -> argparse.ArgumentParser:
@@ -49,7 +95,7 @@ def make_parser(script_file: str, description: str) -> argparse.ArgumentParser:
 
 
 def format_bytes(n_bytes: float) -> str:
-    """``1536`` -> ``'1.5 KB'``: sizes for people (powers of 1000, like file browsers)."""
+    """``1536`` -> ``'1.54 KB'``: sizes for people (powers of 1000, like file browsers)."""
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n_bytes) < 1000 or unit == "GB":
             return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.2f} {unit}"
@@ -84,7 +130,13 @@ class Run:
     def start(
         cls, script_file: str, parser: argparse.ArgumentParser, argv: list[str] | None = None
     ) -> Run:
-        """Parse ``argv`` (``None``: ``sys.argv``), seed, create the out-dir, print a header."""
+        """Parse ``argv``, seed, create the out-dir, print a header.
+
+        ``argv=None`` means ``sys.argv`` in a script, and ``LESSON_ARGS`` in a notebook kernel
+        (whose own argv holds the kernel's flags, not the lesson's).
+        """
+        if argv is None and in_notebook():
+            argv = shlex.split(os.environ.get("LESSON_ARGS", ""))
         return cls(script_file, parser.parse_args(argv))
 
     def section(self, title: str) -> None:
@@ -96,6 +148,42 @@ class Run:
         target = self.out_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
+
+    def folder(self, name: str) -> Path:
+        """A sub-folder of the out-dir, created if missing (its contents are kept)."""
+        target = self.out_dir / name
+        target.mkdir(parents=True, exist_ok=True)
+        return target
+
+    @contextlib.contextmanager
+    def scratch(self, name: str) -> Iterator[Path]:
+        """A sub-folder for a demonstration's throw-away files: emptied before, removed after.
+
+        Only ever a folder inside the out-dir, so nothing else can be deleted by it.
+        """
+        target = self.out_dir / name
+        if target.resolve().parent != self.out_dir:
+            raise ValueError(f"scratch folder {name!r} must be a direct child of the out-dir")
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        try:
+            yield target
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
+
+    def save_figure(self, figure, name: str, artifact: str) -> Path:
+        """Save a matplotlib figure as a PNG in the out-dir, close it, record it as an artifact."""
+        import matplotlib.pyplot as plt
+
+        path = self.path(name)
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        return self.artifact(artifact, path)
+
+    def record_all(self, metrics: Mapping[str, Metric] | None) -> None:
+        """Record every figure a lesson returned (``None``: nothing to record)."""
+        for name, value in (metrics or {}).items():
+            self.record(name, value)
 
     def record(self, name: str, value: Metric) -> Metric:
         """Record a metric for summary.json and return it unchanged."""

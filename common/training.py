@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from common.data import make_image_classification, make_loaders
+from common.models import SmallCNN
+
 #: The one checkpoint vocabulary of the collection (see the ``common`` package docstring).
 #: ``epoch`` is the NEXT epoch to run, so a resume never repeats or skips one.
 CHECKPOINT_KEYS = (
@@ -120,3 +123,17 @@ def restore_rng_state(state: dict, loader_generator: torch.Generator | None = No
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if loader_generator is not None and "loader" in state:
         loader_generator.set_state(state["loader"].cpu())
+
+
+def train_demo_model(
+    device: torch.device | str, seed: int, epochs: int = 2
+) -> tuple[SmallCNN, tuple[DataLoader, DataLoader], float]:
+    """"A trained toy model" in one call: SmallCNN on 768 synthetic images for ``epochs``.
+
+    Returns ``(model, (train_loader, val_loader), validation accuracy)``; the model is on
+    ``device``. For lessons whose subject is what happens to trained weights, not training.
+    """
+    loaders = make_loaders(make_image_classification(768, seed=seed), seed=seed)
+    model = SmallCNN().to(device)
+    accuracy = fit(model, *loaders, device, epochs=epochs, lr=3e-3)["accuracy"]
+    return model, loaders, accuracy

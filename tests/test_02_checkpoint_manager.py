@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from common.compare import max_abs_diff
+from common.compare import bit_identical, max_abs_diff
 from common.models import SmallCNN
 from tests.conftest import ROOT, load_script
 
@@ -260,7 +260,7 @@ def test_kill_9_at_any_point_then_resume_is_bit_identical(default_run, tmp_path)
     expected = torch.load(reference.out_dir / "final_model.pt", map_location="cpu",
                           weights_only=True)
     got = torch.load(out_dir / "final_model.pt", map_location="cpu", weights_only=True)
-    assert max_abs_diff(expected, got) == 0.0
+    assert bit_identical(expected, got)
 
 
 def test_resaving_a_step_with_another_metric_replaces_its_file(tmp_path):

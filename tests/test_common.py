@@ -7,13 +7,19 @@ import json
 import pytest
 import torch
 
-from common.compare import max_abs_diff
+from common.compare import bit_identical, max_abs_diff
 from common.data import make_image_classification, make_loaders, make_vector_classification
 from common.devices import environment, pick_device, seed_everything
 from common.models import MLP, SmallCNN
 from common.run import Run, format_bytes, make_parser
 from common.timing import benchmark
-from common.training import evaluate, fit, train_one_epoch
+from common.training import (
+    capture_rng_state,
+    evaluate,
+    fit,
+    restore_rng_state,
+    train_one_epoch,
+)
 
 
 def test_pick_device():
@@ -99,6 +105,33 @@ def test_max_abs_diff():
         max_abs_diff(a, {"w": torch.zeros(3)})
     with pytest.raises(ValueError):
         max_abs_diff(torch.zeros(3), torch.zeros(4))
+
+
+def test_bit_identical_sees_what_value_comparisons_hide():
+    zero, negative_zero = torch.tensor([0.0]), torch.tensor([-0.0])
+    assert max_abs_diff(zero, negative_zero) == 0.0 and torch.equal(zero, negative_zero)
+    assert not bit_identical(zero, negative_zero)  # the sign bit differs
+    nan = torch.tensor([float("nan")])
+    assert not torch.equal(nan, nan) and bit_identical(nan, nan.clone())
+    assert not bit_identical(torch.ones(2), torch.ones(2, dtype=torch.float64))
+    state_dict = SmallCNN().state_dict()
+    assert bit_identical(state_dict, {k: v.clone() for k, v in state_dict.items()})
+
+
+def test_rng_state_round_trip_restores_every_generator():
+    import random
+
+    import numpy as np
+
+    loader_generator = torch.Generator().manual_seed(3)
+    state = capture_rng_state(loader_generator)
+    first = (random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=
+             loader_generator))
+    restore_rng_state(state, loader_generator)
+    again = (random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=
+             loader_generator))
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+    assert torch.equal(first[3], again[3])
 
 
 def test_format_bytes():
