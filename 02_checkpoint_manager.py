@@ -13,8 +13,15 @@ Run it:   python 02_checkpoint_manager.py [--out-dir D] [--epochs N] [--resume]
           --resume continues the run in D from its newest valid checkpoint; kill the process at
           any instant (even SIGKILL) and re-run with --resume: the final weights are bit-identical
           to an uninterrupted run with the same seed.
+          As a notebook: open it in Jupyter (jupytext), VS Code or PyCharm and run the cells
+          top to bottom from the project folder; flags go in the LESSON_ARGS variable.
 Takes:    about 6 s on a 2-core CPU.
 Next:     03_model_versioning.py, versions, fingerprints and integrity checks.
+
+Files it writes (in --out-dir): checkpoints/ (the kept checkpoints, manifest.json and the
+writer.lock file), final_model.pt (the trained weights, written atomically too),
+training_curves.png and summary.json. The demonstrations of sections 3-6 work in scratch
+folders that are removed when they finish.
 
 How the options map to PyTorch Lightning's ModelCheckpoint:
   monitor="val_loss", mode="min"|"max"   same names, same meaning
@@ -27,12 +34,13 @@ Where this class goes further: a manifest with SHA-256 per file, fsync'd atomic 
 checkpoints AND the manifest, journaled deletions, damaged files skipped on load, complete RNG
 and data-order state for a bit-exact resume, and one save in flight in a background thread
 (Lightning's AsyncCheckpointIO and torch.distributed.checkpoint.async_save do the latter too;
-Orbax's CheckpointManager has the retention and async parts, for JAX).
+Orbax's CheckpointManager has the retention and async parts, for JAX). And what none of
+them promise for a folder that other processes touch: a writer lock, plain-file-name checks
+on everything read from the manifest, and NaN metrics that can never become "best".
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import datetime
@@ -43,7 +51,6 @@ import math
 import os
 import random
 import re
-import shutil
 import tempfile
 import threading
 import time
@@ -63,11 +70,12 @@ from common.compare import bit_identical, max_abs_diff
 from common.data import make_image_classification, make_loaders
 from common.devices import seed_everything
 from common.models import MLP, SmallCNN
-from common.run import Run, format_bytes, make_parser
+from common.run import Run, format_bytes, in_notebook, make_parser, script_file
 from common.timing import benchmark
 from common.training import evaluate, train_one_epoch
 
 matplotlib.use("Agg")  # write PNG files, never open a window: works on servers and in CI
+HERE = script_file(globals(), "02_checkpoint_manager.py")  # a notebook kernel has no __file__
 
 # ############################################################################################
 # Reusable pieces: copy these into your own code.
@@ -181,6 +189,13 @@ class WriterLock:
         self._handle: Any = None
 
     def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock; return False (non-blocking) or raise (after ``timeout``) if held.
+
+        The lock file is opened in append mode, so opening it never truncates what the holder
+        wrote into it (its pid, which the error message shows). We poll with LOCK_NB instead
+        of a blocking flock() so that the wait has a deadline: a hung writer on a network file
+        system must not hang every job that opens the folder.
+        """
         handle = open(self.path, "a+")  # noqa: SIM115 - kept open while the lock is held
         deadline = time.monotonic() + (self.timeout if blocking else 0.0)
         while True:
@@ -207,6 +222,7 @@ class WriterLock:
         return True
 
     def release(self) -> None:
+        """Drop the lock (closing the file would drop it too; explicit is clearer)."""
         if self._handle is not None:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
@@ -377,7 +393,13 @@ class CheckpointManager:
         return self.directory / self.MANIFEST
 
     def _read_manifest(self) -> tuple[list[CheckpointEntry], list[str]]:
-        """The manifest's entries (sorted by write order) and its pending deletions."""
+        """The manifest's entries (sorted by write order) and its pending deletions.
+
+        Reading needs no lock: the manifest is only ever replaced atomically, so a reader
+        sees one complete version. Everything in it is checked before use: JSON shape, the
+        monitor it was written for, and that every file name is a plain name in the folder.
+        A manifest from before write sequence numbers existed gets them from its order.
+        """
         if not self.manifest_path.exists():
             return [], []
         try:
@@ -401,7 +423,12 @@ class CheckpointManager:
         return sorted(entries, key=lambda e: e.seq), pending
 
     def _recover(self) -> None:
-        """Under the writer lock: finish interrupted deletions, remove crashed temporaries."""
+        """Under the writer lock: finish interrupted deletions, remove crashed temporaries.
+
+        Only a lock holder may do this: a temporary file in the folder may belong to a save
+        that is running right now in another process, and deleting it would break that save.
+        Holding the lock proves no save is running.
+        """
         entries, pending = self._read_manifest()
         self._delete(pending)  # finish deletions a crash interrupted (see _apply_retention)
         if pending:
@@ -426,7 +453,8 @@ class CheckpointManager:
 
         In async mode the previous save is waited for first (one in flight at most, and any
         error it raised surfaces here), the state is copied to the CPU, and the write runs in
-        the background.
+        the background. The file name is built from ``filename`` and made safe (a metric
+        called "val/loss" would otherwise name a sub-folder).
         """
         if self.monitor not in metrics:
             raise KeyError(f"metrics must include the monitored {self.monitor!r}: got "
@@ -465,6 +493,13 @@ class CheckpointManager:
         self.close()
 
     def _write(self, state: dict, name: str, step: int, epoch: int, metrics: dict) -> None:
+        """Write one checkpoint and update the manifest, all under the writer lock.
+
+        The threading lock orders this manager's own background write against its caller;
+        the writer lock orders it against other processes. Under both, the manifest is READ
+        AGAIN from disk, so entries another writer added since we last looked are kept, and
+        the new entry gets the next write sequence number.
+        """
         with self._lock, self._writer_lock:
             path = self.directory / name
             digest = atomic_write(path, lambda handle: self.serialize(state, handle))
@@ -497,6 +532,13 @@ class CheckpointManager:
 
     def _apply_retention(self, entries: list[CheckpointEntry],
                          also_delete: list[str] = ()) -> None:
+        """Keep the newest ``keep_last`` writes and the ``save_top_k`` best finite ones.
+
+        At least one best is always kept (so ``save_top_k=0`` still keeps the best), and the
+        latest always is, because it is among the newest. Deletion is journaled: the files
+        to delete are named in the manifest before they go, so a crash half-way through
+        leaves a list that the next writer finishes, never an orphan or a dangling entry.
+        """
         keep = {e.file for e in entries[-self.keep_last:]}  # the newest N, the latest included
         finite = [e for e in self._ranked(entries) if math.isfinite(e.metrics[self.monitor])]
         keep |= {e.file for e in finite[: max(self.save_top_k, 1)]}  # the best K, finite only
@@ -511,6 +553,7 @@ class CheckpointManager:
             self._write_manifest(kept)
 
     def _delete(self, names: list[str]) -> None:
+        """Delete files of this folder (names checked again), then make that durable."""
         for name in names:
             (self.directory / plain_file_name(name, self.directory, self.manifest_path)
              ).unlink(missing_ok=True)
@@ -612,8 +655,15 @@ class CheckpointManager:
         return loaded
 
 
+# ############################################################################################
+# The lessons, in order. In a notebook each cell runs its lesson (the `if in_notebook():`
+# lines); `python 02_checkpoint_manager.py` runs them all through main() at the bottom.
+# ############################################################################################
+
 # The training loop every section uses. The checkpoint dict uses the collection's key set
-# (common/__init__.py): "epoch" is the NEXT epoch to run.
+# (common/__init__.py): "epoch" is the NEXT epoch to run, "rng" holds every generator.
+# It is ordinary training code; what makes it resumable is WHAT it puts in the checkpoint
+# and the order in which it restores it (model, optimizer, scheduler, scaler, generators).
 
 
 class SimulatedCrash(RuntimeError):
@@ -636,6 +686,9 @@ def train(
     With ``resume=True``, continue from the newest valid checkpoint there (from scratch if
     there is none). Returns the model, the (closed) manager and the per-epoch history.
     """
+    # Build everything first, exactly as a fresh run would; a resume then overwrites the state
+    # of each object. Rebuilding the objects and loading their state (instead of pickling
+    # the objects) keeps the checkpoint loadable with weights_only=True.
     seed_everything(seed)
     model = SmallCNN().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -659,6 +712,8 @@ def train(
             if loaded is None:
                 log(f"  --resume: no checkpoint in {directory} yet; starting from scratch")
             else:
+                # The order matters for the optimizer only: its state is cast to the device
+                # of the parameters it manages NOW, so the model is already on `device`.
                 state = loaded.state
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
@@ -667,6 +722,8 @@ def train(
                 restore_rng_state(state["rng"], train_loader.generator)
                 start_epoch, step, history = state["epoch"], state["step"], state["history"]
                 log(f"  resumed from {loaded.path.name}: next epoch {start_epoch}, step {step}")
+        # "epoch" in a checkpoint is the NEXT epoch to run, so this loop neither repeats
+        # nor skips one after a resume.
         for epoch in range(start_epoch, epochs):
             train_loss = train_one_epoch(model, train_loader, optimizer, device, scheduler,
                                          scaler)
@@ -691,33 +748,46 @@ def train(
     return model, manager, history
 
 
-# ############################################################################################
-# The lessons, in order.
-# ############################################################################################
+# %% Setup
+# The flags (--epochs, --resume, ...) and the out-dir. In a notebook the flags come from the
+# LESSON_ARGS environment variable (none: the defaults), since a kernel has no command line.
+
+
+def setup(argv: list[str] | None = None) -> Run:
+    """Parse the flags, seed everything, create the out-dir, print the header."""
+    parser = make_parser(HERE, __doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=8, help="epochs of the main run")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out-dir from its newest valid checkpoint")
+    run = Run.start(HERE, parser, argv)
+    if run.args.epochs < 1:
+        parser.error("--epochs must be at least 1")
+    return run
+
+
+if in_notebook():
+    run = setup()
+
 
 # %% 1. Train with a CheckpointManager
 # A run saves a checkpoint every epoch; the policy decides which to keep: the newest
 # keep_last=2 (to resume) and the best save_top_k=2 by val_loss (to ship). The latest and the
 # best are always kept. File names carry epoch, step and the metric, so `ls` tells the story.
-# With --resume the run continues from its newest valid checkpoint.
+# With --resume the run continues from its newest valid checkpoint; without it, a previous
+# run's folder is moved aside (never deleted), so a forgotten flag costs nothing.
 
 
-def lesson_1_train(run: Run, epochs: int, resume: bool) -> tuple[CheckpointManager, list]:
+def lesson_1_train(run: Run, epochs: int, resume: bool) -> tuple[CheckpointManager, list, dict]:
+    """Train with the manager; return it, the per-epoch history and the figures."""
     run.section("1. Train with a CheckpointManager")
     directory = run.out_dir / "checkpoints"
     if not resume and (directory / CheckpointManager.MANIFEST).exists():
-        # A fresh start never destroys the previous run: it is moved aside under a new name
-        # (delete it yourself when you no longer need it).
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         previous = run.out_dir / f"checkpoints.previous-{stamp}"
         directory.rename(previous)
         print(f"  a previous run was in {directory.name}/: moved to {previous.name}/ "
-              "(use --resume to continue a run instead)")
-    resumed_from = 0
-    if resume:
-        probe = CheckpointManager(directory)
-        resumed_from = probe.latest.epoch if probe.latest else 0
-        probe.close()
+              "(use --resume to continue a run instead; delete it when you no longer need it)")
+    latest = CheckpointManager(directory).latest if resume else None
     model, manager, history = train(directory, epochs=epochs, seed=run.seed, device=run.device,
                                     resume=resume)
     final_path = run.out_dir / "final_model.pt"
@@ -728,22 +798,27 @@ def lesson_1_train(run: Run, epochs: int, resume: bool) -> tuple[CheckpointManag
     best = manager.best
     print(f"  kept {len(manager.list())} of {len(history)} checkpoints; best val_loss "
           f"{best.metrics['val_loss']:.4f} at step {best.step} (epoch {best.epoch})")
-    run.record("epochs", epochs)
-    run.record("resumed_from_epoch", resumed_from)
-    run.record("checkpoints_kept", len(manager.list()))
-    run.record("best_val_loss", best.metrics["val_loss"])
-    run.record("best_step", best.step)
-    run.record("final_val_accuracy", history[-1]["val_accuracy"])
-    return manager, history
+    return manager, history, {
+        "epochs": epochs, "resumed_from_epoch": latest.epoch if latest else 0,
+        "checkpoints_kept": len(manager.list()), "best_val_loss": best.metrics["val_loss"],
+        "best_step": best.step, "final_val_accuracy": history[-1]["val_accuracy"]}
+
+
+if in_notebook():
+    manager, history, figures = lesson_1_train(run, run.args.epochs, run.args.resume)
+    run.record_all(figures)
 
 
 # %% 2. The manifest: list, inspect, load
-# manifest.json records, for every kept checkpoint: step, epoch, metrics, timestamp, size and
-# SHA-256. It is the index: load_latest/load_best/load(step) read it instead of parsing file
-# names, and the hash lets a load prove the bytes are the ones that were saved.
+# manifest.json records, for every kept checkpoint: step, epoch, metrics, timestamp, size,
+# SHA-256 and a write sequence number. It is the index: load_latest/load_best/load(step) read
+# it instead of parsing file names, and the hash lets a load prove that the bytes are the ones
+# that were saved. "Latest" is the most recent WRITE (the highest seq), not the highest step:
+# a run resumed from an older checkpoint must not be overtaken by the branch it abandoned.
 
 
-def lesson_2_manifest(run: Run, manager: CheckpointManager) -> None:
+def lesson_2_manifest(run: Run, manager: CheckpointManager) -> dict:
+    """Print the manifest and load the latest, the best, and one step."""
     run.section("2. The manifest: list, inspect, load")
     print(manager.inspect())
     latest, best = manager.load_latest(), manager.load_best()
@@ -751,7 +826,11 @@ def lesson_2_manifest(run: Run, manager: CheckpointManager) -> None:
     print(f"  load_latest -> {latest.path.name} (epoch {latest.state['epoch']})")
     print(f"  load_best   -> {best.path.name} (val_loss {best.entry.metrics['val_loss']:.4f})")
     print(f"  load({best.entry.step}) -> {by_step.path.name}")
-    run.record("manifest_entries", len(manager.list()))
+    return {"manifest_entries": len(manager.list())}
+
+
+if in_notebook():
+    run.record_all(lesson_2_manifest(run, manager))
 
 
 # %% 3. Crash safety: atomic writes
@@ -778,30 +857,37 @@ def failing_writer(obj: Any, handle: Any) -> None:
     raise OSError("No space left on device (simulated, half-way through the write)")
 
 
-def lesson_3_crash_safety(run: Run) -> None:
+def lesson_3_crash_safety(run: Run) -> dict:
+    """Three good saves, a 4th that dies half-way; reopen and verify what is left.
+
+    "Unchanged" compares the SHA-256 of every listed file before and after; "partial files
+    left" counts temporaries after the failed write cleaned up after itself (0 expected).
+    tests/test_02_checkpoint_manager.py also kills a real process with SIGKILL mid-write.
+    """
     run.section("3. Crash safety: atomic writes")
-    directory = run.out_dir / "demo_crash"
-    shutil.rmtree(directory, ignore_errors=True)
-    model = SmallCNN()
-    manager = CheckpointManager(directory, save_top_k=5, keep_last=5)
-    for step in (1, 2, 3):
-        manager.save({"model": model.state_dict()}, step=step, epoch=step,
-                     metrics={"val_loss": 1.0 / step})
-    before = {e.file: e.sha256 for e in manager.list()}
-    manager.serialize = failing_writer
-    try:
-        manager.save({"model": model.state_dict()}, step=4, epoch=4, metrics={"val_loss": 0.1})
-    except OSError as err:
-        print(f"  the 4th save failed: {err}")
-    reopened = CheckpointManager(directory)
-    intact = all(reopened.verify(e) is None for e in reopened.list())
-    same = {e.file: e.sha256 for e in reopened.list()} == before
-    partial = sorted(p.name for p in directory.iterdir() if p.name.endswith(".partial"))
+    with run.scratch("demo_crash") as directory:
+        state = {"model": SmallCNN().state_dict()}
+        manager = CheckpointManager(directory, save_top_k=5, keep_last=5)
+        for step in (1, 2, 3):
+            manager.save(state, step=step, epoch=step, metrics={"val_loss": 1.0 / step})
+        before = {e.file: e.sha256 for e in manager.list()}
+        manager.serialize = failing_writer
+        try:
+            manager.save(state, step=4, epoch=4, metrics={"val_loss": 0.1})
+        except OSError as err:
+            print(f"  the 4th save failed: {err}")
+        reopened = CheckpointManager(directory)
+        intact = all(reopened.verify(e) is None for e in reopened.list())
+        same = {e.file: e.sha256 for e in reopened.list()} == before
+        partial = sorted(p.name for p in directory.iterdir() if p.name.endswith(".partial"))
     print(f"  after the crash: manifest lists {len(reopened.list())} checkpoints, all verify: "
           f"{intact}, unchanged: {same}; partial files left: {partial}")
-    shutil.rmtree(directory)
-    run.record("crash_earlier_checkpoints_intact", intact and same)
-    run.record("crash_partial_files_left", len(partial))
+    return {"crash_earlier_checkpoints_intact": intact and same,
+            "crash_partial_files_left": len(partial)}
+
+
+if in_notebook():
+    run.record_all(lesson_3_crash_safety(run))
 
 
 # %% 4. Damaged checkpoints are detected and skipped
@@ -817,25 +903,28 @@ def lesson_3_crash_safety(run: Run) -> None:
 # before anything is read or deleted), and a NaN or inf metric never ranks as best.
 
 
-def lesson_4_damaged(run: Run) -> None:
+def lesson_4_damaged(run: Run) -> dict:
+    """Truncate the newest of three checkpoints; load_latest falls back to the one before."""
     run.section("4. Damaged checkpoints are detected and skipped")
-    directory = run.out_dir / "demo_damaged"
-    shutil.rmtree(directory, ignore_errors=True)
-    manager = CheckpointManager(directory, save_top_k=3, keep_last=3)
-    for step in (1, 2, 3):
-        manager.save({"model": SmallCNN().state_dict(), "step": step}, step=step, epoch=step,
-                     metrics={"val_loss": 1.0 / step})
-    newest = directory / manager.latest.file
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncate it
-    print(f"  truncated the newest checkpoint, {newest.name}, to half its size")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", CheckpointWarning)
-        loaded = manager.load_latest()
+    with run.scratch("demo_damaged") as directory:
+        manager = CheckpointManager(directory, save_top_k=3, keep_last=3)
+        for step in (1, 2, 3):
+            manager.save({"model": SmallCNN().state_dict(), "step": step}, step=step,
+                         epoch=step, metrics={"val_loss": 1.0 / step})
+        newest = directory / manager.latest.file
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncate it
+        print(f"  truncated the newest checkpoint, {newest.name}, to half its size")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CheckpointWarning)
+            loaded = manager.load_latest()
     for warning in caught:
         print(f"  CheckpointWarning: {str(warning.message).replace(str(directory) + os.sep, '')}")
     print(f"  load_latest fell back to {loaded.path.name} (step {loaded.state['step']})")
-    shutil.rmtree(directory)
-    run.record("damaged_checkpoint_skipped", len(caught) == 1 and loaded.entry.step == 2)
+    return {"damaged_checkpoint_skipped": len(caught) == 1 and loaded.entry.step == 2}
+
+
+if in_notebook():
+    run.record_all(lesson_4_damaged(run))
 
 
 # %% 5. Bit-exact resume
@@ -844,7 +933,9 @@ def lesson_4_damaged(run: Run) -> None:
 # generator (Dropout masks) and the DataLoader's generator (the shuffle order). Miss one and
 # the resumed run drifts, silently. Here: train 4 epochs straight; then train, "crash" after
 # epoch 2, resume from the checkpoints and finish. On the CPU the final weights are identical
-# to the bit. On a GPU, some kernels are non-deterministic (atomic adds in cuDNN/cuBLAS
+# to the bit: max |diff| = 0.0 alone would not prove it (0.0 == -0.0), so every byte is
+# compared too (common.compare.bit_identical).
+# On a GPU, some kernels are non-deterministic (atomic adds in cuDNN/cuBLAS
 # backward passes, cuDNN's benchmark-mode algorithm choice), so two runs can differ in the
 # last bits even without a crash. torch.use_deterministic_algorithms(True) makes those ops
 # pick deterministic algorithms or raise an error where none exists, and
@@ -854,27 +945,33 @@ def lesson_4_damaged(run: Run) -> None:
 # torch 2.14 no longer does.)
 
 
-def lesson_5_resume(run: Run) -> None:
+def lesson_5_resume(run: Run) -> dict:
+    """Straight through vs crash after epoch 2 + resume: compare the final weights.
+
+    Both runs use the same seed and the same code; the only difference is that the second
+    one stops after epoch 2 and restarts from its checkpoint in a fresh set of objects.
+    """
     run.section("5. Bit-exact resume")
-    demo = run.out_dir / "demo_resume"
-    shutil.rmtree(demo, ignore_errors=True)
     quiet = lambda line: None  # noqa: E731 - the epochs were shown in section 1
-    straight, _, _ = train(demo / "straight", epochs=4, seed=run.seed, device=run.device,
-                           log=quiet)
-    try:
-        train(demo / "interrupted", epochs=4, seed=run.seed, device=run.device,
-              crash_after_epoch=2, log=quiet)
-    except SimulatedCrash as crash:
-        print(f"  {crash}; resuming from {demo.name}/interrupted")
-    resumed, _, _ = train(demo / "interrupted", epochs=4, seed=run.seed, device=run.device,
-                          resume=True)
+    with run.scratch("demo_resume") as demo:
+        straight, _, _ = train(demo / "straight", epochs=4, seed=run.seed, device=run.device,
+                               log=quiet)
+        try:
+            train(demo / "interrupted", epochs=4, seed=run.seed, device=run.device,
+                  crash_after_epoch=2, log=quiet)
+        except SimulatedCrash as crash:
+            print(f"  {crash}; resuming from {demo.name}/interrupted")
+        resumed, _, _ = train(demo / "interrupted", epochs=4, seed=run.seed,
+                              device=run.device, resume=True)
     diff = max_abs_diff(straight.state_dict(), resumed.state_dict())
     identical = bit_identical(straight.state_dict(), resumed.state_dict())
     print(f"  straight vs crash+resume, final weights: max |diff| = {diff}; bit-identical "
           f"(every byte compared): {identical}")
-    shutil.rmtree(demo)
-    run.record("resume_max_abs_diff", diff)
-    run.record("resume_bit_identical", identical)
+    return {"resume_max_abs_diff": diff, "resume_bit_identical": identical}
+
+
+if in_notebook():
+    run.record_all(lesson_5_resume(run))
 
 
 # %% 6. Asynchronous saving
@@ -887,7 +984,14 @@ def lesson_5_resume(run: Run) -> None:
 # outside the timing, as the next epoch's training would cover it).
 
 
-def lesson_6_async(run: Run) -> None:
+def lesson_6_async(run: Run) -> dict:
+    """Time the stall of save() for a sync and an async manager; compare the files.
+
+    Read the two medians as "how long training stands still per checkpoint". The async
+    figure is the cost of snapshot_to_cpu (a memory copy) plus handing the job to the
+    thread; the sync figure adds serialisation, the write and the fsync. The gap grows with
+    the model and with a slower disk; on a GPU the snapshot is also the device-to-host copy.
+    """
     run.section("6. Asynchronous saving")
     model = MLP(512, 2048, 10).to(run.device)
     optimizer = torch.optim.Adam(model.parameters())
@@ -896,10 +1000,8 @@ def lesson_6_async(run: Run) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     timings, written = {}, {}
     for label, async_save in (("sync", False), ("async", True)):
-        directory = run.out_dir / f"demo_{label}"
-        shutil.rmtree(directory, ignore_errors=True)
-        with CheckpointManager(directory, keep_last=1, save_top_k=0,
-                               async_save=async_save) as manager:
+        with run.scratch(f"demo_{label}") as directory, CheckpointManager(
+                directory, keep_last=1, save_top_k=0, async_save=async_save) as manager:
             steps = iter(range(1, 1000))
 
             def save(manager=manager, steps=steps) -> None:
@@ -908,73 +1010,79 @@ def lesson_6_async(run: Run) -> None:
             timings[label] = benchmark(save, warmup=1, repeats=5, device=run.device,
                                        setup=manager.wait)
             written[label] = manager.load_latest().state
-        print(f"  {label:>5} save stall: {timings[label]}  "
-              f"({format_bytes(manager.latest.bytes)} per checkpoint)")
-        shutil.rmtree(directory)
+            size = format_bytes(manager.latest.bytes)
+        print(f"  {label:>5} save stall: {timings[label]}  ({size} per checkpoint)")
     same = max_abs_diff(written["sync"]["model"], written["async"]["model"])
     print(f"  the async file holds the same weights as the sync one: max |diff| = {same}")
-    run.record("sync_save_stall_ms", round(timings["sync"].median_ms, 3))
-    run.record("async_save_stall_ms", round(timings["async"].median_ms, 3))
-    run.record("async_vs_sync_max_abs_diff", same)
+    return {"sync_save_stall_ms": round(timings["sync"].median_ms, 3),
+            "async_save_stall_ms": round(timings["async"].median_ms, 3),
+            "async_vs_sync_max_abs_diff": same}
+
+
+if in_notebook():
+    run.record_all(lesson_6_async(run))
 
 
 # %% 7. Training curves with the kept checkpoints
 # One picture answers "which checkpoints did the policy keep, and was the best one kept?".
+# The curves come from the history stored IN the checkpoint, so a resumed run plots every
+# epoch, also those trained before the interruption.
 
 
 def lesson_7_plot(run: Run, manager: CheckpointManager, history: list[dict]) -> None:
+    """Train and validation loss per epoch, the kept checkpoints circled, the best starred."""
     run.section("7. Training curves with the kept checkpoints")
     epochs = [h["epoch"] for h in history]
     figure, axes = plt.subplots(figsize=(7, 4))
     axes.plot(epochs, [h["train_loss"] for h in history], label="train loss")
     axes.plot(epochs, [h["val_loss"] for h in history], label="validation loss")
-    kept = manager.list()
+    kept, best = manager.list(), manager.best
     axes.scatter([e.epoch for e in kept], [e.metrics["val_loss"] for e in kept], s=60,
                  facecolors="none", edgecolors="black", label="checkpoint kept", zorder=3)
-    best = manager.best
     axes.scatter([best.epoch], [best.metrics["val_loss"]], marker="*", s=250, color="gold",
                  edgecolors="black", label=f"best (step {best.step})", zorder=4)
     axes.set(xlabel="epoch", ylabel="cross-entropy loss",
              title="SmallCNN on synthetic images: kept checkpoints")
     axes.legend()
-    path = run.path("training_curves.png")
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    run.artifact("training_curves", path)
+    run.save_figure(figure, "training_curves.png", "training_curves")
+
+
+if in_notebook():
+    lesson_7_plot(run, manager, history)
+
+
+# %% Summary
+# What the run measured, the files it wrote (also in summary.json), and what to try next.
+RECAP = [
+    "write checkpoints atomically: temp file, fsync, os.replace, fsync the folder",
+    "keep a manifest with SHA-256; verify before loading, skip only what is damaged",
+    "one writer lock per folder; plain file names only; NaN never ranks as best",
+    "a bit-exact resume restores optimizer, scheduler, scaler, RNGs and data order",
+    "async saving stalls training only for the CPU snapshot; one save in flight",
+]
+TRY_IT = ("kill this script mid-run (Ctrl-C or kill -9) and re-run it with --resume; "
+          "then run 03_model_versioning.py")
+
+if in_notebook():
+    summary = run.finish(RECAP, TRY_IT)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every lesson in order and return the summary (also written to summary.json)."""
-    parser = make_parser(__file__, __doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=8, help="epochs of the main run")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out-dir from its newest valid checkpoint")
-    run = Run.start(__file__, parser, argv)
-    args: argparse.Namespace = run.args
-    if args.epochs < 1:
-        parser.error("--epochs must be at least 1")
-
+    run = setup(argv)
     try:
-        manager, history = lesson_1_train(run, args.epochs, args.resume)
+        manager, history, figures = lesson_1_train(run, run.args.epochs, run.args.resume)
     except CheckpointError as err:  # one clear line for the command line, no traceback
         raise SystemExit(f"error: {err}") from None
-    lesson_2_manifest(run, manager)
-    lesson_3_crash_safety(run)
-    lesson_4_damaged(run)
-    lesson_5_resume(run)
-    lesson_6_async(run)
+    run.record_all(figures)
+    run.record_all(lesson_2_manifest(run, manager))
+    run.record_all(lesson_3_crash_safety(run))
+    run.record_all(lesson_4_damaged(run))
+    run.record_all(lesson_5_resume(run))
+    run.record_all(lesson_6_async(run))
     lesson_7_plot(run, manager, history)
-    return run.finish(
-        recap=[
-            "write checkpoints atomically: temp file, fsync, os.replace, fsync the folder",
-            "keep a manifest with SHA-256; verify before loading, skip what is damaged",
-            "a bit-exact resume restores optimizer, scheduler, scaler, RNGs and data order",
-            "async saving stalls training only for the CPU snapshot; one save in flight",
-        ],
-        try_it="kill this script mid-run (Ctrl-C or kill -9) and re-run it with --resume; "
-               "then run 03_model_versioning.py",
-    )
+    return run.finish(RECAP, TRY_IT)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not in_notebook():
     main()

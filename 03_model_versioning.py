@@ -13,8 +13,19 @@ What you will learn (each section runs real code and prints the measured figure)
 
 Run it:   python 03_model_versioning.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
           python 03_model_versioning.py --verify PATH   (a version folder or its .safetensors)
+          As a notebook: run the cells top to bottom from the project folder (jupytext,
+          VS Code, PyCharm); flags go in the LESSON_ARGS environment variable.
 Takes:    about 5 s on a 2-core CPU.
 Next:     04_onnx_export.py, exporting to ONNX and proving parity and speed.
+
+Files it writes (in --out-dir): registry/blob-classifier/ with one folder per version (1.0,
+1.1, 2.0: model.safetensors, metadata.json, MODEL_CARD.md), registry.json (versions and
+aliases) and a .lock file; summary.json. Sections 1 and 4 work in scratch folders that are
+removed when they finish.
+
+What this is not: an authenticity check. Whoever can rewrite a version folder can rewrite
+its metadata and fingerprints together; sign the folder (for example with Sigstore) or keep
+the registry where only your pipeline can write, when that matters.
 
 The ideas come from MLflow's model registry (versions, and aliases, which replaced its
 stages), Hugging Face model cards, and safetensors (weights that cannot run code, with string
@@ -30,6 +41,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -48,10 +60,12 @@ from torch import nn
 
 from common.compare import max_abs_diff
 from common.data import make_loaders, make_vector_classification
-from common.devices import environment, seed_everything
+from common.devices import seed_everything
 from common.models import MLP
-from common.run import Run, make_parser
+from common.run import Run, in_notebook, lesson_argv, make_parser, script_file
 from common.training import evaluate, train_one_epoch
+
+HERE = script_file(globals(), "03_model_versioning.py")  # a notebook kernel has no __file__
 
 # ############################################################################################
 # Reusable pieces: copy these into your own code.
@@ -59,17 +73,30 @@ from common.training import evaluate, train_one_epoch
 
 
 class IntegrityError(RuntimeError):
-    """A saved version does not match what was recorded; the message names file and cause."""
+    """A saved version does not match what was recorded; the message names file and cause.
+
+    A RuntimeError, so code that already handles load failures catches it too; its own type,
+    so code that must treat tampering differently (alert, refuse to deploy) can.
+    """
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """The raw bytes of a tensor's values, independent of device, strides and storage."""
+    """The raw bytes of a tensor's values, independent of device, strides and storage.
+
+    ``.contiguous()`` lays a transposed or sliced tensor out in row-major order, so two
+    tensors with the same values give the same bytes however they were made; viewing the
+    memory as uint8 reads the exact bits, so -0.0 and 0.0 (or two NaN payloads) differ.
+    """
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().tobytes()
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
-    """SHA-256 of one tensor: its dtype, shape and value bytes."""
+    """SHA-256 of one tensor: its dtype, shape and value bytes.
+
+    The dtype and shape go into the hash because the bytes alone are ambiguous: 16 zero
+    bytes are four float32 zeros, eight float16 zeros, or a 2x2 matrix of float32 zeros.
+    """
     digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
     digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
@@ -80,6 +107,9 @@ def content_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
 
     The same for the same values whatever the file format (.pt, safetensors), the device, the
     key order or the file name; different when any single element, dtype or shape changes.
+    Keys are sorted because a state_dict's order is an accident of how the model was built,
+    and each key is hashed with its tensor so that two swapped tensors of one shape differ.
+    Hashing a pickle or a zip instead would hash the container, not the weights (section 1).
     """
     digest = hashlib.sha256()
     for key in sorted(state_dict):
@@ -88,7 +118,12 @@ def content_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def architecture_signature(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over sorted keys and shapes only: equal for any two weight sets of one design."""
+    """SHA-256 over sorted keys and shapes only: equal for any two weight sets of one design.
+
+    It answers "will a checkpoint of version A load into the code of version B?": if the
+    signatures match, load_state_dict(strict=True) will accept it. dtypes are left out on
+    purpose, so a float16 copy of a model keeps its design's signature.
+    """
     text = "\n".join(f"{key}|{tuple(state_dict[key].shape)}" for key in sorted(state_dict))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -99,6 +134,9 @@ def next_version(existing: list[tuple[str, str]], signature: str) -> str:
     Rules: the first version is 1.0; new weights for an architecture already registered bump
     the MINOR number of that architecture's major line (1.0 -> 1.1); a new architecture (its
     keys or shapes changed, so old loading code breaks) starts the next MAJOR line (2.0).
+    Examples: [] -> 1.0; [(1.0, A)] + A -> 1.1; [(1.0, A), (1.1, A)] + B -> 2.0;
+    [(1.0, A), (2.0, B)] + A -> 1.1 (a fix for the old design keeps its major line). The
+    version says what a user needs to know: can my loading code read it?
     """
     if not existing:
         return "1.0"
@@ -112,7 +150,12 @@ def next_version(existing: list[tuple[str, str]], signature: str) -> str:
 
 
 def git_commit(folder: Path) -> str | None:
-    """The current git commit of ``folder``'s repository, or None (no git, not a repository)."""
+    """The current git commit of ``folder``'s repository, or None (no git, not a repository).
+
+    Recorded with every version so that "which code trained this?" has an answer. It does
+    not notice uncommitted edits; a careful pipeline refuses to register from a dirty tree
+    (``git status --porcelain`` non-empty) or records the diff as well.
+    """
     try:
         completed = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
                                    text=True, timeout=10, check=False)
@@ -208,6 +251,16 @@ def version_name(version: object, source: Path | str) -> str:
     return version
 
 
+# What metadata.json must hold, and the type of each field, checked on every read:
+#   name, version, parent   which model, which version, and the version it was trained from
+#   created                 when it was registered (UTC, ISO 8601)
+#   architecture            {"module", "class", "kwargs"}: enough to rebuild the model object
+#   hyperparameters         the training config, seed and data settings included
+#   history, metrics        per-epoch figures, and the final ones
+#   environment             torch/python/platform/device, seed, data fingerprint, git commit
+#   fingerprints, tensors   the content fingerprint, the signature, a SHA-256 per tensor
+#   module_versions         the per-module _version records that safetensors cannot carry
+#   weights_file            the name of the weights file in the version folder (a plain name)
 REQUIRED_METADATA = {
     "name": str, "version": str, "parent": (str, type(None)), "created": str,
     "architecture": dict, "hyperparameters": dict, "history": list, "metrics": dict,
@@ -224,6 +277,10 @@ class VersionedModel:
     ``metadata.json`` (config, history, environment, fingerprints, per-tensor hashes) and
     ``MODEL_CARD.md``. ``load(folder, build)`` rebuilds the model with ``build(architecture)``
     and refuses weights that do not match the recorded fingerprints.
+    Why safetensors for the weights: a registry is where files are SHARED, and a shared
+    .pt file is a pickle that can run code on load (01 section 7); safetensors holds only
+    tensors and a string header. Why a separate metadata.json: nested, typed metadata (the
+    history, the config) does not fit safetensors' flat string header, and people read it.
     """
 
     model: nn.Module
@@ -235,7 +292,11 @@ class VersionedModel:
 
     @staticmethod
     def describe(state_dict: Mapping[str, torch.Tensor]) -> dict:
-        """Fingerprints and per-tensor hashes of a state_dict (the integrity part of metadata)."""
+        """Fingerprints and per-tensor hashes of a state_dict (the integrity part of metadata).
+
+        The per-tensor hashes cost one more pass over the bytes, and buy the error message
+        that names WHICH tensors changed when the content fingerprint does not match.
+        """
         return {
             "fingerprints": {"content": content_fingerprint(state_dict),
                              "signature": architecture_signature(state_dict)},
@@ -303,7 +364,12 @@ class VersionedModel:
 
 
 def read_metadata(folder: Path) -> dict:
-    """Read and validate ``metadata.json``; an IntegrityError says what is wrong."""
+    """Read and validate ``metadata.json``; an IntegrityError says what is wrong.
+
+    Validation comes first because everything after it trusts these fields: a missing key
+    or a list where a dict belongs would otherwise surface as a KeyError deep inside a load,
+    naming neither the file nor the field.
+    """
     path = folder / VersionedModel.METADATA
     if not path.is_file():
         raise IntegrityError(f"{path}: missing metadata file")
@@ -329,6 +395,8 @@ def verify_version(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     Returns ``(metadata, state_dict)`` when everything matches; otherwise raises IntegrityError
     naming the file and what differs: a missing file, bad metadata, an unreadable weights
     file, weights from another version, edited metadata, or the tensors whose bytes changed.
+    The checks run cheapest first: the header's recorded fingerprint (a few bytes) catches a
+    swapped file before any tensor is hashed; the recomputed fingerprint catches edits.
     """
     path = Path(path)
     folder = path.parent if path.suffix == ".safetensors" else path
@@ -373,8 +441,39 @@ def verify_version(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return metadata, state_dict
 
 
+def runtime_environment(device: torch.device | str) -> dict:
+    """The software and hardware a version was made with: what a reproduction needs."""
+    device = torch.device(device)
+    facts = {"torch": torch.__version__, "python": sys.version.split()[0],
+             "platform": platform.platform(), "device": str(device)}
+    if device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+    return facts
+
+
+def build_from_record(architecture: dict) -> nn.Module:
+    """Rebuild a model from ``{"module", "class", "kwargs"}`` (what register records).
+
+    The class is looked up among modules THIS process has already imported; nothing is
+    imported because a file says so (an import runs code), and only nn.Module subclasses
+    are accepted. Pass ``ModelRegistry(root, build=...)`` for anything else.
+    """
+    module = sys.modules.get(str(architecture.get("module")))
+    cls = getattr(module, str(architecture.get("class")), None) if module else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"cannot rebuild {architecture.get('module')}."
+                         f"{architecture.get('class')}: import it first, or pass "
+                         "ModelRegistry(root, build=...)")
+    return cls(**architecture.get("kwargs", {}))
+
+
 def model_card(metadata: dict) -> str:
-    """A short human-readable card, in the spirit of Hugging Face model cards."""
+    """A short human-readable card, in the spirit of Hugging Face model cards.
+
+    A card answers what a file cannot: what the model is for, what it is NOT for, how it
+    was trained and evaluated, and how to reproduce it. Pass your own function as
+    ``ModelRegistry(root, card=...)``; this one fits the lesson's toy model.
+    """
     env = metadata["environment"]
     rows = "\n".join(f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | "
                      f"{h['val_accuracy']:.3f} |" for h in metadata["history"])
@@ -409,21 +508,28 @@ class ModelRegistry:
 
     registry.json holds the version list (with signatures) and the aliases; it is rewritten
     atomically, under a cross-process lock. Versions are immutable once written.
-    ``build(architecture) -> nn.Module`` rebuilds a model from its recorded architecture and
-    ``card(metadata) -> str`` writes its model card: pass your own, and the class works for
-    any model. Names (registry names, versions, aliases) are plain names, never paths.
+    ``build(architecture) -> nn.Module`` rebuilds a model from its recorded architecture
+    (default: :func:`build_from_record`, the recorded class if this process has imported
+    it); ``card(metadata) -> str`` writes its model card (default: :func:`model_card`);
+    ``code_folder`` is the git checkout whose commit each version records (default: the
+    current folder). Names (registry names, versions, aliases) are plain names, never paths.
     """
 
     def __init__(self, root: str | Path, build: Callable[[dict], nn.Module] | None = None,
-                 card: Callable[[dict], str] | None = None) -> None:
+                 card: Callable[[dict], str] | None = None,
+                 code_folder: str | Path | None = None) -> None:
         self.root = Path(root)
-        self.build = build or build_model  # the script's builder when none is given
+        self.build = build or build_from_record
         self.card = card or model_card
+        self.code_folder = Path(code_folder) if code_folder is not None else Path.cwd()
 
     def _index_path(self, name: str) -> Path:
+        """``<root>/<name>/registry.json``, after checking that ``name`` is a plain name."""
         return self.root / plain_name(name, "the registry name", self.root) / "registry.json"
 
     def _index(self, name: str) -> dict:
+        """Read and check registry.json: versions must be MAJOR.MINOR, aliases plain names
+        pointing at registered versions. A missing index is an empty registry."""
         path = self._index_path(name)
         if not path.exists():
             return {"name": name, "versions": {}, "aliases": {}}
@@ -445,16 +551,20 @@ class ModelRegistry:
         return index
 
     def _write_index(self, name: str, index: dict) -> None:
+        """Replace registry.json atomically (callers hold the registry's lock)."""
         write_text_atomic(self._index_path(name), json.dumps(index, indent=2) + "\n")
 
     def folder(self, name: str, version: str) -> Path:
+        """The folder of one version; both parts are checked, so it stays under the root."""
         plain_name(name, "the registry name", self.root)
         return self.root / name / version_name(version, self.root / name)
 
     def versions(self, name: str) -> list[str]:
+        """The registered version numbers of ``name``, in registration order."""
         return list(self._index(name)["versions"])
 
     def aliases(self, name: str) -> dict[str, str]:
+        """``{alias: version}`` for ``name``, e.g. ``{"production": "1.1"}``."""
         return dict(self._index(name)["aliases"])
 
     def register(self, name: str, model: nn.Module, *, architecture: dict,
@@ -478,14 +588,15 @@ class ModelRegistry:
             version = next_version(
                 [(v, info["signature"]) for v, info in index["versions"].items()],
                 described["fingerprints"]["signature"])
-            env = environment(device) | {
+            env = runtime_environment(device) | {
                 "seed": seed, "data_fingerprint": data_fingerprint,
-                "git_commit": git_commit(Path(__file__).resolve().parent)}
+                "git_commit": git_commit(self.code_folder)}
             metadata = {
                 "name": name, "version": version, "parent": parent,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec="seconds"),
-                "architecture": architecture, "hyperparameters": hyperparameters,
+                "architecture": {"module": type(model).__module__, **architecture},
+                "hyperparameters": hyperparameters,
                 "history": history, "metrics": history[-1] if history else {},
                 "environment": env,
                 "module_versions": {k: v["version"] for k, v in
@@ -526,16 +637,13 @@ class ModelRegistry:
                                    device)
 
 
-def build_model(architecture: dict) -> nn.Module:
-    """Rebuild a model from its recorded architecture (class name + keyword arguments)."""
-    classes = {"MLP": MLP}
-    if architecture["class"] not in classes:
-        raise ValueError(f"unknown architecture class {architecture['class']!r}")
-    return classes[architecture["class"]](**architecture["kwargs"])
-
-
 def diff_versions(a: VersionedModel, b: VersionedModel) -> dict:
-    """What changed from ``a`` to ``b``: hyperparameters, final metrics and tensors."""
+    """What changed from ``a`` to ``b``: hyperparameters, final metrics and tensors.
+
+    Tensors are split into changed (with the largest element change), unchanged, reshaped,
+    added and removed; together they tell a fine-tune (values moved, same keys) from a new
+    design (keys or shapes differ), and a frozen layer that moved from one that did not.
+    """
     ha, hb = a.metadata["hyperparameters"], b.metadata["hyperparameters"]
     sa, sb = a.model.state_dict(), b.model.state_dict()
     common = sa.keys() & sb.keys()
@@ -545,40 +653,14 @@ def diff_versions(a: VersionedModel, b: VersionedModel) -> dict:
                             if ha.get(k) != hb.get(k)},
         "metrics": {k: (a.metadata["metrics"].get(k), b.metadata["metrics"].get(k))
                     for k in ("val_loss", "val_accuracy")},
-        "changed": {k: max_abs_diff(sa[k], sb[k]) for k in same_shape
-                    if not torch.equal(sa[k].cpu(), sb[k].cpu())},
+        "changed": {k: float((sa[k].cpu().double() - sb[k].cpu().double()).abs().max())
+                    for k in same_shape if not torch.equal(sa[k].cpu(), sb[k].cpu())},
         "unchanged": [k for k in same_shape if torch.equal(sa[k].cpu(), sb[k].cpu())],
         "reshaped": {k: (list(sa[k].shape), list(sb[k].shape)) for k in sorted(common)
                      if sa[k].shape != sb[k].shape},
         "added": sorted(sb.keys() - sa.keys()),
         "removed": sorted(sa.keys() - sb.keys()),
     }
-
-
-def train_version(hyperparameters: dict, architecture: dict, device: torch.device,
-                  init_state: Mapping[str, torch.Tensor] | None = None):
-    """Train an MLP from a recorded config; returns (model, history, data_fingerprint).
-
-    Everything random is derived from ``hyperparameters["seed"]``, so the same config gives
-    the same weights on the same software and hardware (bit-for-bit on the CPU).
-    """
-    seed_everything(hyperparameters["seed"])
-    dataset = make_vector_classification(**hyperparameters["data"])
-    data_fingerprint = content_fingerprint({"features": dataset.tensors[0],
-                                            "labels": dataset.tensors[1]})
-    train_loader, val_loader = make_loaders(dataset, batch_size=hyperparameters["batch_size"],
-                                            seed=hyperparameters["seed"])
-    model = build_model(architecture).to(device)
-    if init_state is not None:
-        model.load_state_dict(init_state)
-    optimizer = torch.optim.Adam(model.parameters(), lr=hyperparameters["lr"])
-    history = []
-    for epoch in range(1, hyperparameters["epochs"] + 1):
-        train_loss = train_one_epoch(model, train_loader, optimizer, device)
-        val = evaluate(model, val_loader, device)
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
-                        "val_accuracy": val["accuracy"]})
-    return model, history, data_fingerprint
 
 
 class RenamedMLP(nn.Module):
@@ -625,8 +707,49 @@ class LegacyMLP(nn.Module):
 
 
 # ############################################################################################
-# The lessons, in order.
+# The lessons, in order. In a notebook each cell runs its lesson (the `if in_notebook():`
+# lines); `python 03_model_versioning.py` runs them all through main() at the bottom.
 # ############################################################################################
+
+# The lessons' model and training: an MLP on synthetic blobs, rebuilt from a recorded config.
+# Everything random in train_version derives from the config's seed, which is what lets
+# section 6 retrain a version bit for bit.
+
+
+def build_model(architecture: dict) -> nn.Module:
+    """Rebuild a model from its recorded architecture (class name + keyword arguments)."""
+    classes = {"MLP": MLP}
+    if architecture["class"] not in classes:
+        raise ValueError(f"unknown architecture class {architecture['class']!r}")
+    return classes[architecture["class"]](**architecture["kwargs"])
+
+
+def train_version(hyperparameters: dict, architecture: dict, device: torch.device,
+                  init_state: Mapping[str, torch.Tensor] | None = None):
+    """Train an MLP from a recorded config; returns (model, history, data_fingerprint).
+
+    Everything random is derived from ``hyperparameters["seed"]``, so the same config gives
+    the same weights on the same software and hardware (bit-for-bit on the CPU).
+    """
+    seed_everything(hyperparameters["seed"])
+    dataset = make_vector_classification(**hyperparameters["data"])
+    data_fingerprint = content_fingerprint({"features": dataset.tensors[0],
+                                            "labels": dataset.tensors[1]})
+    train_loader, val_loader = make_loaders(dataset, batch_size=hyperparameters["batch_size"],
+                                            seed=hyperparameters["seed"])
+    model = build_model(architecture).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    optimizer = torch.optim.Adam(model.parameters(), lr=hyperparameters["lr"])
+    history = []
+    for epoch in range(1, hyperparameters["epochs"] + 1):
+        train_loss = train_one_epoch(model, train_loader, optimizer, device)
+        val = evaluate(model, val_loader, device)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
+                        "val_accuracy": val["accuracy"]})
+    return model, history, data_fingerprint
+
+
 
 NAME = "blob-classifier"
 BASE_CONFIG = {"seed": 0, "lr": 3e-3, "epochs": 4, "batch_size": 64,
@@ -634,59 +757,112 @@ BASE_CONFIG = {"seed": 0, "lr": 3e-3, "epochs": 4, "batch_size": 64,
                "init_from": None}
 
 
+# %% Setup
+# The flags and the out-dir, and an empty registry for this run. In a notebook the flags come
+# from the LESSON_ARGS environment variable (none: the defaults). --verify PATH is a command of
+# its own: it checks one saved version and exits (section 8).
+
+
+def setup(argv: list[str] | None = None) -> tuple[Run, ModelRegistry]:
+    """Parse the flags (or run --verify and exit), then start the run with a fresh registry.
+
+    The registry is given the script's own model builder and the checkout to read the git
+    commit from; ModelRegistry itself knows nothing about MLP.
+    """
+    parser = make_parser(HERE, __doc__.splitlines()[0])
+    parser.add_argument("--verify", metavar="PATH",
+                        help="only verify a saved version (folder or .safetensors), then exit")
+    args = parser.parse_args(lesson_argv(argv))
+    if args.verify:  # before Run: no header, no out-dir, just the one line
+        raise SystemExit(verify_cli(args.verify))
+    run = Run(HERE, args)
+    registry_root = run.out_dir / "registry"
+    shutil.rmtree(registry_root, ignore_errors=True)  # this run's registry starts empty
+    return run, ModelRegistry(registry_root, build=build_model, code_folder=HERE.parent)
+
+
 # %% 1. Fingerprints: what identifies a set of weights?
 # Hashing the .pt file is NOT an identity for the weights: torch.save's zip archive contains
 # a folder named after the file, the key order, each storage's device tag ("cpu", "cuda:0") and
 # module version records, so the same values give different bytes. A content fingerprint
 # hashes what matters, sorted keys + dtype + shape + raw bytes, and is the same from a .pt,
-# a .safetensors file, the CPU or a GPU. An architecture signature hashes keys + shapes only:
-# equal for two trainings of one design, different when the design changes.
+# a .safetensors file, the CPU or a GPU. Below, one set of weights is saved four ways.
 
 
-def lesson_1_fingerprints(run: Run) -> None:
+def lesson_1_fingerprints(run: Run) -> dict:
+    """Save the same weights four ways; hash each file and fingerprint each content.
+
+    What to look for: several different file hashes, but ONE content fingerprint, also for
+    the tensors on the run's device. The two .pt files of identical weights differ only in
+    the folder name inside their zip archives (torch.save names it after the file).
+    """
     run.section("1. Fingerprints: what identifies a set of weights?")
-    folder = run.path("fingerprints/x").parent
     state_dict = MLP(hidden=32).state_dict()
-    reordered = dict(reversed(list(state_dict.items())))
-    paths = {"model.pt": state_dict, "same_weights.pt": state_dict,
-             "reordered.pt": reordered}
-    for filename, payload in paths.items():
-        torch.save(payload, folder / filename)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, folder / "model.safetensors")
-    file_hashes = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
-                   for name in [*paths, "model.safetensors"]}
-    fingerprints = {
-        name: content_fingerprint(
+    payloads = {"model.pt": state_dict, "same_weights.pt": state_dict,
+                "reordered.pt": dict(reversed(list(state_dict.items())))}
+    with run.scratch("fingerprints") as folder:
+        for filename, payload in payloads.items():
+            torch.save(payload, folder / filename)
+        save_file({k: v.contiguous() for k, v in state_dict.items()},
+                  folder / "model.safetensors")
+        names = [*payloads, "model.safetensors"]
+        file_hashes = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+                       for name in names}
+        fingerprints = {name: content_fingerprint(
             load_file(folder / name) if name.endswith(".safetensors")
             else torch.load(folder / name, map_location="cpu", weights_only=True))
-        for name in file_hashes
-    }
-    fingerprints["on " + str(run.device)] = content_fingerprint(
-        {k: v.to(run.device) for k, v in state_dict.items()})
+            for name in names}
+    on_device = content_fingerprint({k: v.to(run.device) for k, v in state_dict.items()})
     for name, file_hash in file_hashes.items():
         print(f"  {name:<18} file sha256 {file_hash[:12]}   content fingerprint "
               f"{fingerprints[name][:12]}")
     print(f"  {'tensors on ' + str(run.device):<18} {'':<24}   content fingerprint "
-          f"{fingerprints['on ' + str(run.device)][:12]}")
-    distinct_files = len(set(file_hashes.values()))
-    distinct_fingerprints = len(set(fingerprints.values()))
-    print(f"  {distinct_files} different file hashes, {distinct_fingerprints} content "
+          f"{on_device[:12]}")
+    distinct = len(set(fingerprints.values()) | {on_device})
+    print(f"  {len(set(file_hashes.values()))} different file hashes, {distinct} content "
           "fingerprint(s) for the same weights")
+    return {"file_hashes_distinct": len(set(file_hashes.values())),
+            "content_fingerprints_distinct": distinct}
 
+
+if in_notebook():
+    run, registry = setup()
+    run.record_all(lesson_1_fingerprints(run))
+
+
+# %% 1b. What changes a fingerprint, and what changes a signature
+# The content fingerprint must change when ANY value changes, however little: one element
+# moved by 1e-6 is another model. The dtype is part of the identity too: the same weights in
+# float16 are different numbers. An architecture signature hashes keys + shapes only: equal
+# for two trainings of one design, different when the design changes, which is what the
+# version rules of section 2 need ("same design" = a minor version, "new design" = major).
+
+
+def lesson_1b_what_changes(run: Run) -> dict:
+    """One element + 1e-6, a cast to float16, a wider layer: which hash moves?
+
+    The fingerprint moves for the first two, the signature only for the third: that split
+    is exactly "same design, other weights" versus "other design".
+    """
+    run.section("1b. What changes a fingerprint, and what changes a signature")
+    state_dict = MLP(hidden=32).state_dict()
     changed = {k: v.clone() for k, v in state_dict.items()}
     changed["net.0.weight"][0, 0] += 1e-6
-    changed_fp = content_fingerprint(changed)
     half = {k: v.half() for k, v in state_dict.items()}
     signature = architecture_signature(state_dict)
     wider = architecture_signature(MLP(hidden=64).state_dict())
-    print(f"  one element + 1e-6:  content {changed_fp[:12]} (changed), signature "
-          f"{architecture_signature(changed)[:12]} (same as {signature[:12]})")
+    moved = content_fingerprint(changed) != content_fingerprint(state_dict)
+    print(f"  one element + 1e-6:  content {content_fingerprint(changed)[:12]} (changed: "
+          f"{moved}), signature {architecture_signature(changed)[:12]} (same as "
+          f"{signature[:12]})")
     print(f"  cast to float16:     content {content_fingerprint(half)[:12]} (dtype is identity)")
     print(f"  hidden 32 -> 64:     signature {wider[:12]} (a new design)")
-    shutil.rmtree(folder)
-    run.record("file_hashes_distinct", distinct_files)
-    run.record("content_fingerprints_distinct", distinct_fingerprints)
-    run.record("one_element_changes_fingerprint", changed_fp != fingerprints["model.pt"])
+    return {"one_element_changes_fingerprint": moved,
+            "wider_layer_changes_signature": wider != signature}
+
+
+if in_notebook():
+    run.record_all(lesson_1b_what_changes(run))
 
 
 # %% 2. A registry: versions, metadata, a model card
@@ -695,31 +871,32 @@ def lesson_1_fingerprints(run: Run) -> None:
 # parent, fingerprints, a SHA-256 per tensor) and MODEL_CARD.md for people.
 # Version rules: 1.0 first; new weights of the same architecture bump the minor number (1.1);
 # a changed architecture starts a new major line (2.0), since old loading code would break.
-# Registering weights identical to an existing version returns that version.
+# Registering weights identical to an existing version returns that version: a registry
+# never holds two copies of one model under two numbers.
 
 
-def lesson_2_registry(run: Run, registry: ModelRegistry) -> dict[str, VersionedModel]:
+def lesson_2_registry(run: Run, registry: ModelRegistry) -> tuple[dict, dict]:
+    """Register 1.0, a fine-tune 1.1 and a wider 2.0; register 1.1's weights again.
+
+    1.1 starts from 1.0's weights (its record says so in init_from and parent), which is
+    how a lineage of fine-tunes stays traceable; 2.0 has another hidden width, so the
+    rules give it a new major number. The last registration finds 1.1's fingerprint in the
+    index and returns 1.1 instead of creating 1.2.
+    """
     run.section("2. A registry: versions, metadata, a model card")
     small = {"class": "MLP", "kwargs": {"in_features": 20, "hidden": 32, "num_classes": 4,
                                         "dropout": 0.1}}
     wide = {"class": "MLP", "kwargs": {**small["kwargs"], "hidden": 64}}
-    models = {}
-
-    model, history, data_fp = train_version(BASE_CONFIG, small, run.device)
-    models["1.0"] = registry.register(NAME, model, architecture=small,
-                                      hyperparameters=BASE_CONFIG, history=history,
-                                      data_fingerprint=data_fp, seed=BASE_CONFIG["seed"])
     finetune = {**BASE_CONFIG, "lr": 1e-3, "epochs": 2, "seed": 1, "init_from": "1.0"}
-    model, history, data_fp = train_version(finetune, small, run.device,
-                                            init_state=models["1.0"].model.state_dict())
-    models["1.1"] = registry.register(NAME, model, architecture=small, hyperparameters=finetune,
-                                      history=history, data_fingerprint=data_fp,
-                                      seed=finetune["seed"], parent="1.0")
-    model, history, data_fp = train_version(BASE_CONFIG, wide, run.device)
-    models["2.0"] = registry.register(NAME, model, architecture=wide,
-                                      hyperparameters=BASE_CONFIG, history=history,
-                                      data_fingerprint=data_fp, seed=BASE_CONFIG["seed"],
-                                      parent="1.1")
+    models = {}
+    for version, config, architecture, parent in (("1.0", BASE_CONFIG, small, None),
+                                                  ("1.1", finetune, small, "1.0"),
+                                                  ("2.0", BASE_CONFIG, wide, "1.1")):
+        init = models[parent].model.state_dict() if config["init_from"] else None
+        model, history, data_fp = train_version(config, architecture, run.device, init)
+        models[version] = registry.register(
+            NAME, model, architecture=architecture, hyperparameters=config, history=history,
+            data_fingerprint=data_fp, seed=config["seed"], parent=parent)
     again = registry.register(NAME, models["1.1"].model, architecture=small,
                               hyperparameters=finetune, history=[], data_fingerprint=data_fp,
                               seed=finetune["seed"], parent="1.0")
@@ -735,18 +912,28 @@ def lesson_2_registry(run: Run, registry: ModelRegistry) -> dict[str, VersionedM
     print("  " + "\n  ".join(card.read_text().splitlines()[:6]))
     run.artifact("registry", registry.root)
     run.artifact("model_card", card)
-    run.record("versions", ", ".join(registry.versions(NAME)))
-    run.record("duplicate_registration_version", again.metadata["version"])
-    return models
+    return models, {"versions": ", ".join(registry.versions(NAME)),
+                    "duplicate_registration_version": again.metadata["version"]}
+
+
+if in_notebook():
+    models, figures = lesson_2_registry(run, registry)
+    run.record_all(figures)
 
 
 # %% 3. Aliases: production and staging
 # Deployment code should not hard-code "1.1": it loads an alias, and promoting a model is
 # moving the alias (MLflow replaced its fixed stages with such aliases). A rollback is moving
-# it back. The alias lives in registry.json, rewritten atomically.
+# it back. The alias lives in registry.json, rewritten atomically under the registry's lock,
+# and an alias may only point at a version that exists.
 
 
-def lesson_3_aliases(run: Run, registry: ModelRegistry) -> None:
+def lesson_3_aliases(run: Run, registry: ModelRegistry) -> dict:
+    """Point production and staging at versions, promote, and load by alias.
+
+    The serving side only ever says load(NAME, "production"); which version that is, is
+    decided in one place, and changing it is one atomic rewrite of registry.json.
+    """
     run.section("3. Aliases: production and staging")
     registry.set_alias(NAME, "production", "1.0")
     registry.set_alias(NAME, "staging", "1.1")
@@ -756,7 +943,11 @@ def lesson_3_aliases(run: Run, registry: ModelRegistry) -> None:
     print(f"  after promoting 1.1 and staging 2.0: {registry.aliases(NAME)}")
     loaded = registry.load(NAME, "production", run.device)
     print(f"  load('production') -> version {loaded.metadata['version']}")
-    run.record("production_version", loaded.metadata["version"])
+    return {"production_version": loaded.metadata["version"]}
+
+
+if in_notebook():
+    run.record_all(lesson_3_aliases(run, registry))
 
 
 # %% 4. Integrity on every load
@@ -772,37 +963,48 @@ def lesson_3_aliases(run: Run, registry: ModelRegistry) -> None:
 # The fingerprints in metadata.json are computed from the tensors actually written.
 
 
-def lesson_4_integrity(run: Run, registry: ModelRegistry) -> None:
+def lesson_4_integrity(run: Run, registry: ModelRegistry) -> dict:
+    """Flip one bit in a copy of 1.1's weights; then swap in 1.0's weights. Both refused.
+
+    The flipped bit still loads with safetensors (the file is well-formed); only the
+    recomputed fingerprint notices, and the per-tensor hashes name the tensor. The swapped
+    file is caught earlier, by the fingerprint its own header records.
+    """
     run.section("4. Integrity on every load")
-    tampered = run.out_dir / "tampered_copy"
-    shutil.rmtree(tampered, ignore_errors=True)
-    shutil.copytree(registry.folder(NAME, "1.1"), tampered)
-    weights = tampered / VersionedModel.WEIGHTS
-    data = bytearray(weights.read_bytes())
-    data[-3] ^= 0x01  # flip one bit in the last tensor's bytes; the file still loads
-    weights.write_bytes(bytes(data))
-    try:
-        VersionedModel.load(tampered, build_model)
-        detected = False
-    except IntegrityError as err:
-        detected = True
-        print(f"  IntegrityError: {str(err).replace(str(run.out_dir) + os.sep, '')}")
-    shutil.copy(registry.folder(NAME, "1.0") / VersionedModel.WEIGHTS, weights)
-    try:
-        VersionedModel.load(tampered, build_model)
-    except IntegrityError as err:
-        print(f"  IntegrityError: {str(err).replace(str(run.out_dir) + os.sep, '')}")
-    shutil.rmtree(tampered)
-    run.record("tampering_detected", detected)
+    detected = []
+    with run.scratch("tampered_copy") as tampered:
+        shutil.copytree(registry.folder(NAME, "1.1"), tampered, dirs_exist_ok=True)
+        weights = tampered / VersionedModel.WEIGHTS
+        data = bytearray(weights.read_bytes())
+        data[-3] ^= 0x01  # flip one bit in the last tensor's bytes; the file still loads
+        weights.write_bytes(bytes(data))
+        for attempt in ("flipped bit", "another version's weights"):
+            if attempt == "another version's weights":
+                shutil.copy(registry.folder(NAME, "1.0") / VersionedModel.WEIGHTS, weights)
+            try:
+                VersionedModel.load(tampered, build_model)
+            except IntegrityError as err:
+                detected.append(attempt)
+                print(f"  IntegrityError: {str(err).replace(str(run.out_dir) + os.sep, '')}")
+    return {"tampering_detected": detected == ["flipped bit", "another version's weights"]}
+
+
+if in_notebook():
+    run.record_all(lesson_4_integrity(run, registry))
 
 
 # %% 5. Diff two versions
 # Before promoting a version, look at what changed: hyperparameters, metrics, and per tensor
 # whether and how much the weights moved. A fine-tune that changed nothing, or a tensor that
-# should have been frozen but moved, shows up here.
+# should have been frozen but moved, shows up here; a reshaped tensor means a new design.
 
 
-def lesson_5_diff(run: Run, models: dict[str, VersionedModel]) -> None:
+def lesson_5_diff(run: Run, models: dict[str, VersionedModel]) -> dict:
+    """What changed from 1.0 to 1.1 (a fine-tune) and from 1.1 to 2.0 (a new design).
+
+    A fine-tune moves every tensor a little (max |diff| per tensor, printed); a new design
+    shows up as reshaped tensors, which no fine-tune can produce.
+    """
     run.section("5. Diff two versions")
     diff = diff_versions(models["1.0"], models["1.1"])
     print(f"  1.0 -> 1.1 hyperparameters: {diff['hyperparameters']}")
@@ -813,8 +1015,12 @@ def lesson_5_diff(run: Run, models: dict[str, VersionedModel]) -> None:
     print(f"    unchanged tensors: {diff['unchanged'] or 'none'}")
     major = diff_versions(models["1.1"], models["2.0"])
     print(f"  1.1 -> 2.0 reshaped: {list(major['reshaped'])}")
-    run.record("diff_tensors_changed", len(diff["changed"]))
-    run.record("diff_tensors_reshaped_major", len(major["reshaped"]))
+    return {"diff_tensors_changed": len(diff["changed"]),
+            "diff_tensors_reshaped_major": len(major["reshaped"])}
+
+
+if in_notebook():
+    run.record_all(lesson_5_diff(run, models))
 
 
 # %% 6. Reproducibility: retrain from the record
@@ -828,7 +1034,12 @@ def lesson_5_diff(run: Run, models: dict[str, VersionedModel]) -> None:
 # that is why this lesson retrains on the CPU.
 
 
-def lesson_6_reproduce(run: Run, registry: ModelRegistry) -> None:
+def lesson_6_reproduce(run: Run, registry: ModelRegistry) -> dict:
+    """Retrain 1.0 and 1.1 from their records alone; compare fingerprints.
+
+    The record is all the retraining gets: config, seed, architecture and, for 1.1, the
+    parent version to start from. "identical" means every byte of every tensor matches.
+    """
     run.section("6. Reproducibility: retrain from the record")
     results = {}
     for version in ("1.0", "1.1"):
@@ -845,7 +1056,11 @@ def lesson_6_reproduce(run: Run, registry: ModelRegistry) -> None:
               f" vs recorded {record['fingerprints']['content'][:12]} -> "
               f"{'identical' if results[version] else 'DIFFERENT'}; data fingerprint "
               f"{'matches' if data_fp == record['environment']['data_fingerprint'] else 'differs'}")
-    run.record("reproduced_fingerprint_matches", all(results.values()))
+    return {"reproduced_fingerprint_matches": all(results.values())}
+
+
+if in_notebook():
+    run.record_all(lesson_6_reproduce(run, registry))
 
 
 # %% 7. Migrating old checkpoints: _version and _load_from_state_dict
@@ -857,18 +1072,25 @@ def lesson_6_reproduce(run: Run, registry: ModelRegistry) -> None:
 # registry records module versions in metadata.json and restores them on load.
 
 
-def lesson_7_migration(run: Run) -> None:
+class RenamedWithoutMigration(nn.Module):
+    """RenamedMLP's layers without its _load_from_state_dict: what breaks without it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.classifier = nn.Linear(20, 32), nn.Linear(32, 4)
+
+
+def lesson_7_migration(run: Run) -> dict:
+    """Load a LegacyMLP checkpoint into RenamedMLP, with and without the migration.
+
+    The old checkpoint carries module version 1 (LegacyMLP has no _version, so torch
+    records 1); RenamedMLP sees that number in _load_from_state_dict and renames the keys.
+    """
     run.section("7. Migrating old checkpoints: _version and _load_from_state_dict")
     legacy = LegacyMLP()
     old_state = legacy.state_dict()
     print(f"  old checkpoint keys: {list(old_state)} (module version "
           f"{old_state._metadata['']['version']})")
-
-    class RenamedWithoutMigration(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder, self.classifier = nn.Linear(20, 32), nn.Linear(32, 4)
-
     try:
         RenamedWithoutMigration().load_state_dict(old_state)
     except RuntimeError as err:
@@ -882,12 +1104,17 @@ def lesson_7_migration(run: Run) -> None:
     print(f"  and saves the new names {list(new_state)} with version "
           f"{new_state._metadata['']['version']}, which load without renaming")
     RenamedMLP().load_state_dict(new_state)
-    run.record("migration_max_abs_diff", diff)
+    return {"migration_max_abs_diff": diff}
+
+
+if in_notebook():
+    run.record_all(lesson_7_migration(run))
 
 
 # %% 8. Verify a saved version from the command line
 # `python 03_model_versioning.py --verify PATH` runs the same checks as a load, prints one
-# line and exits 0 (OK) or 1 (what is wrong), with no traceback: fit for CI and deploy scripts.
+# line and exits 0 (OK) or 1 (what is wrong), with no traceback: fit for CI and deploy
+# scripts, which should check the exact files they are about to ship.
 
 
 def verify_cli(path: str) -> int:
@@ -905,51 +1132,58 @@ def verify_cli(path: str) -> int:
     return 0
 
 
-def lesson_8_verify(run: Run, registry: ModelRegistry) -> None:
+def lesson_8_verify(run: Run, registry: ModelRegistry) -> dict:
+    """Run this script's --verify on the production version, in a child process.
+
+    A child process, because that is how CI or a deploy script uses it: the exit code is
+    the answer, and the one printed line is the explanation.
+    """
     run.section("8. Verify a saved version from the command line")
     folder = registry.folder(NAME, registry.resolve(NAME, "production"))
-    print(f"  $ python {Path(__file__).name} --verify {folder}")
-    completed = subprocess.run([sys.executable, __file__, "--verify", str(folder)],
+    print(f"  $ python {HERE.name} --verify {folder}")
+    completed = subprocess.run([sys.executable, str(HERE), "--verify", str(folder)],
                                capture_output=True, text=True, check=False)
     print(f"  {completed.stdout.strip()}  (exit {completed.returncode})")
     run.artifact("released_version", folder)
-    run.record("verify_exit_code", completed.returncode)
+    return {"verify_exit_code": completed.returncode}
+
+
+if in_notebook():
+    run.record_all(lesson_8_verify(run, registry))
+
+
+# %% Summary
+# What the run measured, the files it wrote (also in summary.json), and what to try next.
+RECAP = [
+    "identify weights by a content fingerprint (keys, dtypes, shapes, bytes), not by "
+    "the .pt file's hash; identify designs by an architecture signature",
+    "a version = immutable folder: safetensors + metadata.json + model card; aliases "
+    "move, versions do not",
+    "verify fingerprints on every load; record config + seed + data fingerprint to "
+    "reproduce; migrate renamed parameters with _version",
+]
+TRY_IT = ("edit a number in a version's metadata.json or flip a byte in its "
+          "model.safetensors, then run --verify on it; next, 04_onnx_export.py")
+
+if in_notebook():
+    summary = run.finish(RECAP, TRY_IT)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every lesson in order and return the summary (also written to summary.json)."""
-    parser = make_parser(__file__, __doc__.splitlines()[0])
-    parser.add_argument("--verify", metavar="PATH",
-                        help="only verify a saved version (folder or .safetensors), then exit")
-    args = parser.parse_args(argv)
-    if args.verify:
-        raise SystemExit(verify_cli(args.verify))
-    run = Run(__file__, args)
-    registry_root = run.out_dir / "registry"
-    shutil.rmtree(registry_root, ignore_errors=True)  # this run's registry starts empty
-    registry = ModelRegistry(registry_root)
-
-    lesson_1_fingerprints(run)
-    models = lesson_2_registry(run, registry)
-    lesson_3_aliases(run, registry)
-    lesson_4_integrity(run, registry)
-    lesson_5_diff(run, models)
-    lesson_6_reproduce(run, registry)
-    lesson_7_migration(run)
-    lesson_8_verify(run, registry)
-    return run.finish(
-        recap=[
-            "identify weights by a content fingerprint (keys, dtypes, shapes, bytes), not by "
-            "the .pt file's hash; identify designs by an architecture signature",
-            "a version = immutable folder: safetensors + metadata.json + model card; aliases "
-            "move, versions do not",
-            "verify fingerprints on every load; record config + seed + data fingerprint to "
-            "reproduce; migrate renamed parameters with _version",
-        ],
-        try_it="edit a number in a version's metadata.json or flip a byte in its "
-               "model.safetensors, then run --verify on it; next, 04_onnx_export.py",
-    )
+    run, registry = setup(argv)
+    run.record_all(lesson_1_fingerprints(run))
+    run.record_all(lesson_1b_what_changes(run))
+    models, figures = lesson_2_registry(run, registry)
+    run.record_all(figures)
+    run.record_all(lesson_3_aliases(run, registry))
+    run.record_all(lesson_4_integrity(run, registry))
+    run.record_all(lesson_5_diff(run, models))
+    run.record_all(lesson_6_reproduce(run, registry))
+    run.record_all(lesson_7_migration(run))
+    run.record_all(lesson_8_verify(run, registry))
+    return run.finish(RECAP, TRY_IT)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not in_notebook():
     main()

@@ -71,6 +71,14 @@ def first_line(err: BaseException, containing: str = "") -> str:
     return lines[0] if lines else type(err).__name__
 
 
+def lesson_argv(argv: list[str] | None = None) -> list[str] | None:
+    """The flags to parse: ``argv`` if given; in a notebook kernel, ``LESSON_ARGS`` split
+    like a shell would; else None (argparse then reads ``sys.argv``)."""
+    if argv is None and in_notebook():
+        return shlex.split(os.environ.get("LESSON_ARGS", ""))
+    return argv
+
+
 def make_parser(script_file: str, description: str) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` with the shared flags ``--device``, ``--out-dir`` and ``--seed``.
 
@@ -135,9 +143,7 @@ class Run:
         ``argv=None`` means ``sys.argv`` in a script, and ``LESSON_ARGS`` in a notebook kernel
         (whose own argv holds the kernel's flags, not the lesson's).
         """
-        if argv is None and in_notebook():
-            argv = shlex.split(os.environ.get("LESSON_ARGS", ""))
-        return cls(script_file, parser.parse_args(argv))
+        return cls(script_file, parser.parse_args(lesson_argv(argv)))
 
     def section(self, title: str) -> None:
         """Print a banner for ``title``; use the same ``N. Heading`` as the ``# %%`` cell."""

@@ -255,3 +255,28 @@ def test_07_claims(default_run):
                           weights_only=True)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in portable)
     SmallCNN().load_state_dict(portable)  # a plain single-process model, strict
+
+
+def test_checkpoints_share_one_vocabulary(default_run):
+    """01, 02, 06 and 07 write checkpoints with the collection's keys and rng sub-keys."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from common.training import CHECKPOINT_KEYS
+
+    rng_keys = {"python", "numpy", "torch", "loader"} | (
+        {"cuda"} if torch.cuda.is_available() else set())
+    checkpoints = []
+    for stem, artifact in (("01_basic_save_load", "checkpoint"),
+                           ("06_transfer_learning", "finetune_checkpoint")):
+        run = default_run(stem)
+        checkpoints.append(run.out_dir / run.summary["artifacts"][artifact])
+    run = default_run("02_checkpoint_manager")
+    checkpoints += sorted((run.out_dir / run.summary["artifacts"]["checkpoints"]).glob("*.pt"))
+    for path in checkpoints:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        assert set(checkpoint) <= set(CHECKPOINT_KEYS), (path.name, set(checkpoint))
+        assert set(checkpoint["rng"]) == rng_keys, path.name
+    run = default_run("07_distributed_training")
+    metadata = FileSystemReader(run.out_dir / run.summary["artifacts"]["dcp_checkpoint"]
+                                ).read_metadata()
+    assert {key.split(".")[0] for key in metadata.state_dict_metadata} == {"model", "optimizer"}
