@@ -1,22 +1,43 @@
 """01 · Saving and loading basics — save, reload and move any PyTorch model safely and exactly.
 
 What you will learn (each section runs real code and prints the measured figure):
-  1. What a state_dict holds: parameters, buffers, and the optimizer's state and param_groups
-  2. Method 1, pickling the whole model, and why it breaks and needs weights_only=False
-  3. Method 2, the state_dict (recommended): save, rebuild, load, eval(), identical outputs
-  4. Method 3, a general training checkpoint, resuming from it, several models in one file
-  5. Pitfalls: state_dict() returns references, views save their whole storage, strict=False
-  6. Devices: map_location, a CUDA checkpoint on a CPU-only machine, optimizer state
-  7. Security: weights_only=True, a malicious pickle, allow-listing your own types
-  8. safetensors: the format that cannot run code
-  9. Big checkpoints: mmap=True + the meta device + assign=True, in fresh processes
- 10. File sizes: fp32 vs fp16/bf16, weights only vs weights + Adam state
- 11. train() vs eval(), no_grad vs inference_mode
- 12. Bad input: clear errors for missing, truncated, foreign and mismatched files
+  1.  What a state_dict holds: parameters, buffers, and the optimizer's state and param_groups
+  2.  Method 1, pickling the whole model: what the file holds, and safe_globals instead of
+      weights_only=False
+  2b. Why a pickled model breaks when its class moves
+  3.  Method 2, the state_dict (recommended): save, rebuild, load, eval(), identical outputs
+  4.  Method 3, a general training checkpoint, and resuming from it exactly
+  4b. Several models in one file
+  5.  Pitfall: state_dict() returns references
+  5b. Pitfall: a view saves its whole storage
+  5c. Pitfall: strict=False still checks shapes
+  6.  Devices: map_location, a CUDA checkpoint on a CPU-only machine
+  6b. Optimizer state follows the parameters it manages
+  7.  Security: weights_only=True, a malicious pickle, and the torch versions to avoid
+  7b. Allow-listing your own types
+  8.  safetensors: the format that cannot run code
+  9.  Big checkpoints: mmap=True + the meta device + assign=True, in fresh processes
+  9b. Two traps of meta + assign=True: the optimizer, and non-persistent buffers
+  10. File sizes: fp32 vs fp16/bf16, weights only vs weights + Adam state
+  11. train() vs eval(), no_grad vs inference_mode
+  12. Bad input: clear errors for missing, truncated, foreign and mismatched files
 
 Run it:   python 01_basic_save_load.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
-Takes:    about 8 s on a 2-core CPU (two child processes load a ~270 MB checkpoint).
+          As a notebook: run the cells top to bottom from the project folder (jupytext,
+          VS Code, PyCharm); flags go in the LESSON_ARGS environment variable.
+Takes:    about 9 s on a 2-core CPU (two child processes load a ~270 MB checkpoint).
 Next:     02_checkpoint_manager.py, checkpoints that survive crashes and resume bit-exactly.
+
+Files it writes (in --out-dir): the files each section names as it writes them (a whole
+pickled model, a state_dict, a training checkpoint, a two-model checkpoint, a file tagged
+cuda:0, a safetensors file), security/ (a malicious checkpoint, kept so you can inspect it
+yourself; never load it with weights_only=False), bad_input/ (the six bad files of section
+12) and summary.json. The big checkpoint of section 9 and the other throw-away files live
+in scratch folders that are removed when their section ends.
+
+The reusable pieces below (load_checkpoint, check_state_dict_fits, load_weights) are what a
+reader copies into a project: a loader whose every failure is one line naming the file and
+the cause, and that never changes the model unless the whole checkpoint fits.
 """
 
 from __future__ import annotations
@@ -43,9 +64,16 @@ from torch import nn
 from common.compare import max_abs_diff
 from common.data import make_image_classification, make_loaders
 from common.models import MLP, SmallCNN
-from common.run import Run, format_bytes, make_parser
+from common.run import Run, format_bytes, in_notebook, make_parser, script_file
 from common.timing import benchmark
-from common.training import fit, train_one_epoch
+from common.training import (
+    capture_rng_state,
+    restore_rng_state,
+    train_demo_model,
+    train_one_epoch,
+)
+
+HERE = script_file(globals(), "01_basic_save_load.py")  # a notebook kernel has no __file__
 
 # ############################################################################################
 # Reusable pieces: copy these into your own code.
@@ -150,7 +178,10 @@ def check_state_dict_fits(model: nn.Module, state_dict: Mapping[str, Any], sourc
 def load_weights(model: nn.Module, path: str | Path, map_location: Any = "cpu") -> nn.Module:
     """Load a state_dict file (or a checkpoint dict with a ``"model"`` key) into ``model``.
 
-    Every failure is a ``CheckpointLoadError`` naming the file and the cause.
+    Every failure is a ``CheckpointLoadError`` naming the file and the cause. The steps are
+    the three ways a load goes wrong, in order: the file (missing, empty, truncated, not a
+    checkpoint, refused by weights_only), its content (not a state_dict), and the fit (keys
+    and shapes, checked on a meta twin before anything is copied into ``model``).
     """
     loaded = load_checkpoint(path, map_location)
     state_dict = loaded.get("model", loaded) if isinstance(loaded, dict) else loaded
@@ -165,7 +196,11 @@ def load_weights(model: nn.Module, path: str | Path, map_location: Any = "cpu") 
 
 
 def first_line(err: BaseException) -> str:
-    """The one line of an exception message that matters (ANSI colour codes removed)."""
+    """The one line of an exception message that matters (ANSI colour codes removed).
+
+    torch's messages often run to a dozen lines of advice; a log line or a CLI error wants
+    the first, which says what happened.
+    """
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
@@ -265,8 +300,28 @@ print(json.dumps({"load_seconds": load_seconds,
 
 
 # ############################################################################################
-# The lessons, in order.
+# The lessons, in order. In a notebook each cell runs its lesson (the `if in_notebook():`
+# lines); `python 01_basic_save_load.py` runs them all through main() at the bottom.
 # ############################################################################################
+
+# %% Setup
+# The flags (--device, --out-dir, --seed) and one small model trained for two epochs, for the
+# lessons that need trained weights; `inputs` is one validation batch to compare outputs on.
+# In a notebook the flags come from the LESSON_ARGS environment variable (none: defaults).
+
+
+def setup(argv: list[str] | None = None) -> tuple[Run, nn.Module, tuple, torch.Tensor]:
+    """Start the run and train the demo model; return run, model, loaders and a batch."""
+    run = Run.start(HERE, make_parser(HERE, __doc__.splitlines()[0]), argv)
+    model, loaders, accuracy = train_demo_model(run.device, run.seed)
+    print(f"trained SmallCNN for 2 epochs: validation accuracy {accuracy:.3f}")
+    run.record("trained_val_accuracy", accuracy)
+    return run, model, loaders, next(iter(loaders[1]))[0].to(run.device)
+
+
+if in_notebook():
+    run, model, loaders, inputs = setup()
+
 
 # %% 1. What is a state_dict?
 # A state_dict is a plain dict (an OrderedDict) from names to tensors. It is what you save.
@@ -283,7 +338,12 @@ print(json.dumps({"load_seconds": load_seconds,
 # Docs: https://pytorch.org/tutorials/beginner/saving_loading_models.html#what-is-a-state-dict
 
 
-def lesson_1_what_is_a_state_dict(run: Run) -> None:
+def lesson_1_what_is_a_state_dict(run: Run) -> dict:
+    """List a SmallCNN's state_dict (parameters vs buffers) and an Adam state_dict.
+
+    What to look for: 16 entries, of which 6 are buffers (two BatchNorm layers, three each);
+    Adam's state exists only after its first step(), one entry per parameter, keyed 0, 1, 2.
+    """
     run.section("1. What is a state_dict?")
     model = SmallCNN().to(run.device)
     parameter_names = {name for name, _ in model.named_parameters()}
@@ -294,40 +354,49 @@ def lesson_1_what_is_a_state_dict(run: Run) -> None:
     n_buffers = len(state_dict) - len(parameter_names)
     print(f"  -> {len(state_dict)} entries: "
           f"{len(parameter_names)} parameters + {n_buffers} buffers")
-
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    images = torch.randn(8, 1, 16, 16, device=run.device)
-    model(images).sum().backward()
+    model(torch.randn(8, 1, 16, 16, device=run.device)).sum().backward()
     optimizer.step()  # Adam creates its per-parameter state on the first step
     optimizer_state = optimizer.state_dict()
-    first = optimizer_state["state"][0]
+    group = optimizer_state["param_groups"][0]
     print(f"  optimizer.state_dict() keys: {list(optimizer_state)}")
-    print(f"  state[0] (the 1st parameter) holds: {list(first)}")
-    group = {k: v for k, v in optimizer_state["param_groups"][0].items() if k != "params"}
+    print(f"  state[0] (the 1st parameter) holds: {list(optimizer_state['state'][0])}")
     print(f"  param_groups[0]: lr={group['lr']}, betas={group['betas']}, "
-          f"params={optimizer_state['param_groups'][0]['params'][:4]}... (positions, not names)")
+          f"params={group['params'][:4]}... (positions, not names)")
     named = torch.optim.Adam(model.named_parameters(), lr=1e-3).state_dict()["param_groups"][0]
     print(f"  built from named_parameters(): params={named['params'][:2]}..., "
           f"param_names={named['param_names'][:2]}... (loading still goes by position)")
-    run.record("state_dict_entries", len(state_dict))
-    run.record("parameter_tensors", len(parameter_names))
-    run.record("buffer_tensors", n_buffers)
-    run.record("optimizer_state_entries", len(optimizer_state["state"]))
+    return {"state_dict_entries": len(state_dict), "parameter_tensors": len(parameter_names),
+            "buffer_tensors": n_buffers, "optimizer_state_entries": len(optimizer_state["state"])}
+
+
+if in_notebook():
+    run.record_all(lesson_1_what_is_a_state_dict(run))
 
 
 # %% 2. Method 1: pickle the whole model (and why not to)
 # torch.save(model, path) pickles the object. Pickle does not store your class's code: it
 # stores its import path ("common.models.SmallCNN") and the object's attributes; on load it
 # imports that path, creates an EMPTY instance (your __init__ never runs) and fills in the
-# attributes. So the file breaks when you rename the module, move the class, or load it in a
-# project without that code: "ModuleNotFoundError" / "Can't get attribute 'Net' on <module>".
-# weights_only=True refuses it, because the file asks to import classes. You need not switch
-# to weights_only=False (the mechanism that can run arbitrary code, section 7): allow exactly
-# the classes the file names, torch.serialization.safe_globals([SmallCNN, nn.Conv2d, ...]).
-# Use whole-model pickles only for files you made; share state_dicts.
+# attributes. weights_only=True refuses such a file, because it asks to import classes.
+# You need not switch to weights_only=False (the mechanism that can run arbitrary code,
+# section 7): allow exactly the classes the file names, with
+# torch.serialization.safe_globals([SmallCNN, nn.Conv2d, ...]). get_unsafe_globals_in_checkpoint
+# lists them without loading anything.
 
 
-def lesson_2_pickle_whole_model(run: Run, model: nn.Module, inputs: torch.Tensor) -> None:
+def unsupported_global(err: BaseException) -> str:
+    """The ``Unsupported global: ...`` part of a weights_only refusal."""
+    match = re.search(r"Unsupported global: GLOBAL \S+", str(err))
+    return match.group(0) if match else first_line(err)
+
+
+def lesson_2_pickle_whole_model(run: Run, model: nn.Module, inputs: torch.Tensor) -> dict:
+    """Pickle the trained model; load it back with weights_only=False, then allow-listed.
+
+    Both loads give identical outputs; only the second one could not have run foreign code,
+    because it accepts exactly the ten classes listed and nothing else.
+    """
     run.section("2. Method 1: pickle the whole model (and why not to)")
     path = run.path("whole_model.pt")
     torch.save(model, path)
@@ -340,24 +409,37 @@ def lesson_2_pickle_whole_model(run: Run, model: nn.Module, inputs: torch.Tensor
     except Exception as err:
         print(f"  weights_only=True refuses it: {unsupported_global(err)}")
     # We wrote this file ourselves seconds ago, so weights_only=False is acceptable HERE ONLY.
-    reloaded = torch.load(path, map_location=run.device, weights_only=False)
-    model.eval()
-    reloaded.eval()
-    with torch.no_grad():
-        diff = max_abs_diff(model(inputs), reloaded(inputs))
-    print(f"  reloaded with weights_only=False: outputs max |diff| = {diff}")
-    # Safer: allow exactly the classes the file names, and keep weights_only=True.
+    reloaded = torch.load(path, map_location=run.device, weights_only=False).eval()
     allowed = [SmallCNN, nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d,
                nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Linear]
-    with torch.serialization.safe_globals(allowed):
+    with torch.serialization.safe_globals(allowed):  # safer: weights_only stays True
         allow_listed = torch.load(path, map_location=run.device, weights_only=True).eval()
     with torch.no_grad():
+        diff = max_abs_diff(model.eval()(inputs), reloaded(inputs))
         safe_diff = max_abs_diff(model(inputs), allow_listed(inputs))
+    print(f"  reloaded with weights_only=False: outputs max |diff| = {diff}")
     print(f"  weights_only=True inside safe_globals([{len(allowed)} classes]): outputs "
           f"max |diff| = {safe_diff}")
+    return {"pickled_model_globals": len(referenced), "pickled_model_reload_max_abs_diff": diff,
+            "pickled_model_safe_globals_max_abs_diff": safe_diff}
 
-    # Why it breaks: define a class in a module, pickle an instance, then "move" the module
-    # (we drop it from sys.modules; renaming the file or deleting the class does the same).
+
+if in_notebook():
+    run.record_all(lesson_2_pickle_whole_model(run, model, inputs))
+
+
+# %% 2b. Why a pickled model breaks when the code moves
+# Because the file holds an import path, it breaks when you rename the module, move the class,
+# or load it in a project without that code: "ModuleNotFoundError: No module named ..." or
+# "Can't get attribute 'Net' on <module ...>". Below, a class lives in a module called
+# my_old_project; we pickle an instance, then "move" the module (drop it from sys.modules,
+# which is what renaming the file does to the next process). Use whole-model pickles only for
+# files you made and will load with the same code; share state_dicts.
+
+
+def lesson_2b_pickle_breaks(run: Run) -> dict:
+    """Pickle an instance of a class in a module, remove the module, load: it fails."""
+    run.section("2b. Why a pickled model breaks when the code moves")
     module = types.ModuleType("my_old_project")
     sys.modules["my_old_project"] = module
 
@@ -366,26 +448,21 @@ def lesson_2_pickle_whole_model(run: Run, model: nn.Module, inputs: torch.Tensor
 
     Net.__module__, Net.__qualname__ = "my_old_project", "Net"
     module.Net = Net
-    old_path = run.path("whole_model_old_project.pt")
-    torch.save(Net(4, 2), old_path)
-    del sys.modules["my_old_project"]
-    try:
-        torch.load(old_path, map_location="cpu", weights_only=False)
-        breaks = False
-    except ModuleNotFoundError as err:
-        breaks = True
-        print(f"  after the module moved: {type(err).__name__}: {err}")
-    old_path.unlink()  # only a demonstration; keep the out-dir to files a reader may open
-    run.record("pickled_model_globals", len(referenced))
-    run.record("pickled_model_reload_max_abs_diff", diff)
-    run.record("pickled_model_safe_globals_max_abs_diff", safe_diff)
-    run.record("pickled_model_breaks_when_class_moves", breaks)
+    with run.scratch("old_project") as folder:
+        torch.save(Net(4, 2), folder / "whole_model_old_project.pt")
+        del sys.modules["my_old_project"]
+        try:  # our own file, so weights_only=False only shows the import failure
+            torch.load(folder / "whole_model_old_project.pt", map_location="cpu",
+                       weights_only=False)
+            breaks = False
+        except ModuleNotFoundError as err:
+            breaks = True
+            print(f"  after the module moved: {type(err).__name__}: {err}")
+    return {"pickled_model_breaks_when_class_moves": breaks}
 
 
-def unsupported_global(err: BaseException) -> str:
-    """The ``Unsupported global: ...`` part of a weights_only refusal."""
-    match = re.search(r"Unsupported global: GLOBAL \S+", str(err))
-    return match.group(0) if match else first_line(err)
+if in_notebook():
+    run.record_all(lesson_2b_pickle_breaks(run))
 
 
 # %% 3. Method 2: save the state_dict (recommended)
@@ -396,10 +473,15 @@ def unsupported_global(err: BaseException) -> str:
 #     model.eval()   # ALWAYS before inference: Dropout off, BatchNorm uses running statistics
 # The file holds only tensors and names, loads with weights_only=True, and survives any
 # refactor that keeps the parameter names. load_state_dict is strict by default: every key
-# must match, which is what you want (section 5 shows strict=False).
+# must match, which is what you want (section 5c shows strict=False).
 
 
-def lesson_3_state_dict(run: Run, model: nn.Module, inputs: torch.Tensor) -> None:
+def lesson_3_state_dict(run: Run, model: nn.Module, inputs: torch.Tensor) -> dict:
+    """Save the trained model's state_dict, rebuild, load, compare outputs.
+
+    load_state_dict returns its report (missing and unexpected keys, both empty here); the
+    outputs of the original and the rebuilt model agree to the bit, in eval() mode.
+    """
     run.section("3. Method 2: save the state_dict (recommended)")
     path = run.path("model_state_dict.pt")
     torch.save(model.state_dict(), path)
@@ -412,60 +494,60 @@ def lesson_3_state_dict(run: Run, model: nn.Module, inputs: torch.Tensor) -> Non
     with torch.no_grad():
         diff = max_abs_diff(model(inputs), rebuilt(inputs))
     print(f"  outputs of original vs rebuilt model: max |diff| = {diff}")
-    run.record("state_dict_reload_max_abs_diff", diff)
+    return {"state_dict_reload_max_abs_diff": diff}
 
 
-# %% 4. Method 3: a general checkpoint, resuming, several models in one file
+if in_notebook():
+    run.record_all(lesson_3_state_dict(run, model, inputs))
+
+
+# %% 4. Method 3: a general checkpoint, and resuming from it
 # To resume training you need more than weights: the optimizer's state (Adam's moments), the
 # scheduler's position, the epoch, and, for an exact resume, the random generators (Dropout
 # masks, the data loader's shuffle order). Save a plain dict with keys that say what they hold.
 # The key set is the one the whole collection uses (common/__init__.py): "epoch" is the NEXT
-# epoch to run, so `for epoch in range(checkpoint["epoch"], epochs)` neither repeats nor skips.
-# 02_checkpoint_manager.py turns this into a manager that survives crashes.
+# epoch to run, so `for epoch in range(checkpoint["epoch"], epochs)` neither repeats nor skips;
+# "rng" holds every generator (common.training.capture_rng_state: Python's, NumPy's, torch's,
+# each GPU's and the loader's; 02 shows it line by line).
+# Below: 3 epochs straight through, saving after epoch 2; then fresh objects (another seed,
+# to prove everything comes from the file) resume from that checkpoint and finish.
 
 
-def lesson_4_general_checkpoint(run: Run) -> None:
-    run.section("4. Method 3: a general checkpoint, resuming, several models in one file")
-    epochs, crash_after = 3, 2
+def build_for_resume(run: Run, seed: int) -> tuple:
+    """Model, optimizer, scheduler and train loader for section 4, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    model = SmallCNN().to(run.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    train_loader, _ = make_loaders(make_image_classification(512, seed=run.seed), seed=run.seed)
+    return model, optimizer, scheduler, train_loader
 
-    def build(seed: int):
-        torch.manual_seed(seed)
-        model = SmallCNN().to(run.device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-        train_loader, _ = make_loaders(make_image_classification(512, seed=run.seed),
-                                       seed=run.seed)
-        return model, optimizer, scheduler, train_loader
 
-    # Straight through: 3 epochs, saving a checkpoint after epoch 2 on the way.
-    model, optimizer, scheduler, loader = build(run.seed)
-    path = run.path(f"checkpoint_epoch{crash_after:03d}.pt")
+def lesson_4_general_checkpoint(run: Run) -> dict:
+    """Train 3 epochs saving at epoch 2; resume fresh objects from it; compare weights.
+
+    The resumed objects start from ANOTHER seed, so a max |diff| of 0.0 at the end proves
+    that every piece of state came from the file: weights, momentum, the scheduler's
+    learning rate (halved each epoch) and the shuffle order of the third epoch.
+    """
+    run.section("4. Method 3: a general checkpoint, and resuming from it")
+    epochs, save_after = 3, 2
+    model, optimizer, scheduler, loader = build_for_resume(run, run.seed)
+    path = run.path(f"checkpoint_epoch{save_after:03d}.pt")
     for epoch in range(epochs):
         loss = train_one_epoch(model, loader, optimizer, run.device, scheduler)
-        if epoch + 1 == crash_after:
-            checkpoint = {
-                "epoch": epoch + 1,  # the NEXT epoch to run
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "metrics": {"train_loss": loss},
-                "rng": {"torch": torch.get_rng_state(), "loader": loader.generator.get_state()},
-            }
-            if run.device.type == "cuda":
-                checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state(run.device)
-            torch.save(checkpoint, path)
+        if epoch + 1 == save_after:
+            torch.save({"epoch": epoch + 1, "model": model.state_dict(),  # epoch: the NEXT one
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "metrics": {"train_loss": loss},
+                        "rng": capture_rng_state(loader.generator)}, path)
             run.artifact("checkpoint", path)
-
-    # Resume: fresh objects (another seed, to prove everything comes from the file), then load.
-    resumed, optimizer2, scheduler2, loader2 = build(run.seed + 100)
+    resumed, optimizer2, scheduler2, loader2 = build_for_resume(run, run.seed + 100)
     checkpoint = torch.load(path, map_location=run.device, weights_only=True)
     resumed.load_state_dict(checkpoint["model"])
     optimizer2.load_state_dict(checkpoint["optimizer"])
     scheduler2.load_state_dict(checkpoint["scheduler"])
-    torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
-    loader2.generator.set_state(checkpoint["rng"]["loader"].cpu())
-    if "cuda" in checkpoint["rng"]:
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"].cpu(), run.device)
+    restore_rng_state(checkpoint["rng"], loader2.generator)
     print(f"  resuming at epoch {checkpoint['epoch']} "
           f"(saved train_loss {checkpoint['metrics']['train_loss']:.4f}, "
           f"lr now {scheduler2.get_last_lr()[0]:.4f})")
@@ -473,94 +555,149 @@ def lesson_4_general_checkpoint(run: Run) -> None:
         train_one_epoch(resumed, loader2, optimizer2, run.device, scheduler2)
     diff = max_abs_diff(model.state_dict(), resumed.state_dict())
     print(f"  straight run vs save-at-epoch-2-then-resume, final weights: max |diff| = {diff}")
-    run.record("resume_max_abs_diff", diff)
+    return {"resume_max_abs_diff": diff}
 
-    # Several models (and their optimizers) in one file: one dict, one key per object.
+
+if in_notebook():
+    run.record_all(lesson_4_general_checkpoint(run))
+
+
+# %% 4b. Several models in one file
+# A GAN, an encoder-decoder, a teacher and a student: several models (and their optimizers) go
+# into ONE dict, one key per object, and load back key by key. Nothing new is needed; the
+# point is that a checkpoint is just a dict, so its keys should say what each entry is.
+
+
+def lesson_4b_several_models(run: Run) -> dict:
+    """Save a generator, a discriminator and an optimizer in one file; load them back."""
+    run.section("4b. Several models in one file")
     generator, discriminator = MLP(8, 32, 8), MLP(8, 32, 1)
-    multi_path = run.path("gan_checkpoint.pt")
+    path = run.path("gan_checkpoint.pt")
     torch.save({"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
                 "generator_optimizer": torch.optim.Adam(generator.parameters()).state_dict()},
-               multi_path)
-    run.artifact("multi_model_checkpoint", multi_path)
-    both = torch.load(multi_path, map_location="cpu", weights_only=True)
+               path)
+    run.artifact("multi_model_checkpoint", path)
+    both = torch.load(path, map_location="cpu", weights_only=True)
     generator2, discriminator2 = MLP(8, 32, 8), MLP(8, 32, 1)
     generator2.load_state_dict(both["generator"])
     discriminator2.load_state_dict(both["discriminator"])
-    multi_diff = max(max_abs_diff(generator.state_dict(), generator2.state_dict()),
-                     max_abs_diff(discriminator.state_dict(), discriminator2.state_dict()))
-    print(f"  two models from one file {sorted(both)}: max |diff| = {multi_diff}")
-    run.record("multi_model_max_abs_diff", multi_diff)
+    diff = max(max_abs_diff(generator.state_dict(), generator2.state_dict()),
+               max_abs_diff(discriminator.state_dict(), discriminator2.state_dict()))
+    print(f"  two models from one file {sorted(both)}: max |diff| = {diff}")
+    return {"multi_model_max_abs_diff": diff}
 
 
-# %% 5. Pitfalls: references, views and strict=False
-# (a) model.state_dict() returns REFERENCES to the live tensors, not a copy. Keeping
-#     `best = model.state_dict()` and training on silently turns "best" into "latest".
-#     Snapshot with copy.deepcopy(model.state_dict()) (or {k: v.clone() ...}).
-# (b) torch.save keeps views sharing storage: saving a 10-element slice of a 1M-element
-#     tensor writes all 1M elements. .clone() the slice first.
-# (c) load_state_dict(strict=False) only forgives MISSING or UNEXPECTED keys. A key present in
-#     both with different shapes is still an error ("size mismatch for head.1.weight").
-#     06_transfer_learning.py shows how to filter by shape.
+if in_notebook():
+    run.record_all(lesson_4b_several_models(run))
 
 
-def lesson_5_pitfalls(run: Run, loaders: tuple) -> None:
-    run.section("5. Pitfalls: references, views and strict=False")
-    train_loader, _ = loaders
+# %% 5. Pitfall: state_dict() returns references
+# model.state_dict() returns REFERENCES to the live tensors, not a copy. Keeping
+# `best = model.state_dict()` and training on silently turns "best" into "latest", and the
+# file you save as "best" later holds the last weights. Snapshot with
+# copy.deepcopy(model.state_dict()) (or {k: v.clone() for k, v in ...}).
+
+
+def float_entries(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """The floating-point entries only (skips integer buffers such as num_batches_tracked)."""
+    return {k: v for k, v in state_dict.items() if v.is_floating_point()}
+
+
+def lesson_5_references(run: Run, loaders: tuple) -> dict:
+    """Keep a "best" by reference and by deepcopy, train on, compare with the weights now.
+
+    A difference of exactly 0.0 for the reference is the bug: the "best" weights ARE the
+    current ones, because they are the same tensors.
+    """
+    run.section("5. Pitfall: state_dict() returns references")
     model = SmallCNN().to(run.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    train_one_epoch(model, train_loader, optimizer, run.device)
+    train_one_epoch(model, loaders[0], optimizer, run.device)
     best_by_reference = model.state_dict()
     best_by_copy = copy.deepcopy(model.state_dict())
-    train_one_epoch(model, train_loader, optimizer, run.device)  # training goes on
-
-    def weights(state_dict: dict) -> dict:  # float tensors only: skip num_batches_tracked
-        return {k: v for k, v in state_dict.items() if v.is_floating_point()}
-
-    stale = max_abs_diff(weights(best_by_reference), weights(model.state_dict()))
-    kept = max_abs_diff(weights(best_by_copy), weights(model.state_dict()))
-    print(f"  (a) 'best' kept by reference vs current weights: max |diff| = {stale} "
+    train_one_epoch(model, loaders[0], optimizer, run.device)  # training goes on
+    stale = max_abs_diff(float_entries(best_by_reference), float_entries(model.state_dict()))
+    kept = max_abs_diff(float_entries(best_by_copy), float_entries(model.state_dict()))
+    print(f"  'best' kept by reference vs current weights: max |diff| = {stale} "
           "(it silently followed training)")
-    print(f"      'best' kept by deepcopy  vs current weights: max |diff| = {kept:.4g}")
+    print(f"  'best' kept by deepcopy  vs current weights: max |diff| = {kept:.4g}")
+    return {"snapshot_by_reference_diff_from_current": stale,
+            "snapshot_by_deepcopy_diff_from_current": kept}
 
+
+if in_notebook():
+    run.record_all(lesson_5_references(run, loaders))
+
+
+# %% 5b. Pitfall: a view saves its whole storage
+# torch.save keeps views sharing storage (so two views of one tensor still share after a
+# load), which means saving a 10-element slice of a 1M-element tensor writes all 1M elements.
+# .clone() the slice first, and the file holds just the slice.
+
+
+def lesson_5b_views(run: Run) -> dict:
+    """Save 10 floats as a view of 1M floats, and as a clone; compare the file sizes.
+
+    4 MB against under 2 KB: the view's file holds the whole storage it points into.
+    """
+    run.section("5b. Pitfall: a view saves its whole storage")
     big = torch.randn(1_000_000)
-    view_path, clone_path = run.path("pitfall_view.pt"), run.path("pitfall_clone.pt")
-    torch.save(big[:10], view_path)
-    torch.save(big[:10].clone(), clone_path)
-    view_bytes, clone_bytes = view_path.stat().st_size, clone_path.stat().st_size
-    print(f"  (b) 10 floats saved as a view: {format_bytes(view_bytes)}; "
+    with run.scratch("pitfall_views") as folder:
+        torch.save(big[:10], folder / "view.pt")
+        torch.save(big[:10].clone(), folder / "clone.pt")
+        view_bytes = (folder / "view.pt").stat().st_size
+        clone_bytes = (folder / "clone.pt").stat().st_size
+    print(f"  10 floats saved as a view: {format_bytes(view_bytes)}; "
           f"cloned first: {format_bytes(clone_bytes)}")
-    view_path.unlink(), clone_path.unlink()
+    return {"view_file_bytes": view_bytes, "cloned_view_file_bytes": clone_bytes}
 
-    four_classes, ten_classes = SmallCNN(num_classes=4), SmallCNN(num_classes=10)
+
+if in_notebook():
+    run.record_all(lesson_5b_views(run))
+
+
+# %% 5c. Pitfall: strict=False still checks shapes
+# load_state_dict(strict=False) only forgives MISSING or UNEXPECTED keys. A key present in
+# both with different shapes is still an error ("size mismatch for head.1.weight"), which is
+# what a reader meets when loading a 4-class checkpoint into a 10-class model.
+# 06_transfer_learning.py shows how to load what fits by filtering on shape first.
+
+
+def lesson_5c_strict_false(run: Run) -> dict:
+    """Load a 4-class SmallCNN's state_dict into a 10-class one with strict=False."""
+    run.section("5c. Pitfall: strict=False still checks shapes")
     try:
-        ten_classes.load_state_dict(four_classes.state_dict(), strict=False)
+        SmallCNN(num_classes=10).load_state_dict(SmallCNN(num_classes=4).state_dict(),
+                                                 strict=False)
         raises = False
     except RuntimeError as err:
         raises = True
-        print(f"  (c) strict=False still raises: {str(err).splitlines()[1].strip()}")
-    run.record("snapshot_by_reference_diff_from_current", stale)
-    run.record("snapshot_by_deepcopy_diff_from_current", kept)
-    run.record("view_file_bytes", view_bytes)
-    run.record("cloned_view_file_bytes", clone_bytes)
-    run.record("strict_false_shape_mismatch_raises", raises)
+        print(f"  strict=False still raises: {str(err).splitlines()[1].strip()}")
+    return {"strict_false_shape_mismatch_raises": raises}
 
 
-# %% 6. Devices: map_location, GPU checkpoints on CPU machines, optimizer state
+if in_notebook():
+    run.record_all(lesson_5c_strict_false(run))
+
+
+# %% 6. Devices: map_location, and GPU checkpoints on CPU machines
 # torch.save records each tensor's device. torch.load puts it back there unless map_location
 # says otherwise, so a checkpoint saved on a GPU fails on a CPU-only machine with:
 #   "Attempting to deserialize object on a CUDA device but torch.cuda.is_available() is False"
 # map_location accepts "cpu", "cuda", "cuda:1", a torch.device, a dict {"cuda:1": "cuda:0"}
-# (remap saved devices), or a function (storage, saved_location) -> storage.
-# Optimizer state: optimizer.load_state_dict() casts the saved state to the device of the
-# parameters it manages AT THAT MOMENT. So: model.to(device) first, then build the optimizer,
-# then load its state. Moving the model afterwards leaves Adam's moments behind on the CPU.
+# (remap saved devices), or a function (storage, saved_location) -> storage. Below, one file
+# whose every storage is tagged cuda:0 (on a machine without a GPU we write the exact bytes a
+# GPU run would, see saved_as_if_on_cuda) goes through each form.
 
 
-def lesson_6_devices(run: Run) -> None:
-    run.section("6. Devices: map_location, GPU checkpoints on CPU machines, optimizer state")
-    cuda = torch.cuda.is_available()
-    # A checkpoint saved on a GPU: every storage is tagged "cuda:0".
-    model = SmallCNN()
+def lesson_6_devices(run: Run) -> dict:
+    """Write a cuda:0 checkpoint; load it without and with each form of map_location.
+
+    Every form that names the CPU brings the tensors to the CPU; without map_location a
+    CPU-only machine cannot load the file at all. The loaded values equal the saved ones.
+    """
+    run.section("6. Devices: map_location, and GPU checkpoints on CPU machines")
+    cuda, model = torch.cuda.is_available(), SmallCNN()
     gpu_path = run.path("saved_on_cuda.pt")
     if cuda:
         torch.save({k: v.cuda() for k, v in model.state_dict().items()}, gpu_path)
@@ -573,26 +710,39 @@ def lesson_6_devices(run: Run) -> None:
         except RuntimeError as err:
             print(f"  without map_location: {first_line(err)[:100]}...")
     run.artifact("cuda_checkpoint", gpu_path)
-    # The same cuda:0 file through each form of map_location.
     for label, location in [("'cpu'", "cpu"), ("torch.device('cpu')", torch.device("cpu")),
                             ("{'cuda:0': 'cpu'}", {"cuda:0": "cpu"}),
-                            ("lambda storage, loc: storage", lambda storage, loc: storage)]:
+                            ("lambda storage, loc: storage", lambda storage, loc: storage),
+                            ("None (as saved)", None if cuda else "SKIP")]:
+        if location == "SKIP":
+            print("  SKIPPED (no CUDA): map_location=None would restore the tensors on cuda:0, "
+                  "and 'cuda:1' or {'cuda:0': 'cuda:1'} would move them to that GPU")
+            continue
         loaded = torch.load(gpu_path, map_location=location, weights_only=True)
         print(f"  map_location={label:<30} -> tensors on {next(iter(loaded.values())).device}")
-    if cuda:
-        loaded = torch.load(gpu_path, map_location=None, weights_only=True)
-        print(f"  map_location=None (as saved)                 -> tensors on "
-              f"{next(iter(loaded.values())).device}")
-    else:
-        print("  SKIPPED (no CUDA): map_location=None would restore the tensors on cuda:0, and "
-              "'cuda:1' or {'cuda:0': 'cuda:1'} would move them to that GPU")
     on_cpu = torch.load(gpu_path, map_location="cpu", weights_only=True)
     diff = max_abs_diff(on_cpu, model.state_dict())
-    print(f"  with map_location='cpu': loaded on {next(iter(on_cpu.values())).device}, "
-          f"max |diff| = {diff}")
-    run.record("cuda_checkpoint_on_cpu_max_abs_diff", diff)
+    print(f"  with map_location='cpu': max |diff| vs the saved weights = {diff}")
+    return {"cuda_checkpoint_on_cpu_max_abs_diff": diff}
 
-    # Optimizer state follows the parameters it sees when its state is loaded.
+
+if in_notebook():
+    run.record_all(lesson_6_devices(run))
+
+
+# %% 6b. Optimizer state follows the parameters
+# optimizer.load_state_dict() casts the saved state to the device of the parameters it manages
+# AT THAT MOMENT. So: model.to(device) first, then build the optimizer, then load its state.
+# Moving the model afterwards leaves Adam's moments behind on the CPU, and the next step()
+# fails with "Expected all tensors to be on the same device".
+
+
+def lesson_6b_optimizer_device(run: Run) -> dict:
+    """Load CPU-saved Adam state into an optimizer over a model already on the device.
+
+    Adam's moments end up on the model's device because the model moved BEFORE the load.
+    """
+    run.section("6b. Optimizer state follows the parameters")
     source = SmallCNN()
     source_optimizer = torch.optim.Adam(source.parameters())
     source(torch.randn(4, 1, 16, 16)).sum().backward()
@@ -603,34 +753,34 @@ def lesson_6_devices(run: Run) -> None:
     optimizer.load_state_dict(saved_optimizer)  # 3. load: state is cast to the params' device
     state_device = optimizer.state_dict()["state"][0]["exp_avg"].device
     print(f"  model on {run.device}; Adam state loaded after the move lives on {state_device}")
-    if cuda:
-        wrong = SmallCNN()
-        wrong_optimizer = torch.optim.Adam(wrong.parameters())
-        wrong_optimizer.load_state_dict(saved_optimizer)
-        wrong.cuda()  # too late: the moments stay on the CPU
-        wrong(torch.randn(4, 1, 16, 16, device="cuda")).sum().backward()
-        try:
-            wrong_optimizer.step()
-        except RuntimeError as err:
-            print(f"  wrong order (load, then move the model): {first_line(err)[:90]}")
-    else:
+    if not torch.cuda.is_available():
         print("  SKIPPED (no CUDA): loading optimizer state before model.cuda() leaves Adam's "
               "moments on the CPU and step() fails")
-    run.record("optimizer_state_device", str(state_device))
+        return {"optimizer_state_device": str(state_device)}
+    wrong = SmallCNN()
+    wrong_optimizer = torch.optim.Adam(wrong.parameters())
+    wrong_optimizer.load_state_dict(saved_optimizer)
+    wrong.cuda()  # too late: the moments stay on the CPU
+    wrong(torch.randn(4, 1, 16, 16, device="cuda")).sum().backward()
+    try:
+        wrong_optimizer.step()
+    except RuntimeError as err:
+        print(f"  wrong order (load, then move the model): {first_line(err)[:90]}")
+    return {"optimizer_state_device": str(state_device)}
 
 
-# %% 7. Security: weights_only=True, malicious pickles, allow-listing your types
+if in_notebook():
+    run.record_all(lesson_6b_optimizer_device(run))
+
+
+# %% 7. Security: weights_only=True and a malicious pickle
 # A .pt file is a zip with a pickle inside, and unpickling can call any importable function.
 # A crafted checkpoint runs its payload the moment you torch.load(..., weights_only=False).
 # Since torch 2.6 weights_only=True is the default: the unpickler accepts only tensors,
 # primitive types and containers, and refuses anything else with "Unsupported global".
 # We always pass weights_only explicitly, so the code means the same on any torch version.
-# Your own types (a config dataclass) are refused too; allow them by name with
-#   with torch.serialization.safe_globals([TrainingConfig]): torch.load(..., weights_only=True)
-# or process-wide with torch.serialization.add_safe_globals([TrainingConfig]).
 # torch.serialization.get_unsafe_globals_in_checkpoint(path) lists what a file would import,
-# WITHOUT running it: inspect an unknown file with it first. (Simplest of all: store configs
-# as plain dicts, dataclasses.asdict(config), and nothing needs allow-listing.)
+# WITHOUT running it: inspect an unknown file with it first.
 # weights_only=True is a defence, not a proof, and it has had holes: CVE-2025-32434 (remote
 # code execution through weights_only=True, torch < 2.6) and GHSA-63cw-57p8-fm3p (published
 # January 2026: the weights_only unpickler could corrupt memory, torch <= 2.9.1, fixed in
@@ -638,11 +788,15 @@ def lesson_6_devices(run: Run) -> None:
 # files from people you do not trust, safetensors (section 8), which has no code path at all.
 
 
-def lesson_7_security(run: Run) -> None:
-    run.section("7. Security: weights_only=True, malicious pickles, allow-listing your types")
-    folder = run.path("security/x").parent
-    marker = folder / "PAYLOAD_RAN.txt"
-    evil_path = folder / "innocent_looking_model.pt"
+def lesson_7_security(run: Run) -> dict:
+    """Write a checkpoint whose payload creates a file; inspect it; load it both ways.
+
+    The inspection names builtins.exec without running it; weights_only=True refuses the
+    file and no marker file appears; weights_only=False runs the payload on the spot.
+    """
+    run.section("7. Security: weights_only=True and a malicious pickle")
+    folder = run.folder("security")
+    marker, evil_path = folder / "PAYLOAD_RAN.txt", folder / "innocent_looking_model.pt"
     torch.save({"weight": torch.ones(2, 2), "payload": MaliciousPayload(marker)}, evil_path)
     run.artifact("malicious_checkpoint", evil_path)
     unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(evil_path)
@@ -651,7 +805,6 @@ def lesson_7_security(run: Run) -> None:
     print(f"  torch {torch.__version__}: "
           f"{'has' if version >= (2, 10) else 'LACKS'} the fix for GHSA-63cw-57p8-fm3p "
           "(weights_only unpickler, fixed in 2.10.0)")
-
     marker.unlink(missing_ok=True)
     try:
         torch.load(evil_path, map_location="cpu", weights_only=True)
@@ -664,8 +817,27 @@ def lesson_7_security(run: Run) -> None:
     ran_unsafe = marker.exists()
     print(f"  payload ran under weights_only=False? {ran_unsafe} ({marker.name} now exists)")
     marker.unlink(missing_ok=True)
+    return {"unsafe_globals_found": ", ".join(unsafe),
+            "payload_ran_with_weights_only_true": ran_safe,
+            "payload_ran_with_weights_only_false": ran_unsafe}
 
-    config_path = folder / "checkpoint_with_config.pt"
+
+if in_notebook():
+    run.record_all(lesson_7_security(run))
+
+
+# %% 7b. Allow-listing your own types
+# Your own types inside a checkpoint (a config dataclass) are refused by weights_only=True too.
+# Allow them by name for one load with
+#   with torch.serialization.safe_globals([TrainingConfig]): torch.load(..., weights_only=True)
+# or process-wide with torch.serialization.add_safe_globals([TrainingConfig]). Simplest of
+# all: store configs as plain dicts, dataclasses.asdict(config), and nothing needs allowing.
+
+
+def lesson_7b_allow_listing(run: Run) -> dict:
+    """A checkpoint holding a dataclass: refused, then loaded inside safe_globals."""
+    run.section("7b. Allow-listing your own types")
+    config_path = run.folder("security") / "checkpoint_with_config.pt"
     torch.save({"model": SmallCNN().state_dict(), "config": TrainingConfig()}, config_path)
     try:
         torch.load(config_path, map_location="cpu", weights_only=True)
@@ -674,10 +846,11 @@ def lesson_7_security(run: Run) -> None:
     with torch.serialization.safe_globals([TrainingConfig]):
         loaded = torch.load(config_path, map_location="cpu", weights_only=True)
     print(f"  inside safe_globals([TrainingConfig]) it loads: {loaded['config']}")
-    run.record("unsafe_globals_found", ", ".join(unsafe))
-    run.record("payload_ran_with_weights_only_true", ran_safe)
-    run.record("payload_ran_with_weights_only_false", ran_unsafe)
-    run.record("safe_globals_loaded_config", isinstance(loaded["config"], TrainingConfig))
+    return {"safe_globals_loaded_config": isinstance(loaded["config"], TrainingConfig)}
+
+
+if in_notebook():
+    run.record_all(lesson_7b_allow_listing(run))
 
 
 # %% 8. safetensors: a format that cannot run code
@@ -690,7 +863,12 @@ def lesson_7_security(run: Run) -> None:
 #      with safe_open(path, framework="pt") as f: f.metadata(), f.get_tensor(name)
 
 
-def lesson_8_safetensors(run: Run) -> None:
+def lesson_8_safetensors(run: Run) -> dict:
+    """Save one state_dict both ways; compare content, metadata, size and load time.
+
+    The sizes are close (both are raw tensor bytes plus a small header); the load times are
+    of the same order here, and safetensors' real advantage is that loading it runs no code.
+    """
     run.section("8. safetensors: a format that cannot run code")
     state_dict = MLP(256, 1024, 10).state_dict()
     pt_path, st_path = run.path("mlp_state_dict.pt"), run.path("mlp.safetensors")
@@ -707,13 +885,17 @@ def lesson_8_safetensors(run: Run) -> None:
     torch_time = benchmark(lambda: torch.load(pt_path, map_location="cpu", weights_only=True),
                            warmup=2, repeats=15)
     st_time = benchmark(lambda: load_file(st_path, device="cpu"), warmup=2, repeats=15)
-    print(f"  load time: torch.load {torch_time}  vs  safetensors load_file {st_time}")
-    run.record("safetensors_max_abs_diff", diff)
-    run.record("torch_save_bytes", pt_bytes)
-    run.record("safetensors_bytes", st_bytes)
-    run.record("torch_load_median_ms", round(torch_time.median_ms, 3))
-    run.record("safetensors_load_median_ms", round(st_time.median_ms, 3))
-    run.record("safetensors_metadata_round_trip", metadata.get("epoch") == "3")
+    print(f"  load time ({torch.get_num_threads()} threads): torch.load {torch_time}  vs  "
+          f"safetensors load_file {st_time}")
+    return {"safetensors_max_abs_diff": diff, "torch_save_bytes": pt_bytes,
+            "safetensors_bytes": st_bytes,
+            "torch_load_median_ms": round(torch_time.median_ms, 3),
+            "safetensors_load_median_ms": round(st_time.median_ms, 3),
+            "safetensors_metadata_round_trip": metadata.get("epoch") == "3"}
+
+
+if in_notebook():
+    run.record_all(lesson_8_safetensors(run))
 
 
 # %% 9. Big checkpoints: mmap, the meta device and assign=True
@@ -726,48 +908,64 @@ def lesson_8_safetensors(run: Run) -> None:
 # mmap=True maps the file instead of reading it: pages come in from disk as they are used and
 # the OS can drop them again. assign=True makes the loaded tensors the parameters instead of
 # copying into meta tensors (which have no memory to copy into).
-# Peak memory is per process, so each path runs in its own fresh Python process.
+# Peak memory is per process, so each path runs in its own fresh Python process (BIG_LOAD_CHILD
+# above), which reports its peak resident memory above what importing torch cost.
 
 
-def lesson_9_big_checkpoints(run: Run) -> None:
+def load_in_child(mode: str, path: Path, width: int, depth: int) -> dict:
+    """Run BIG_LOAD_CHILD in a fresh interpreter and return the figures it printed."""
+    completed = subprocess.run(
+        [sys.executable, "-c", BIG_LOAD_CHILD, mode, str(path), str(width), str(depth)],
+        capture_output=True, text=True, cwd=path.parent, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"the {mode} child process failed:\n{completed.stderr}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def lesson_9_big_checkpoints(run: Run) -> dict:
+    """A ~270 MB state_dict loaded naively and with meta + mmap + assign, peak RSS each.
+
+    Expect the naive path to peak near twice the file size (the initialised model plus the
+    loaded copy) and the mmap path near once (the pages the forward pass touched), with the
+    same output from both.
+    """
     run.section("9. Big checkpoints: mmap, the meta device and assign=True")
-    width, depth = 4096, 4
-    big = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
-    path = run.path("big_model_state_dict.pt")
-    torch.save(big.state_dict(), path)
-    file_bytes = path.stat().st_size
-    print(f"  saved a {depth} x Linear({width}, {width}) state_dict: {format_bytes(file_bytes)}")
-    with torch.no_grad():
-        expected = float(big(torch.ones(1, width)).double().sum())
-    del big
     if not Path("/proc/self/clear_refs").exists():
         print("  SKIPPED (not Linux): peak-memory figures need /proc; the recipe above still holds")
-        path.unlink()
-        return
-    results = {}
-    for mode in ("naive", "mmap"):
-        completed = subprocess.run(
-            [sys.executable, "-c", BIG_LOAD_CHILD, mode, str(path), str(width), str(depth)],
-            capture_output=True, text=True, cwd=run.out_dir, check=False,
-        )
-        if completed.returncode != 0:
-            raise RuntimeError(f"the {mode} child process failed:\n{completed.stderr}")
-        result = results[mode] = json.loads(completed.stdout.strip().splitlines()[-1])
+        return {}
+    width, depth = 4096, 4
+    big = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
+    with torch.no_grad():
+        expected = float(big(torch.ones(1, width)).double().sum())
+    with run.scratch("big_checkpoint") as folder:  # a few hundred MB: not worth keeping
+        path = folder / "big_model_state_dict.pt"
+        torch.save(big.state_dict(), path)
+        del big
+        file_bytes = path.stat().st_size
+        print(f"  saved a {depth} x Linear({width}, {width}) state_dict: "
+              f"{format_bytes(file_bytes)}")
+        results = {mode: load_in_child(mode, path, width, depth) for mode in ("naive", "mmap")}
+    figures = {"big_checkpoint_bytes": file_bytes}
+    for mode, result in results.items():
+        above = result["peak_bytes"] - result["baseline_bytes"]
         print(f"  {mode:>5}: torch.load + load_state_dict {result['load_seconds']:.3f} s, "
               f"+ first forward {result['load_and_forward_seconds']:.3f} s; peak RSS "
-              f"{format_bytes(result['peak_bytes'] - result['baseline_bytes'])} above the "
-              f"{format_bytes(result['baseline_bytes'])} of a process that imported torch")
+              f"{format_bytes(above)} above the {format_bytes(result['baseline_bytes'])} of a "
+              "process that imported torch")
+        figures |= {f"{mode}_load_seconds": round(result["load_seconds"], 4),
+                    f"{mode}_load_and_forward_seconds":
+                        round(result["load_and_forward_seconds"], 4),
+                    f"{mode}_peak_rss_above_baseline_bytes": above}
     # mmap's load returns almost at once: pages are read when first used (the forward pass).
-    diff = max(abs(results[m]["output_sum"] - expected) for m in results)
-    print(f"  both give the saved model's output: max |diff| of output sums = {diff}")
-    path.unlink()  # a few hundred MB is not worth keeping in the out-dir
-    for mode, result in results.items():
-        run.record(f"{mode}_load_seconds", round(result["load_seconds"], 4))
-        run.record(f"{mode}_load_and_forward_seconds", round(result["load_and_forward_seconds"], 4))
-        run.record(f"{mode}_peak_rss_above_baseline_bytes",
-                   result["peak_bytes"] - result["baseline_bytes"])
-    run.record("big_checkpoint_bytes", file_bytes)
-    run.record("big_checkpoint_output_diff", diff)
+    figures["big_checkpoint_output_diff"] = max(abs(r["output_sum"] - expected)
+                                                for r in results.values())
+    print("  both give the saved model's output: max |diff| of output sums = "
+          f"{figures['big_checkpoint_output_diff']}")
+    return figures
+
+
+if in_notebook():
+    run.record_all(lesson_9_big_checkpoints(run))
 
 
 # %% 9b. Two traps of meta + assign=True
@@ -799,7 +997,8 @@ class ScaledLinear(nn.Module):
         return self.linear(x) * self.scale
 
 
-def lesson_9b_meta_traps(run: Run) -> None:
+def lesson_9b_meta_traps(run: Run) -> dict:
+    """Build on meta, load with assign=True: an early optimizer and a meta buffer."""
     run.section("9b. Two traps of meta + assign=True")
     source = ScaledLinear()
     print(f"  state_dict keys: {list(source.state_dict())} (no 'scale': persistent=False)")
@@ -817,8 +1016,11 @@ def lesson_9b_meta_traps(run: Run) -> None:
     inputs = torch.randn(2, 4)
     diff = max_abs_diff(model(inputs), source(inputs))
     print(f"  after model.reset_scale(): outputs vs the source model max |diff| = {diff}")
-    run.record("meta_buffers_left_after_assign", len(still_meta))
-    run.record("meta_reset_max_abs_diff", diff)
+    return {"meta_buffers_left_after_assign": len(still_meta), "meta_reset_max_abs_diff": diff}
+
+
+if in_notebook():
+    run.record_all(lesson_9b_meta_traps(run))
 
 
 # %% 10. File sizes: precision and optimizer state
@@ -830,29 +1032,35 @@ def lesson_9b_meta_traps(run: Run) -> None:
 # keep optimizer state for resuming.
 
 
-def lesson_10_file_sizes(run: Run) -> None:
+def lesson_10_file_sizes(run: Run) -> dict:
+    """The same MLP saved in fp32, fp16, bf16, and fp32 with its Adam state.
+
+    The ratios are what matter: 0.50x for half precision, 3.00x with Adam's two moments.
+    """
     run.section("10. File sizes: precision and optimizer state")
     model = MLP(256, 1024, 10)
     optimizer = torch.optim.Adam(model.parameters())
     model(torch.randn(4, 256)).sum().backward()
     optimizer.step()
+    state_dict = model.state_dict()
+    payloads = {
+        "fp32": state_dict,
+        "fp16": {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()},
+        "bf16": {k: v.bfloat16() if v.is_floating_point() else v for k, v in state_dict.items()},
+        "fp32_with_adam": {"model": state_dict, "optimizer": optimizer.state_dict()},
+    }
     sizes = {}
-    for label, payload in [
-        ("fp32", model.state_dict()),
-        ("fp16", {k: v.half() if v.is_floating_point() else v
-                  for k, v in model.state_dict().items()}),
-        ("bf16", {k: v.bfloat16() if v.is_floating_point() else v
-                  for k, v in model.state_dict().items()}),
-        ("fp32_with_adam", {"model": model.state_dict(), "optimizer": optimizer.state_dict()}),
-    ]:
-        path = run.path(f"sizes/{label}.pt")
-        torch.save(payload, path)
-        sizes[label] = path.stat().st_size
-        print(f"  {label:<15} {format_bytes(sizes[label]):>10}  "
-              f"({sizes[label] / sizes['fp32']:.2f}x fp32 weights)")
-        run.record(f"{label}_bytes", sizes[label])
-        path.unlink()
-    path.parent.rmdir()
+    with run.scratch("sizes") as folder:
+        for label, payload in payloads.items():
+            torch.save(payload, folder / f"{label}.pt")
+            sizes[label] = (folder / f"{label}.pt").stat().st_size
+            print(f"  {label:<15} {format_bytes(sizes[label]):>10}  "
+                  f"({sizes[label] / sizes['fp32']:.2f}x fp32 weights)")
+    return {f"{label}_bytes": size for label, size in sizes.items()}
+
+
+if in_notebook():
+    run.record_all(lesson_10_file_sizes(run))
 
 
 # %% 11. train() vs eval(), no_grad vs inference_mode
@@ -866,7 +1074,12 @@ def lesson_10_file_sizes(run: Run) -> None:
 # inference_mode goes further, and its tensors can never enter autograd later.
 
 
-def lesson_11_train_vs_eval(run: Run, model: nn.Module, inputs: torch.Tensor) -> None:
+def lesson_11_train_vs_eval(run: Run, model: nn.Module, inputs: torch.Tensor) -> dict:
+    """The same batch twice in train() and in eval(); then no_grad vs inference_mode.
+
+    In eval() the same input gives the same output (0.0); in train() it does not, and the
+    BatchNorm buffers moved although no optimizer ran: a forward pass in train() is a write.
+    """
     run.section("11. train() vs eval(), no_grad vs inference_mode")
     model = copy.deepcopy(model)  # we mutate BatchNorm buffers below; leave the caller's alone
     with torch.no_grad():
@@ -889,15 +1102,16 @@ def lesson_11_train_vs_eval(run: Run, model: nn.Module, inputs: torch.Tensor) ->
     print(f"  requires_grad: no_grad {plain.requires_grad}, inference_mode "
           f"{frozen.requires_grad}; is_inference(): {plain.is_inference()}, "
           f"{frozen.is_inference()}")
-    weight = torch.ones_like(frozen, requires_grad=True)
     try:
-        (frozen * weight).sum().backward()
+        (frozen * torch.ones_like(frozen, requires_grad=True)).sum().backward()
     except RuntimeError as err:
         print(f"  an inference tensor used in autograd: {first_line(err)}")
-    run.record("train_mode_repeat_diff", train_diff)
-    run.record("eval_mode_repeat_diff", eval_diff)
-    run.record("train_vs_eval_diff", train_vs_eval)
-    run.record("batchnorm_running_mean_change", bn_changed)
+    return {"train_mode_repeat_diff": train_diff, "eval_mode_repeat_diff": eval_diff,
+            "train_vs_eval_diff": train_vs_eval, "batchnorm_running_mean_change": bn_changed}
+
+
+if in_notebook():
+    run.record_all(lesson_11_train_vs_eval(run, model, inputs))
 
 
 # %% 12. Bad input: clear errors, nothing destroyed
@@ -910,21 +1124,31 @@ def lesson_11_train_vs_eval(run: Run, model: nn.Module, inputs: torch.Tensor) ->
 # so a failed load leaves the model untouched. It only reads files, never writes or deletes.
 
 
-def lesson_12_bad_input(run: Run, state_dict_path: Path) -> None:
-    run.section("12. Bad input: clear errors, nothing destroyed")
-    folder = run.path("bad_input/x").parent
-    truncated = folder / "truncated.pt"
-    truncated.write_bytes(state_dict_path.read_bytes()[: state_dict_path.stat().st_size // 2])
-    text_file = folder / "notes.pt"
-    text_file.write_text("hello, I am not a checkpoint\n")
-    foreign = folder / "mlp_weights.pt"
-    torch.save(MLP().state_dict(), foreign)
-    ten_classes = folder / "ten_class_cnn.pt"
-    torch.save(SmallCNN(num_classes=10).state_dict(), ten_classes)
-    malicious = folder / "malicious.pt"
-    torch.save({"model": MaliciousPayload(folder / "PAYLOAD_RAN.txt")}, malicious)
-    cases = [folder / "missing.pt", truncated, text_file, foreign, ten_classes, malicious]
+def write_bad_inputs(folder: Path, good: Path) -> list[Path]:
+    """Six files a loader meets in real life, written into ``folder`` (one is missing).
 
+    A missing path, a half-written file (a crash during the save or the copy), a text file
+    with a .pt name, another model's weights, the same model with another head size, and a
+    pickle with a payload.
+    """
+    (folder / "truncated.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (folder / "notes.pt").write_text("hello, I am not a checkpoint\n")
+    torch.save(MLP().state_dict(), folder / "mlp_weights.pt")
+    torch.save(SmallCNN(num_classes=10).state_dict(), folder / "ten_class_cnn.pt")
+    torch.save({"model": MaliciousPayload(folder / "PAYLOAD_RAN.txt")}, folder / "malicious.pt")
+    return [folder / name for name in ("missing.pt", "truncated.pt", "notes.pt",
+                                       "mlp_weights.pt", "ten_class_cnn.pt", "malicious.pt")]
+
+
+def lesson_12_bad_input(run: Run, state_dict_path: Path) -> dict:
+    """Load six bad files into a trained SmallCNN with load_weights; the model stays as is.
+
+    Each error is one line that names the file; after all six failures the model's weights
+    are exactly those it had before (max |diff| 0.0), and the malicious payload never ran.
+    """
+    run.section("12. Bad input: clear errors, nothing destroyed")
+    folder = run.folder("bad_input")
+    cases = write_bad_inputs(folder, state_dict_path)
     model = SmallCNN()
     model.load_state_dict(torch.load(state_dict_path, map_location="cpu", weights_only=True))
     before = copy.deepcopy(model.state_dict())
@@ -940,51 +1164,54 @@ def lesson_12_bad_input(run: Run, state_dict_path: Path) -> None:
     print(f"  {clear}/{len(cases)} errors name the file; the model after all failed loads: "
           f"max |diff| = {unchanged}; payload ran: {(folder / 'PAYLOAD_RAN.txt').exists()}")
     run.artifact("bad_input_examples", folder)
-    run.record("bad_input_cases", len(cases))
-    run.record("bad_input_clear_errors", clear)
-    run.record("failed_loads_model_max_abs_diff", unchanged)
+    return {"bad_input_cases": len(cases), "bad_input_clear_errors": clear,
+            "failed_loads_model_max_abs_diff": unchanged}
+
+
+if in_notebook():
+    run.record_all(lesson_12_bad_input(run, run.out_dir / "model_state_dict.pt"))
+
+
+# %% Summary
+# What the run measured, the files it wrote (also in summary.json), and what to try next.
+RECAP = [
+    "save model.state_dict(), rebuild the model in code, load_state_dict, then eval()",
+    "a resumable checkpoint is a dict: model, optimizer, scheduler, epoch (next), rng",
+    "always torch.load(..., map_location=..., weights_only=True); inspect unknown files "
+    "with get_unsafe_globals_in_checkpoint; prefer safetensors to share weights",
+    "big models: meta device + mmap=True + assign=True hold the weights once, not twice",
+]
+TRY_IT = ("change SmallCNN's width in lesson 3's rebuild and read the error from "
+          "load_weights; then run 02_checkpoint_manager.py")
+
+if in_notebook():
+    summary = run.finish(RECAP, TRY_IT)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every lesson in order and return the summary (also written to summary.json)."""
-    parser = make_parser(__file__, __doc__.splitlines()[0])
-    run = Run.start(__file__, parser, argv)
-
-    # One small model trained for two epochs serves the lessons that need trained weights.
-    loaders = make_loaders(make_image_classification(768, seed=run.seed), seed=run.seed)
-    model = SmallCNN().to(run.device)
-    accuracy = fit(model, *loaders, run.device, epochs=2)["accuracy"]
-    print(f"trained SmallCNN for 2 epochs: validation accuracy {accuracy:.3f}")
-    run.record("trained_val_accuracy", accuracy)
-    inputs = next(iter(loaders[1]))[0].to(run.device)
-
-    lesson_1_what_is_a_state_dict(run)
-    lesson_2_pickle_whole_model(run, model, inputs)
-    lesson_3_state_dict(run, model, inputs)
-    state_dict_path = run.out_dir / "model_state_dict.pt"
-    lesson_4_general_checkpoint(run)
-    lesson_5_pitfalls(run, loaders)
-    lesson_6_devices(run)
-    lesson_7_security(run)
-    lesson_8_safetensors(run)
-    lesson_9_big_checkpoints(run)
-    lesson_9b_meta_traps(run)
-    lesson_10_file_sizes(run)
-    lesson_11_train_vs_eval(run, model, inputs)
-    lesson_12_bad_input(run, state_dict_path)
-
-    return run.finish(
-        recap=[
-            "save model.state_dict(), rebuild the model in code, load_state_dict, then eval()",
-            "a resumable checkpoint is a dict: model, optimizer, scheduler, epoch (next), rng",
-            "always torch.load(..., map_location=..., weights_only=True); inspect unknown files "
-            "with get_unsafe_globals_in_checkpoint; prefer safetensors to share weights",
-            "big models: meta device + mmap=True + assign=True hold the weights once, not twice",
-        ],
-        try_it="change SmallCNN's width in lesson 3's rebuild and read the error from "
-               "load_weights; then run 02_checkpoint_manager.py",
-    )
+    run, model, loaders, inputs = setup(argv)
+    run.record_all(lesson_1_what_is_a_state_dict(run))
+    run.record_all(lesson_2_pickle_whole_model(run, model, inputs))
+    run.record_all(lesson_2b_pickle_breaks(run))
+    run.record_all(lesson_3_state_dict(run, model, inputs))
+    run.record_all(lesson_4_general_checkpoint(run))
+    run.record_all(lesson_4b_several_models(run))
+    run.record_all(lesson_5_references(run, loaders))
+    run.record_all(lesson_5b_views(run))
+    run.record_all(lesson_5c_strict_false(run))
+    run.record_all(lesson_6_devices(run))
+    run.record_all(lesson_6b_optimizer_device(run))
+    run.record_all(lesson_7_security(run))
+    run.record_all(lesson_7b_allow_listing(run))
+    run.record_all(lesson_8_safetensors(run))
+    run.record_all(lesson_9_big_checkpoints(run))
+    run.record_all(lesson_9b_meta_traps(run))
+    run.record_all(lesson_10_file_sizes(run))
+    run.record_all(lesson_11_train_vs_eval(run, model, inputs))
+    run.record_all(lesson_12_bad_input(run, run.out_dir / "model_state_dict.pt"))
+    return run.finish(RECAP, TRY_IT)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not in_notebook():
     main()
