@@ -1,17 +1,28 @@
 """04 · ONNX export — export a trained model with today's exporter and prove it right and fast.
 
 What you will learn (each section runs real code and prints the measured figure):
-  1. Export with torch.onnx.export(dynamo=True): eval(), dynamic_shapes, names, example input
-  2. Validate: onnx.checker, and what to read in the graph (dims, opset, operators, weights)
-  3. Parity with ONNX Runtime at batch sizes and image sizes the export never saw
-  4. Speed: PyTorch eager vs ONNX Runtime, and ORT's graph optimisation levels
-  5. Big models: the 2 GB protobuf limit and external data files
-  6. Failure modes: data-dependent control flow (torch.cond), forgetting eval(), a dynamic
-     dimension the exporter quietly makes static, and the legacy exporter
+  1.  Export with torch.onnx.export(dynamo=True): eval(), dynamic_shapes, names, example input
+  2.  Validate: onnx.checker, and what to read in the graph (dims, opset, operators, weights)
+  3.  Parity with ONNX Runtime at batch sizes and image sizes the export never saw
+  3b. The file runs in a process that has neither PyTorch's model code nor this project
+  4.  Speed: PyTorch eager vs ONNX Runtime at three batch sizes
+  4b. ONNX Runtime's graph optimisation levels, and saving the optimised graph
+  5.  Big models: the 2 GB protobuf limit and external data files
+  6a. Failure: data-dependent control flow, and torch.cond
+  6b. Failure: exporting in train() mode
+  6c. Failure: a dynamic dimension the exporter quietly makes static
+  6d. Failure: an example batch of 1, and the legacy exporter
 
 Run it:   python 04_onnx_export.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
-Takes:    about 11 s on a 2-core CPU (each export takes about a second).
+          As a notebook: run the cells top to bottom from the project folder (jupytext,
+          VS Code, PyCharm); flags go in the LESSON_ARGS environment variable.
+Takes:    about 13 s on a 2-core CPU (each export takes about a second).
 Next:     05_torchscript_export.py, TorchScript and its successors torch.export and AOTInductor.
+
+Files it writes (in --out-dir): model.onnx (one file, weights inside), model.optimized.onnx
+(the graph after ORT's EXTENDED optimisations), external_data/ (model.onnx plus
+model.onnx.data), latency.png and summary.json. The failure demonstrations of section 6 work
+in scratch folders that are removed when they finish.
 
 Since torch 2.9, torch.onnx.export uses the dynamo exporter by default: it captures the model
 with torch.export in non-strict mode (your forward() runs as ordinary Python on fake tensors
@@ -26,6 +37,7 @@ optimize=True (onnxscript's graph optimiser runs after export) has been the defa
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import shutil
 import subprocess
@@ -44,13 +56,13 @@ from torch import nn
 from torch.export import Dim
 
 from common.compare import max_abs_diff
-from common.data import make_image_classification, make_loaders
-from common.models import SmallCNN
-from common.run import Run, format_bytes, make_parser
+from common.models import SignGate, SignGateCond
+from common.run import Run, first_line, format_bytes, in_notebook, make_parser, script_file
 from common.timing import benchmark
-from common.training import fit
+from common.training import train_demo_model
 
 matplotlib.use("Agg")  # write PNG files, never open a window
+HERE = script_file(globals(), "04_onnx_export.py")  # a notebook kernel has no __file__
 
 # ############################################################################################
 # Reusable pieces: copy these into your own code.
@@ -79,13 +91,22 @@ def export_onnx(model: nn.Module, example: tuple, path: Path, dynamic_shapes: di
 
 
 def graph_dims(values) -> dict[str, list]:
-    """``{name: [dim, ...]}`` for graph inputs/outputs; symbolic dims show as their names."""
+    """``{name: [dim, ...]}`` for graph inputs/outputs; symbolic dims show as their names.
+
+    An ONNX dimension is either a number (dim_value: fixed) or a name (dim_param: dynamic).
+    A number where you declared a Dim is the exporter telling you it specialised that axis.
+    """
     return {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
             for value in values}
 
 
 def describe_onnx(path: Path) -> dict:
-    """What a reader should check in an exported graph: I/O dims, opset, operators, weights."""
+    """What a reader should check in an exported graph: I/O dims, opset, operators, weights.
+
+    The opset decides which runtimes can run the file (each runtime supports a range); the
+    operator counts show what the optimiser did (BatchNormalization folded into Conv,
+    Dropout gone); the initializer bytes are the weights, which should match the model.
+    """
     model = onnx.load(path)  # also loads external data that sits beside the file
     return {
         "inputs": graph_dims(model.graph.input),
@@ -104,7 +125,10 @@ def ort_session(path: Path, device: torch.device, threads: int,
     """An ONNX Runtime session with a fixed thread count (for fair timings) and providers.
 
     The CUDA execution provider is used only where the installed onnxruntime has it
-    (the onnxruntime-gpu package); otherwise the CPU provider runs the model.
+    (the onnxruntime-gpu package); otherwise the CPU provider runs the model. Providers are
+    a preference list: ORT assigns each node to the first provider that supports it, so the
+    CPU provider stays in the list as the fallback. inter_op_num_threads=1 runs one node at
+    a time, which is what a fair comparison with PyTorch's eager mode needs.
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -118,22 +142,12 @@ def ort_session(path: Path, device: torch.device, threads: int,
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
-def first_line(err: BaseException, containing: str = "") -> str:
-    """The part of an error message that matters: from ``containing`` to the end of its line
-    (or the first line when ``containing`` is empty or absent)."""
-    lines = [line.strip(" -") for line in str(err).splitlines() if line.strip(" -")]
-    for line in lines:
-        if containing and containing in line:
-            return line[line.index(containing):]
-    return lines[0] if lines else type(err).__name__
+# ############################################################################################
+# The lessons, in order. In a notebook each cell runs its lesson (the `if in_notebook():`
+# lines); `python 04_onnx_export.py` runs them all through main() at the bottom.
+# ############################################################################################
 
-
-@contextlib.contextmanager
-def captured_output():
-    """Collect what a failing export prints (graph dumps) instead of flooding the console."""
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-        yield buffer
+INPUT, OUTPUT = "images", "logits"  # the names the ONNX graph gives its input and output
 
 
 class FlattenClassifier(nn.Module):
@@ -147,31 +161,32 @@ class FlattenClassifier(nn.Module):
         return self.fc(x.flatten(1))
 
 
-class SignGate(nn.Module):
-    """Data-dependent control flow in Python: which branch runs depends on the VALUES."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > 0:
-            return self.fc(x)
-        return -x
+@contextlib.contextmanager
+def captured_output():
+    """Collect what a failing export prints (graph dumps) instead of flooding the console."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+        yield buffer
 
 
-class SignGateCond(SignGate):
-    """The same model with ``torch.cond``: both branches are captured, chosen at run time."""
+# %% Setup
+# The flags, and a SmallCNN trained for three epochs on the run's device. It is exported from
+# the CPU: an ONNX file does not depend on the device it was exported on, and the CPU copy
+# is what the lessons compare ONNX Runtime against. In a notebook the flags come from the
+# LESSON_ARGS environment variable (none: the defaults).
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cond(x.sum() > 0, lambda x: self.fc(x), lambda x: -x, (x,))
+
+def setup(argv: list[str] | None = None) -> tuple[Run, nn.Module]:
+    """Start the run and train the model; return the run and the model (CPU, eval mode)."""
+    run = Run.start(HERE, make_parser(HERE, __doc__.splitlines()[0]), argv)
+    model, _, accuracy = train_demo_model(run.device, run.seed, epochs=3)
+    print(f"trained SmallCNN for 3 epochs: validation accuracy {accuracy:.3f}")
+    run.record("trained_val_accuracy", accuracy)
+    return run, model.to("cpu").eval()
 
 
-# ############################################################################################
-# The lessons, in order.
-# ############################################################################################
-
-INPUT, OUTPUT = "images", "logits"
+if in_notebook():
+    run, model = setup()
 
 
 # %% 1. Export with the dynamo exporter
@@ -182,13 +197,18 @@ INPUT, OUTPUT = "images", "logits"
 # is its own symbol: height and width below are both 16 in the example and stay independent
 # ("duck sizing", giving equal-sized dims ONE symbol, applies only to dims nobody declared).
 # Pitfall, the 0/1 specialisation: torch.export treats a declared dim whose example size is 0
-# or 1 as that constant and raises (section 6(d)). torch.onnx.export traces with
+# or 1 as that constant and raises (section 6d). torch.onnx.export traces with
 # backed_size_oblivious=True, which reasons about such a size as a generic one, so it still
 # exports the dim as dynamic; with example sizes >= 2 neither question arises. SmallCNN ends
 # in AdaptiveAvgPool2d, so height and width can be dynamic too.
 
 
-def lesson_1_export(run: Run, model: nn.Module) -> Path:
+def lesson_1_export(run: Run, model: nn.Module) -> tuple[Path, dict]:
+    """Export with a dynamic batch, height and width; time the export.
+
+    About a second for a small model: the exporter traces the model with torch.export,
+    translates each ATen operator with onnxscript, then optimises the ONNX graph.
+    """
     run.section("1. Export with the dynamo exporter")
     model.eval()
     example = (torch.randn(4, 1, 16, 16),)  # batch 4 (not 1!), 16x16 images
@@ -199,8 +219,12 @@ def lesson_1_export(run: Run, model: nn.Module) -> Path:
                         warmup=0, repeats=1).median_ms / 1000
     print(f"  torch.onnx.export(dynamo=True) took {seconds:.2f} s")
     run.artifact("onnx_model", path)
-    run.record("export_seconds", round(seconds, 3))
-    return path
+    return path, {"export_seconds": round(seconds, 3)}
+
+
+if in_notebook():
+    path, figures = lesson_1_export(run, model)
+    run.record_all(figures)
 
 
 # %% 2. Validate the graph
@@ -212,6 +236,7 @@ def lesson_1_export(run: Run, model: nn.Module) -> Path:
 
 
 def lesson_2_validate(run: Run, path: Path) -> dict:
+    """Check the model against the ONNX spec and print what a reviewer should read."""
     run.section("2. Validate the graph")
     onnx.checker.check_model(onnx.load(path), full_check=True)
     info = describe_onnx(path)
@@ -221,11 +246,13 @@ def lesson_2_validate(run: Run, path: Path) -> dict:
     print(f"  opset {info['opset']}; operators {dict(info['operators'])}")
     print(f"  {info['initializers']} initializers, {format_bytes(info['initializer_bytes'])}")
     dims = info["inputs"][INPUT]
-    run.record("onnx_checker_passed", True)
-    run.record("onnx_opset", info["opset"])
-    run.record("onnx_input_dims", str(dims))
-    run.record("onnx_dynamic_axes", sum(isinstance(d, str) for d in dims))
-    return info
+    return {"onnx_checker_passed": True, "onnx_opset": info["opset"],
+            "onnx_input_dims": str(dims),
+            "onnx_dynamic_axes": sum(isinstance(d, str) for d in dims)}
+
+
+if in_notebook():
+    run.record_all(lesson_2_validate(run, path))
 
 
 # %% 3. Parity with ONNX Runtime
@@ -235,7 +262,12 @@ def lesson_2_validate(run: Run, path: Path) -> dict:
 # real bug shows up as a difference many orders of magnitude larger.
 
 
-def lesson_3_parity(run: Run, model: nn.Module, path: Path) -> float:
+def lesson_3_parity(run: Run, model: nn.Module, path: Path) -> dict:
+    """Seven batch/image sizes, six of them never seen by the export: ORT vs PyTorch.
+
+    assert_close raises if any size disagrees beyond float32 tolerance, so the run itself
+    is the test; the printed max |diff| values show how far below the tolerance they are.
+    """
     run.section("3. Parity with ONNX Runtime")
     session = ort_session(path, torch.device("cpu"), torch.get_num_threads())
     print(f"  session inputs {[i.name for i in session.get_inputs()]}, providers "
@@ -251,35 +283,68 @@ def lesson_3_parity(run: Run, model: nn.Module, path: Path) -> float:
         worst = max(worst, diff)
         seen = "seen" if (batch, size) == (4, 16) else "never seen"
         print(f"  batch {batch:>3}, {size}x{size} ({seen:>10}): max |diff| = {diff:.3g}")
-    run.record("onnx_max_abs_diff", worst)
-    return worst
+    return {"onnx_max_abs_diff": worst}
+
+
+if in_notebook():
+    run.record_all(lesson_3_parity(run, model, path))
+
+
+# %% 3b. The file runs without your code
+# The point of ONNX is that the consumer needs neither PyTorch nor your model's source. Prove
+# it: a fresh interpreter started with `python -I` (isolated: neither this folder nor
+# PYTHONPATH is on sys.path, so common/ cannot be imported) loads the .onnx with onnxruntime
+# and numpy alone and runs it at two batch sizes.
+
+FRESH_ORT_CHECK = """
+import sys, numpy as np, onnxruntime as ort
+s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])
+for b in (1, 7):
+    out = s.run(None, {'images': np.zeros((b, 1, 16, 16), np.float32)})[0]
+    assert out.shape == (b, 4), out.shape
+print('ok')
+"""
+
+
+def lesson_3b_fresh_process(run: Run, path: Path) -> dict:
+    """Run the .onnx with onnxruntime alone, in a new process that cannot import common/."""
+    run.section("3b. The file runs without your code")
+    completed = subprocess.run([sys.executable, "-I", "-c", FRESH_ORT_CHECK, str(path)],
+                               cwd=run.out_dir, capture_output=True, text=True, check=False)
+    fresh = completed.returncode == 0 and completed.stdout.strip() == "ok"
+    print(f"  runs in a fresh process with only onnxruntime and numpy: {fresh}")
+    return {"onnx_runs_without_project_code": fresh}
+
+
+if in_notebook():
+    run.record_all(lesson_3b_fresh_process(run, path))
 
 
 # %% 4. Speed: eager PyTorch vs ONNX Runtime
 # Same model, same inputs, same thread count, measured side by side with common.timing's
-# benchmark (warm-up, repeats, median and p90). ONNX Runtime applies graph optimisations when
-# the session is created: ORT_DISABLE_ALL, ORT_ENABLE_BASIC (constant folding, redundant
-# nodes), ORT_ENABLE_EXTENDED (fusions), ORT_ENABLE_LAYOUT (plus layout optimisations, e.g.
-# NCHWc on CPUs), ORT_ENABLE_ALL (everything). Setting SessionOptions.optimized_model_filepath
-# saves the optimised graph, so a server can skip that work at start-up. Save it at EXTENDED
-# or lower: the layout choices fit one kind of CPU.
+# benchmark (warm-up, repeats, median and p90), at three batch sizes. Small batches show the
+# per-call overhead (Python and the dispatcher for PyTorch), big ones the kernels.
 # On CUDA, the ORT timings below go through numpy arrays in host memory, so they include the
 # copies to and from the GPU; PyTorch's do not (its tensors stay on the GPU). To time ORT on the
 # GPU alone, bind device buffers with session.io_binding().
 
 
-def lesson_4_speed(run: Run, model: nn.Module, path: Path) -> None:
+def lesson_4_speed(run: Run, model: nn.Module, path: Path) -> dict:
+    """Median latency of eager PyTorch and of ORT at batch 1, 32 and 256; a chart.
+
+    ORT usually wins most at batch 1, where PyTorch's per-operator overhead dominates; the
+    gap narrows as the kernels' own work grows. Your model and machine decide: measure.
+    """
     run.section("4. Speed: eager PyTorch vs ONNX Runtime")
-    threads = torch.get_num_threads()
-    device = run.device
+    threads, device = torch.get_num_threads(), run.device
     if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         print("  SKIPPED (no CUDA execution provider in this onnxruntime build): ORT on the "
               "GPU; ORT runs on the CPU below, PyTorch on the GPU")
     session = ort_session(path, device, threads)
-    eager_model = model.to(device).eval()
+    eager_model = copy.deepcopy(model).to(device).eval()
     print(f"  {threads} threads for both; PyTorch on {device}, ORT on {session.get_providers()[0]}")
     print(f"  {'batch':>5}  {'eager median (p90) ms':>22}  {'ORT median (p90) ms':>20}  speed-up")
-    rows = []
+    rows, figures = [], {}
     for batch in (1, 32, 256):
         images = torch.randn(batch, 1, 16, 16)
         on_device, as_numpy = images.to(device), images.numpy()
@@ -291,48 +356,74 @@ def lesson_4_speed(run: Run, model: nn.Module, path: Path) -> None:
         eager_time = benchmark(eager, warmup=5, repeats=30, device=device)
         ort_time = benchmark(lambda as_numpy=as_numpy: session.run([OUTPUT], {INPUT: as_numpy}),
                              warmup=5, repeats=30)
-        rows.append((batch, eager_time, ort_time))
+        rows.append((f"batch {batch}", eager_time, ort_time))
         print(f"  {batch:>5}  {eager_time.median_ms:>12.3f} ({eager_time.p90_ms:>7.3f})  "
               f"{ort_time.median_ms:>10.3f} ({ort_time.p90_ms:>7.3f})  "
               f"{eager_time.median_ms / ort_time.median_ms:>6.2f}x")
-        run.record(f"eager_batch{batch}_median_ms", round(eager_time.median_ms, 4))
-        run.record(f"ort_batch{batch}_median_ms", round(ort_time.median_ms, 4))
-    model.to("cpu")
+        figures |= {f"eager_batch{batch}_median_ms": round(eager_time.median_ms, 4),
+                    f"ort_batch{batch}_median_ms": round(ort_time.median_ms, 4)}
+    ort_label = f"ONNX Runtime ({session.get_providers()[0].removesuffix('ExecutionProvider')})"
+    save_latency_chart(run, rows, (f"PyTorch eager ({device})", ort_label), threads)
+    return figures
 
-    images = np.random.default_rng(0).standard_normal((32, 1, 16, 16), dtype=np.float32)
-    optimized_path = run.path("model.optimized.onnx")
-    levels = [("ORT_DISABLE_ALL", None), ("ORT_ENABLE_BASIC", None),
-              ("ORT_ENABLE_EXTENDED", optimized_path), ("ORT_ENABLE_LAYOUT", None),
-              ("ORT_ENABLE_ALL", None)]
-    print("  graph optimisation level (batch 32):")
-    for name, save_to in levels:
-        level_session = ort_session(path, torch.device("cpu"), threads,
-                                    getattr(ort.GraphOptimizationLevel, name), save_to)
-        timing = benchmark(lambda s=level_session: s.run([OUTPUT], {INPUT: images}),
-                           warmup=5, repeats=30)
-        print(f"    {name:<20} {timing}")
-        run.record(f"{name.lower()}_median_ms", round(timing.median_ms, 4))
-    optimized_ops = sum(describe_onnx(optimized_path)["operators"].values())
-    print(f"  saved the EXTENDED-optimised graph: {optimized_ops} nodes vs "
-          f"{sum(describe_onnx(path)['operators'].values())} exported")
-    run.artifact("onnx_optimized_model", optimized_path)
 
+def save_latency_chart(run: Run, rows: list, labels: tuple[str, str], threads: int) -> None:
+    """Grouped bars (median, whisker to p90) for (label, timing_a, timing_b) rows."""
     figure, axes = plt.subplots(figsize=(7, 4))
     positions = np.arange(len(rows))
-    ort_label = f"ONNX Runtime ({session.get_providers()[0].removesuffix('ExecutionProvider')})"
-    for offset, label, index in ((-0.2, f"PyTorch eager ({device})", 1), (0.2, ort_label, 2)):
+    for offset, label, index in ((-0.2, labels[0], 1), (0.2, labels[1], 2)):
         medians = [row[index].median_ms for row in rows]
         errors = [row[index].p90_ms - row[index].median_ms for row in rows]
         axes.bar(positions + offset, medians, width=0.4, yerr=[[0] * len(rows), errors],
                  label=label, capsize=3)
-    axes.set_xticks(positions, [f"batch {row[0]}" for row in rows])
+    axes.set_xticks(positions, [row[0] for row in rows])
     axes.set(ylabel="latency, ms (median; bar to p90)", yscale="log",
              title=f"SmallCNN inference latency, {threads} threads")
     axes.legend()
-    chart = run.path("latency.png")
-    figure.savefig(chart, dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    run.artifact("latency_chart", chart)
+    run.save_figure(figure, "latency.png", "latency_chart")
+
+
+if in_notebook():
+    run.record_all(lesson_4_speed(run, model, path))
+
+
+# %% 4b. ONNX Runtime's graph optimisation levels
+# ONNX Runtime rewrites the graph when the session is created: ORT_DISABLE_ALL, ORT_ENABLE_BASIC
+# (constant folding, redundant nodes), ORT_ENABLE_EXTENDED (fusions), ORT_ENABLE_LAYOUT (plus
+# layout optimisations, e.g. NCHWc on CPUs), ORT_ENABLE_ALL (everything). Setting
+# SessionOptions.optimized_model_filepath saves the optimised graph, so a server can skip that
+# work at start-up. Save it at EXTENDED or lower: the layout choices fit one kind of CPU.
+
+
+def lesson_4b_optimisation_levels(run: Run, path: Path) -> dict:
+    """Batch-32 latency at each optimisation level; save the EXTENDED graph.
+
+    The node count of the saved graph, against the exported one, shows the fusions.
+    """
+    run.section("4b. ONNX Runtime's graph optimisation levels")
+    threads = torch.get_num_threads()
+    images = np.random.default_rng(0).standard_normal((32, 1, 16, 16), dtype=np.float32)
+    optimized_path = run.path("model.optimized.onnx")
+    figures = {}
+    print(f"  batch 32, {threads} threads:")
+    for name in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED",
+                 "ORT_ENABLE_LAYOUT", "ORT_ENABLE_ALL"):
+        session = ort_session(path, torch.device("cpu"), threads,
+                              getattr(ort.GraphOptimizationLevel, name),
+                              optimized_path if name == "ORT_ENABLE_EXTENDED" else None)
+        timing = benchmark(lambda s=session: s.run([OUTPUT], {INPUT: images}),
+                           warmup=5, repeats=30)
+        print(f"    {name:<20} {timing}")
+        figures[f"{name.lower()}_median_ms"] = round(timing.median_ms, 4)
+    optimized_ops = sum(describe_onnx(optimized_path)["operators"].values())
+    print(f"  saved the EXTENDED-optimised graph: {optimized_ops} nodes vs "
+          f"{sum(describe_onnx(path)['operators'].values())} exported")
+    run.artifact("onnx_optimized_model", optimized_path)
+    return figures
+
+
+if in_notebook():
+    run.record_all(lesson_4b_optimisation_levels(run, path))
 
 
 # %% 5. Big models: the 2 GB limit and external data
@@ -349,13 +440,13 @@ def lesson_4_speed(run: Run, model: nn.Module, path: Path) -> None:
 # onnx.checker.check_model("model.onnx") (a loaded ModelProto would exceed the limit).
 
 
-def lesson_5_external_data(run: Run, model: nn.Module) -> None:
+def lesson_5_external_data(run: Run, model: nn.Module) -> dict:
+    """Export with external data; run it; copy the .onnx alone and watch it fail."""
     run.section("5. Big models: the 2 GB limit and external data")
-    folder = run.path("external_data/x").parent
-    path = folder / "model.onnx"
-    export_onnx(model.eval(), (torch.randn(4, 1, 16, 16),), path,
-                {"x": {0: Dim("batch", min=1, max=4096)}}, [INPUT], [OUTPUT],
-                external_data=True)
+    folder = run.folder("external_data")
+    path = export_onnx(model.eval(), (torch.randn(4, 1, 16, 16),), folder / "model.onnx",
+                       {"x": {0: Dim("batch", min=1, max=4096)}}, [INPUT], [OUTPUT],
+                       external_data=True)
     data_files = [p for p in folder.iterdir() if p != path]
     for file in [path, *data_files]:
         print(f"  {file.name:<18} {format_bytes(file.stat().st_size):>10}")
@@ -366,196 +457,207 @@ def lesson_5_external_data(run: Run, model: nn.Module) -> None:
         diff = max_abs_diff(torch.from_numpy(session.run([OUTPUT], {INPUT: images.numpy()})[0]),
                             model(images))
     print(f"  reloaded with its data file: max |diff| = {diff:.3g}")
-    lonely = run.path("external_data_moved/model.onnx")
-    shutil.copy(path, lonely)  # the .onnx alone, without its .data file
-    try:
-        ort_session(lonely, torch.device("cpu"), 1)
-        lonely_fails = False
-    except Exception as err:  # onnxruntime raises its own exception types
-        lonely_fails = True
-        print(f"  the .onnx copied without its data file: {first_line(err)[:110]}")
-    shutil.rmtree(lonely.parent)
+    with run.scratch("external_data_moved") as moved:
+        shutil.copy(path, moved / "model.onnx")  # the .onnx alone, without its .data file
+        try:
+            ort_session(moved / "model.onnx", torch.device("cpu"), 1)
+            lonely_fails = False
+        except Exception as err:  # onnxruntime raises its own exception types
+            lonely_fails = True
+            print(f"  the .onnx copied without its data file: {first_line(err)[:110]}")
     run.artifact("onnx_external_data_model", path)
-    run.record("external_data_files", len(data_files))
-    run.record("external_data_max_abs_diff", diff)
-    run.record("onnx_without_data_file_fails", lonely_fails)
+    return {"external_data_files": len(data_files), "external_data_max_abs_diff": diff,
+            "onnx_without_data_file_fails": lonely_fails}
 
 
-# %% 6. Failure modes and their fixes
-# (a) Data-dependent Python control flow: `if x.sum() > 0:` needs a VALUE while export only
-#     has shapes, so it fails ("Could not guard on data-dependent expression"). Rewrite with
-#     torch.cond(pred, true_fn, false_fn, operands): both branches go into the graph (an ONNX
-#     If node) and the runtime picks one per input. (Shape-dependent `if`s are fine: shapes
-#     are known at export time, and the branch is fixed for that shape.)
-# (b) Forgetting eval(): the exporter warns ("Exporting a model while it is in training
-#     mode") and writes a Dropout node with training_mode=True into the file. ONNX Runtime's
-#     default optimisations happen to delete Dropout nodes, so parity against model.eval()
-#     looks fine; a runtime that honours the node (ORT_DISABLE_ALL below, other engines)
-#     drops random activations, and the same input gives different outputs run to run.
-# (c) A dimension declared dynamic that the model cannot vary: Flatten + Linear(256) needs
-#     16x16 images. torch.export says so ("You marked height as dynamic but your code
-#     specialized it to be a constant (16)"); torch.onnx.export may instead quietly write a
-#     static dim. Read the graph's input dims (section 2) and test unseen shapes (section 3).
-# (d) The 0/1 specialisation: with an example batch of 1, torch.export pins the batch to 1
-#     and refuses the dynamic Dim. torch.onnx.export traces with backed_size_oblivious=True,
-#     so the same example still gives a dynamic batch; we print what it wrote. Either way:
-#     example sizes >= 2 mean the question never arises.
-# Legacy exporter: torch.onnx.export(..., dynamo=False, dynamic_axes={"images": {0: "batch"}})
-# is the deprecated TorchScript-based path. To migrate, drop dynamic_axes for dynamic_shapes
-# (keyed by forward()'s argument names, torch.export.Dim values) and keep input_names.
+if in_notebook():
+    run.record_all(lesson_5_external_data(run, model))
 
 
-def lesson_6_failures(run: Run, model: nn.Module) -> None:
-    run.section("6. Failure modes and their fixes")
-    folder = run.path("failures/x").parent
-    batch = {"x": {0: Dim("batch", min=1, max=4096)}}
+# %% 6a. Failure: data-dependent control flow
+# `if x.sum() > 0:` needs a VALUE while export only has shapes, so it fails ("Could not guard
+# on data-dependent expression"). Rewrite with torch.cond(pred, true_fn, false_fn, operands):
+# both branches go into the graph (an ONNX If node) and the runtime picks one per input.
+# (Shape-dependent `if`s are fine: shapes are known at export time, and the branch is fixed
+# for that shape.)
 
-    # (a) data-dependent control flow
-    try:
-        with captured_output():
-            export_onnx(SignGate().eval(), (torch.randn(4, 8),), folder / "gate.onnx", batch,
-                        ["x"], ["y"])
-        control_flow_fails = False
-    except Exception as err:
-        control_flow_fails = True
-        print(f"  (a) Python `if` on values: {type(err).__name__}: "
-              f"{first_line(err, 'Could not guard')[:90]}")
-    cond_model = SignGateCond().eval()
-    cond_path = export_onnx(cond_model, (torch.randn(4, 8),), folder / "gate_cond.onnx", batch,
-                            ["x"], ["y"])
-    session = ort_session(cond_path, torch.device("cpu"), 1)
-    cond_diff = 0.0
-    for sign in (1.0, -1.0):
-        inputs = sign * torch.rand(3, 8)
-        with torch.no_grad():
-            cond_diff = max(cond_diff, max_abs_diff(
-                torch.from_numpy(session.run(["y"], {"x": inputs.numpy()})[0]),
-                cond_model(inputs)))
-    print(f"      torch.cond exports ({dict(describe_onnx(cond_path)['operators'])}); both "
-          f"branches match PyTorch: max |diff| = {cond_diff:.3g}")
+BATCH = {"x": {0: Dim("batch", min=1, max=4096)}}  # a dynamic batch, for section 6's exports
 
-    # (b) forgetting eval()
-    training_model = SmallCNN()
-    training_model.load_state_dict(model.state_dict())
-    training_model.train()
-    with warnings.catch_warnings(record=True) as caught, captured_output():
-        warnings.simplefilter("always")
-        train_path = export_onnx(training_model, (torch.randn(4, 1, 16, 16),),
-                                 folder / "train_mode.onnx", batch, [INPUT], [OUTPUT])
-    warned = [str(w.message) for w in caught if "training mode" in str(w.message)]
+
+def lesson_6a_control_flow(run: Run) -> dict:
+    """Export SignGate (fails), then SignGateCond (exports); check both branches in ORT."""
+    run.section("6a. Failure: data-dependent control flow")
+    with run.scratch("failures_control_flow") as folder:
+        try:
+            with captured_output():
+                export_onnx(SignGate().eval(), (torch.randn(4, 8),), folder / "gate.onnx",
+                            BATCH, ["x"], ["y"])
+            fails = False
+        except Exception as err:
+            fails = True
+            print(f"  Python `if` on values: {type(err).__name__}: "
+                  f"{first_line(err, 'Could not guard')[:90]}")
+        cond_model = SignGateCond().eval()
+        cond_path = export_onnx(cond_model, (torch.randn(4, 8),), folder / "gate_cond.onnx",
+                                BATCH, ["x"], ["y"])
+        session = ort_session(cond_path, torch.device("cpu"), 1)
+        cond_diff = max(max_abs_diff(torch.from_numpy(session.run(["y"], {"x": x.numpy()})[0]),
+                                     cond_model(x))
+                        for x in (torch.rand(3, 8), -torch.rand(3, 8)))
+        operators = dict(describe_onnx(cond_path)["operators"])
+    print(f"  torch.cond exports ({operators}); both branches match PyTorch: "
+          f"max |diff| = {cond_diff:.3g}")
+    return {"control_flow_export_fails": fails, "torch_cond_max_abs_diff": cond_diff}
+
+
+if in_notebook():
+    run.record_all(lesson_6a_control_flow(run))
+
+
+# %% 6b. Failure: exporting in train() mode
+# Forgetting eval(): the exporter warns ("Exporting a model while it is in training mode")
+# and writes a Dropout node with training_mode=True into the file. ONNX Runtime's default
+# optimisations happen to delete Dropout nodes, so parity against model.eval() looks fine; a
+# runtime that honours the node (ORT_DISABLE_ALL below, other engines) drops random
+# activations, and the same input gives different outputs run to run.
+
+
+def lesson_6b_train_mode(run: Run, model: nn.Module) -> dict:
+    """Export a copy of the model left in train(); compare default ORT and ORT_DISABLE_ALL."""
+    run.section("6b. Failure: exporting in train() mode")
+    training_model = copy.deepcopy(model).train()
     images = torch.randn(8, 1, 16, 16).numpy()
-    onnx_out = torch.from_numpy(ort_session(train_path, torch.device("cpu"), 1)
-                                .run([OUTPUT], {INPUT: images})[0])
+    with run.scratch("failures_train_mode") as folder:
+        with warnings.catch_warnings(record=True) as caught, captured_output():
+            warnings.simplefilter("always")
+            path = export_onnx(training_model, (torch.randn(4, 1, 16, 16),),
+                               folder / "train_mode.onnx", BATCH, [INPUT], [OUTPUT])
+        default = ort_session(path, torch.device("cpu"), 1).run([OUTPUT], {INPUT: images})[0]
+        plain = ort_session(path, torch.device("cpu"), 1,
+                            ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        repeat = max_abs_diff(*(torch.from_numpy(plain.run([OUTPUT], {INPUT: images})[0])
+                                for _ in range(2)))
+        dropout_nodes = describe_onnx(path)["operators"].get("Dropout", 0)
+    warned = [str(w.message) for w in caught if "training mode" in str(w.message)]
     with torch.no_grad():
-        vs_training = max_abs_diff(onnx_out, training_model.eval()(torch.from_numpy(images)))
-    plain = ort_session(train_path, torch.device("cpu"), 1,
-                        ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    unoptimised_repeat = max_abs_diff(*(torch.from_numpy(plain.run([OUTPUT], {INPUT: images})[0])
-                                        for _ in range(2)))
-    dropout_nodes = describe_onnx(train_path)["operators"].get("Dropout", 0)
-    print(f"  (b) exported in train(): warning {warned[0][:70] if warned else 'none'!r}...")
-    print(f"      the file holds {dropout_nodes} Dropout node(s); default ORT removes them: vs "
-          f"model.eval() max |diff| = {vs_training:.3g}")
-    print(f"      with ORT_DISABLE_ALL the Dropout runs: same input twice, max |diff| = "
-          f"{unoptimised_repeat:.3g}")
+        vs_eval = max_abs_diff(torch.from_numpy(default), model.eval()(torch.from_numpy(images)))
+    print(f"  exported in train(): warning {warned[0][:70] if warned else 'none'!r}...")
+    print(f"  the file holds {dropout_nodes} Dropout node(s); default ORT removes them: vs "
+          f"model.eval() max |diff| = {vs_eval:.3g}")
+    print(f"  with ORT_DISABLE_ALL the Dropout runs: same input twice, max |diff| = {repeat:.3g}")
+    return {"train_mode_export_warned": bool(warned), "train_mode_parity_max_abs_diff": vs_eval,
+            "train_mode_dropout_nodes": dropout_nodes,
+            "train_mode_unoptimised_repeat_diff": repeat}
 
-    # (c) a dynamic dimension that the model cannot vary
+
+if in_notebook():
+    run.record_all(lesson_6b_train_mode(run, model))
+
+
+# %% 6c. Failure: a dynamic dimension the model cannot vary
+# Flatten + Linear(256) needs 16x16 images, yet height is declared dynamic. torch.export says
+# so ("You marked height as dynamic but your code specialized it to be a constant (16)");
+# torch.onnx.export instead quietly writes a STATIC dim, and ONNX Runtime then rejects any
+# other height. Read the graph's input dims (section 2) and test unseen shapes (section 3).
+
+
+def lesson_6c_static_dim(run: Run) -> dict:
+    """Declare height dynamic on FlattenClassifier: torch.export vs torch.onnx.export."""
+    run.section("6c. Failure: a dynamic dimension the model cannot vary")
     flat = FlattenClassifier().eval()
     declared = {"x": {0: Dim("batch", min=1, max=4096), 2: Dim("height", min=8, max=512)}}
     try:
         torch.export.export(flat, (torch.randn(4, 1, 16, 16),), dynamic_shapes=declared)
     except Exception as err:
-        print(f"  (c) torch.export: {first_line(err, 'You marked')[:100]}")
-    with captured_output():
-        flat_path = export_onnx(flat, (torch.randn(4, 1, 16, 16),), folder / "flatten.onnx",
-                                declared, [INPUT], [OUTPUT])
-    flat_dims = describe_onnx(flat_path)["inputs"][INPUT]
-    print(f"      torch.onnx.export wrote input dims {flat_dims}: height is "
-          f"{'still dynamic' if isinstance(flat_dims[2], str) else 'STATIC'}")
-    try:
-        ort_session(flat_path, torch.device("cpu"), 1).run(
-            [OUTPUT], {INPUT: np.zeros((2, 1, 24, 16), dtype=np.float32)})
-        other_height_fails = False
-    except Exception as err:  # onnxruntime's own exception types
-        other_height_fails = True
-        print(f"      ORT with height 24: {first_line(err)[:100]}")
+        print(f"  torch.export: {first_line(err, 'You marked')[:100]}")
+    with run.scratch("failures_static_dim") as folder, captured_output():
+        path = export_onnx(flat, (torch.randn(4, 1, 16, 16),), folder / "flatten.onnx",
+                           declared, [INPUT], [OUTPUT])
+        dims = describe_onnx(path)["inputs"][INPUT]
+        try:
+            ort_session(path, torch.device("cpu"), 1).run(
+                [OUTPUT], {INPUT: np.zeros((2, 1, 24, 16), dtype=np.float32)})
+            other_height_error = ""
+        except Exception as err:  # onnxruntime's own exception types
+            other_height_error = first_line(err)
+    print(f"  torch.onnx.export wrote input dims {dims}: height is "
+          f"{'still dynamic' if isinstance(dims[2], str) else 'STATIC'}")
+    print(f"  ORT with height 24: {other_height_error[:100]}")
+    return {"specialised_dim_is_static": isinstance(dims[2], int),
+            "specialised_dim_other_size_fails": bool(other_height_error)}
 
-    # (d) the 0/1 specialisation
+
+if in_notebook():
+    run.record_all(lesson_6c_static_dim(run))
+
+
+# %% 6d. Failure: an example batch of 1
+# The 0/1 specialisation: with an example batch of 1, torch.export pins the batch to 1 and
+# refuses the dynamic Dim. torch.onnx.export traces with backed_size_oblivious=True, so the
+# same example still gives a dynamic batch; we print what it wrote. Either way: example sizes
+# >= 2 mean the question never arises.
+# Legacy exporter: torch.onnx.export(..., dynamo=False, dynamic_axes={"images": {0: "batch"}})
+# is the deprecated TorchScript-based path. To migrate, drop dynamic_axes for dynamic_shapes
+# (keyed by forward()'s argument names, torch.export.Dim values) and keep input_names.
+
+
+def lesson_6d_batch_of_one(run: Run, model: nn.Module) -> dict:
+    """Export with a batch-1 example: torch.export refuses, torch.onnx.export writes dims."""
+    run.section("6d. Failure: an example batch of 1")
     one = (torch.randn(1, 1, 16, 16),)
     try:
-        torch.export.export(model.eval(), one, dynamic_shapes=batch)
-        one_specialised = False
+        torch.export.export(model.eval(), one, dynamic_shapes=BATCH)
+        specialised = False
     except Exception as err:
-        one_specialised = True
-        print(f"  (d) example batch of 1, torch.export: {first_line(err, 'You marked')[:90]}")
-    with captured_output():
-        one_path = export_onnx(model.eval(), one, folder / "batch1.onnx", batch, [INPUT],
-                               [OUTPUT])
-    one_dims = describe_onnx(one_path)["inputs"][INPUT]
-    print(f"      torch.onnx.export with the same example wrote input dims {one_dims}")
-    shutil.rmtree(folder)
-    run.record("control_flow_export_fails", control_flow_fails)
-    run.record("torch_cond_max_abs_diff", cond_diff)
-    run.record("train_mode_export_warned", bool(warned))
-    run.record("train_mode_parity_max_abs_diff", vs_training)
-    run.record("train_mode_dropout_nodes", dropout_nodes)
-    run.record("train_mode_unoptimised_repeat_diff", unoptimised_repeat)
-    run.record("specialised_dim_is_static", isinstance(flat_dims[2], int))
-    run.record("specialised_dim_other_size_fails", other_height_fails)
-    run.record("example_batch_1_specialised_by_torch_export", one_specialised)
-    run.record("example_batch_1_onnx_input_dims", str(one_dims))
+        specialised = True
+        print(f"  torch.export with an example batch of 1: {first_line(err, 'You marked')[:90]}")
+    with run.scratch("failures_batch1") as folder, captured_output():
+        path = export_onnx(model.eval(), one, folder / "batch1.onnx", BATCH, [INPUT], [OUTPUT])
+        dims = describe_onnx(path)["inputs"][INPUT]
+    print(f"  torch.onnx.export with the same example wrote input dims {dims}")
+    return {"example_batch_1_specialised_by_torch_export": specialised,
+            "example_batch_1_onnx_input_dims": str(dims)}
 
 
-def check_in_fresh_process(path: Path, run: Run) -> bool:
-    """Run the .onnx with onnxruntime alone, in a new process that cannot import common/."""
-    code = ("import sys, numpy as np, onnxruntime as ort\n"
-            "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
-            "for b in (1, 7):\n"
-            "    out = s.run(None, {'images': np.zeros((b, 1, 16, 16), np.float32)})[0]\n"
-            "    assert out.shape == (b, 4), out.shape\n"
-            "print('ok')\n")
-    completed = subprocess.run([sys.executable, "-I", "-c", code, str(path)], cwd=run.out_dir,
-                               capture_output=True, text=True, check=False)
-    return completed.returncode == 0 and completed.stdout.strip() == "ok"
+if in_notebook():
+    run.record_all(lesson_6d_batch_of_one(run, model))
+
+
+# %% Summary
+# What the run measured, the files it wrote (also in summary.json), and what to try next.
+RECAP = [
+    "eval(), then torch.onnx.export(model, args, path, dynamo=True, dynamic_shapes=...)"
+    " with example sizes >= 2",
+    "check_model(full_check=True), then READ the input dims: a number where you "
+    "wanted a name means the exporter specialised it",
+    "prove parity in ONNX Runtime at unseen shapes; time both with the same threads",
+    "external_data=True (torch 2.14's default; automatic past 1536 MB) writes a .data "
+    "file: ship it with the .onnx; external_data=False gives one file under 2 GB",
+]
+TRY_IT = ("in lesson 1, drop 'height' from dynamic_shapes and see section 2's input dims "
+          "and section 3's parity fail at 24x24; then run 05_torchscript_export.py")
+
+if in_notebook():
+    summary = run.finish(RECAP, TRY_IT)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every lesson in order and return the summary (also written to summary.json)."""
-    parser = make_parser(__file__, __doc__.splitlines()[0])
-    run = Run.start(__file__, parser, argv)
-
-    # Train a SmallCNN for a few epochs on the run's device, then export from the CPU: an
-    # ONNX file is device-independent, and the CPU copy is what the lessons compare against.
-    loaders = make_loaders(make_image_classification(768, seed=run.seed), seed=run.seed)
-    model = SmallCNN().to(run.device)
-    accuracy = fit(model, *loaders, run.device, epochs=3)["accuracy"]
-    print(f"trained SmallCNN for 3 epochs: validation accuracy {accuracy:.3f}")
-    model = model.to("cpu").eval()
-    run.record("trained_val_accuracy", accuracy)
-
-    path = lesson_1_export(run, model)
-    lesson_2_validate(run, path)
-    lesson_3_parity(run, model, path)
-    fresh = check_in_fresh_process(path, run)
-    print(f"  runs in a fresh process with only onnxruntime and numpy: {fresh}")
-    run.record("onnx_runs_without_project_code", fresh)
-    lesson_4_speed(run, model, path)
-    lesson_5_external_data(run, model)
-    lesson_6_failures(run, model)
-    return run.finish(
-        recap=[
-            "eval(), then torch.onnx.export(model, args, path, dynamo=True, dynamic_shapes=...)"
-            " with example sizes >= 2",
-            "check_model(full_check=True), then READ the input dims: a number where you "
-            "wanted a name means the exporter specialised it",
-            "prove parity in ONNX Runtime at unseen shapes; time both with the same threads",
-            "external_data=True (torch 2.14's default; automatic past 1536 MB) writes a .data "
-            "file: ship it with the .onnx; external_data=False gives one file under 2 GB",
-        ],
-        try_it="in lesson 1, drop 'height' from dynamic_shapes and see section 2's input dims "
-               "and section 3's parity fail at 24x24; then run 05_torchscript_export.py",
-    )
+    run, model = setup(argv)
+    path, figures = lesson_1_export(run, model)
+    run.record_all(figures)
+    run.record_all(lesson_2_validate(run, path))
+    run.record_all(lesson_3_parity(run, model, path))
+    run.record_all(lesson_3b_fresh_process(run, path))
+    run.record_all(lesson_4_speed(run, model, path))
+    run.record_all(lesson_4b_optimisation_levels(run, path))
+    run.record_all(lesson_5_external_data(run, model))
+    run.record_all(lesson_6a_control_flow(run))
+    run.record_all(lesson_6b_train_mode(run, model))
+    run.record_all(lesson_6c_static_dim(run))
+    run.record_all(lesson_6d_batch_of_one(run, model))
+    return run.finish(RECAP, TRY_IT)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not in_notebook():
     main()
