@@ -1,17 +1,27 @@
 """05 · TorchScript, and what replaces it — torch.export, AOTInductor and torch.compile.
 
 What you will learn (each section runs real code and prints the measured figure):
-  1. TorchScript: trace vs script, and the branch that tracing silently bakes in
-  2. Inspecting, freezing and saving TorchScript; loading it in a process without your code
-  3. torch.export: a .pt2 ExportedProgram with a dynamic batch, and what makes export fail
-  4. AOTInductor: compile the exported program ahead of time into a package
-  5. torch.compile: a speed-up inside the same process, not a file to deploy
-  6. Side by side: parity and latency of all six; which one should I use?
+  1.  TorchScript: trace vs script, and the branch that tracing silently bakes in
+  2.  Inspecting, freezing (BatchNorm folded into Conv, measured) and saving TorchScript
+  3.  torch.export: a .pt2 ExportedProgram with a dynamic batch, saved on the CPU
+  3b. Both files load in a process that cannot import your code
+  3c. What makes torch.export fail (a Python `if` on values), and torch.cond
+  4.  AOTInductor: compile the exported program ahead of time into a package
+  5.  torch.compile: a speed-up inside the same process, not a file to deploy
+  6.  Side by side: parity and latency of all six; which one should I use?
 
 Run it:   python 05_torchscript_export.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
+          As a notebook: run the cells top to bottom from the project folder (jupytext,
+          VS Code, PyCharm); flags go in the LESSON_ARGS environment variable.
 Takes:    about 30 s on a 2-core CPU, most of it the C++ compiles of AOTInductor and
           torch.compile (needs gcc/clang; without one, those two are skipped with a message).
 Next:     06_transfer_learning.py, loading what fits into a changed model.
+
+Files it writes (in --out-dir): example_input.pt (the batch every export traced with),
+torchscript_model.pt and torchscript_frozen.pt (TorchScript, as scripted and frozen),
+exported_program.pt2 (torch.export, CPU weights), model_aoti.pt2 (the AOTInductor package),
+inductor_cache/ (Inductor's compiled kernels: deleting it only costs a recompile),
+latency.png and summary.json.
 
 TorchScript (torch.jit.trace / torch.jit.script) is deprecated: torch 2.10+ warns on every
 call and the official tutorial was removed. Many deployed systems still load TorchScript .pt
@@ -23,11 +33,11 @@ torch.compile (in-process speed), as this script shows on one trained model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -44,13 +54,18 @@ from torch.export import Dim
 from torch.export.passes import move_to_device_pass
 
 from common.compare import max_abs_diff
-from common.data import make_image_classification, make_loaders
-from common.models import SmallCNN
-from common.run import Run, format_bytes, make_parser
+from common.models import SignGate, SignGateCond
+from common.run import Run, first_line, format_bytes, in_notebook, make_parser, script_file
 from common.timing import benchmark
-from common.training import fit
+from common.training import train_demo_model
 
 matplotlib.use("Agg")  # write PNG files, never open a window
+HERE = script_file(globals(), "05_torchscript_export.py")  # a notebook kernel has no __file__
+
+
+# ############################################################################################
+# Reusable pieces: copy these into your own code.
+# ############################################################################################
 
 # Every torch.jit call warns: "`torch.jit.script` is deprecated. Please switch to
 # `torch.compile` or `torch.export`." (a FutureWarning on torch 2.14; torch 2.10-2.12 raise
@@ -59,26 +74,6 @@ matplotlib.use("Agg")  # write PNG files, never open a window
 # torch.jit.script also warns that it is not supported there at all: one more reason to move.
 JIT_DEPRECATION = r"`torch\.jit\.[\w.]+` is deprecated"
 JIT_WARNING_CATEGORIES = (FutureWarning, DeprecationWarning)
-
-# ############################################################################################
-# Reusable pieces: copy these into your own code.
-# ############################################################################################
-
-
-class SignGate(nn.Module):
-    """Data-dependent control flow: the branch depends on the input's VALUES."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bool(x.sum() > 0):
-            return x * 2
-        return x - 1
-
-
-class SignGateCond(nn.Module):
-    """The export-friendly form: ``torch.cond`` keeps both branches in the graph."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cond(x.sum() > 0, lambda x: x * 2, lambda x: x - 1, (x,))
 
 
 def keep_compiler_caches_in(folder: Path) -> None:
@@ -131,50 +126,35 @@ def quiet_torch_logs() -> Iterator[str]:
             logger.setLevel(level)
 
 
-def check_in_fresh_process(run: Run, model: nn.Module, example: torch.Tensor,
-                           script_path: Path, program_path: Path) -> dict:
-    """Load both files in ``python -I`` (isolated: neither this folder nor PYTHONPATH is on
-    sys.path, so the model's source cannot be imported) and compare with eager outputs."""
-    expected_path = run.path("expected_outputs.pt")
-    bigger = torch.cat([example, example, example[:1]]).cpu()
-    with torch.no_grad():
-        torch.save(model.cpu()(bigger), expected_path)
-    model.to(run.device)
-    completed = subprocess.run(
-        [sys.executable, "-I", "-c", FRESH_PROCESS_CHECK, str(script_path), str(program_path),
-         str(run.out_dir / "example_input.pt"), str(expected_path)],
-        capture_output=True, text=True, cwd=run.out_dir, check=False,
-    )
-    expected_path.unlink()
-    if completed.returncode != 0:
-        raise RuntimeError(f"fresh-process load failed:\n{completed.stderr[-2000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-# Child-process code for check_in_fresh_process: only torch is importable.
-FRESH_PROCESS_CHECK = r"""
-import json, sys, torch
-script_path, program_path, input_path, expected_path = sys.argv[1:5]
-example = torch.load(input_path, map_location="cpu", weights_only=True)
-expected = torch.load(expected_path, map_location="cpu", weights_only=True)
-bigger = torch.cat([example, example, example[:1]])  # another batch size than the example
-results = {}
-scripted = torch.jit.load(script_path, map_location="cpu")
-results["torchscript"] = float((scripted(bigger) - expected).abs().max())
-program = torch.export.load(program_path).module()
-results["exported_program"] = float((program(bigger) - expected).abs().max())
-try:
-    import common  # noqa: F401
-    results["common_importable"] = True
-except ImportError:
-    results["common_importable"] = False
-print(json.dumps(results))
-"""
-
-
 # ############################################################################################
-# The lessons, in order.
+# The lessons, in order. In a notebook each cell runs its lesson (the `if in_notebook():`
+# lines); `python 05_torchscript_export.py` runs them all through main() at the bottom.
 # ############################################################################################
+
+# %% Setup
+# The flags, the Inductor caches moved into the out-dir, and a SmallCNN trained for two
+# epochs, in eval() mode. `example` is a batch of 4 validation images: the example every
+# export traces with, saved as example_input.pt so that other processes can use it too.
+# In a notebook the flags come from the LESSON_ARGS environment variable (none: defaults).
+
+
+def setup(argv: list[str] | None = None) -> tuple[Run, nn.Module, torch.Tensor]:
+    """Start the run, train the model, save the example input; return all three."""
+    run = Run.start(HERE, make_parser(HERE, __doc__.splitlines()[0]), argv)
+    keep_compiler_caches_in(run.out_dir / "inductor_cache")
+    model, loaders, accuracy = train_demo_model(run.device, run.seed)
+    model.eval()
+    print(f"trained SmallCNN for 2 epochs: validation accuracy {accuracy:.3f}")
+    example = next(iter(loaders[1]))[0][:4].to(run.device)
+    example_path = run.path("example_input.pt")
+    torch.save(example.cpu(), example_path)
+    run.artifact("example_input", example_path)
+    return run, model, example
+
+
+if in_notebook():
+    run, model, example = setup()
+
 
 # %% 1. TorchScript: trace vs script
 # torch.jit.trace RUNS the model once on an example and records the tensor operations that
@@ -186,7 +166,12 @@ print(json.dumps(results))
 # Tracing works for straight-line models (most CNNs); scripting for models with branches.
 
 
-def lesson_1_trace_vs_script(run: Run) -> None:
+def lesson_1_trace_vs_script(run: Run) -> dict:
+    """Trace and script SignGate on a positive example; run both on a negative input.
+
+    The trace took the "x * 2" branch and keeps taking it: on a negative input its output
+    differs from eager by the gap between the two branches. The scripted module matches.
+    """
     run.section("1. TorchScript: trace vs script")
     gate = SignGate()
     positive, negative = torch.rand(4, 8) + 0.1, -torch.rand(4, 8) - 0.1
@@ -208,11 +193,14 @@ def lesson_1_trace_vs_script(run: Run) -> None:
     print(f"  traced on a positive example, run on a negative input: max |diff| vs eager = "
           f"{trace_wrong:.3g}  (baked-in branch)")
     print(f"  traced, positive input: {trace_right}; scripted, negative input: {script_wrong}")
-    run.record("tracer_warning_shown", "TracerWarning" in shown)
-    run.record("deprecation_warning_shown",
-               any(c.__name__ in shown for c in JIT_WARNING_CATEGORIES))
-    run.record("trace_vs_eager_other_branch_diff", trace_wrong)
-    run.record("script_vs_eager_other_branch_diff", script_wrong)
+    return {"tracer_warning_shown": "TracerWarning" in shown,
+            "deprecation_warning_shown": any(c.__name__ in shown for c in JIT_WARNING_CATEGORIES),
+            "trace_vs_eager_other_branch_diff": trace_wrong,
+            "script_vs_eager_other_branch_diff": script_wrong}
+
+
+if in_notebook():
+    run.record_all(lesson_1_trace_vs_script(run))
 
 
 # %% 2. Inspect, freeze and save TorchScript
@@ -232,7 +220,12 @@ def lesson_1_trace_vs_script(run: Run) -> None:
 # (Link against libtorch; see https://pytorch.org/cppdocs/installing.html.)
 
 
-def lesson_2_torchscript_files(run: Run, model: nn.Module) -> dict:
+def lesson_2_torchscript_files(run: Run, model: nn.Module) -> tuple[dict, dict]:
+    """Print SignGate's TorchScript code; script, freeze and save the trained model.
+
+    The node counts and the aten::batch_norm counts are read from the graphs themselves, so
+    the "(BatchNorm folded into Conv)" label appears only when freeze really folded them.
+    """
     run.section("2. Inspect, freeze and save TorchScript")
     with jit_deprecation_filtered():
         gate_code = torch.jit.script(SignGate()).code
@@ -258,23 +251,24 @@ def lesson_2_torchscript_files(run: Run, model: nn.Module) -> dict:
     print(f"  inlined graph: {graph_nodes} nodes, {before} aten::batch_norm; torch.jit.freeze: "
           f"{frozen_nodes} nodes, {after} aten::batch_norm"
           f"{' (BatchNorm folded into Conv)' if folded else ''}")
-    run.record("torchscript_graph_nodes", graph_nodes)
-    run.record("torchscript_frozen_graph_nodes", frozen_nodes)
-    run.record("torchscript_frozen_batchnorm_folded", folded)
-    return {"scripted": scripted, "frozen": frozen, "path": script_path}
+    return ({"scripted": scripted, "frozen": frozen, "path": script_path},
+            {"torchscript_graph_nodes": graph_nodes, "torchscript_frozen_graph_nodes": frozen_nodes,
+             "torchscript_frozen_batchnorm_folded": folded})
+
+
+if in_notebook():
+    torchscript, figures = lesson_2_torchscript_files(run, model)
+    run.record_all(figures)
 
 
 # %% 3. torch.export: a portable graph (.pt2)
 # torch.export.export(model, args, dynamic_shapes=...) captures the whole model as one graph
 # of ATen operations (an ExportedProgram) or fails loudly; there are no silent fallbacks as in
 # tracing. torch.export.save writes a .pt2 file; torch.export.load(...).module() gives back a
-# callable module, with no need for your source code (checked below in a fresh process,
-# together with section 2's TorchScript file). Non-strict mode (strict=False, the default in
-# current releases) runs your Python normally and traces the tensor operations;
-# strict=True captures through TorchDynamo and rejects more Python. Data-dependent control
-# flow fails ("Could not guard on data-dependent expression"); torch.cond is the fix, as in 04.
-# "Non-strict" means: export runs your forward() as ordinary Python with fake tensors and
-# records the tensor operations; strict mode reads the Python bytecode with TorchDynamo.
+# callable module, with no need for your source code. Non-strict mode (strict=False, the
+# default in current releases) runs your forward() as ordinary Python with fake tensors and
+# records the tensor operations; strict=True reads the Python bytecode with TorchDynamo and
+# rejects more Python.
 # A .pt2 is DEVICE-SPECIFIC: torch.export.load puts each weight back on the device it was
 # saved from (there is no map_location), and the graph may hold device constants. A program
 # exported on a GPU fails on a CPU-only machine, so move it before saving:
@@ -282,8 +276,13 @@ def lesson_2_torchscript_files(run: Run, model: nn.Module) -> dict:
 # (the same pass takes "cuda:0" or a {"cuda:0": "cpu"} mapping).
 
 
-def lesson_3_torch_export(run: Run, model: nn.Module, example: torch.Tensor,
-                          script_path: Path):
+def lesson_3_torch_export(run: Run, model: nn.Module, example: torch.Tensor) -> tuple:
+    """Export with a dynamic batch, save on the CPU, reload, run at another batch size.
+
+    The graph lists ATen operators (batch_norm and dropout included: an ExportedProgram
+    keeps the model's own operations; folding is a later compiler's job). The batch is a
+    symbol with the range declared in Dim, not a number.
+    """
     run.section("3. torch.export: a portable graph (.pt2)")
     dynamic = {"x": {0: Dim("batch", min=1, max=1024)}}
     program = torch.export.export(model, (example,), dynamic_shapes=dynamic)
@@ -303,37 +302,101 @@ def lesson_3_torch_export(run: Run, model: nn.Module, example: torch.Tensor,
     devices = sorted({str(t.device) for t in [*saved.state_dict.values(),
                                                *saved.constants.values()]
                       if isinstance(t, torch.Tensor)})
-    reloaded = saved.module()
     with torch.no_grad():
-        diff = max_abs_diff(reloaded(example[:3].cpu()), model(example[:3]))
+        diff = max_abs_diff(saved.module()(example[:3].cpu()), model(example[:3]))
     print(f"  saved after move_to_device_pass(program, 'cpu'): weights on {devices}; "
           f"torch.export.load(...).module() at batch 3: max |diff| = {diff:.3g}")
-    run.record("exported_program_devices", ", ".join(devices))
-    fresh = check_in_fresh_process(run, model, example, script_path, path)
+    return program, {"exported_program_devices": ", ".join(devices),
+                     "exported_reload_max_abs_diff": diff}
+
+
+if in_notebook():
+    program, figures = lesson_3_torch_export(run, model, example)
+    run.record_all(figures)
+
+
+# %% 3b. Both files load where your code is not
+# The promise of a TorchScript file and of a .pt2 is that the consumer needs torch but not
+# your model's source. Prove it: a fresh `python -I` (isolated: neither this folder nor
+# PYTHONPATH is on sys.path, so common/ cannot be imported) loads both files and runs them at
+# batch 9, a size neither saw, against outputs computed here.
+
+FRESH_PROCESS_CHECK = r"""
+import json, sys, torch
+script_path, program_path, input_path, expected_path = sys.argv[1:5]
+example = torch.load(input_path, map_location="cpu", weights_only=True)
+expected = torch.load(expected_path, map_location="cpu", weights_only=True)
+bigger = torch.cat([example, example, example[:1]])  # another batch size than the example
+results = {}
+scripted = torch.jit.load(script_path, map_location="cpu")
+results["torchscript"] = float((scripted(bigger) - expected).abs().max())
+program = torch.export.load(program_path).module()
+results["exported_program"] = float((program(bigger) - expected).abs().max())
+try:
+    import common  # noqa: F401
+    results["common_importable"] = True
+except ImportError:
+    results["common_importable"] = False
+print(json.dumps(results))
+"""
+
+
+def lesson_3b_fresh_process(run: Run, model: nn.Module, example: torch.Tensor) -> dict:
+    """Run FRESH_PROCESS_CHECK on section 2's and 3's files; report its differences.
+
+    "could import common: False" is the proof that the child really had no project code.
+    """
+    run.section("3b. Both files load where your code is not")
+    bigger = torch.cat([example, example, example[:1]]).cpu()
+    with run.scratch("fresh_process") as folder, torch.no_grad():
+        torch.save(copy.deepcopy(model).cpu()(bigger), folder / "expected.pt")
+        completed = subprocess.run(
+            [sys.executable, "-I", "-c", FRESH_PROCESS_CHECK,
+             str(run.out_dir / "torchscript_model.pt"), str(run.out_dir / "exported_program.pt2"),
+             str(run.out_dir / "example_input.pt"), str(folder / "expected.pt")],
+            capture_output=True, text=True, cwd=folder, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"fresh-process load failed:\n{completed.stderr[-2000:]}")
+    fresh = json.loads(completed.stdout.strip().splitlines()[-1])
     print(f"  fresh process (python -I; could import common: {fresh['common_importable']}), "
           f"batch 9: TorchScript max |diff| = {fresh['torchscript']:.3g}, .pt2 max |diff| = "
           f"{fresh['exported_program']:.3g}")
-    run.record("fresh_process_torchscript_max_abs_diff", fresh["torchscript"])
-    run.record("fresh_process_exported_max_abs_diff", fresh["exported_program"])
-    run.record("fresh_process_could_import_common", fresh["common_importable"])
+    return {"fresh_process_torchscript_max_abs_diff": fresh["torchscript"],
+            "fresh_process_exported_max_abs_diff": fresh["exported_program"],
+            "fresh_process_could_import_common": fresh["common_importable"]}
 
+
+if in_notebook():
+    run.record_all(lesson_3b_fresh_process(run, model, example))
+
+
+# %% 3c. What makes torch.export fail, and the fix
+# Data-dependent control flow fails ("Could not guard on data-dependent expression"): export
+# has shapes, not values, so it cannot know which way `if x.sum() > 0` goes. torch.cond keeps
+# both branches in the graph and picks one at run time. torch.export prints the partial graph
+# when it fails; quiet_torch_logs() keeps that off the console, and we print the one line.
+
+
+def lesson_3c_export_failure(run: Run) -> dict:
+    """Export SignGate (fails) and SignGateCond (exports); run the latter on both branches."""
+    run.section("3c. What makes torch.export fail, and the fix")
     try:
         with quiet_torch_logs():  # export dumps the partial graph; the error says enough
             torch.export.export(SignGate(), (torch.rand(4, 8),))
         python_if_fails = False
     except Exception as err:
         python_if_fails = True
-        reason = re.search(r"Could not guard on data-dependent expression.*", str(err))
         print(f"  a Python `if` on values: {type(err).__name__}: "
-              f"{(reason.group(0) if reason else str(err).splitlines()[0])[:80]}")
+              f"{first_line(err, 'Could not guard on data-dependent expression')[:80]}")
     cond_program = torch.export.export(SignGateCond(), (torch.rand(4, 8),))
     negative = -torch.rand(4, 8)
     cond_diff = max_abs_diff(cond_program.module()(negative), SignGate()(negative))
     print(f"  with torch.cond it exports, and the other branch is right: max |diff| = {cond_diff}")
-    run.record("exported_reload_max_abs_diff", diff)
-    run.record("export_python_if_fails", python_if_fails)
-    run.record("export_torch_cond_max_abs_diff", cond_diff)
-    return program
+    return {"export_python_if_fails": python_if_fails, "export_torch_cond_max_abs_diff": cond_diff}
+
+
+if in_notebook():
+    run.record_all(lesson_3c_export_failure(run))
 
 
 # %% 4. AOTInductor: compile ahead of time
@@ -342,16 +405,21 @@ def lesson_3_torch_export(run: Run, model: nn.Module, example: torch.Tensor,
 # in Python with torch._inductor.aoti_load_package(path), or in C++ (no Python at all) with
 # torch::inductor::AOTIModelPackageLoader. The compile takes tens of seconds on a CPU and needs
 # a C++ compiler; where there is none, install one (build-essential, Xcode command-line tools,
-# MSVC) or ship the .pt2 ExportedProgram from section 3 instead.
+# MSVC) or ship the .pt2 ExportedProgram from section 3 instead. Unlike section 3's file, the
+# package is compiled code: it runs only with the torch version and device it was built for.
 
 
-def lesson_4_aoti(run: Run, program, model: nn.Module, example: torch.Tensor):
+def lesson_4_aoti(run: Run, program, model: nn.Module, example: torch.Tensor) -> tuple:
+    """Compile the exported program into a package; load it; compare at batch 5.
+
+    The difference is a few 1e-7: Inductor fuses and reorders float operations, so the
+    last bits differ from eager; a wrong compile would show up orders of magnitude larger.
+    """
     run.section("4. AOTInductor: compile ahead of time")
     if not has_cpp_compiler():
         print("  SKIPPED (no C++ compiler found): AOTInductor would compile the exported "
               "program into a shared library; section 3's .pt2 still deploys")
-        run.record("aoti_built", False)
-        return None
+        return None, {"aoti_built": False}
     path = run.path("model_aoti.pt2")
     with quiet_torch_logs():  # a CUDA build without a GPU logs "No CUDA runtime is found"
         timing = benchmark(lambda: torch._inductor.aoti_compile_and_package(
@@ -362,10 +430,13 @@ def lesson_4_aoti(run: Run, program, model: nn.Module, example: torch.Tensor):
     print(f"  aoti_compile_and_package: {timing.median_ms / 1000:.1f} s; package "
           f"{format_bytes(path.stat().st_size)}; at batch 5 max |diff| = {diff:.3g}")
     run.artifact("aoti_package", path)
-    run.record("aoti_built", True)
-    run.record("aoti_compile_seconds", round(timing.median_ms / 1000, 2))
-    run.record("aoti_max_abs_diff", diff)
-    return compiled
+    return compiled, {"aoti_built": True, "aoti_compile_seconds": round(timing.median_ms / 1000, 2),
+                      "aoti_max_abs_diff": diff}
+
+
+if in_notebook():
+    aoti, figures = lesson_4_aoti(run, program, model, example)
+    run.record_all(figures)
 
 
 # %% 5. torch.compile: speed inside the same process
@@ -376,21 +447,29 @@ def lesson_4_aoti(run: Run, program, model: nn.Module, example: torch.Tensor):
 # (07 shows how to strip it).
 
 
-def lesson_5_compile(run: Run, model: nn.Module, example: torch.Tensor):
+def lesson_5_compile(run: Run, model: nn.Module, example: torch.Tensor) -> tuple:
+    """Compile the model; time the first call (the compile); compare outputs.
+
+    The first call pays for the compile (seconds); later calls are fast. A server that
+    restarts often pays it at every start, which is one reason to ship AOTInductor instead.
+    """
     run.section("5. torch.compile: speed inside the same process")
     if not has_cpp_compiler():
         print("  SKIPPED (no C/C++ compiler found): torch.compile generates C++ for the CPU, "
               "and on CUDA Triton builds a small C launcher per kernel")
-        run.record("compile_first_call_seconds", 0.0)
-        return None
+        return None, {"compile_first_call_seconds": 0.0}
     compiled = torch.compile(model)
     with torch.no_grad():
         first = benchmark(lambda: compiled(example), warmup=0, repeats=1, device=run.device)
         diff = max_abs_diff(compiled(example), model(example))
     print(f"  first call (compiles): {first.median_ms / 1000:.1f} s; max |diff| = {diff:.3g}")
     print(f"  compiled.state_dict() keys start with: {next(iter(compiled.state_dict()))!r}")
-    run.record("compile_first_call_seconds", round(first.median_ms / 1000, 2))
-    return compiled
+    return compiled, {"compile_first_call_seconds": round(first.median_ms / 1000, 2)}
+
+
+if in_notebook():
+    compiled, figures = lesson_5_compile(run, model, example)
+    run.record_all(figures)
 
 
 # %% 6. Side by side, and which one should I use?
@@ -406,12 +485,17 @@ def lesson_5_compile(run: Run, model: nn.Module, example: torch.Tensor):
 #   - TorchScript:  only to keep existing deployments running; plan the move to torch.export.
 
 
-def lesson_6_side_by_side(run: Run, model: nn.Module, candidates: dict) -> None:
+def lesson_6_side_by_side(run: Run, model: nn.Module, candidates: dict) -> dict:
+    """Parity and batch-32 latency of every variant that was built; a bar chart.
+
+    Freezing and the compilers fold BatchNorm and fuse operators, which is where their
+    speed comes from; plain scripting and the .pt2 module run the same operators as eager.
+    """
     run.section("6. Side by side, and which one should I use?")
     batch = torch.randn(32, 1, 16, 16, device=run.device)
     with torch.no_grad():
         expected = model(batch)
-    rows = []
+    rows, figures = [], {}
     print(f"  batch 32 on {run.device}, {torch.get_num_threads()} threads")
     print(f"  {'variant':<22} {'max |diff|':>11}  {'median ms':>10}  {'p90 ms':>8}")
     for name, module in candidates.items():
@@ -428,9 +512,7 @@ def lesson_6_side_by_side(run: Run, model: nn.Module, candidates: dict) -> None:
         rows.append((name, timing))
         print(f"  {name:<22} {diff:>11.3g}  {timing.median_ms:>10.3f}  {timing.p90_ms:>8.3f}")
         key = name.split(" ")[0].replace("+", "_").replace(".", "_")
-        run.record(f"{key}_max_abs_diff", diff)
-        run.record(f"{key}_median_ms", round(timing.median_ms, 4))
-
+        figures |= {f"{key}_max_abs_diff": diff, f"{key}_median_ms": round(timing.median_ms, 4)}
     figure, axes = plt.subplots(figsize=(7, 4))
     positions = np.arange(len(rows))
     axes.barh(positions, [t.median_ms for _, t in rows],
@@ -439,56 +521,64 @@ def lesson_6_side_by_side(run: Run, model: nn.Module, candidates: dict) -> None:
     axes.invert_yaxis()
     axes.set(xlabel="latency, ms (median; bar to p90)",
              title=f"SmallCNN, batch 32, {run.device}, {torch.get_num_threads()} threads")
-    path = run.path("latency.png")
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    run.artifact("latency_chart", path)
+    run.save_figure(figure, "latency.png", "latency_chart")
+    return figures
+
+
+def candidates(run: Run, model: nn.Module, torchscript: dict, aoti, compiled) -> dict:
+    """Every variant built above, by name (None: skipped); the .pt2 is loaded from its file."""
+    return {
+        "eager": model,
+        "torchscript (scripted)": torchscript["scripted"],
+        "torchscript_frozen": torchscript["frozen"],
+        "torch.export (.pt2)": move_to_device_pass(  # the file holds CPU weights
+            torch.export.load(run.out_dir / "exported_program.pt2"), run.device).module(),
+        "aoti (AOTInductor)": aoti,
+        "torch.compile": compiled,
+    }
+
+
+if in_notebook():
+    with jit_deprecation_filtered():
+        run.record_all(lesson_6_side_by_side(
+            run, model, candidates(run, model, torchscript, aoti, compiled)))
+
+
+# %% Summary
+# What the run measured, the files it wrote (also in summary.json), and what to try next.
+RECAP = [
+    "trace records one run (branches baked in); script compiles the source; both are "
+    "deprecated, keep them only for existing deployments",
+    "torch.export -> .pt2 loads without your source (save it on the CPU); AOTInductor "
+    "compiles it into a package for Python or C++",
+    "torch.compile speeds up the same process; it is not a deployment format",
+]
+TRY_IT = ("load outputs/05_torchscript_export/exported_program.pt2 with "
+          "torch.export.load(...).module() in a Python shell; then run 06_transfer_learning.py")
+
+if in_notebook():
+    summary = run.finish(RECAP, TRY_IT)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every lesson in order and return the summary (also written to summary.json)."""
-    parser = make_parser(__file__, __doc__.splitlines()[0])
-    run = Run.start(__file__, parser, argv)
-    keep_compiler_caches_in(run.out_dir / "inductor_cache")
-
-    loaders = make_loaders(make_image_classification(768, seed=run.seed), seed=run.seed)
-    model = SmallCNN().to(run.device)
-    accuracy = fit(model, *loaders, run.device, epochs=2)["accuracy"]
-    model.eval()
-    print(f"trained SmallCNN for 2 epochs: validation accuracy {accuracy:.3f}")
-    example = next(iter(loaders[1]))[0][:4].to(run.device)
-    example_path = run.path("example_input.pt")
-    torch.save(example.cpu(), example_path)
-    run.artifact("example_input", example_path)
-
-    lesson_1_trace_vs_script(run)
-    scripted = lesson_2_torchscript_files(run, model)
-    program = lesson_3_torch_export(run, model, example, scripted["path"])
-    aoti = lesson_4_aoti(run, program, model, example)
-    compiled = lesson_5_compile(run, model, example)
+    run, model, example = setup(argv)
+    run.record_all(lesson_1_trace_vs_script(run))
+    torchscript, figures = lesson_2_torchscript_files(run, model)
+    run.record_all(figures)
+    program, figures = lesson_3_torch_export(run, model, example)
+    run.record_all(figures)
+    run.record_all(lesson_3b_fresh_process(run, model, example))
+    run.record_all(lesson_3c_export_failure(run))
+    aoti, figures = lesson_4_aoti(run, program, model, example)
+    run.record_all(figures)
+    compiled, figures = lesson_5_compile(run, model, example)
+    run.record_all(figures)
     with jit_deprecation_filtered():
-        lesson_6_side_by_side(run, model, {
-            "eager": model,
-            "torchscript (scripted)": scripted["scripted"],
-            "torchscript_frozen": scripted["frozen"],
-            "torch.export (.pt2)": move_to_device_pass(  # the file holds CPU weights
-                torch.export.load(run.out_dir / "exported_program.pt2"), run.device).module(),
-            "aoti (AOTInductor)": aoti,
-            "torch.compile": compiled,
-        })
-    return run.finish(
-        recap=[
-            "trace records one run (branches baked in); script compiles the source; both are "
-            "deprecated, keep them only for existing deployments",
-            "torch.export -> .pt2 loads without your source; AOTInductor compiles it into a "
-            "package for Python or C++",
-            "torch.compile speeds up the same process; it is not a deployment format",
-        ],
-        try_it="load outputs/05_torchscript_export/exported_program.pt2 with "
-               "torch.export.load(...).module() in a Python shell; then run "
-               "06_transfer_learning.py",
-    )
+        run.record_all(lesson_6_side_by_side(
+            run, model, candidates(run, model, torchscript, aoti, compiled)))
+    return run.finish(RECAP, TRY_IT)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not in_notebook():
     main()
