@@ -6,18 +6,31 @@ What you will learn (each section runs real code and prints the measured figure)
      mismatches, renamed keys, and a helper that loads what fits and reports the rest
   3. Freezing: requires_grad_(False), frozen BatchNorm kept in eval(), an optimizer over the
      trainable parameters only
-  4. Gradual unfreezing with discriminative learning rates, and saving/restoring optimizer
-     state when the set of trainable parameters changes
+  4. Gradual unfreezing with discriminative learning rates, and a checkpoint at the phase
+     change that holds the phase and every random generator
+  4b. Resuming across the phase change: the optimizer layout must match, then it is exact
   5. Saving fine-tuned models: the full state_dict vs only what changed, and rebuilding
   6. The feature-extractor pattern: create_feature_extractor, saved features
+  6b. Training a new head on the saved features alone
   7. Measured transfer: target accuracy of transfer vs training from scratch, same data
      and epochs, each with its own learning rate, over 3 seeds
+  7b. The learning curves, with the spread over seeds
 
 Run it:   python 06_transfer_learning.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
           [--torchvision-weights]   also load ResNet18_Weights.DEFAULT (downloads ~45 MB
                                     into torch's hub cache unless it is already there)
-Takes:    about 5 s on a 2-core CPU.
+          As a notebook: run the cells top to bottom from the project folder (jupytext,
+          VS Code, PyCharm); flags go in the LESSON_ARGS environment variable.
+Takes:    about 9 s on a 2-core CPU.
 Next:     07_distributed_training.py, checkpoints under DDP and FSDP2.
+
+Files it writes (in --out-dir): pretrained_source.pt (the "downloaded" backbone),
+finetune_checkpoint_epoch002.pt (the phase-1 checkpoint), saved/ (full and delta files of
+section 5), finetuned_model.pt, target_features.pt, transfer_vs_scratch.png and
+summary.json.
+
+The reusable pieces (load_what_fits with its LoadReport, state_dict_delta, and the guarded
+torchvision loader) work with any model: nothing in them knows SmallCNN.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ from common.compare import max_abs_diff
 from common.data import make_image_classification, make_loaders
 from common.devices import seed_everything
 from common.models import SmallCNN
-from common.run import Run, format_bytes, make_parser
+from common.run import Run, format_bytes, in_notebook, make_parser, script_file
 from common.training import (
     capture_rng_state,
     evaluate,
@@ -49,6 +62,7 @@ from common.training import (
 )
 
 matplotlib.use("Agg")  # write PNG files, never open a window
+HERE = script_file(globals(), "06_transfer_learning.py")  # a notebook kernel has no __file__
 
 SOURCE_CLASSES, TARGET_CLASSES = 16, 4
 TARGET_TRAIN, TARGET_VAL = 96, 400  # a small target set: where transfer pays off
@@ -64,7 +78,11 @@ SEEDS, SCRATCH_LRS = 3, (1e-3, 3e-3, 1e-2)  # section 7: seeds, and the scratch 
 
 @dataclasses.dataclass
 class LoadReport:
-    """What ``load_what_fits`` did with each key."""
+    """What ``load_what_fits`` did with each key.
+
+    Print it, or log it: a transfer that silently skipped the backbone (renamed keys) looks
+    exactly like one that loaded it, until the accuracy says otherwise.
+    """
 
     loaded: list[str]
     skipped_shape: list[tuple[str, tuple, tuple]]  # (key, checkpoint shape, model shape)
@@ -87,6 +105,8 @@ def load_what_fits(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
 
     ``load_state_dict(strict=False)`` alone forgives missing and unexpected keys but still
     raises on a shape mismatch; this filters those out first and reports everything.
+    ``rename`` maps a checkpoint key to the model's name for it (another codebase's
+    "features.0.weight" for our "backbone.0.weight"); it runs before the matching.
     """
     own = model.state_dict()
     renamed = {(rename(k) if rename else k): v for k, v in state_dict.items()}
@@ -99,6 +119,55 @@ def load_what_fits(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
         missing=[k for k in result.missing_keys if k not in renamed],
         unexpected=[k for k in renamed if k not in own],
     )
+
+
+def state_dict_delta(finetuned: Mapping[str, torch.Tensor],
+                     base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of ``finetuned`` that differ from ``base`` (or that ``base`` lacks).
+
+    Parameters AND buffers are compared: BatchNorm statistics that moved belong to the delta.
+    Comparison is exact (torch.equal), so a delta holds only tensors that really changed;
+    rebuilding is "load the base, then load the delta with strict=False".
+    """
+    return {k: v for k, v in finetuned.items()
+            if k not in base or v.shape != base[k].shape or not torch.equal(v, base[k].to(v))}
+
+
+def torchvision_resnet18(num_classes: int):
+    """ResNet-18 with ImageNet weights, re-headed for ``num_classes``; ``(model, message)``.
+
+    ``resnet18(weights=ResNet18_Weights.DEFAULT)`` loads from torch's hub cache
+    (``torch.hub.get_dir()``), downloading once if needed. Without network or cache it fails;
+    we turn that into one clear message instead of a traceback. The socket timeout bounds a
+    download that cannot connect; the cache path in the message is where to copy the file
+    on a machine without network.
+    """
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    weights = ResNet18_Weights.DEFAULT
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)  # a download that cannot connect fails instead of hanging
+    try:
+        pretrained = resnet18(weights=weights, progress=False)
+    except Exception as err:  # URLError, HTTPError, OSError, a truncated cache file...
+        where = "found in" if cached.exists() else "not in"
+        return None, (f"could not load {weights} ({where} the cache at {cached}; "
+                      f"{type(err).__name__}: {err}); without network, copy the file there")
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+    model = resnet18(num_classes=num_classes)
+    report = load_what_fits(model, pretrained.state_dict())
+    return model, f"loaded {weights} from {cached}: {report.skipped_shape} re-initialised"
+
+
+# ############################################################################################
+# The lessons, in order. In a notebook each cell runs its lesson (the `if in_notebook():`
+# lines); `python 06_transfer_learning.py` runs them all through main() at the bottom.
+# ############################################################################################
+
+# The lessons' fine-tuning model and loop. FineTunableCNN is the pattern to copy for any model
+# with a backbone: freezing must reach BatchNorm's train/eval switch, not only requires_grad.
 
 
 class FineTunableCNN(SmallCNN):
@@ -130,6 +199,7 @@ def build_optimizer(model: FineTunableCNN, phase: int) -> torch.optim.Optimizer:
 
     Discriminative learning rates: the new head learns fast (HEAD_LR); the pretrained backbone
     moves slowly (BACKBONE_LR) so it adapts without forgetting. Named groups show the layout.
+    The phase decides the number of param groups, and so which optimizer state_dicts fit.
     """
     groups = [{"params": list(model.head.parameters()), "lr": HEAD_LR, "name": "head"}]
     if phase == 2:
@@ -138,22 +208,15 @@ def build_optimizer(model: FineTunableCNN, phase: int) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups)
 
 
-def state_dict_delta(finetuned: Mapping[str, torch.Tensor],
-                     base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The entries of ``finetuned`` that differ from ``base`` (or that ``base`` lacks).
-
-    Parameters AND buffers are compared: BatchNorm statistics that moved belong to the delta.
-    """
-    return {k: v for k, v in finetuned.items()
-            if k not in base or v.shape != base[k].shape or not torch.equal(v, base[k].to(v))}
-
-
 def fine_tune(model: FineTunableCNN, loaders, device: torch.device, *, start_epoch: int = 0,
               optimizer: torch.optim.Optimizer | None = None, stop_after: int | None = None,
               on_epoch_end: Callable[[int, torch.optim.Optimizer], None] | None = None):
     """Gradual unfreezing: head only for UNFREEZE_AT epochs, then head + backbone.
 
-    Returns (optimizer, validation accuracy per epoch run).
+    Returns (optimizer, validation accuracy per epoch run). Given ``start_epoch`` and the
+    optimizer rebuilt for that epoch's phase, it continues a run exactly where it stopped,
+    unfreezing at the same epoch as an uninterrupted run; ``on_epoch_end(epoch, optimizer)``
+    is where a checkpoint gets written.
     """
     train_loader, val_loader = loaders
     if optimizer is None:
@@ -186,35 +249,29 @@ class RenamedCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def torchvision_resnet18(num_classes: int):
-    """ResNet-18 with ImageNet weights, re-headed for ``num_classes``; ``(model, message)``.
-
-    ``resnet18(weights=ResNet18_Weights.DEFAULT)`` loads from torch's hub cache
-    (``torch.hub.get_dir()``), downloading once if needed. Without network or cache it fails;
-    we turn that into one clear message instead of a traceback.
-    """
-    from torchvision.models import ResNet18_Weights, resnet18
-
-    weights = ResNet18_Weights.DEFAULT
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(20)  # a download that cannot connect fails instead of hanging
-    try:
-        pretrained = resnet18(weights=weights, progress=False)
-    except Exception as err:  # URLError, HTTPError, OSError, a truncated cache file...
-        where = "found in" if cached.exists() else "not in"
-        return None, (f"could not load {weights} ({where} the cache at {cached}; "
-                      f"{type(err).__name__}: {err}); without network, copy the file there")
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
-    model = resnet18(num_classes=num_classes)
-    report = load_what_fits(model, pretrained.state_dict())
-    return model, f"loaded {weights} from {cached}: {report.skipped_shape} re-initialised"
+# %% Setup
+# The flags and the TARGET task: 4 classes with other templates than the source task, 96
+# training images and 400 validation images, in batches of 8. In a notebook the flags come
+# from the LESSON_ARGS environment variable (none: the defaults).
 
 
-# ############################################################################################
-# The lessons, in order.
-# ############################################################################################
+def setup(argv: list[str] | None = None) -> tuple[Run, tuple]:
+    """Parse the flags, start the run, build the target task's loaders."""
+    parser = make_parser(HERE, __doc__.splitlines()[0])
+    parser.add_argument("--torchvision-weights", action="store_true",
+                        help="also load torchvision's ResNet18_Weights.DEFAULT (network or "
+                             "cache needed; without them a clear message, then the rest runs)")
+    run = Run.start(HERE, parser, argv)
+    target = make_image_classification(TARGET_TRAIN + TARGET_VAL, num_classes=TARGET_CLASSES,
+                                       template_seed=7, noise=1.5, seed=run.seed + 2)
+    loaders = make_loaders(target, batch_size=BATCH_SIZE, seed=run.seed + 2,
+                           val_fraction=TARGET_VAL / (TARGET_TRAIN + TARGET_VAL))
+    return run, loaders
+
+
+if in_notebook():
+    run, loaders = setup()
+
 
 # %% 1. A pretrained backbone, honestly offline
 # Transfer learning reuses features learned on a big SOURCE task for a small TARGET task. To
@@ -226,7 +283,12 @@ def torchvision_resnet18(num_classes: int):
 #     model = resnet18(weights=ResNet18_Weights.DEFAULT)   # cached in torch.hub.get_dir()
 
 
-def lesson_1_pretrain(run: Run, use_torchvision: bool) -> Path:
+def lesson_1_pretrain(run: Run, use_torchvision: bool) -> tuple[Path, dict]:
+    """Pretrain SmallCNN on the 16-class source task and save it like a download.
+
+    From here on the lessons only ever read pretrained_source.pt, as they would a file from
+    a model hub: nothing else of the pretraining run is kept.
+    """
     run.section("1. A pretrained backbone, honestly offline")
     seed_everything(run.seed)
     source = make_loaders(make_image_classification(
@@ -239,14 +301,19 @@ def lesson_1_pretrain(run: Run, use_torchvision: bool) -> Path:
     print(f"  pretrained on the source task ({SOURCE_CLASSES} classes): validation accuracy "
           f"{source_accuracy:.3f}")
     run.artifact("pretrained_model", path)
-    run.record("source_accuracy", source_accuracy)
+    figures = {"source_accuracy": source_accuracy}
     if use_torchvision:
         model, message = torchvision_resnet18(TARGET_CLASSES)
         print(f"  --torchvision-weights: {message}")
-        run.record("torchvision_weights_loaded", model is not None)
+        figures["torchvision_weights_loaded"] = model is not None
     else:
         print("  (add --torchvision-weights to also load ResNet18_Weights.DEFAULT)")
-    return path
+    return path, figures
+
+
+if in_notebook():
+    pretrained_path, figures = lesson_1_pretrain(run, run.args.torchvision_weights)
+    run.record_all(figures)
 
 
 # %% 2. Loading into a changed architecture
@@ -258,7 +325,12 @@ def lesson_1_pretrain(run: Run, use_torchvision: bool) -> Path:
 # - A model with other names (features/classifier) warm-starts by renaming keys.
 
 
-def lesson_2_load_what_fits(run: Run, pretrained_path: Path) -> None:
+def lesson_2_load_what_fits(run: Run, pretrained_path: Path) -> dict:
+    """The 16-class checkpoint into a 4-class model: strict, strict=False, load_what_fits.
+
+    Expect 14 tensors loaded and 2 skipped for shape (the head's weight and bias, 16 -> 4
+    classes); the renamed model loads the same 14 through its key mapping.
+    """
     run.section("2. Loading into a changed architecture")
     state_dict = torch.load(pretrained_path, map_location="cpu", weights_only=True)
     for strict in (True, False):
@@ -279,9 +351,13 @@ def lesson_2_load_what_fits(run: Run, pretrained_path: Path) -> None:
                              .replace("head.", "classifier.", 1))
     print(f"  RenamedCNN with backbone.* -> features.*: loaded {len(renamed.loaded)}, "
           f"skipped {[k for k, _, _ in renamed.skipped_shape]}")
-    run.record("load_report_loaded", len(report.loaded))
-    run.record("load_report_skipped_shape", len(report.skipped_shape))
-    run.record("renamed_model_loaded", len(renamed.loaded))
+    return {"load_report_loaded": len(report.loaded),
+            "load_report_skipped_shape": len(report.skipped_shape),
+            "renamed_model_loaded": len(renamed.loaded)}
+
+
+if in_notebook():
+    run.record_all(lesson_2_load_what_fits(run, pretrained_path))
 
 
 # %% 3. Freezing the backbone
@@ -297,7 +373,12 @@ def lesson_2_load_what_fits(run: Run, pretrained_path: Path) -> None:
 # backbone changes anyway. Below: one epoch head-only, with and without that care.
 
 
-def lesson_3_freezing(run: Run, pretrained_path: Path, loaders) -> None:
+def lesson_3_freezing(run: Run, pretrained_path: Path, loaders) -> dict:
+    """One head-only epoch, frozen by requires_grad alone and with BatchNorm kept in eval.
+
+    Both runs leave the backbone's weights untouched (no gradients); only the second leaves
+    its running statistics untouched too. The drift of the first is the pitfall.
+    """
     run.section("3. Freezing the backbone")
     state_dict = torch.load(pretrained_path, map_location="cpu", weights_only=True)
     drift = {}
@@ -319,20 +400,21 @@ def lesson_3_freezing(run: Run, pretrained_path: Path, loaders) -> None:
         drift[label] = (params, buffers)
         print(f"  {label:<22} trainable tensors {len(trainable)}; backbone weights max |diff| "
               f"{params}, BatchNorm running stats max |diff| {buffers:.4g}")
-    run.record("frozen_params_max_abs_diff", drift["+ BatchNorm in eval"][0])
-    run.record("frozen_buffers_max_abs_diff", drift["+ BatchNorm in eval"][1])
-    run.record("bn_train_mode_buffer_drift", drift["requires_grad only"][1])
+    return {"frozen_params_max_abs_diff": drift["+ BatchNorm in eval"][0],
+            "frozen_buffers_max_abs_diff": drift["+ BatchNorm in eval"][1],
+            "bn_train_mode_buffer_drift": drift["requires_grad only"][1]}
 
 
-# %% 4. Gradual unfreezing, and optimizer state across phases
+if in_notebook():
+    run.record_all(lesson_3_freezing(run, pretrained_path, loaders))
+
+
+# %% 4. Gradual unfreezing, with a checkpoint at the phase change
 # Phase 1 trains the new head alone (the backbone's features are fine; a random head's big
 # gradients would damage them); phase 2 unfreezes the backbone with a 30x smaller learning rate
 # (HEAD_LR / BACKBONE_LR = 3e-2 / 1e-3: discriminative learning rates, one param group each;
-# optimizer.add_param_group adds it).
-# Saving and resuming: an optimizer's state_dict records its param groups, so the phase-1
-# state does NOT load into a phase-2 optimizer ("loaded state dict has a different number of
-# parameter groups"). Save the phase with the checkpoint, rebuild the optimizer for THAT
-# phase, load its state, and let the loop unfreeze at the same epoch it would have.
+# optimizer.add_param_group adds it). At the end of phase 1 the loop saves a checkpoint that
+# records the phase, because the optimizer's layout depends on it (section 4b).
 # Exactness needs every generator the next epoch draws from: the loader's (shuffle order),
 # torch's CPU one and, on a GPU, each CUDA device's (Dropout in the head runs there): the
 # checkpoint's "rng" entry holds them all (common.training.capture_rng_state, taught in 02).
@@ -343,26 +425,53 @@ def lesson_3_freezing(run: Run, pretrained_path: Path, loaders) -> None:
 
 
 def lesson_4_gradual_unfreezing(run: Run, pretrained_path: Path, loaders) -> dict:
-    run.section("4. Gradual unfreezing, and optimizer state across phases")
-    state_dict = torch.load(pretrained_path, map_location="cpu", weights_only=True)
+    """Fine-tune for EPOCHS epochs (head, then all), saving a checkpoint after phase 1.
+
+    The loader's generator is put back to where it started afterwards, so that section 4b
+    replays exactly the data order this run saw.
+    """
+    run.section("4. Gradual unfreezing, with a checkpoint at the phase change")
     checkpoint_path = run.path("finetune_checkpoint_epoch002.pt")
 
     def save_at_phase_end(epoch: int, optimizer: torch.optim.Optimizer) -> None:
         if epoch == UNFREEZE_AT:
-            torch.save({"epoch": epoch, "phase": 1, "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "rng": capture_rng_state(loaders[0].generator)},
-                       checkpoint_path)
+            torch.save({"epoch": epoch, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "config": {"phase": 1},
+                        "rng": capture_rng_state(loaders[0].generator)}, checkpoint_path)
 
     seed_everything(run.seed)
     generator_start = loaders[0].generator.get_state()
     model = FineTunableCNN().to(run.device)
-    load_what_fits(model, state_dict)
+    load_what_fits(model, torch.load(pretrained_path, map_location="cpu", weights_only=True))
     optimizer, accuracies = fine_tune(model, loaders, run.device, on_epoch_end=save_at_phase_end)
+    loaders[0].generator.set_state(generator_start)  # section 4b replays the same data order
     print(f"  param groups at the end: {[(g['name'], g['lr']) for g in optimizer.param_groups]}")
     print(f"  target validation accuracy per epoch: {[round(a, 3) for a in accuracies]}")
+    run.artifact("finetune_checkpoint", checkpoint_path)
+    return {"model": model, "checkpoint_path": checkpoint_path}
 
-    checkpoint = torch.load(checkpoint_path, map_location=run.device, weights_only=True)
+
+if in_notebook():
+    tuned = lesson_4_gradual_unfreezing(run, pretrained_path, loaders)
+
+
+# %% 4b. Resuming across a phase change
+# Saving and resuming: an optimizer's state_dict records its param groups, so the phase-1
+# state does NOT load into a phase-2 optimizer ("loaded state dict has a different number of
+# parameter groups"). Save the phase with the checkpoint, rebuild the optimizer for THAT
+# phase, load its state, restore every generator, and let the loop unfreeze at the same epoch
+# it would have. The result must equal the uninterrupted run of section 4 exactly.
+
+
+def lesson_4b_resume_phases(run: Run, loaders, tuned: dict) -> dict:
+    """Resume section 4's phase-1 checkpoint: the wrong layout fails, the right one is exact.
+
+    max |diff| = 0.0 against section 4's final weights means nothing was lost across the
+    phase change: optimizer moments, the unfreezing epoch, Dropout masks and data order.
+    """
+    run.section("4b. Resuming across a phase change")
+    checkpoint = torch.load(tuned["checkpoint_path"], map_location=run.device, weights_only=True)
+    phase = checkpoint["config"]["phase"]
     resumed = FineTunableCNN().to(run.device)
     resumed.load_state_dict(checkpoint["model"])
     resumed.freeze_backbone(False)
@@ -370,19 +479,22 @@ def lesson_4_gradual_unfreezing(run: Run, pretrained_path: Path, loaders) -> dic
         build_optimizer(resumed, phase=2).load_state_dict(checkpoint["optimizer"])
     except ValueError as err:
         print(f"  phase-1 optimizer state into a phase-2 optimizer: {err}")
-    resumed.freeze_backbone(checkpoint["phase"] == 1)
-    restored = build_optimizer(resumed, phase=checkpoint["phase"])
+    resumed.freeze_backbone(phase == 1)
+    restored = build_optimizer(resumed, phase=phase)
     restored.load_state_dict(checkpoint["optimizer"])
+    generator_start = loaders[0].generator.get_state()
     restore_rng_state(checkpoint["rng"], loaders[0].generator)
     fine_tune(resumed, loaders, run.device, start_epoch=checkpoint["epoch"], optimizer=restored)
-    diff = max_abs_diff(model.state_dict(), resumed.state_dict())
-    print(f"  resumed at epoch {checkpoint['epoch']} with the phase-1 layout, then unfrozen: "
-          f"final weights vs uninterrupted max |diff| = {diff}")
     loaders[0].generator.set_state(generator_start)
-    run.artifact("finetune_checkpoint", checkpoint_path)
-    run.record("phased_resume_max_abs_diff", diff)
-    run.record("checkpoint_rng_keys", ", ".join(sorted(checkpoint["rng"])))
-    return {"model": model, "accuracies": accuracies, "checkpoint": checkpoint}
+    diff = max_abs_diff(tuned["model"].state_dict(), resumed.state_dict())
+    print(f"  resumed at epoch {checkpoint['epoch']} with the phase-{phase} layout, then "
+          f"unfrozen: final weights vs uninterrupted max |diff| = {diff}")
+    return {"phased_resume_max_abs_diff": diff,
+            "checkpoint_rng_keys": ", ".join(sorted(checkpoint["rng"]))}
+
+
+if in_notebook():
+    run.record_all(lesson_4b_resume_phases(run, loaders, tuned))
 
 
 # %% 5. Saving what changed
@@ -393,12 +505,18 @@ def lesson_4_gradual_unfreezing(run: Run, pretrained_path: Path, loaders) -> dic
 # tensor changed, and the delta is the whole model.
 
 
-def lesson_5_save_delta(run: Run, pretrained_path: Path, tuned: dict, inputs) -> None:
+def lesson_5_save_delta(run: Run, pretrained_path: Path, tuned: dict, inputs) -> dict:
+    """Full and delta files after the head-only phase and after full fine-tuning; rebuild.
+
+    After the head-only phase the delta is the head (two tensors, about a tenth of the
+    file); after full fine-tuning every tensor moved, and the delta is the whole model.
+    """
     run.section("5. Saving what changed")
     base = torch.load(pretrained_path, map_location="cpu", weights_only=True)
-    head_only = {k: v.cpu() for k, v in tuned["checkpoint"]["model"].items()}
+    head_only = torch.load(tuned["checkpoint_path"], map_location="cpu",
+                           weights_only=True)["model"]  # the weights after the head-only phase
     full = {k: v.cpu() for k, v in tuned["model"].state_dict().items()}
-    sizes = {}
+    sizes, figures = {}, {}
     for label, state_dict in (("head-only phase", head_only), ("full fine-tune", full)):
         delta = state_dict_delta(state_dict, base)
         full_path = run.path(f"saved/{label.split()[0]}_full.pt")
@@ -418,13 +536,17 @@ def lesson_5_save_delta(run: Run, pretrained_path: Path, tuned: dict, inputs) ->
               f"{format_bytes(sizes[label][1]):>9} ({len(delta)} tensors: "
               f"{sorted(delta)[:3]}{' ...' if len(delta) > 3 else ''}); base + delta vs "
               f"fine-tuned: max |diff| = {diff}")
-        run.record(f"{label.split()[0].replace('-', '_')}_delta_rebuild_max_abs_diff", diff)
-    run.record("head_only_full_bytes", sizes["head-only phase"][0])
-    run.record("head_only_delta_bytes", sizes["head-only phase"][1])
+        figures[f"{label.split()[0].replace('-', '_')}_delta_rebuild_max_abs_diff"] = diff
     final_path = run.path("finetuned_model.pt")
     torch.save(full, final_path)
     run.artifact("finetuned_model", final_path)
     run.artifact("deltas", full_path.parent)
+    return figures | {"head_only_full_bytes": sizes["head-only phase"][0],
+                      "head_only_delta_bytes": sizes["head-only phase"][1]}
+
+
+if in_notebook():
+    run.record_all(lesson_5_save_delta(run, pretrained_path, tuned, next(iter(loaders[1]))[0]))
 
 
 # %% 6. The feature-extractor pattern
@@ -435,7 +557,12 @@ def lesson_5_save_delta(run: Run, pretrained_path: Path, tuned: dict, inputs) ->
 # features once as tensors, then train on them in milliseconds.
 
 
-def lesson_6_feature_extractor(run: Run, pretrained_path: Path, loaders) -> None:
+def lesson_6_feature_extractor(run: Run, pretrained_path: Path, loaders) -> tuple[Path, dict]:
+    """Extract backbone features with create_feature_extractor and save them.
+
+    A forward hook on the same layer sees the same tensor (max |diff| 0.0): the extractor
+    is a rewrite of the model, not an approximation of it.
+    """
     run.section("6. The feature-extractor pattern")
     model = SmallCNN(num_classes=SOURCE_CLASSES)
     model.load_state_dict(torch.load(pretrained_path, map_location="cpu", weights_only=True))
@@ -460,6 +587,27 @@ def lesson_6_feature_extractor(run: Run, pretrained_path: Path, loaders) -> None
     torch.save({"train": features["train"], "val": features["val"], "node": "backbone.8"},
                path)
     run.artifact("features", path)
+    print(f"  saved features {tuple(features['train'][0].shape)} + "
+          f"{tuple(features['val'][0].shape)} from node backbone.8; forward hook vs extractor "
+          f"max |diff| = {hook_diff}")
+    return path, {"feature_hook_max_abs_diff": hook_diff}
+
+
+if in_notebook():
+    features_path, figures = lesson_6_feature_extractor(run, pretrained_path, loaders)
+    run.record_all(figures)
+
+
+# %% 6b. Training on saved features
+# With the features on disk, a new head trains in milliseconds: no backbone forward pass at
+# all. Here a linear probe (one Linear layer, full batch) fits the 96 saved training features
+# and is scored on the 400 validation ones. Saved features are plain tensors, so the file
+# loads with weights_only=True; it records which node they came from.
+
+
+def lesson_6b_linear_probe(run: Run, path: Path) -> dict:
+    """Fit a linear probe on the saved features; score it on the validation features."""
+    run.section("6b. Training on saved features")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     train_x, train_y = saved["train"]
     val_x, val_y = saved["val"]
@@ -470,11 +618,13 @@ def lesson_6_feature_extractor(run: Run, pretrained_path: Path, loaders) -> None
         F.cross_entropy(probe(train_x), train_y).backward()
         optimizer.step()
     accuracy = (probe(val_x).argmax(1) == val_y).float().mean().item()
-    print(f"  saved features {tuple(train_x.shape)} + {tuple(val_x.shape)}; forward hook vs "
-          f"extractor max |diff| = {hook_diff}; linear probe on saved features: "
-          f"accuracy {accuracy:.3f}")
-    run.record("feature_hook_max_abs_diff", hook_diff)
-    run.record("linear_probe_accuracy", accuracy)
+    print(f"  linear probe on {len(train_x)} saved training features ({saved['node']}): "
+          f"validation accuracy {accuracy:.3f}")
+    return {"linear_probe_accuracy": accuracy}
+
+
+if in_notebook():
+    run.record_all(lesson_6b_linear_probe(run, features_path))
 
 
 # %% 7. Measured transfer: pretrained vs from scratch
@@ -487,37 +637,43 @@ def lesson_6_feature_extractor(run: Run, pretrained_path: Path, loaders) -> None
 # luck, so SEEDS seeds, reported as mean and spread.
 
 
-def lesson_7_transfer_vs_scratch(run: Run, pretrained_path: Path, loaders) -> dict:
+def target_curve(run: Run, pretrained: dict, loaders, seed: int,
+                 scratch_lr: float | None = None) -> list[float]:
+    """Target validation accuracy per epoch for one seed; scratch_lr None = transfer."""
+    seed_everything(seed)
+    loaders[0].generator.manual_seed(seed)  # the same data order for both kinds
+    if scratch_lr is None:
+        model = FineTunableCNN().to(run.device)
+        load_what_fits(model, pretrained)
+        return fine_tune(model, loaders, run.device)[1]
+    model = SmallCNN(num_classes=TARGET_CLASSES).to(run.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=scratch_lr)
+    accuracies = []
+    for _ in range(EPOCHS):
+        train_one_epoch(model, loaders[0], optimizer, run.device)
+        accuracies.append(evaluate(model, loaders[1], run.device)["accuracy"])
+    return accuracies
+
+
+def lesson_7_transfer_vs_scratch(run: Run, pretrained_path: Path, loaders) -> tuple:
+    """Sweep scratch's learning rate, then both kinds over SEEDS seeds; mean and spread.
+
+    The loader's generator is restored afterwards, so nothing after this lesson depends on
+    how many seeds it ran.
+    """
     run.section("7. Measured transfer: pretrained vs from scratch")
     pretrained = torch.load(pretrained_path, map_location="cpu", weights_only=True)
-    train_loader, val_loader = loaders
-    generator_start = train_loader.generator.get_state()
-
-    def curve(seed: int, scratch_lr: float | None = None) -> list[float]:
-        """Target validation accuracy per epoch; scratch_lr None = transfer."""
-        seed_everything(seed)
-        train_loader.generator.manual_seed(seed)  # the same data order for both kinds
-        if scratch_lr is None:
-            model = FineTunableCNN().to(run.device)
-            load_what_fits(model, pretrained)
-            return fine_tune(model, loaders, run.device)[1]
-        model = SmallCNN(num_classes=TARGET_CLASSES).to(run.device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=scratch_lr)
-        accuracies = []
-        for _ in range(EPOCHS):
-            train_one_epoch(model, train_loader, optimizer, run.device)
-            accuracies.append(evaluate(model, val_loader, run.device)["accuracy"])
-        return accuracies
-
+    generator_start = loaders[0].generator.get_state()
     seeds = [run.seed + offset for offset in range(SEEDS)]
-    sweep = {lr: curve(seeds[0], lr) for lr in SCRATCH_LRS}
+    sweep = {lr: target_curve(run, pretrained, loaders, seeds[0], lr) for lr in SCRATCH_LRS}
     scratch_lr = max(sweep, key=lambda lr: sweep[lr][-1])
     print("  scratch learning-rate sweep (seed "
           f"{seeds[0]}): {', '.join(f'{lr:g} -> {c[-1]:.3f}' for lr, c in sweep.items())}; "
           f"using {scratch_lr:g}")
-    curves = {"transfer": [curve(seed) for seed in seeds],
-              "scratch": [sweep[scratch_lr]] + [curve(seed, scratch_lr) for seed in seeds[1:]]}
-    train_loader.generator.set_state(generator_start)
+    curves = {"transfer": [target_curve(run, pretrained, loaders, seed) for seed in seeds],
+              "scratch": [sweep[scratch_lr]] + [target_curve(run, pretrained, loaders, seed,
+                                                             scratch_lr) for seed in seeds[1:]]}
+    loaders[0].generator.set_state(generator_start)
     final = {kind: torch.tensor([c[-1] for c in runs]) for kind, runs in curves.items()}
     for seed, ours, theirs in zip(seeds, final["transfer"], final["scratch"], strict=True):
         print(f"  seed {seed}: transfer {ours:.3f}  scratch {theirs:.3f}")
@@ -525,6 +681,28 @@ def lesson_7_transfer_vs_scratch(run: Run, pretrained_path: Path, loaders) -> di
     print(f"  mean over {SEEDS} seeds: transfer {final['transfer'].mean():.3f} "
           f"(std {final['transfer'].std():.3f}) vs scratch {final['scratch'].mean():.3f} "
           f"(std {final['scratch'].std():.3f}); transfer wins on {wins} of {SEEDS} seeds")
+    return curves, {"transfer_accuracy": float(final["transfer"].mean()),
+                    "scratch_accuracy": float(final["scratch"].mean()),
+                    "transfer_accuracy_std": float(final["transfer"].std()),
+                    "scratch_accuracy_std": float(final["scratch"].std()),
+                    "transfer_vs_scratch_seeds": SEEDS, "transfer_wins_seeds": wins,
+                    "scratch_lr": scratch_lr}
+
+
+if in_notebook():
+    curves, figures = lesson_7_transfer_vs_scratch(run, pretrained_path, loaders)
+    run.record_all(figures)
+
+
+# %% 7b. The learning curves, seed by seed
+# One picture for the claim: the mean target accuracy per epoch of each kind, with a band
+# from the worst to the best seed, and the epoch where the backbone unfreezes. Where the
+# bands do not overlap, no choice of seed would reverse the conclusion.
+
+
+def lesson_7b_plot(run: Run, curves: dict, scratch_lr: float) -> None:
+    """Mean curves with min-max bands over the seeds; saved as transfer_vs_scratch.png."""
+    run.section("7b. The learning curves, seed by seed")
     figure, axes = plt.subplots(figsize=(6, 4))
     epochs = range(1, EPOCHS + 1)
     for kind, label in (("transfer", "transfer (pretrained backbone)"),
@@ -535,52 +713,51 @@ def lesson_7_transfer_vs_scratch(run: Run, pretrained_path: Path, loaders) -> di
     axes.axvline(UNFREEZE_AT + 0.5, color="grey", linestyle=":", label="backbone unfrozen")
     axes.set_xticks(list(epochs))
     axes.set(xlabel="epoch", ylabel="target validation accuracy", ylim=(0, 1),
-             title=f"{TARGET_TRAIN} target images, {SEEDS} seeds (band: min to max)")
+             title=f"{TARGET_TRAIN} target images, {len(curves['transfer'])} seeds "
+                   "(band: min to max)")
     axes.legend()
-    path = run.path("transfer_vs_scratch.png")
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    run.artifact("learning_curves", path)
-    return {"transfer_accuracy": float(final["transfer"].mean()),
-            "scratch_accuracy": float(final["scratch"].mean()),
-            "transfer_accuracy_std": float(final["transfer"].std()),
-            "scratch_accuracy_std": float(final["scratch"].std()),
-            "transfer_vs_scratch_seeds": SEEDS, "transfer_wins_seeds": wins,
-            "scratch_lr": scratch_lr}
+    run.save_figure(figure, "transfer_vs_scratch.png", "learning_curves")
+
+
+if in_notebook():
+    lesson_7b_plot(run, curves, run.metrics["scratch_lr"])
+
+
+# %% Summary
+# What the run measured, the files it wrote (also in summary.json), and what to try next.
+RECAP = [
+    "strict=False forgives missing/unexpected keys, never shapes: filter by shape "
+    "(load_what_fits) and READ the report",
+    "freeze = requires_grad_(False) + BatchNorm in eval() + an optimizer over trainable "
+    "parameters; save the phase and every generator with the optimizer state",
+    "ship base + delta when only part of the model changed; rebuild exactly",
+    "measure transfer against a tuned scratch baseline over several seeds",
+]
+TRY_IT = ("set UNFREEZE_AT = 0 (fine-tune everything from the start) and compare the "
+          "curves; then run 07_distributed_training.py")
+
+if in_notebook():
+    summary = run.finish(RECAP, TRY_IT)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every lesson in order and return the summary (also written to summary.json)."""
-    parser = make_parser(__file__, __doc__.splitlines()[0])
-    parser.add_argument("--torchvision-weights", action="store_true",
-                        help="also load torchvision's ResNet18_Weights.DEFAULT (network or "
-                             "cache needed; without them a clear message, then the rest runs)")
-    run = Run.start(__file__, parser, argv)
-
-    pretrained_path = lesson_1_pretrain(run, run.args.torchvision_weights)
-    target = make_image_classification(TARGET_TRAIN + TARGET_VAL, num_classes=TARGET_CLASSES,
-                                       template_seed=7, noise=1.5, seed=run.seed + 2)
-    loaders = make_loaders(target, batch_size=BATCH_SIZE, seed=run.seed + 2,
-                           val_fraction=TARGET_VAL / (TARGET_TRAIN + TARGET_VAL))
-    lesson_2_load_what_fits(run, pretrained_path)
-    lesson_3_freezing(run, pretrained_path, loaders)
+    run, loaders = setup(argv)
+    pretrained_path, figures = lesson_1_pretrain(run, run.args.torchvision_weights)
+    run.record_all(figures)
+    run.record_all(lesson_2_load_what_fits(run, pretrained_path))
+    run.record_all(lesson_3_freezing(run, pretrained_path, loaders))
     tuned = lesson_4_gradual_unfreezing(run, pretrained_path, loaders)
-    lesson_5_save_delta(run, pretrained_path, tuned, next(iter(loaders[1]))[0])
-    lesson_6_feature_extractor(run, pretrained_path, loaders)
-    for name, value in lesson_7_transfer_vs_scratch(run, pretrained_path, loaders).items():
-        run.record(name, value)
-    return run.finish(
-        recap=[
-            "strict=False forgives missing/unexpected keys, never shapes: filter by shape "
-            "(load_what_fits) and READ the report",
-            "freeze = requires_grad_(False) + BatchNorm in eval() + an optimizer over trainable "
-            "parameters; save the phase with the optimizer state",
-            "ship base + delta when only part of the model changed; rebuild exactly",
-        ],
-        try_it="set UNFREEZE_AT = 0 (fine-tune everything from the start) and compare the "
-               "curves; then run 07_distributed_training.py",
-    )
+    run.record_all(lesson_4b_resume_phases(run, loaders, tuned))
+    run.record_all(lesson_5_save_delta(run, pretrained_path, tuned, next(iter(loaders[1]))[0]))
+    features_path, figures = lesson_6_feature_extractor(run, pretrained_path, loaders)
+    run.record_all(figures)
+    run.record_all(lesson_6b_linear_probe(run, features_path))
+    curves, figures = lesson_7_transfer_vs_scratch(run, pretrained_path, loaders)
+    run.record_all(figures)
+    lesson_7b_plot(run, curves, figures["scratch_lr"])
+    return run.finish(RECAP, TRY_IT)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not in_notebook():
     main()
