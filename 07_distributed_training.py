@@ -66,9 +66,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from common.compare import max_abs_diff
 from common.data import make_image_classification
+from common.distributed import call_in_script
 from common.models import SmallCNN
-from common.run import Run, format_bytes, make_parser, print_section
+from common.run import Run, format_bytes, in_notebook, make_parser, script_file
 
+HERE = script_file(globals(), "07_distributed_training.py")  # a notebook kernel has no __file__
 SAVE_WORLD = 2  # processes that train and save (in the default, self-spawning mode)
 # A collective that waits longer than this raises instead of hanging forever. torch's defaults:
 # 10 min for nccl (torch.distributed.constants.default_pg_nccl_timeout), 30 min for gloo.
@@ -124,6 +126,17 @@ def average_buffers(model: nn.Module) -> None:
             buffer.div_(dist.get_world_size())
 
 
+# ############################################################################################
+# The lessons, in order. In a notebook each cell runs its lesson (the `if in_notebook():`
+# lines); `python 07_distributed_training.py` runs them all through main() at the bottom.
+# Lessons 2-4 run inside a world of processes: in_world() (at the end of the file) starts
+# one, runs the lesson on every rank, and prints what rank 0 reported.
+# ############################################################################################
+
+# Helpers of the distributed lessons: the FSDP2 model, a few training steps on each rank's
+# share of the data, and comparisons across ranks.
+
+
 def build_fsdp2_model(mesh, device: torch.device, seed: int):
     """SmallCNN sharded with FSDP2: each Conv/Linear layer, then the root; plus Adam.
 
@@ -164,10 +177,23 @@ def ranks_max_abs_diff(state_dict: Mapping[str, torch.Tensor]) -> float:
     return max(max_abs_diff(other, gathered[0]) for other in gathered)
 
 
+CAPTURED_LOG: list[str] | None = None  # set in spawned workers: rank 0's lines go to the parent
+
+
 def log0(*parts: object) -> None:
-    """Print on rank 0 only (every rank runs the same code)."""
-    if dist.get_rank() == 0:
-        print(*parts, flush=True)
+    """Print on rank 0 only (every rank runs the same code).
+
+    In a world this script spawned, rank 0's lines are collected and printed by the parent
+    (so that they appear under the notebook cell that ran the lesson); under torchrun they
+    are printed directly.
+    """
+    if dist.get_rank() != 0:
+        return
+    line = " ".join(str(part) for part in parts)
+    if CAPTURED_LOG is not None:
+        CAPTURED_LOG.append(line)
+    else:
+        print(line, flush=True)
 
 
 def optimizer_state_diff(a: Mapping, b: Mapping) -> float:
@@ -179,233 +205,7 @@ def optimizer_state_diff(a: Mapping, b: Mapping) -> float:
 
 
 # ############################################################################################
-# The lessons, in order.
-# ############################################################################################
-
-# %% 1. Wrapper prefixes and portable checkpoints
-# (nn.DataParallel, single-process multi-GPU, is discouraged by its own docstring: use
-# DistributedDataParallel even on one machine. Old checkpoints still carry its prefix.)
-# nn.DataParallel and DistributedDataParallel keep your model as .module, so their
-# state_dict() keys read "module.backbone.0.weight"; torch.compile's wrapper keeps it as
-# ._orig_mod. Loading such a file into a plain model fails with
-#   Missing key(s) in state_dict: "backbone.0.weight" ... Unexpected key(s): "module.backbone..."
-# Save the unwrapped module (ddp.module.state_dict(), compiled._orig_mod.state_dict()), and
-# clean files you received with torch.nn.modules.utils.consume_prefix_in_state_dict_if_present
-# or portable_state_dict() above, which also moves tensors to the CPU so the file loads on
-# machines without the GPU it was saved on.
-
-
-def lesson_1_prefixes(run: Run) -> None:
-    run.section("1. Wrapper prefixes and portable checkpoints")
-    model = SmallCNN()
-    wrapped = {
-        "nn.DataParallel": nn.DataParallel(model),
-        "torch.compile": torch.compile(model),  # compiles lazily; state_dict() needs no compile
-        "compile(DataParallel)": torch.compile(nn.DataParallel(model)),
-    }
-    for label, wrapper in wrapped.items():
-        keys = list(wrapper.state_dict())
-        print(f"  {label:<22} first key {keys[0]!r}")
-    foreign = wrapped["nn.DataParallel"].state_dict()
-    try:
-        SmallCNN().load_state_dict(foreign)
-    except RuntimeError as err:
-        print(f"  into a plain SmallCNN: {' '.join(str(err).split())[:100]}...")
-    cleaned = OrderedDict(foreign)
-    consume_prefix_in_state_dict_if_present(cleaned, "module.")
-    SmallCNN().load_state_dict(cleaned)
-    nested = portable_state_dict(wrapped["compile(DataParallel)"].state_dict())
-    plain = SmallCNN()
-    plain.load_state_dict(nested)
-    diff = max_abs_diff(plain.state_dict(), model.state_dict())
-    print(f"  consume_prefix_in_state_dict_if_present(sd, 'module.') -> loads; "
-          f"portable_state_dict strips '_orig_mod.module.' -> loads, max |diff| = {diff}")
-    run.record("prefix_strip_max_abs_diff", diff)
-
-
-# %% 2. DDP: rank 0 saves, every rank loads
-# Under DistributedDataParallel every rank holds the same full model (gradients are averaged,
-# buffers broadcast from rank 0), so ONE rank writes: if rank == 0: torch.save(...). Without
-# rank 0 only, N processes write the same file at once. Then dist.barrier(): no rank may read
-# the file before rank 0 has finished writing it. Each rank then loads with a map_location that
-# puts tensors on ITS device (map_location=device, i.e. cuda:LOCAL_RANK on GPUs; a dict such as
-# {"cuda:0": f"cuda:{local_rank}"} does the same for files saved from cuda:0), or every rank
-# would allocate on GPU 0, the device rank 0 saved from.
-
-
-def lesson_2_ddp(out_dir: Path, device: torch.device, seed: int) -> dict:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(seed)  # the same init everywhere (DDP also broadcasts rank 0's weights)
-    ddp = DistributedDataParallel(SmallCNN().to(device),
-                                  device_ids=[device.index] if device.type == "cuda" else None)
-    train_steps(ddp, torch.optim.SGD(ddp.parameters(), lr=0.05), device, epochs=2, seed=seed)
-    log0(f"  world {world}, backend {dist.get_backend()}; DDP state_dict keys start with "
-         f"{next(iter(ddp.state_dict()))!r}")
-    path = out_dir / "ddp_model.pt"
-    if rank == 0:
-        torch.save(ddp.module.state_dict(), path)  # the unwrapped module: no "module." prefix
-    dist.barrier()  # everyone waits until rank 0's file is complete
-    fresh = SmallCNN().to(device)  # device: this rank's own (cuda:LOCAL_RANK or the CPU)
-    fresh.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-    diff = ranks_max_abs_diff(fresh.state_dict())
-    log0(f"  rank 0 saved {path.name}; all {world} ranks loaded it: max |diff| across ranks "
-         f"= {diff}")
-    return {"ddp_ranks_max_abs_diff": diff}
-
-
-# %% 3. FSDP2 and torch.distributed.checkpoint
-# FSDP2 (torch.distributed.fsdp.fully_shard) splits every parameter across ranks as a DTensor:
-# no rank holds the whole model. A DTensor is a tensor that knows its global shape and its
-# "placements": how it is laid out over the device mesh (Shard(0): split along dim 0, one
-# slice per rank; Replicate(): a full copy on each). torch.distributed.checkpoint (DCP) saves
-# such a model as it is: dcp.save(state, checkpoint_id=folder) writes one file per rank plus a
-# .metadata index, in parallel. get_state_dict(model, optimizer) returns the model's and
-# optimizer's state_dicts in a canonical form keyed by FQN (fully qualified name: the
-# parameter's dotted path in the model, "backbone.0.weight", also for the optimizer instead of
-# positions) and set_state_dict puts them back. StateDictOptions(full_state_dict=True,
-# cpu_offload=True) instead gathers full tensors onto rank 0's CPU, for one portable file.
-# dcp.async_save returns once the state is "staged" (copied into CPU memory, so training may
-# change the live tensors) and writes in the background; give it a process group of its own (its
-# thread's collectives must not interleave with training's) and wait on its future before
-# anything reads the checkpoint or the process exits.
-
-
-def lesson_3_fsdp2(out_dir: Path, device: torch.device, seed: int) -> dict:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh(device.type, (world,))
-    model, optimizer = build_fsdp2_model(mesh, device, seed)
-    train_steps(model, optimizer, device, epochs=2, seed=seed)
-    weight = model.backbone[0].weight
-    log0(f"  backbone.0.weight is a {type(weight).__name__} {tuple(weight.shape)}, placements "
-         f"{weight.placements}; rank 0 holds {tuple(weight.to_local().shape)}")
-    stats_gap = ranks_max_abs_diff({k: v for k, v in model.state_dict().items()
-                                    if "running" in k})
-    average_buffers(model)
-    log0(f"  BatchNorm running stats differ across ranks by {stats_gap:.4g} (FSDP2 does not "
-         "sync buffers); averaged before saving")
-
-    model_state, optim_state = get_state_dict(model, optimizer)  # sharded: DTensors
-    state = {"model": model_state, "optimizer": optim_state}
-    sharded_dir = out_dir / "dcp_checkpoint"
-    started = time.perf_counter()
-    dcp.save(state, checkpoint_id=sharded_dir)
-    save_seconds = time.perf_counter() - started
-    files = sorted(p.name for p in sharded_dir.iterdir())
-    log0(f"  dcp.save: {save_seconds * 1000:.1f} ms, files {files}")
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full_model, full_optim = get_state_dict(model, optimizer, options=options)
-    if rank == 0:  # with cpu_offload, only rank 0 receives the full tensors (others: {})
-        torch.save(portable_state_dict(full_model), out_dir / "portable_model.pt")
-        torch.save({"model": full_model, "optimizer": full_optim},
-                   out_dir / "full_checkpoint.pt")
-        print(f"  full state_dict on rank 0: {len(full_model)} tensors -> portable_model.pt; "
-              f"with Adam state for {len(full_optim['state'])} parameters -> "
-              "full_checkpoint.pt", flush=True)
-
-    # async_save finishes in a background thread that runs its own collectives; on the
-    # training group they would interleave with FSDP's all-gathers and deadlock. Give the
-    # checkpoint its own group (gloo, which also works for CPU-staged state on GPU jobs).
-    checkpoint_group = dist.new_group(backend="gloo")
-    started = time.perf_counter()
-    future = dcp.async_save(state, checkpoint_id=out_dir / "dcp_async_checkpoint",
-                            process_group=checkpoint_group)
-    async_seconds = time.perf_counter() - started
-    train_steps(model, optimizer, device, epochs=1, seed=seed + 1)  # training goes on...
-    future.result()  # ...and the write is waited for before anything reads it or we exit
-    log0(f"  dcp.async_save returned after {async_seconds * 1000:.1f} ms; training went on "
-         "while it wrote; future.result() waited for it")
-    dist.barrier()
-    return {"dcp_files": len([f for f in files if f.endswith(".distcp")]),
-            "dcp_save_ms": round(save_seconds * 1000, 2),
-            "dcp_async_save_return_ms": round(async_seconds * 1000, 2),
-            "fsdp_buffer_gap_before_sync": stats_gap}
-
-
-# %% 4. Resharding: a different world size
-# A DCP checkpoint records each tensor's global shape and which slice each file holds, so it
-# loads into ANY sharding: save on 2 GPUs, resume on 3 (or 64). The recipe: build the model
-# and optimizer at the new world size, take their (sharded) state_dicts as the targets,
-# dcp.load(state, checkpoint_id=...) fills them with the right slices, set_state_dict applies.
-# We compare the result, gathered in full, with the full checkpoint from section 3: equal.
-
-
-def lesson_4_reshard(out_dir: Path, device: torch.device, seed: int) -> dict:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh(device.type, (world,))
-    model, optimizer = build_fsdp2_model(mesh, device, seed + 1000)  # another init on purpose
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=out_dir / "dcp_checkpoint")
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
-    local = tuple(model.backbone[0].weight.to_local().shape)
-    saved_world = len(list((out_dir / "dcp_checkpoint").glob("*.distcp")))  # a file per rank
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full_model, full_optim = get_state_dict(model, optimizer, options=options)
-    result = {}
-    if rank == 0:
-        reference = torch.load(out_dir / "full_checkpoint.pt", map_location="cpu",
-                               weights_only=True)
-        result = {"reshard_max_abs_diff": max_abs_diff(full_model, reference["model"]),
-                  "reshard_optimizer_max_abs_diff": optimizer_state_diff(full_optim,
-                                                                         reference["optimizer"])}
-        print(f"  loaded the {saved_world}-rank checkpoint into {world} ranks (rank 0 now holds "
-              f"backbone.0.weight {local}); vs the saved full state: weights max |diff| = "
-              f"{result['reshard_max_abs_diff']}, Adam state max |diff| = "
-              f"{result['reshard_optimizer_max_abs_diff']}", flush=True)
-    dist.barrier()
-    return result
-
-
-# %% 5. DCP without a process group, and conversion
-# A DCP folder is not a torch.save file, but you do not need a cluster to read it:
-# dcp.load(state, checkpoint_id=folder, no_dist=True) fills a plain model's state_dict in one
-# process (it warns that torch.distributed is not initialised: that is the point), and
-# torch.distributed.checkpoint.format_utils.dcp_to_torch_save(folder, "model.pt") converts the
-# whole checkpoint into one ordinary file (torch_save_to_dcp goes the other way).
-
-
-def lesson_5_no_process_group(run: Run) -> None:
-    run.section("5. DCP without a process group, and conversion")
-    portable_path = run.out_dir / "portable_model.pt"
-    reference = torch.load(portable_path, map_location="cpu", weights_only=True)
-    plain = SmallCNN()
-    plain.load_state_dict(reference)  # the contract: a plain model, weights_only=True
-    size = format_bytes(portable_path.stat().st_size)
-    print(f"  portable_model.pt loads into a plain SmallCNN ({size}; keys "
-          f"{next(iter(reference))!r} ...)")
-    results = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for name in ("dcp_checkpoint", "dcp_async_checkpoint"):
-            state = {"model": SmallCNN().state_dict()}
-            dcp.load(state, checkpoint_id=run.out_dir / name, no_dist=True)
-            results[name] = max_abs_diff(state["model"], reference)
-    expected = [str(w.message) for w in caught if NO_DIST_WARNING in str(w.message)]
-    if expected:
-        print(f"  (expected warning, as no process group exists here: {expected[0][:60]}...)")
-    print(f"  dcp.load(no_dist=True) into a plain model: sync checkpoint max |diff| = "
-          f"{results['dcp_checkpoint']}, async checkpoint max |diff| = "
-          f"{results['dcp_async_checkpoint']}")
-    converted = run.out_dir / "dcp_as_torch_save.pt"
-    dcp_to_torch_save(run.out_dir / "dcp_checkpoint", converted)
-    loaded = torch.load(converted, map_location="cpu", weights_only=True)
-    converted_diff = max_abs_diff(loaded["model"], reference)
-    print(f"  dcp_to_torch_save -> {converted.name} ({format_bytes(converted.stat().st_size)}, "
-          f"keys {sorted(loaded)}): max |diff| = {converted_diff}")
-    run.artifact("portable_model", portable_path)
-    run.artifact("ddp_model", run.out_dir / "ddp_model.pt")
-    run.artifact("dcp_checkpoint", run.out_dir / "dcp_checkpoint")
-    run.artifact("dcp_async_checkpoint", run.out_dir / "dcp_async_checkpoint")
-    run.artifact("dcp_as_torch_save", converted)
-    run.record("dcp_no_dist_max_abs_diff", results["dcp_checkpoint"])
-    run.record("dcp_async_max_abs_diff", results["dcp_async_checkpoint"])
-    run.record("dcp_to_torch_save_max_abs_diff", converted_diff)
-
-
-# ############################################################################################
-# Process plumbing: spawn our own process groups, or run under torchrun.
+# Process plumbing: spawn our own worlds of processes, or run under torchrun.
 # ############################################################################################
 
 
@@ -421,40 +221,6 @@ def end_cleanly() -> None:
     dist.barrier()
 
 
-def spawned_worker(rank: int, world: int, port: int, phases: list[str], out_dir: str,
-                   device_type: str, seed: int, results) -> None:
-    """Entry point of a process started by spawn_world: join the group, run, leave cleanly.
-
-    One machine, so the rank is also the local rank. The rendezvous store already runs in the
-    parent on ``port``; every rank (rank 0 included) is a client of it.
-    """
-    device = rank_device(device_type, rank)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=GROUP_TIMEOUT)
-    init_process_group(device, store=store, rank=rank, world_size=world)
-    try:
-        collected = run_phases(phases, Path(out_dir), device, seed)
-        if rank == 0:
-            results.put(collected)
-        end_cleanly()
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn_world(world: int, phases: list[str], out_dir: Path, device_type: str,
-                seed: int) -> dict:
-    """Start ``world`` fresh processes (a new group on a free port), run ``phases``, join."""
-    results = mp.get_context("spawn").SimpleQueue()
-    # The rendezvous store lives HERE, on a port the OS picks and this process keeps: no
-    # probe-then-release race with another program taking the port, and two runs side by
-    # side each get their own.
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=GROUP_TIMEOUT)
-    mp.start_processes(spawned_worker, nprocs=world, join=True, start_method="spawn",
-                       args=(world, store.port, phases, str(out_dir), device_type, seed,
-                             results))
-    return results.get()
-
-
 def init_process_group(device: torch.device, **kwargs: Any) -> None:
     """Join the process group with the backend for ``device`` (nccl for CUDA, else gloo).
 
@@ -467,22 +233,56 @@ def init_process_group(device: torch.device, **kwargs: Any) -> None:
         dist.init_process_group("gloo", timeout=GROUP_TIMEOUT, **kwargs)
 
 
-PHASES: dict[str, tuple[str, Callable[[Path, torch.device, int], dict]]] = {
-    "ddp": ("2. DDP: rank 0 saves, every rank loads", lesson_2_ddp),
-    "fsdp": ("3. FSDP2 and torch.distributed.checkpoint", lesson_3_fsdp2),
-    "reshard": ("4. Resharding: a different world size", lesson_4_reshard),
+def spawned_worker(rank: int, world: int, port: int, lesson: str, out_dir: str,
+                   device_type: str, seed: int, results) -> None:
+    """One process of a world started by in_world(): join the group, run, leave cleanly.
+
+    One machine, so the rank is also the local rank. The rendezvous store already runs in the
+    parent on ``port``; every rank (rank 0 included) is a client of it. Rank 0 sends its
+    figures and its printed lines back through ``results``.
+    """
+    global CAPTURED_LOG
+    CAPTURED_LOG = []
+    device = rank_device(device_type, rank)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=GROUP_TIMEOUT)
+    init_process_group(device, store=store, rank=rank, world_size=world)
+    try:
+        figures = globals()[lesson](Path(out_dir), device, seed)
+        if rank == 0:
+            results.put((figures, CAPTURED_LOG))
+        end_cleanly()
+    finally:
+        dist.destroy_process_group()
+
+
+def in_world(run: Run, world: int, lesson: Callable[[Path, torch.device, int], dict]) -> dict:
+    """Run ``lesson`` on every rank of a fresh world of ``world`` processes; return rank 0's
+    figures after printing the section banner and rank 0's lines."""
+    run.section(TITLES[lesson.__name__])
+    device_type = world_device_type(run.device, world)
+    results = mp.get_context("spawn").SimpleQueue()
+    # The rendezvous store lives HERE, on a port the OS picks and this process keeps: no
+    # probe-then-release race with another program taking the port, and two runs side by
+    # side each get their own.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=GROUP_TIMEOUT)
+    # call_in_script loads this file by path in each child and calls spawned_worker: that
+    # works from a script, an import (the tests) and a notebook kernel alike.
+    mp.start_processes(call_in_script, nprocs=world, join=True, start_method="spawn",
+                       args=(str(HERE), "spawned_worker", world, store.port, lesson.__name__,
+                             str(run.out_dir), device_type, run.seed, results))
+    figures, lines = results.get()
+    for line in lines:
+        print(line)
+    return figures
+
+
+TITLES = {
+    "lesson_2_ddp": "2. DDP: rank 0 saves, every rank loads",
+    "lesson_3_fsdp2": "3. FSDP2 and torch.distributed.checkpoint",
+    "lesson_3b_full_and_async": "3b. One portable file, and saving in the background",
+    "lesson_4_reshard": "4. Resharding: a different world size",
 }
-
-
-def run_phases(phases: list[str], out_dir: Path, device: torch.device, seed: int) -> dict:
-    """Run the named distributed lessons in this process group; rank 0 prints the banners."""
-    collected: dict[str, Any] = {}
-    for phase in phases:
-        title, lesson = PHASES[phase]
-        if dist.get_rank() == 0:
-            print_section(title)
-        collected.update(lesson(out_dir, device, seed))
-    return collected
 
 
 def world_device_type(requested: torch.device, world: int) -> str:
@@ -519,71 +319,365 @@ def clean_outputs(out_dir: Path) -> None:
         shutil.rmtree(out_dir / name, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    """Run every lesson; under torchrun every process calls this, and rank 0 reports."""
-    parser = make_parser(__file__, __doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if under_torchrun:
-        return main_under_torchrun(args)
-    run = Run(__file__, args)
+def finish(run: Run, save_world: int, load_world: int) -> dict:
+    """Record the world sizes, drop section 3's reference file, write the summary."""
+    run.record_all({"save_world_size": save_world, "reshard_world_size": load_world})
+    (run.out_dir / "full_checkpoint.pt").unlink(missing_ok=True)  # section 4's reference
+    return run.finish(RECAP, TRY_IT)
+
+
+# %% Setup
+# The flags and the out-dir, cleaned of a previous run's DCP folders (dcp.save would write
+# into them). In a notebook the flags come from the LESSON_ARGS environment variable.
+
+
+def setup(argv: list[str] | None = None) -> Run:
+    """Start the run (one process: the parent of the worlds that lessons 2-4 spawn)."""
+    run = Run.start(HERE, make_parser(HERE, __doc__.splitlines()[0]), argv)
     clean_outputs(run.out_dir)
-    lesson_1_prefixes(run)
-    device_type = world_device_type(run.device, SAVE_WORLD)
-    metrics = spawn_world(SAVE_WORLD, ["ddp", "fsdp"], run.out_dir, device_type, run.seed)
-    new_world = reshard_world(SAVE_WORLD)
-    metrics |= spawn_world(new_world, ["reshard"], run.out_dir,
-                           world_device_type(run.device, new_world), run.seed)
-    return finish(run, metrics, SAVE_WORLD, new_world)
+    return run
 
 
-def main_under_torchrun(args) -> dict | None:
-    """torchrun started N processes: they are the saving world; rank 0 spawns the reshard one."""
+if in_notebook():
+    run = setup()
+
+
+
+# %% 1. Wrapper prefixes and portable checkpoints
+# (nn.DataParallel, single-process multi-GPU, is discouraged by its own docstring: use
+# DistributedDataParallel even on one machine. Old checkpoints still carry its prefix.)
+# nn.DataParallel and DistributedDataParallel keep your model as .module, so their
+# state_dict() keys read "module.backbone.0.weight"; torch.compile's wrapper keeps it as
+# ._orig_mod. Loading such a file into a plain model fails with
+#   Missing key(s) in state_dict: "backbone.0.weight" ... Unexpected key(s): "module.backbone..."
+# Save the unwrapped module (ddp.module.state_dict(), compiled._orig_mod.state_dict()), and
+# clean files you received with torch.nn.modules.utils.consume_prefix_in_state_dict_if_present
+# or portable_state_dict() above, which also moves tensors to the CPU so the file loads on
+# machines without the GPU it was saved on.
+
+
+def lesson_1_prefixes(run: Run) -> dict:
+    """The first key of three wrappers' state_dicts; strip the prefixes; load a plain model."""
+    run.section("1. Wrapper prefixes and portable checkpoints")
+    model = SmallCNN()
+    wrapped = {
+        "nn.DataParallel": nn.DataParallel(model),
+        "torch.compile": torch.compile(model),  # compiles lazily; state_dict() needs no compile
+        "compile(DataParallel)": torch.compile(nn.DataParallel(model)),
+    }
+    for label, wrapper in wrapped.items():
+        keys = list(wrapper.state_dict())
+        print(f"  {label:<22} first key {keys[0]!r}")
+    foreign = wrapped["nn.DataParallel"].state_dict()
+    try:
+        SmallCNN().load_state_dict(foreign)
+    except RuntimeError as err:
+        print(f"  into a plain SmallCNN: {' '.join(str(err).split())[:100]}...")
+    cleaned = OrderedDict(foreign)
+    consume_prefix_in_state_dict_if_present(cleaned, "module.")
+    SmallCNN().load_state_dict(cleaned)
+    nested = portable_state_dict(wrapped["compile(DataParallel)"].state_dict())
+    plain = SmallCNN()
+    plain.load_state_dict(nested)
+    diff = max_abs_diff(plain.state_dict(), model.state_dict())
+    print(f"  consume_prefix_in_state_dict_if_present(sd, 'module.') -> loads; "
+          f"portable_state_dict strips '_orig_mod.module.' -> loads, max |diff| = {diff}")
+    return {"prefix_strip_max_abs_diff": diff}
+
+
+if in_notebook():
+    run.record_all(lesson_1_prefixes(run))
+
+
+# %% 2. DDP: rank 0 saves, every rank loads
+# Under DistributedDataParallel every rank holds the same full model (gradients are averaged,
+# buffers broadcast from rank 0), so ONE rank writes: if rank == 0: torch.save(...). Without
+# rank 0 only, N processes write the same file at once. Then dist.barrier(): no rank may read
+# the file before rank 0 has finished writing it. Each rank then loads with a map_location that
+# puts tensors on ITS device (map_location=device, i.e. cuda:LOCAL_RANK on GPUs; a dict such as
+# {"cuda:0": f"cuda:{local_rank}"} does the same for files saved from cuda:0), or every rank
+# would allocate on GPU 0, the device rank 0 saved from.
+
+
+def lesson_2_ddp(out_dir: Path, device: torch.device, seed: int) -> dict:
+    """On every rank: train DDP, rank 0 saves, barrier, every rank loads on its own device."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(seed)  # the same init everywhere (DDP also broadcasts rank 0's weights)
+    ddp = DistributedDataParallel(SmallCNN().to(device),
+                                  device_ids=[device.index] if device.type == "cuda" else None)
+    train_steps(ddp, torch.optim.SGD(ddp.parameters(), lr=0.05), device, epochs=2, seed=seed)
+    log0(f"  world {world}, backend {dist.get_backend()}; DDP state_dict keys start with "
+         f"{next(iter(ddp.state_dict()))!r}")
+    path = out_dir / "ddp_model.pt"
+    if rank == 0:
+        torch.save(ddp.module.state_dict(), path)  # the unwrapped module: no "module." prefix
+    dist.barrier()  # everyone waits until rank 0's file is complete
+    fresh = SmallCNN().to(device)  # device: this rank's own (cuda:LOCAL_RANK or the CPU)
+    fresh.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    diff = ranks_max_abs_diff(fresh.state_dict())
+    log0(f"  rank 0 saved {path.name}; all {world} ranks loaded it: max |diff| across ranks "
+         f"= {diff}")
+    return {"ddp_ranks_max_abs_diff": diff}
+
+
+if in_notebook():
+    run.record_all(in_world(run, SAVE_WORLD, lesson_2_ddp))
+
+
+# %% 3. FSDP2 and torch.distributed.checkpoint
+# FSDP2 (torch.distributed.fsdp.fully_shard) splits every parameter across ranks as a DTensor:
+# no rank holds the whole model. A DTensor is a tensor that knows its global shape and its
+# "placements": how it is laid out over the device mesh (Shard(0): split along dim 0, one
+# slice per rank; Replicate(): a full copy on each). torch.distributed.checkpoint (DCP) saves
+# such a model as it is: dcp.save(state, checkpoint_id=folder) writes one file per rank plus a
+# .metadata index, in parallel. get_state_dict(model, optimizer) returns the model's and
+# optimizer's state_dicts in a canonical form keyed by FQN (fully qualified name: the
+# parameter's dotted path in the model, "backbone.0.weight", also for the optimizer instead of
+# positions) and set_state_dict puts them back. StateDictOptions(full_state_dict=True,
+# cpu_offload=True) instead gathers full tensors onto rank 0's CPU, for one portable file.
+# dcp.async_save returns once the state is "staged" (copied into CPU memory, so training may
+# change the live tensors) and writes in the background; give it a process group of its own (its
+# thread's collectives must not interleave with training's) and wait on its future before
+# anything reads the checkpoint or the process exits.
+
+
+def lesson_3_fsdp2(out_dir: Path, device: torch.device, seed: int) -> dict:
+    """On every rank: train FSDP2, average the buffers, save sharded with dcp.save."""
+    world = dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    model, optimizer = build_fsdp2_model(mesh, device, seed)
+    train_steps(model, optimizer, device, epochs=2, seed=seed)
+    weight = model.backbone[0].weight
+    log0(f"  backbone.0.weight is a {type(weight).__name__} {tuple(weight.shape)}, placements "
+         f"{weight.placements}; rank 0 holds {tuple(weight.to_local().shape)}")
+    stats_gap = ranks_max_abs_diff({k: v for k, v in model.state_dict().items()
+                                    if "running" in k})
+    average_buffers(model)
+    log0(f"  BatchNorm running stats differ across ranks by {stats_gap:.4g} (FSDP2 does not "
+         "sync buffers); averaged before saving")
+
+    model_state, optim_state = get_state_dict(model, optimizer)  # sharded: DTensors
+    state = {"model": model_state, "optimizer": optim_state}
+    sharded_dir = out_dir / "dcp_checkpoint"
+    started = time.perf_counter()
+    dcp.save(state, checkpoint_id=sharded_dir)
+    save_seconds = time.perf_counter() - started
+    files = sorted(p.name for p in sharded_dir.iterdir())
+    log0(f"  dcp.save: {save_seconds * 1000:.1f} ms, files {files}")
+
+    full_model, full_optim = get_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))  # for section 3b and the reshard reference
+    if dist.get_rank() == 0:  # with cpu_offload, only rank 0 receives the full tensors
+        torch.save({"model": full_model, "optimizer": full_optim},
+                   out_dir / "full_checkpoint.pt")
+    dist.barrier()
+    return {"dcp_files": len([f for f in files if f.endswith(".distcp")]),
+            "dcp_save_ms": round(save_seconds * 1000, 2), "fsdp_buffer_gap_before_sync": stats_gap}
+
+
+if in_notebook():
+    run.record_all(in_world(run, SAVE_WORLD, lesson_3_fsdp2))
+
+
+# %% 3b. One portable file, and saving in the background
+# StateDictOptions(full_state_dict=True, cpu_offload=True) gathers the full tensors onto rank
+# 0's CPU: one ordinary file that any single process can load (portable_model.pt: the weights,
+# prefixes stripped). dcp.async_save returns once the state is "staged" (copied into CPU
+# memory, so training may change the live tensors) and writes in the background. It needs a
+# process group of its own: its background thread runs collectives, which must not interleave
+# with FSDP's all-gathers on the training group (they deadlock). Wait on its future before
+# anything reads the checkpoint or the process exits.
+
+
+def lesson_3b_full_and_async(out_dir: Path, device: torch.device, seed: int) -> dict:
+    """On every rank: reload section 3's sharded checkpoint, gather a full copy, async-save."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    model, optimizer = build_fsdp2_model(mesh, device, seed)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=out_dir / "dcp_checkpoint")  # section 3's training, resumed
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full_model, full_optim = get_state_dict(model, optimizer, options=options)
+    if dist.get_rank() == 0:  # with cpu_offload, only rank 0 receives the full tensors
+        torch.save(portable_state_dict(full_model), out_dir / "portable_model.pt")
+        log0(f"  full state_dict on rank 0: {len(full_model)} tensors -> portable_model.pt "
+             f"(Adam state for {len(full_optim['state'])} parameters gathered too)")
+
+    # async_save finishes in a background thread that runs its own collectives; on the
+    # training group they would interleave with FSDP's all-gathers and deadlock. Give the
+    # checkpoint its own group (gloo, which also works for CPU-staged state on GPU jobs).
+    checkpoint_group = dist.new_group(backend="gloo")
+    started = time.perf_counter()
+    future = dcp.async_save(state, checkpoint_id=out_dir / "dcp_async_checkpoint",
+                            process_group=checkpoint_group)
+    async_seconds = time.perf_counter() - started
+    train_steps(model, optimizer, device, epochs=1, seed=seed + 1)  # training goes on...
+    future.result()  # ...and the write is waited for before anything reads it or we exit
+    log0(f"  dcp.async_save returned after {async_seconds * 1000:.1f} ms; training went on "
+         "while it wrote; future.result() waited for it")
+    dist.barrier()
+    return {"dcp_async_save_return_ms": round(async_seconds * 1000, 2)}
+
+
+if in_notebook():
+    run.record_all(in_world(run, SAVE_WORLD, lesson_3b_full_and_async))
+
+
+# %% 4. Resharding: a different world size
+# A DCP checkpoint records each tensor's global shape and which slice each file holds, so it
+# loads into ANY sharding: save on 2 GPUs, resume on 3 (or 64). The recipe: build the model
+# and optimizer at the new world size, take their (sharded) state_dicts as the targets,
+# dcp.load(state, checkpoint_id=...) fills them with the right slices, set_state_dict applies.
+# We compare the result, gathered in full, with the full checkpoint from section 3: equal.
+
+
+def lesson_4_reshard(out_dir: Path, device: torch.device, seed: int) -> dict:
+    """On every rank of ANOTHER world size: load the sharded checkpoint, compare in full."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    model, optimizer = build_fsdp2_model(mesh, device, seed + 1000)  # another init on purpose
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=out_dir / "dcp_checkpoint")
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+    local = tuple(model.backbone[0].weight.to_local().shape)
+    saved_world = len(list((out_dir / "dcp_checkpoint").glob("*.distcp")))  # a file per rank
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full_model, full_optim = get_state_dict(model, optimizer, options=options)
+    result = {}
+    if rank == 0:
+        reference = torch.load(out_dir / "full_checkpoint.pt", map_location="cpu",
+                               weights_only=True)
+        result = {"reshard_max_abs_diff": max_abs_diff(full_model, reference["model"]),
+                  "reshard_optimizer_max_abs_diff": optimizer_state_diff(full_optim,
+                                                                         reference["optimizer"])}
+        log0(f"  loaded the {saved_world}-rank checkpoint into {world} ranks (rank 0 now holds "
+             f"backbone.0.weight {local}); vs the saved full state: weights max |diff| = "
+             f"{result['reshard_max_abs_diff']}, Adam state max |diff| = "
+             f"{result['reshard_optimizer_max_abs_diff']}")
+    dist.barrier()
+    return result
+
+
+if in_notebook():
+    run.record_all(in_world(run, reshard_world(SAVE_WORLD), lesson_4_reshard))
+
+
+# %% 5. DCP without a process group, and conversion
+# A DCP folder is not a torch.save file, but you do not need a cluster to read it:
+# dcp.load(state, checkpoint_id=folder, no_dist=True) fills a plain model's state_dict in one
+# process (it warns that torch.distributed is not initialised: that is the point), and
+# torch.distributed.checkpoint.format_utils.dcp_to_torch_save(folder, "model.pt") converts the
+# whole checkpoint into one ordinary file (torch_save_to_dcp goes the other way).
+
+
+def lesson_5_no_process_group(run: Run) -> dict:
+    """In this single process: the portable file, dcp.load(no_dist=True), dcp_to_torch_save."""
+    run.section("5. DCP without a process group, and conversion")
+    portable_path = run.out_dir / "portable_model.pt"
+    reference = torch.load(portable_path, map_location="cpu", weights_only=True)
+    plain = SmallCNN()
+    plain.load_state_dict(reference)  # the contract: a plain model, weights_only=True
+    size = format_bytes(portable_path.stat().st_size)
+    print(f"  portable_model.pt loads into a plain SmallCNN ({size}; keys "
+          f"{next(iter(reference))!r} ...)")
+    results = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name in ("dcp_checkpoint", "dcp_async_checkpoint"):
+            state = {"model": SmallCNN().state_dict()}
+            dcp.load(state, checkpoint_id=run.out_dir / name, no_dist=True)
+            results[name] = max_abs_diff(state["model"], reference)
+    expected = [str(w.message) for w in caught if NO_DIST_WARNING in str(w.message)]
+    if expected:
+        print(f"  (expected warning, as no process group exists here: {expected[0][:60]}...)")
+    print(f"  dcp.load(no_dist=True) into a plain model: sync checkpoint max |diff| = "
+          f"{results['dcp_checkpoint']}, async checkpoint max |diff| = "
+          f"{results['dcp_async_checkpoint']}")
+    converted = run.out_dir / "dcp_as_torch_save.pt"
+    dcp_to_torch_save(run.out_dir / "dcp_checkpoint", converted)
+    loaded = torch.load(converted, map_location="cpu", weights_only=True)
+    converted_diff = max_abs_diff(loaded["model"], reference)
+    print(f"  dcp_to_torch_save -> {converted.name} ({format_bytes(converted.stat().st_size)}, "
+          f"keys {sorted(loaded)}): max |diff| = {converted_diff}")
+    run.artifact("portable_model", portable_path)
+    run.artifact("ddp_model", run.out_dir / "ddp_model.pt")
+    run.artifact("dcp_checkpoint", run.out_dir / "dcp_checkpoint")
+    run.artifact("dcp_async_checkpoint", run.out_dir / "dcp_async_checkpoint")
+    run.artifact("dcp_as_torch_save", converted)
+    return {"dcp_no_dist_max_abs_diff": results["dcp_checkpoint"],
+            "dcp_async_max_abs_diff": results["dcp_async_checkpoint"],
+            "dcp_to_torch_save_max_abs_diff": converted_diff}
+
+
+if in_notebook():
+    run.record_all(lesson_5_no_process_group(run))
+
+
+# %% Summary
+# What the run measured, the files it wrote (also in summary.json), and what to try next.
+RECAP = [
+    "save the unwrapped module (or portable_state_dict): no 'module.'/'_orig_mod.', CPU tensors",
+    "DDP: rank 0 saves, barrier, every rank loads with its own map_location",
+    "FSDP2: dcp.save/load with get_state_dict/set_state_dict; a DCP checkpoint reshards "
+    "to any world size; full_state_dict for one portable file",
+]
+TRY_IT = ("torchrun --standalone --nproc_per_node=3 07_distributed_training.py, and "
+          "compare reshard_max_abs_diff in summary.json")
+
+if in_notebook():
+    summary = finish(run, SAVE_WORLD, reshard_world(SAVE_WORLD))
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """Run every lesson in order; under torchrun every process calls this, and rank 0 reports."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return main_under_torchrun(argv)
+    run = setup(argv)
+    run.record_all(lesson_1_prefixes(run))
+    run.record_all(in_world(run, SAVE_WORLD, lesson_2_ddp))
+    run.record_all(in_world(run, SAVE_WORLD, lesson_3_fsdp2))
+    run.record_all(in_world(run, SAVE_WORLD, lesson_3b_full_and_async))
+    run.record_all(in_world(run, reshard_world(SAVE_WORLD), lesson_4_reshard))
+    run.record_all(lesson_5_no_process_group(run))
+    return finish(run, SAVE_WORLD, reshard_world(SAVE_WORLD))
+
+
+def main_under_torchrun(argv: list[str] | None) -> dict | None:
+    """torchrun started N processes: they are the saving world (lessons 2-3b run on all of
+    them); rank 0 then spawns a world of another size for lesson 4 and reports."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    parser = make_parser(HERE, __doc__.splitlines()[0])
+    args = parser.parse_args(argv)
     device_type = torchrun_device_type(args.device, int(os.environ.get("LOCAL_WORLD_SIZE",
                                                                        world)))
-    device = rank_device(device_type, local_rank)
+    device = rank_device(device_type, int(os.environ.get("LOCAL_RANK", 0)))
     init_process_group(device)  # env:// rendezvous, set up by torchrun
     try:
-        run = Run(__file__, args) if rank == 0 else None
+        run = setup(argv) if rank == 0 else None
         if run is not None:
-            clean_outputs(run.out_dir)
-            lesson_1_prefixes(run)
+            run.record_all(lesson_1_prefixes(run))
         dist.barrier()  # the out-dir exists and is clean before anyone writes
-        metrics = run_phases(["ddp", "fsdp"], Path(args.out_dir).resolve(), device, args.seed)
+        out_dir = Path(args.out_dir).resolve()
+        for lesson in (lesson_2_ddp, lesson_3_fsdp2, lesson_3b_full_and_async):
+            if run is not None:
+                run.section(TITLES[lesson.__name__])
+            figures = lesson(out_dir, device, args.seed)
+            if run is not None:
+                run.record_all(figures)
         if run is not None:
-            new_world = reshard_world(world)
-            metrics |= spawn_world(new_world, ["reshard"], run.out_dir,
-                                   world_device_type(run.device, new_world), run.seed)
+            run.record_all(in_world(run, reshard_world(world), lesson_4_reshard))
+            run.record_all(lesson_5_no_process_group(run))
         dist.barrier()  # the other ranks wait while rank 0 reshards and reports
-        summary = finish(run, metrics, world, reshard_world(world)) if run is not None else None
+        summary = finish(run, world, reshard_world(world)) if run is not None else None
         end_cleanly()
         return summary
     finally:
         dist.destroy_process_group()
 
 
-def finish(run: Run, metrics: dict, save_world: int, load_world: int) -> dict:
-    """Section 5 (single process), then the summary."""
-    lesson_5_no_process_group(run)
-    for name, value in metrics.items():
-        run.record(name, value)
-    run.record("save_world_size", save_world)
-    run.record("reshard_world_size", load_world)
-    (run.out_dir / "full_checkpoint.pt").unlink()  # the reference for section 4 only
-    return run.finish(
-        recap=[
-            "save the unwrapped module (or portable_state_dict): no 'module.'/'_orig_mod.', "
-            "CPU tensors",
-            "DDP: rank 0 saves, barrier, every rank loads with its own map_location",
-            "FSDP2: dcp.save/load with get_state_dict/set_state_dict; a DCP checkpoint reshards "
-            "to any world size; full_state_dict for one portable file",
-        ],
-        try_it="torchrun --standalone --nproc_per_node=3 07_distributed_training.py, and "
-               "compare reshard_max_abs_diff in summary.json",
-    )
-
-
-if __name__ == "__main__":
+if __name__ == "__main__" and not in_notebook():
     main()
