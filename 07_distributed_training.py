@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import multiprocessing
 import os
 import shutil
 import time
@@ -233,34 +234,43 @@ def init_process_group(device: torch.device, **kwargs: Any) -> None:
         dist.init_process_group("gloo", timeout=GROUP_TIMEOUT, **kwargs)
 
 
-def spawned_worker(rank: int, world: int, port: int, lesson: str, out_dir: str,
+def spawned_worker(rank: int, world: int, port: int, lessons: list[str], out_dir: str,
                    device_type: str, seed: int, results) -> None:
     """One process of a world started by in_world(): join the group, run, leave cleanly.
 
     One machine, so the rank is also the local rank. The rendezvous store already runs in the
-    parent on ``port``; every rank (rank 0 included) is a client of it. Rank 0 sends its
-    figures and its printed lines back through ``results``.
+    parent on ``port``; every rank (rank 0 included) is a client of it. For each lesson, rank
+    0 sends its figures and its printed lines back through ``results``.
     """
     global CAPTURED_LOG
-    CAPTURED_LOG = []
     device = rank_device(device_type, rank)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=GROUP_TIMEOUT)
     init_process_group(device, store=store, rank=rank, world_size=world)
     try:
-        figures = globals()[lesson](Path(out_dir), device, seed)
+        reports = []
+        for lesson in lessons:
+            CAPTURED_LOG = []
+            reports.append((lesson, globals()[lesson](Path(out_dir), device, seed), CAPTURED_LOG))
         if rank == 0:
-            results.put((figures, CAPTURED_LOG))
+            results.put(reports)
         end_cleanly()
     finally:
         dist.destroy_process_group()
 
 
-def in_world(run: Run, world: int, lesson: Callable[[Path, torch.device, int], dict]) -> dict:
-    """Run ``lesson`` on every rank of a fresh world of ``world`` processes; return rank 0's
-    figures after printing the section banner and rank 0's lines."""
-    run.section(TITLES[lesson.__name__])
+def in_world(run: Run, world: int, *lessons: Callable[[Path, torch.device, int], dict]) -> dict:
+    """Run ``lessons`` in order on every rank of ONE fresh world of ``world`` processes; print
+    each one's banner and rank 0's lines; return rank 0's figures.
+
+    A notebook cell runs one lesson per world; main() runs consecutive lessons of one world
+    size in the same world, which saves starting the processes again.
+    """
     device_type = world_device_type(run.device, world)
-    results = mp.get_context("spawn").SimpleQueue()
+    context = mp.get_context(START_METHOD)
+    if START_METHOD == "forkserver":  # the server imports these once; each child is a fork
+        context.set_forkserver_preload(["torch", "torch.distributed.checkpoint",
+                                        "torch.distributed.fsdp", "common.distributed"])
+    results = context.SimpleQueue()
     # The rendezvous store lives HERE, on a port the OS picks and this process keeps: no
     # probe-then-release race with another program taking the port, and two runs side by
     # side each get their own.
@@ -268,14 +278,24 @@ def in_world(run: Run, world: int, lesson: Callable[[Path, torch.device, int], d
                           timeout=GROUP_TIMEOUT)
     # call_in_script loads this file by path in each child and calls spawned_worker: that
     # works from a script, an import (the tests) and a notebook kernel alike.
-    mp.start_processes(call_in_script, nprocs=world, join=True, start_method="spawn",
-                       args=(str(HERE), "spawned_worker", world, store.port, lesson.__name__,
-                             str(run.out_dir), device_type, run.seed, results))
-    figures, lines = results.get()
-    for line in lines:
-        print(line)
+    mp.start_processes(call_in_script, nprocs=world, join=True, start_method=START_METHOD,
+                       args=(str(HERE), "spawned_worker", world, store.port,
+                             [lesson.__name__ for lesson in lessons], str(run.out_dir),
+                             device_type, run.seed, results))
+    figures = {}
+    for name, lesson_figures, lines in results.get():
+        run.section(TITLES[name])
+        for line in lines:
+            print(line)
+        figures |= lesson_figures
     return figures
 
+
+# "forkserver" starts one small server process that imports torch once; every world after the
+# first forks its processes from it in about a second instead of re-importing torch in each
+# (5 s a world here). Where it does not exist (Windows), "spawn" is the portable choice. Both
+# start clean processes: never "fork" a process that may have initialised CUDA or threads.
+START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 TITLES = {
     "lesson_2_ddp": "2. DDP: rank 0 saves, every rank loads",
@@ -638,9 +658,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         return main_under_torchrun(argv)
     run = setup(argv)
     run.record_all(lesson_1_prefixes(run))
-    run.record_all(in_world(run, SAVE_WORLD, lesson_2_ddp))
-    run.record_all(in_world(run, SAVE_WORLD, lesson_3_fsdp2))
-    run.record_all(in_world(run, SAVE_WORLD, lesson_3b_full_and_async))
+    run.record_all(in_world(run, SAVE_WORLD, lesson_2_ddp, lesson_3_fsdp2,
+                            lesson_3b_full_and_async))  # one world of SAVE_WORLD processes
     run.record_all(in_world(run, reshard_world(SAVE_WORLD), lesson_4_reshard))
     run.record_all(lesson_5_no_process_group(run))
     return finish(run, SAVE_WORLD, reshard_world(SAVE_WORLD))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -60,6 +61,19 @@ def run_script(stem: str, out_dir: Path, cwd: Path, *args: str, timeout: int = 9
         cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
     )
     return ScriptRun(completed.returncode, completed.stdout, completed.stderr, out_dir, cwd)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compiler_cache(tmp_path_factory):
+    """One Inductor cache for the whole session: 05 compiles the same model as a script and
+    as a notebook, and the second compile then takes seconds, not tens of seconds."""
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -227,23 +227,25 @@ def run_verify(path):
                            str(path)], capture_output=True, text=True, timeout=120, check=False)
 
 
-def test_verify_cli_exit_codes(registry, tmp_path):
+def test_verify_cli_exit_codes(registry, tmp_path, capsys):
     good = registry.folder("m", "1.0")
-    for path in (good, good / "model.safetensors"):
+    for path in (good, good / "model.safetensors"):  # the real command line, in a child
         completed = run_verify(path)
         assert completed.returncode == 0, completed.stdout + completed.stderr
         assert completed.stdout.startswith("OK: ") and completed.stdout.count("\n") == 1
     copy = tmp_path / "copy"
-    for case in tamper_cases(None):
+    for case in tamper_cases(None):  # the same function the flag calls, in this process
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(good, copy)
         tamper_cases(copy)[case]()
-        completed = run_verify(copy)
-        assert completed.returncode == 1, case
-        assert completed.stdout.startswith("FAILED: ") and completed.stdout.count("\n") == 1
-        assert "Traceback" not in completed.stdout + completed.stderr
-    completed = run_verify(tmp_path / "does-not-exist")
-    assert completed.returncode == 1 and "no such version folder" in completed.stdout
+        assert lesson.verify_cli(str(copy)) == 1, case
+        printed = capsys.readouterr().out
+        assert printed.startswith("FAILED: ") and printed.count("\n") == 1, printed
+    completed = run_verify(copy)  # and one failure through the command line
+    assert completed.returncode == 1 and completed.stdout.startswith("FAILED: ")
+    assert "Traceback" not in completed.stdout + completed.stderr
+    assert lesson.verify_cli(str(tmp_path / "does-not-exist")) == 1
+    assert "no such version folder" in capsys.readouterr().out
 
 
 def test_a_corrupt_registry_index_is_a_clear_error(registry):

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import torch
 
 from common.compare import max_abs_diff
 from common.data import make_image_classification, make_loaders
 from common.models import SmallCNN
-from tests.conftest import ROOT, load_script
+from tests.conftest import load_script
 
 lesson = load_script("06_transfer_learning")
 
@@ -88,17 +84,14 @@ def test_base_plus_delta_rebuilds_the_fine_tuned_model_exactly():
         assert torch.equal(rebuilt.eval()(inputs), model.eval()(inputs))
 
 
-def test_torchvision_flag_without_network_or_cache_says_so_and_goes_on(tmp_path):
+def test_torchvision_flag_without_network_or_cache_says_so_and_goes_on(tmp_path, monkeypatch):
     # An empty TORCH_HOME and a proxy on a closed loopback port: no traffic leaves the machine.
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home"),
-           "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
-           "no_proxy": "", "NO_PROXY": ""}
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "06_transfer_learning.py"), "--device", "cpu",
-         "--out-dir", str(tmp_path / "out"), "--torchvision-weights"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    assert "--torchvision-weights: could not load ResNet18_Weights" in completed.stdout
-    assert "not in the cache" in completed.stdout
-    assert "Traceback" not in completed.stdout + completed.stderr
-    assert "7. Measured transfer" in completed.stdout  # the offline path still ran
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for name in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "")
+    model, message = lesson.torchvision_resnet18(4)  # returns instead of raising: the run goes on
+    assert model is None
+    assert message.startswith("could not load ResNet18_Weights") and "not in the cache" in message
+    assert str(tmp_path / "torch_home") in message  # says where to put the file
