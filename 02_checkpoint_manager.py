@@ -1072,7 +1072,7 @@ def main(argv: list[str] | None = None) -> dict:
     run = setup(argv)
     try:
         manager, history, figures = lesson_1_train(run, run.args.epochs, run.args.resume)
-    except CheckpointError as err:  # one clear line for the command line, no traceback
+    except (CheckpointError, ValueError) as err:  # one clear line for the CLI, no traceback
         raise SystemExit(f"error: {err}") from None
     run.record_all(figures)
     run.record_all(lesson_2_manifest(run, manager))

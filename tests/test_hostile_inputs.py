@@ -350,3 +350,20 @@ def test_check_state_dict_fits_runs_the_modules_own_migrations(tmp_path):
     with pytest.raises(basics_lesson.CheckpointLoadError, match="mis-shaped"):
         basics_lesson.check_state_dict_fits(SmallCNN(num_classes=10), SmallCNN().state_dict(),
                                             "four.pt")
+
+
+def test_resume_into_a_folder_of_another_monitor_or_a_hostile_manifest_is_one_line(tmp_path):
+    folder = tmp_path / "checkpoints"
+    save_steps(CheckpointManager(folder, monitor="accuracy", mode="max"), [0.5])
+    command = [sys.executable, str(ROOT / "02_checkpoint_manager.py"), "--device", "cpu",
+               "--out-dir", str(tmp_path), "--resume"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                               check=False)
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    assert completed.stderr.strip().splitlines()[-1].startswith(f"error: {folder}")
+    tamper_manifest(folder, lambda data: data.update(monitor="val_loss", mode="min",
+                                                     deleting=["/etc/passwd"]))
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                               check=False)
+    assert completed.returncode == 1 and "refuses the file name '/etc/passwd'" in completed.stderr
+    assert "Traceback" not in completed.stderr
