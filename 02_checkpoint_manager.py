@@ -51,7 +51,7 @@ import math
 import os
 import random
 import re
-import tempfile
+import secrets
 import threading
 import time
 import warnings
@@ -117,6 +117,17 @@ def sha256_of(path: Path) -> str:
 TEMPORARY_SUFFIX = ".partial"
 
 
+def create_unique(path: Path) -> tuple[int, Path]:
+    """Create ``<path>.<random>.partial`` exclusively (mode 0666 minus the umask); return the
+    open descriptor and its path."""
+    while True:
+        temporary = path.with_name(f"{path.name}.{secrets.token_hex(6)}{TEMPORARY_SUFFIX}")
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary
+        except FileExistsError:  # 2**48 names: only ever a collision, never a loop
+            continue
+
+
 def atomic_write(path: Path, write: Callable[[Any], None]) -> str:
     """Write a file so that readers see either the old version or the complete new one.
 
@@ -124,15 +135,15 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> str:
     within one file system); then flush + fsync (bytes on disk), ``os.replace`` (the atomic
     switch), fsync the folder (the switch on disk). A crash at any instant leaves at most a
     ``*.partial`` file, never a half-written ``path``. The temporary name is unique per write
-    (``tempfile.mkstemp``), so two writers, or a writer and a cleaner, never share one.
+    (a random suffix, created with O_EXCL), so two writers, or a writer and a cleaner, never
+    share one. Unlike ``tempfile.mkstemp`` (always mode 0600), the file gets the permissions
+    your umask gives any new file, so a team folder stays readable by the team.
     (``torch.save`` is given the open handle: by PATH it would refuse a name whose stem is
     empty, such as ``.partial``; through a handle it writes anywhere.)
     Returns the SHA-256 of what was written.
     """
     path = Path(path)
-    descriptor, temporary_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f"{path.name}.", suffix=TEMPORARY_SUFFIX)
-    temporary = Path(temporary_name)
+    descriptor, temporary = create_unique(path)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
@@ -196,7 +207,12 @@ class WriterLock:
         of a blocking flock() so that the wait has a deadline: a hung writer on a network file
         system must not hang every job that opens the folder.
         """
-        handle = open(self.path, "a+")  # noqa: SIM115 - kept open while the lock is held
+        try:
+            handle = open(self.path, "a+")  # noqa: SIM115 - kept open while the lock is held
+        except OSError:  # a read-only folder: a reader may still load from it
+            if blocking:
+                raise
+            return False
         deadline = time.monotonic() + (self.timeout if blocking else 0.0)
         while True:
             try:

@@ -43,10 +43,10 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -179,10 +179,16 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
     A uniquely named temporary file in the same folder, flush + fsync, ``os.replace``, fsync
     the folder: readers see the old file or the new one, and two writers never share a
-    temporary name.
+    temporary name. The file gets the permissions the umask gives any new file (mkstemp's
+    0600 would hide a shared registry from the rest of the team).
     """
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.",
-                                             suffix=".partial")
+    while True:
+        temporary = path.with_name(f"{path.name}.{secrets.token_hex(6)}.partial")
+        try:
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
@@ -333,8 +339,8 @@ class VersionedModel:
                  self.CARD: (card or model_card)(self.metadata).encode()}
         # A staging folder with a unique name beside the target: the version appears complete
         # (one rename) or not at all, and two writers never share a staging folder.
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.",
-                                        suffix=".incoming"))
+        staging = folder.with_name(f".{folder.name}.{secrets.token_hex(6)}.incoming")
+        staging.mkdir(mode=0o777)  # unique name; the umask decides the permissions
         try:
             for name, data in files.items():
                 with open(staging / name, "wb") as handle:

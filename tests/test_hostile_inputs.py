@@ -367,3 +367,27 @@ def test_resume_into_a_folder_of_another_monitor_or_a_hostile_manifest_is_one_li
                                check=False)
     assert completed.returncode == 1 and "refuses the file name '/etc/passwd'" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_written_files_follow_the_umask_and_a_read_only_folder_still_loads(tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        manager = CheckpointManager(tmp_path / "ckpt")
+        path = manager.save({"w": torch.ones(2)}, step=1, epoch=1, metrics={"val_loss": 0.5})
+        registry = registry_lesson.ModelRegistry(tmp_path / "registry")
+        register(registry, 1)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's 0600
+    version = tmp_path / "registry" / "m" / "1.0"
+    assert stat.S_IMODE(version.stat().st_mode) == 0o755  # not mkdtemp's 0700
+    assert stat.S_IMODE((version / "model.safetensors").stat().st_mode) == 0o644
+    # A folder where the lock file cannot be created (read-only, or gone): a reader's
+    # housekeeping attempt says "not now" instead of failing; a writer gets the OSError.
+    lock = manager_lesson.WriterLock(tmp_path / "no-such-folder" / "writer.lock")
+    assert lock.acquire(blocking=False) is False
+    with pytest.raises(OSError):
+        lock.acquire(blocking=True)
