@@ -787,6 +787,10 @@ def setup(argv: list[str] | None = None) -> tuple[Run, ModelRegistry]:
     return run, ModelRegistry(registry_root, build=build_model, code_folder=HERE.parent)
 
 
+if in_notebook():
+    run, registry = setup()
+
+
 # %% 1. Fingerprints: what identifies a set of weights?
 # Hashing the .pt file is NOT an identity for the weights: torch.save's zip archive contains
 # a folder named after the file, the key order, each storage's device tag ("cpu", "cuda:0") and
@@ -832,7 +836,6 @@ def lesson_1_fingerprints(run: Run) -> dict:
 
 
 if in_notebook():
-    run, registry = setup()
     run.record_all(lesson_1_fingerprints(run))
 
 
