@@ -710,14 +710,15 @@ def lesson_6_devices(run: Run) -> dict:
         except RuntimeError as err:
             print(f"  without map_location: {first_line(err)[:100]}...")
     run.artifact("cuda_checkpoint", gpu_path)
-    for label, location in [("'cpu'", "cpu"), ("torch.device('cpu')", torch.device("cpu")),
-                            ("{'cuda:0': 'cpu'}", {"cuda:0": "cpu"}),
-                            ("lambda storage, loc: storage", lambda storage, loc: storage),
-                            ("None (as saved)", None if cuda else "SKIP")]:
-        if location == "SKIP":
-            print("  SKIPPED (no CUDA): map_location=None would restore the tensors on cuda:0, "
-                  "and 'cuda:1' or {'cuda:0': 'cuda:1'} would move them to that GPU")
-            continue
+    forms = [("'cpu'", "cpu"), ("torch.device('cpu')", torch.device("cpu")),
+             ("{'cuda:0': 'cpu'}", {"cuda:0": "cpu"}),
+             ("lambda storage, loc: storage", lambda storage, loc: storage)]
+    if cuda:
+        forms.append(("None (as saved)", None))
+    else:
+        print("  SKIPPED (no CUDA): map_location=None would restore the tensors on cuda:0, "
+              "and 'cuda:1' or {'cuda:0': 'cuda:1'} would move them to that GPU")
+    for label, location in forms:
         loaded = torch.load(gpu_path, map_location=location, weights_only=True)
         print(f"  map_location={label:<30} -> tensors on {next(iter(loaded.values())).device}")
     on_cpu = torch.load(gpu_path, map_location="cpu", weights_only=True)

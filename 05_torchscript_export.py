@@ -106,7 +106,7 @@ def jit_deprecation_filtered() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def quiet_torch_logs() -> Iterator[str]:
+def quiet_torch_logs() -> Iterator[None]:
     """Silence torch's own log lines and graph dumps around a demonstration.
 
     A failing torch.export writes the partial FX graph to stderr and logs "Unable to find

@@ -111,11 +111,6 @@ def format_bytes(n_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-def print_section(title: str) -> None:
-    """Print a section banner; ``Run.section`` uses it, and so can worker processes."""
-    print(f"\n{'=' * 8} {title} {'=' * max(4, 90 - len(title))}", flush=True)
-
-
 class Run:
     """One execution of a script: its device, out-dir, printed sections and recorded results."""
 
@@ -147,7 +142,7 @@ class Run:
 
     def section(self, title: str) -> None:
         """Print a banner for ``title``; use the same ``N. Heading`` as the ``# %%`` cell."""
-        print_section(title)
+        print(f"\n{'=' * 8} {title} {'=' * max(4, 90 - len(title))}", flush=True)
 
     def path(self, name: str) -> Path:
         """The path of a file called ``name`` inside the out-dir (sub-folders are created)."""
