@@ -4,24 +4,26 @@ What you will learn (each section runs real code and prints the measured figure)
   1. Train with CheckpointManager: keep the last N and the best K, readable file names
   2. The manifest: list, inspect, load_latest, load_best, load by step
   3. Crash safety: atomic writes, so a crash mid-save damages nothing
-  4. Damaged checkpoints are detected (SHA-256), reported, and skipped
+  4. Damaged checkpoints are detected (CRC32 checksums), reported, and skipped
   5. Bit-exact resume: train straight through vs crash + resume, max |diff| of the weights
   6. Asynchronous saving: how long a save stalls the training loop, sync vs async
   7. Training curves with the kept checkpoints marked
+  8. How fast is a save? A raw write + fsync as the reference, torch.save, safetensors, DCP,
+     the manager sync and async; loads with and without mmap; a bar chart
 
-Run it:   python 02_checkpoint_manager.py [--out-dir D] [--epochs N] [--resume]
+Run it:   python 02_checkpoint_manager.py [--out-dir D] [--epochs N] [--resume] [--io-mb MB]
           --resume continues the run in D from its newest valid checkpoint; kill the process at
           any instant (even SIGKILL) and re-run with --resume: the final weights are bit-identical
           to an uninterrupted run with the same seed.
           As a notebook: open it in Jupyter (jupytext), VS Code or PyCharm and run the cells
           top to bottom from the project folder; flags go in the LESSON_ARGS variable.
-Takes:    about 6 s on a 2-core CPU.
+Takes:    about 10 s on a 2-core CPU.
 Next:     03_model_versioning.py, versions, fingerprints and integrity checks.
 
 Files it writes (in --out-dir): checkpoints/ (the kept checkpoints, manifest.json and the
 writer.lock file), final_model.pt (the trained weights, written atomically too),
-training_curves.png and summary.json. The demonstrations of sections 3-6 work in scratch
-folders that are removed when they finish.
+training_curves.png, io_speed.png and summary.json. The demonstrations of sections 3-6 and 8
+work in scratch folders that are removed when they finish.
 
 How the options map to PyTorch Lightning's ModelCheckpoint:
   monitor="val_loss", mode="min"|"max"   same names, same meaning
@@ -30,7 +32,7 @@ How the options map to PyTorch Lightning's ModelCheckpoint:
                                          the best is ALWAYS kept
   keep_last=N                            save_last=True keeps one "last.ckpt"; here the N newest
   filename="...{step}...{value}..."      like filename="{epoch}-{val_loss:.2f}"
-Where this class goes further: a manifest with SHA-256 per file, fsync'd atomic writes for
+Where this class goes further: a manifest with a checksum per file, fsync'd atomic writes for
 checkpoints AND the manifest, journaled deletions, damaged files skipped on load, complete RNG
 and data-order state for a bit-exact resume, and one save in flight in a background thread
 (Lightning's AsyncCheckpointIO and torch.distributed.checkpoint.async_save do the latter too;
@@ -55,6 +57,7 @@ import secrets
 import threading
 import time
 import warnings
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,7 +74,7 @@ from common.data import make_image_classification, make_loaders
 from common.devices import seed_everything
 from common.models import MLP, SmallCNN
 from common.run import Run, format_bytes, in_notebook, make_parser, script_file
-from common.timing import benchmark
+from common.timing import benchmark, benchmark_interleaved
 from common.training import evaluate, train_one_epoch
 
 matplotlib.use("Agg")  # write PNG files, never open a window: works on servers and in CI
@@ -105,13 +108,30 @@ def fsync_directory(directory: Path) -> None:
         os.close(handle)
 
 
-def sha256_of(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks (constant memory for any size)."""
-    digest = hashlib.sha256()
+CHECKSUMS = ("crc32", "sha256")
+
+
+def file_checksum(path: Path, algorithm: str = "crc32") -> str:
+    """``"crc32:<8 hex>"`` or ``"sha256:<64 hex>"`` of a file, read in 1 MiB blocks.
+
+    Both catch damage (a truncated copy, a flipped bit, a sync tool that wrote half a file):
+    CRC32 misses a random corruption once in 4 billion, and zlib computes it about twice as
+    fast as hashlib's SHA-256. SHA-256 also resists a DELIBERATE change, but only if the digest
+    is kept where whoever changes the file cannot change it too; a manifest in the same folder
+    is not such a place (03's SHA-256 fingerprints are meant to be compared with a copy kept
+    elsewhere: a release note, a deployment config).
+    zlib and hashlib release the GIL on large blocks, so this can run beside other work.
+    """
+    if algorithm not in CHECKSUMS:
+        raise ValueError(f"checksum must be one of {CHECKSUMS}, not {algorithm!r}")
+    digest, crc = hashlib.sha256(), 0
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            if algorithm == "crc32":
+                crc = zlib.crc32(block, crc)
+            else:
+                digest.update(block)
+    return f"crc32:{crc:08x}" if algorithm == "crc32" else f"sha256:{digest.hexdigest()}"
 
 
 TEMPORARY_SUFFIX = ".partial"
@@ -128,7 +148,7 @@ def create_unique(path: Path) -> tuple[int, Path]:
             continue
 
 
-def atomic_write(path: Path, write: Callable[[Any], None]) -> str:
+def atomic_write(path: Path, write: Callable[[Any], None], checksum: str = "crc32") -> str:
     """Write a file so that readers see either the old version or the complete new one.
 
     ``write(handle)`` fills a temporary file in the SAME folder (``os.replace`` is atomic only
@@ -140,8 +160,9 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> str:
     your umask gives any new file, so a team folder stays readable by the team.
     (``torch.save`` is given the open handle: by PATH it would refuse a name whose stem is
     empty, such as ``.partial``; through a handle it writes anywhere.)
-    Returns the SHA-256 of what was written. It is computed from the file (still in the page
-    cache) in a second thread WHILE fsync waits for the disk, so the hash costs little extra.
+    Returns the :func:`file_checksum` of what was written. It is computed from the file (still
+    in the page cache) in a second thread WHILE fsync waits for the disk: it costs nothing extra
+    as long as it is quicker than the fsync, which CRC32 is and SHA-256 often is not.
     """
     path = Path(path)
     descriptor, temporary = create_unique(path)
@@ -149,7 +170,7 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> str:
         with os.fdopen(descriptor, "wb") as handle, ThreadPoolExecutor(max_workers=1) as pool:
             write(handle)
             handle.flush()
-            hashing = pool.submit(sha256_of, temporary)  # hashlib releases the GIL
+            hashing = pool.submit(file_checksum, temporary, checksum)
             os.fsync(handle.fileno())
             digest = hashing.result()
         os.replace(temporary, path)
@@ -161,7 +182,7 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> str:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> str:
-    """``torch.save`` through :func:`atomic_write`; returns the file's SHA-256."""
+    """``torch.save`` through :func:`atomic_write`; returns the file's CRC32."""
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
@@ -254,7 +275,7 @@ class WriterLock:
         self.release()
 
 
-def snapshot_to_cpu(obj: Any) -> Any:
+def snapshot_to_cpu(obj: Any, reuse: Any = None) -> Any:
     """A deep copy of ``obj`` with every tensor copied to the CPU, containers kept as they are.
 
     An async save must write the state AS IT WAS when save() was called; the training loop
@@ -262,19 +283,32 @@ def snapshot_to_cpu(obj: Any) -> Any:
     the background write safe. A state_dict is an ``OrderedDict`` whose ``_metadata``
     attribute holds the module versions that ``load_state_dict`` passes to migrations (03
     section 7): it is copied too, and so are namedtuples.
+    ``reuse`` is the previous snapshot, once its write has finished: a tensor of the same
+    shape and dtype at the same place is copied INTO (no new memory: fresh pages cost the
+    kernel a fault and a zero-fill each, often more than the copy itself), which is what
+    DCP's ``cache_staged_state_dict`` does too. For CUDA tensors the buffers are pinned,
+    so the device-to-host copy runs at full speed.
     """
     if isinstance(obj, torch.Tensor):
+        if (isinstance(reuse, torch.Tensor) and reuse.shape == obj.shape
+                and reuse.dtype == obj.dtype and reuse.layout == obj.layout == torch.strided):
+            return reuse.copy_(obj.detach())
+        if obj.device.type == "cuda" and obj.layout == torch.strided:
+            return torch.empty_like(obj, device="cpu", pin_memory=True).copy_(obj.detach())
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        items = [(key, snapshot_to_cpu(value)) for key, value in obj.items()]
+        previous = reuse if isinstance(reuse, dict) else {}
+        items = [(key, snapshot_to_cpu(value, previous.get(key))) for key, value in obj.items()]
         copied = OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
         if hasattr(obj, "_metadata"):
             copied._metadata = copy.deepcopy(obj._metadata)  # type: ignore[attr-defined]
         return copied
+    previous = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(obj) else (
+        [None] * len(obj) if isinstance(obj, (list, tuple)) else None)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
-        return type(obj)(*(snapshot_to_cpu(value) for value in obj))
+        return type(obj)(*(snapshot_to_cpu(v, p) for v, p in zip(obj, previous, strict=True)))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot_to_cpu(value) for value in obj)
+        return type(obj)(snapshot_to_cpu(v, p) for v, p in zip(obj, previous, strict=True))
     return obj  # ints, floats, strings, None: immutable
 
 
@@ -310,6 +344,9 @@ def restore_rng_state(state: dict, loader_generator: torch.Generator | None = No
         loader_generator.set_state(state["loader"].cpu())
 
 
+MISMATCH = "checksum does not match the manifest (the bytes changed after saving)"
+
+
 @dataclasses.dataclass
 class CheckpointEntry:
     """One line of the manifest: what a checkpoint file holds and how to verify it.
@@ -324,7 +361,7 @@ class CheckpointEntry:
     metrics: dict[str, float]
     timestamp: str
     bytes: int
-    sha256: str
+    checksum: str  # "crc32:..." or "sha256:...", see file_checksum()
     seq: int = 0
 
 
@@ -357,13 +394,14 @@ class CheckpointManager:
       deleted. File names built from metrics are sanitised (``val/loss`` -> ``val-loss``).
     - A non-finite monitored metric (NaN, inf) ranks LAST, never best: a diverged step cannot
       push out the best finite checkpoint.
-    - Only DAMAGE (missing file, size or SHA-256 different from the manifest) is skipped, with
+    - Only DAMAGE (missing file, size or checksum different from the manifest) is skipped, with
       a ``CheckpointWarning``; a file whose hash matches but does not load (a weights_only
       refusal, out of memory) raises ``CheckpointError``: it is your problem, not rot.
     - "Latest" is the most recent write (``seq``), not the highest step.
 
     With ``async_save=True``, ``save`` snapshots the state to the CPU and writes in a background
     thread; at most one save is in flight; ``wait()`` (or leaving a ``with`` block) waits for it.
+    The snapshot's memory (one CPU copy of the state) is kept and reused by the next save.
     """
 
     MANIFEST = "manifest.json"
@@ -381,19 +419,27 @@ class CheckpointManager:
         async_save: bool = False,
         serialize: Callable[[Any, Any], None] = torch.save,
         lock_timeout: float = 60.0,
+        checksum: str = "crc32",
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
         if save_top_k < 0 or keep_last < 1:
             raise ValueError("save_top_k must be >= 0 and keep_last >= 1 (the latest is kept)")
+        if checksum not in CHECKSUMS:
+            raise ValueError(f"checksum must be one of {CHECKSUMS}, not {checksum!r}")
+        self.checksum = checksum
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.monitor, self.mode = monitor, mode
         self.save_top_k, self.keep_last = save_top_k, keep_last
         self.filename, self.async_save = filename, async_save
         self.serialize = serialize  # torch.save; tests pass a writer that fails half-way
-        self._executor = ThreadPoolExecutor(max_workers=1) if async_save else None
+        # One background thread: async saves run in it, and so does the deletion of files
+        # that retention dropped (after a sync save, which returns once the new file and the
+        # manifest are durable: nothing waits for old files to go).
+        self._executor = ThreadPoolExecutor(max_workers=1)
         self._in_flight: Future | None = None
+        self._staging: Any = None  # the last async snapshot, reused by the next one
         self._lock = threading.Lock()
         self._writer_lock = WriterLock(self.directory / self.LOCK, lock_timeout)
         self.entries: list[CheckpointEntry] = self._read_manifest()[0]
@@ -422,7 +468,7 @@ class CheckpointManager:
             return [], []
         try:
             data = json.loads(self.manifest_path.read_text())
-            entries = [CheckpointEntry(**item) for item in data["checkpoints"]]
+            entries = [CheckpointEntry(**self._upgraded(item)) for item in data["checkpoints"]]
             pending = list(data.get("deleting", []))
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(
@@ -440,6 +486,14 @@ class CheckpointManager:
             entries = [dataclasses.replace(e, seq=i) for i, e in enumerate(entries, start=1)]
         return sorted(entries, key=lambda e: e.seq), pending
 
+    @staticmethod
+    def _upgraded(item: dict) -> dict:
+        """A manifest line as this version writes it: older ones had a bare "sha256"."""
+        if isinstance(item, dict) and "sha256" in item and "checksum" not in item:
+            item = {**item, "checksum": f"sha256:{item['sha256']}"}
+            del item["sha256"]
+        return item
+
     def _recover(self) -> None:
         """Under the writer lock: finish interrupted deletions, remove crashed temporaries.
 
@@ -447,13 +501,9 @@ class CheckpointManager:
         that is running right now in another process, and deleting it would break that save.
         Holding the lock proves no save is running.
         """
-        entries, pending = self._read_manifest()
-        self._delete(pending)  # finish deletions a crash interrupted (see _apply_retention)
-        if pending:
-            self._write_manifest(entries)
+        self._finish_deletions()  # those a crash interrupted (see _apply_retention)
         for leftover in self.directory.glob(f"*{TEMPORARY_SUFFIX}"):  # from a crash mid-write
             leftover.unlink(missing_ok=True)
-        self.entries = entries
 
     def _write_manifest(self, entries: list[CheckpointEntry], deleting: list[str] = ()) -> None:
         data = {
@@ -481,11 +531,12 @@ class CheckpointManager:
             epoch=epoch, step=step, monitor=self.monitor, value=float(metrics[self.monitor])))
         plain_file_name(name, self.directory, self.directory)
         metrics = {key: float(value) for key, value in metrics.items()}
-        if self._executor is None:
+        self.wait()
+        if not self.async_save:
             self._write(state, name, step, epoch, metrics)
         else:
-            self.wait()
-            snapshot = snapshot_to_cpu(state)
+            # The previous snapshot's write has finished (wait() above): reuse its memory.
+            snapshot = self._staging = snapshot_to_cpu(state, reuse=self._staging)
             self._in_flight = self._executor.submit(
                 self._write, snapshot, name, step, epoch, metrics)
         return self.directory / name
@@ -501,8 +552,7 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=True)
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -520,13 +570,14 @@ class CheckpointManager:
         """
         with self._lock, self._writer_lock:
             path = self.directory / name
-            digest = atomic_write(path, lambda handle: self.serialize(state, handle))
+            checksum = atomic_write(path, lambda handle: self.serialize(state, handle),
+                                    self.checksum)
             entries, _ = self._read_manifest()  # another writer may have saved meanwhile
             entry = CheckpointEntry(
                 file=name, step=step, epoch=epoch, metrics=metrics,
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec="seconds"),
-                bytes=path.stat().st_size, sha256=digest,
+                bytes=path.stat().st_size, checksum=checksum,
                 seq=max((e.seq for e in entries), default=0) + 1,
             )
             # A re-saved step (a resumed run repeating one) replaces its old entry; if the
@@ -566,9 +617,26 @@ class CheckpointManager:
         # files about to go in "deleting"), then the deletions, then a clean manifest.
         self._write_manifest(kept, deleting=dropped)
         self.entries = kept
-        if dropped:
-            self._delete(dropped)
-            self._write_manifest(kept)
+        if dropped and self.async_save:  # already in the background thread
+            self._finish_deletions()
+        elif dropped:  # freeing a big file's blocks takes time (~20 ms per 100 MB): defer it
+            self._in_flight = self._executor.submit(self._locked, self._finish_deletions)
+
+    def _locked(self, work: Callable[[], None]) -> None:
+        with self._lock, self._writer_lock:
+            work()
+
+    def _finish_deletions(self) -> None:
+        """Delete the files the manifest journals as "deleting", then write it without them.
+
+        The manifest is read again: under the lock it is the truth, even if another writer
+        saved since the journal was written.
+        """
+        entries, pending = self._read_manifest()
+        self._delete(pending)
+        if pending:
+            self._write_manifest(entries)
+        self.entries = entries
 
     def _delete(self, names: list[str]) -> None:
         """Delete files of this folder (names checked again), then make that durable."""
@@ -607,12 +675,12 @@ class CheckpointManager:
         entries = self.list()
         best, latest = self.best, self.latest
         rows = [f"  {'file':<44} {'step':>6} {'epoch':>5} {self.monitor:>9} "
-                f"{'size':>10}  sha256        flags"]
+                f"{'size':>10}  checksum        flags"]
         for e in entries:
             flags = " ".join(f for f, on in (("best", e == best), ("latest", e == latest)) if on)
             rows.append(f"  {e.file:<44} {e.step:>6} {e.epoch:>5} "
                         f"{e.metrics[self.monitor]:>9.4f} {e.bytes / 1e6:>7.2f} MB  "
-                        f"{e.sha256[:12]}  {flags}")
+                        f"{e.checksum[:14]}  {flags}")
         return "\n".join(rows)
 
     def verify(self, entry: CheckpointEntry, check_hash: bool = True) -> str | None:
@@ -625,31 +693,39 @@ class CheckpointManager:
             return "the file is missing"
         if path.stat().st_size != entry.bytes:
             return f"size {path.stat().st_size} bytes, the manifest says {entry.bytes}"
-        if check_hash and sha256_of(path) != entry.sha256:
-            return "SHA-256 does not match the manifest (the bytes changed after saving)"
+        if check_hash and file_checksum(path, self._algorithm(entry)) != entry.checksum:
+            return MISMATCH
         return None
+
+    def _algorithm(self, entry: CheckpointEntry) -> str:
+        """The checksum algorithm an entry was written with (its prefix), checked."""
+        algorithm = entry.checksum.partition(":")[0]
+        if algorithm not in CHECKSUMS:
+            raise CheckpointError(f"{self.manifest_path}: {entry.file} has an unknown checksum "
+                                  f"{entry.checksum[:20]!r}; nothing was read")
+        return algorithm
 
     def _load_verified(self, entry: CheckpointEntry, map_location: Any) -> tuple[Any, str]:
         """Read one checkpoint and check it; return ``(state, "")`` or ``(None, problem)``.
 
-        The SHA-256 runs in a second thread WHILE torch.load deserialises (hashlib releases
-        the GIL; both read the file from the page cache), so verifying costs about as much
-        as the slower of the two instead of their sum. The state is returned only if the
-        hash matches; a load error on a file whose hash matches is not damage, and is raised.
+        The checksum runs in a second thread WHILE torch.load deserialises (zlib and hashlib
+        release the GIL; both read the file from the page cache), so verifying costs about as
+        much as the slower of the two instead of their sum. The state is returned only if the
+        checksum matches; a load error on a file that matches is not damage, and is raised.
         """
         path = self.directory / entry.file
         problem = self.verify(entry, check_hash=False)  # missing file, wrong size: cheap
         if problem is not None:
             return None, problem
         with ThreadPoolExecutor(max_workers=1) as pool:
-            digest = pool.submit(sha256_of, path)
+            checksum = pool.submit(file_checksum, path, self._algorithm(entry))
             try:
                 state, error = torch.load(path, map_location=map_location,
                                           weights_only=True), None
             except Exception as err:  # judged below, once the hash is known
                 state, error = None, err
-            if digest.result() != entry.sha256:
-                return None, "SHA-256 does not match the manifest (the bytes changed after saving)"
+            if checksum.result() != entry.checksum:
+                return None, MISMATCH
         if error is not None:
             # The bytes are exactly those saved, so this is not damage: say so, loudly.
             lines = [line.strip() for line in
@@ -657,7 +733,7 @@ class CheckpointManager:
             reason = next((line for line in lines if "Unsupported global" in line),
                           lines[0] if lines else "")
             raise CheckpointError(
-                f"{path}: intact (SHA-256 matches the manifest) but torch.load failed: "
+                f"{path}: intact (its checksum matches the manifest) but torch.load failed: "
                 f"{type(error).__name__}: {reason}") from error
         return state, ""
 
@@ -798,11 +874,15 @@ def setup(argv: list[str] | None = None) -> Run:
     """Parse the flags, seed everything, create the out-dir, print the header."""
     parser = make_parser(HERE, __doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=8, help="epochs of the main run")
+    parser.add_argument("--io-mb", type=int, default=64,
+                        help="size of the state that section 8 saves and loads, in MB")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out-dir from its newest valid checkpoint")
     run = Run.start(HERE, parser, argv)
     if run.args.epochs < 1:
         parser.error("--epochs must be at least 1")
+    if run.args.io_mb < 1:
+        parser.error("--io-mb must be at least 1")
     return run
 
 
@@ -852,8 +932,8 @@ if in_notebook():
 
 # %% 2. The manifest: list, inspect, load
 # manifest.json records, for every kept checkpoint: step, epoch, metrics, timestamp, size,
-# SHA-256 and a write sequence number. It is the index: load_latest/load_best/load(step) read
-# it instead of parsing file names, and the hash lets a load prove that the bytes are the ones
+# checksum and a write sequence number. It is the index: load_latest/load_best/load(step) read
+# it instead of parsing file names, and the checksum lets a load prove that the bytes are the ones
 # that were saved. "Latest" is the most recent WRITE (the highest seq), not the highest step:
 # a run resumed from an older checkpoint must not be overtaken by the branch it abandoned.
 
@@ -901,7 +981,7 @@ def failing_writer(obj: Any, handle: Any) -> None:
 def lesson_3_crash_safety(run: Run) -> dict:
     """Three good saves, a 4th that dies half-way; reopen and verify what is left.
 
-    "Unchanged" compares the SHA-256 of every listed file before and after; "partial files
+    "Unchanged" compares the checksum of every listed file before and after; "partial files
     left" counts temporaries after the failed write cleaned up after itself (0 expected).
     tests/test_02_checkpoint_manager.py also kills a real process with SIGKILL mid-write.
     """
@@ -911,7 +991,7 @@ def lesson_3_crash_safety(run: Run) -> dict:
         manager = CheckpointManager(directory, save_top_k=5, keep_last=5)
         for step in (1, 2, 3):
             manager.save(state, step=step, epoch=step, metrics={"val_loss": 1.0 / step})
-        before = {e.file: e.sha256 for e in manager.list()}
+        before = {e.file: e.checksum for e in manager.list()}
         manager.serialize = failing_writer
         try:
             manager.save(state, step=4, epoch=4, metrics={"val_loss": 0.1})
@@ -919,7 +999,7 @@ def lesson_3_crash_safety(run: Run) -> dict:
             print(f"  the 4th save failed: {err}")
         reopened = CheckpointManager(directory)
         intact = all(reopened.verify(e) is None for e in reopened.list())
-        same = {e.file: e.sha256 for e in reopened.list()} == before
+        same = {e.file: e.checksum for e in reopened.list()} == before
         partial = sorted(p.name for p in directory.iterdir() if p.name.endswith(".partial"))
     print(f"  after the crash: manifest lists {len(reopened.list())} checkpoints, all verify: "
           f"{intact}, unchanged: {same}; partial files left: {partial}")
@@ -933,11 +1013,12 @@ if in_notebook():
 
 # %% 4. Damaged checkpoints are detected and skipped
 # Files get damaged after they are written too: a copy cut short, a disk error, a sync tool.
-# Before torch.load, the manager compares size and SHA-256 with the manifest; a mismatch is
-# reported as a CheckpointWarning and the next candidate is tried, so load_latest() falls back
-# to the newest GOOD checkpoint instead of crashing the resume.
-# Only damage is skipped. A file whose hash matches but whose torch.load fails (a weights_only
-# refusal after someone added a custom object, an out-of-memory) raises CheckpointError:
+# The manager compares each file's size and CRC32 with the manifest (the CRC runs in a second
+# thread while torch.load reads the file); a mismatch is reported as a CheckpointWarning and
+# the next candidate is tried, so load_latest() falls back to the newest GOOD checkpoint
+# instead of crashing the resume. Only damage is skipped. A file whose checksum matches but
+# whose torch.load fails (a weights_only refusal after someone added a custom object, an
+# out-of-memory) raises CheckpointError:
 # skipping it would silently resume from older weights. If checkpoints exist but none is
 # intact, --resume stops with an error instead of starting over in the same folder. Names in
 # the manifest must be plain file names inside the folder ("../x" or "/etc/x" is refused
@@ -1048,7 +1129,7 @@ def lesson_6_async(run: Run) -> dict:
             def save(manager=manager, steps=steps) -> None:
                 step = next(steps)
                 manager.save(state, step=step, epoch=step, metrics={"val_loss": 1.0})
-            timings[label] = benchmark(save, warmup=1, repeats=5, device=run.device,
+            timings[label] = benchmark(save, warmup=1, repeats=3, device=run.device,
                                        setup=manager.wait)
             written[label] = manager.load_latest().state
             size = format_bytes(manager.latest.bytes)
@@ -1092,11 +1173,190 @@ if in_notebook():
     lesson_7_plot(run, manager, history)
 
 
+# %% 8. How fast is a save? Each format against a raw write
+# "How long does a checkpoint take?" has one honest reference point: how fast THIS machine
+# writes the same number of bytes with a plain write() + fsync. Each saver below is charged
+# until its bytes are on disk (fsync), because a save that returns when the bytes are only in
+# the page cache (the kernel's memory copy of the file) is lost on a power cut or a node
+# failure. The state is a stack of Linear layers, --io-mb megabytes (default 64), on the CPU:
+# this measures the disk path; on a GPU a save adds the device-to-host copy.
+# What to look for:
+# - torch.save + fsync runs about as fast as the raw write (the two trade places from run to
+#   run): it streams each tensor's memory straight into the zip file, with no extra copy.
+# - DCP (torch.distributed.checkpoint) with thread_count=2 writes two files at once; threads
+#   help because file writes release the GIL, so one thread serialises while another waits
+#   for the disk. It is the format 07 uses for sharded models.
+# - A virtual disk (cloud VMs, CI runners) can be several times slower on space it has never
+#   written than on space it reuses. That is why every saver runs in interleaved rounds and
+#   the first two rounds are not timed; if one row still looks odd (safetensors' save_file is
+#   the usual one: it writes a new temporary file and renames it over the old one, so each
+#   save allocates new space; torch.save overwrites the file in place), run the script again.
+# - The manager adds the atomic rename, the manifest and a checksum, and stays close to
+#   torch.save: the CRC32 of the new file is computed in a second thread WHILE fsync waits for
+#   the disk (zlib's CRC32 ran at ~4 GB/s on the machine this was written on, SHA-256 at
+#   ~1.8 GB/s: SHA-256 outlasted the fsync and showed up in the total), and the old file that
+#   retention drops is deleted in the background thread (freeing its blocks took ~20 ms per
+#   100 MB there). On load, the CRC32 runs beside torch.load, so verifying costs little.
+# - The async stall is only the copy into CPU memory, and that memory is reused from the
+#   previous save (fresh memory costs a page fault per 4 KB page, often more than the copy).
+# - Loads read from the page cache (the file was just written), so they run at memory speed;
+#   the first load after a reboot reads the disk and is slower. mmap=True returns at once
+#   because it reads nothing yet: the first forward pays for the pages it touches.
+#   safetensors' load_file maps the file too, so compare it WITH its first forward.
+
+
+def io_model(megabytes: int) -> torch.nn.Sequential:
+    """Linear(4096, 4096) layers, 67 MB each in fp32 (the size of one weight matrix of a 7B
+    language model), about ``megabytes`` MB in all; one narrower layer below 67 MB."""
+    if megabytes < 67:
+        return torch.nn.Sequential(torch.nn.Linear(4096, max(1, megabytes * 10**6 // 16384)))
+    return torch.nn.Sequential(*(torch.nn.Linear(4096, 4096)
+                                 for _ in range(round(megabytes / 67.1))))
+
+
+def raw_write(state: dict, path: Path) -> None:
+    """The reference: the tensors' bytes written as they are, no format at all, then fsync."""
+    with path.open("wb") as handle:
+        for tensor in state.values():
+            handle.write(tensor.numpy().data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def plain_save(save: Callable[[Any, Path], None], state: dict, path: Path) -> None:
+    """Any saver that takes a path (torch.save, safetensors' save_file), then fsync."""
+    save(state, path)
+    with path.open("rb") as handle:  # fsync needs a descriptor of the file, any mode
+        os.fsync(handle.fileno())
+
+
+def dcp_save(state: dict, folder: Path, threads: int) -> None:
+    """torch.distributed.checkpoint in one process (no_dist=True); it fsyncs its files."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # "Detected an existing checkpoint ... overwriting"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(folder, thread_count=threads),
+                 no_dist=True)
+
+
+def save_operations(state: dict, folder: Path, managers: dict) -> dict:
+    """The savers of the table, each writing ``state`` into ``folder``."""
+    from safetensors.torch import save_file
+
+    steps = iter(range(1, 10_000))
+    return {
+        "raw write + fsync (reference)": lambda: raw_write(state, folder / "raw.bin"),
+        "torch.save + fsync": lambda: plain_save(torch.save, state, folder / "plain.pt"),
+        "safetensors save_file + fsync": lambda: plain_save(save_file, state,
+                                                            folder / "plain.safetensors"),
+        "DCP, 1 writer thread": lambda: dcp_save(state, folder / "dcp1", 1),
+        "DCP, 2 writer threads": lambda: dcp_save(state, folder / "dcp2", 2),
+        "manager.save (sync)": lambda: managers["sync"].save(
+            state, step=next(steps), epoch=1, metrics={"val_loss": 1.0}),
+        "manager.save (async stall)": lambda: managers["async"].save(
+            state, step=next(steps), epoch=1, metrics={"val_loss": 1.0}),
+    }
+
+
+def load_operations(model: torch.nn.Module, folder: Path, managers: dict) -> dict:
+    """The loaders of the table, each reading what save_operations wrote."""
+    from safetensors.torch import load_file
+
+    probe = torch.randn(1, 4096)
+
+    def first_forward(state: dict) -> None:
+        model.load_state_dict(state, assign=True)  # the tensors ARE the loaded ones
+        with torch.no_grad():
+            model(probe)
+
+    def torch_load(mmap: bool = False) -> dict:
+        return torch.load(folder / "plain.pt", map_location="cpu", weights_only=True,
+                          mmap=mmap)
+
+    return {
+        "torch.load": torch_load,
+        "torch.load(mmap=True)": lambda: torch_load(mmap=True),
+        "torch.load(mmap=True) + first forward": lambda: first_forward(torch_load(mmap=True)),
+        "safetensors load_file + first forward": lambda: first_forward(
+            load_file(folder / "plain.safetensors")),
+        "manager.load_latest (verified)": managers["sync"].load_latest,
+    }
+
+
+def lesson_8_io_speed(run: Run, megabytes: int) -> dict:
+    """Time each saver and loader on the same state; print the table, draw the bars."""
+    run.section("8. How fast is a save? Each format against a raw write")
+    model = io_model(megabytes)
+    state = model.state_dict()
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    with run.scratch("demo_io") as folder, \
+            CheckpointManager(folder / "sync", keep_last=1, save_top_k=0) as sync, \
+            CheckpointManager(folder / "async", keep_last=1, save_top_k=0,
+                              async_save=True) as background:
+        managers = {"sync": sync, "async": background}
+        # Rounds that call every saver once (common.timing.benchmark_interleaved): a disk
+        # that drifts (a fresh virtual disk is slow until its space has been written once)
+        # then slows every saver alike, not just whichever ran first.
+        saves = benchmark_interleaved(
+            save_operations(state, folder, managers), warmup=2, repeats=5,
+            setup={"manager.save (async stall)": background.wait})
+        background.wait()  # its write must not overlap the loads
+        loads = benchmark_interleaved(load_operations(model, folder, managers))
+        saves = {label: timing.median_ms for label, timing in saves.items()}
+        loads = {label: timing.median_ms for label, timing in loads.items()}
+    print(f"  {format_bytes(size)} of tensors; median of 5 rounds (loads: 3) after the "
+          "warm-up; GB/s = size / time")
+    print(f"  {'operation':<40} {'median':>10} {'GB/s':>7}")
+    for label, ms in {**saves, **loads}.items():
+        print(f"  {label:<40} {ms:>7.1f} ms {size / ms / 1e6:>7.2f}")
+    figures = io_ratios(saves, loads)
+    print(f"  manager.save speed / torch.save's:     {figures['manager_save_vs_torch_save']}\n"
+          f"  verified load speed / torch.load's:    {figures['manager_load_vs_torch_load']}\n"
+          f"  async stall / sync manager.save:       {figures['async_stall_vs_sync']}")
+    plot_io_speed(run, size, saves, loads)
+    return figures | {"io_state_bytes": size} | {
+        "io_gbps_" + re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_"):
+        round(size / ms / 1e6, 3) for label, ms in {**saves, **loads}.items()}
+
+
+def io_ratios(saves: dict[str, float], loads: dict[str, float]) -> dict[str, float]:
+    """The manager against plain torch: speed ratios (1.0 = as fast) and the stall share."""
+    return {
+        "manager_save_vs_torch_save": round(saves["torch.save + fsync"]
+                                            / saves["manager.save (sync)"], 3),
+        "manager_load_vs_torch_load": round(loads["torch.load"]
+                                            / loads["manager.load_latest (verified)"], 3),
+        "async_stall_vs_sync": round(saves["manager.save (async stall)"]
+                                     / saves["manager.save (sync)"], 3)}
+
+
+def plot_io_speed(run: Run, size: int, saves: dict, loads: dict) -> None:
+    """Two bar charts, GB/s of every save and every load, the raw write marked."""
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), constrained_layout=True)
+    for axes, timings, title in ((top, saves, "saving (until fsync returns)"),
+                                 (bottom, loads, "loading (page cache warm)")):
+        labels = list(timings)[::-1]
+        bars = axes.barh(labels, [size / timings[label] / 1e6 for label in labels],
+                         color="tab:blue")
+        axes.bar_label(bars, fmt="%.2f", padding=3)
+        axes.set(xlabel="GB/s (higher is faster)", title=title)
+        axes.margins(x=0.15)
+    top.axvline(size / saves["raw write + fsync (reference)"] / 1e6, color="black",
+                linestyle="--", label="raw write + fsync")
+    top.legend(loc="upper right")
+    run.save_figure(figure, "io_speed.png", "io_speed_chart")
+
+
+if in_notebook():
+    run.record_all(lesson_8_io_speed(run, run.args.io_mb))
+
+
 # %% Summary
 # What the run measured, the files it wrote (also in summary.json), and what to try next.
 RECAP = [
     "write checkpoints atomically: temp file, fsync, os.replace, fsync the folder",
-    "keep a manifest with SHA-256; verify before loading, skip only what is damaged",
+    "keep a manifest with a checksum per file; verify while loading, skip only damage",
     "one writer lock per folder; plain file names only; NaN never ranks as best",
     "a bit-exact resume restores optimizer, scheduler, scaler, RNGs and data order",
     "async saving stalls training only for the CPU snapshot; one save in flight",
@@ -1122,6 +1382,7 @@ def main(argv: list[str] | None = None) -> dict:
     run.record_all(lesson_5_resume(run))
     run.record_all(lesson_6_async(run))
     lesson_7_plot(run, manager, history)
+    run.record_all(lesson_8_io_speed(run, run.args.io_mb))
     return run.finish(RECAP, TRY_IT)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zlib
 
 import pytest
 import torch
@@ -72,9 +74,11 @@ def test_manifest_round_trip(tmp_path):
     assert reopened.list() == manager.list()
     data = json.loads((tmp_path / "manifest.json").read_text())
     entry = data["checkpoints"][0]
-    assert set(entry) == {"file", "step", "epoch", "metrics", "timestamp", "bytes", "sha256",
-                          "seq"}
+    assert set(entry) == {"file", "step", "epoch", "metrics", "timestamp", "bytes",
+                          "checksum", "seq"}
     assert entry["bytes"] == (tmp_path / entry["file"]).stat().st_size
+    written = (tmp_path / entry["file"]).read_bytes()
+    assert entry["checksum"] == f"crc32:{zlib.crc32(written):08x}"
     assert reopened.load(2).state["step"] == 2
     assert reopened.load_best().entry.step == 3
 
@@ -140,11 +144,50 @@ def test_tampered_bytes_of_the_same_size_are_detected(tmp_path):
     data = bytearray(path.read_bytes())
     data[-200] ^= 0xFF
     path.write_bytes(bytes(data))
-    assert "SHA-256" in manager.verify(manager.best)
-    with pytest.warns(lesson.CheckpointWarning, match="SHA-256"):
+    assert "checksum does not match" in manager.verify(manager.best)
+    with pytest.warns(lesson.CheckpointWarning, match="checksum does not match"):
         assert manager.load_best().entry.step == 1
     with pytest.warns(lesson.CheckpointWarning), pytest.raises(RuntimeError, match="damaged"):
         manager.load(2)
+
+
+@pytest.mark.parametrize("algorithm", ["crc32", "sha256"])
+def test_both_checksums_detect_a_flipped_bit(tmp_path, algorithm):
+    manager = CheckpointManager(tmp_path, save_top_k=3, keep_last=3, checksum=algorithm)
+    save_all(manager, [0.3, 0.2])
+    path = tmp_path / manager.best.file
+    expected = (f"crc32:{zlib.crc32(path.read_bytes()):08x}" if algorithm == "crc32"
+                else f"sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}")
+    assert manager.best.checksum == expected
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.warns(lesson.CheckpointWarning, match="checksum does not match"):
+        assert manager.load_best().entry.step == 1
+    with pytest.raises(ValueError, match="checksum must be one of"):
+        CheckpointManager(tmp_path / "other", checksum="md5")
+
+
+def test_a_manifest_with_bare_sha256_fields_still_verifies(tmp_path):
+    """Folders written before the checksum field ("sha256": hex) load, and stay verified."""
+    manager = CheckpointManager(tmp_path, save_top_k=3, keep_last=3)
+    save_all(manager, [0.3, 0.2])
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    for entry in data["checkpoints"]:
+        del entry["checksum"], entry["seq"]
+        entry["sha256"] = hashlib.sha256((tmp_path / entry["file"]).read_bytes()).hexdigest()
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    reopened = CheckpointManager(tmp_path)
+    assert reopened.load_latest().entry.step == 2
+    newest = tmp_path / reopened.latest.file
+    newest.write_bytes(newest.read_bytes()[:-1] + b"?")
+    with pytest.warns(lesson.CheckpointWarning, match="checksum does not match"):
+        assert reopened.load_latest().entry.step == 1
+    del data["checkpoints"][0]["sha256"]
+    data["checkpoints"][0]["checksum"] = "md5:00"
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(lesson.CheckpointError, match="unknown checksum"):
+        CheckpointManager(tmp_path).load(1)
 
 
 def test_no_checkpoint_and_unknown_step(tmp_path):
@@ -202,6 +245,27 @@ def test_async_save_writes_the_state_as_it_was_when_saved(tmp_path):
     written_sync = sync_manager.load_latest().state["model"]
     assert max_abs_diff(written_async, expected) == 0.0
     assert max_abs_diff(written_async, written_sync) == 0.0
+
+
+def test_async_snapshots_reuse_their_memory_and_every_file_holds_its_own_step(tmp_path):
+    weights = torch.zeros(64, 64)
+    with CheckpointManager(tmp_path, async_save=True, keep_last=3) as manager:
+        for step in (1, 2, 3):
+            weights.fill_(step)  # the live tensor changes after every save
+            manager.save({"w": weights, "extra": [torch.ones(2) * step], "step": step},
+                         step=step, epoch=step, metrics={"val_loss": 1.0 / step})
+            staged = manager._staging["w"]
+            if step == 1:
+                first_buffer = staged.data_ptr()
+            assert staged.data_ptr() == first_buffer  # copied into, not re-allocated
+            weights.fill_(-1.0)
+    for step in (1, 2, 3):
+        state = manager.load(step).state
+        assert torch.equal(state["w"], torch.full((64, 64), float(step)))
+        assert torch.equal(state["extra"][0], torch.ones(2) * step) and state["step"] == step
+    # A tensor whose shape changed gets a new buffer instead of a wrong copy.
+    changed = lesson.snapshot_to_cpu({"w": torch.ones(3)}, reuse={"w": torch.zeros(4)})
+    assert torch.equal(changed["w"], torch.ones(3))
 
 
 def test_async_errors_surface_on_wait(tmp_path):

@@ -12,7 +12,7 @@ from common.data import make_image_classification, make_loaders, make_vector_cla
 from common.devices import environment, pick_device, seed_everything
 from common.models import MLP, SmallCNN
 from common.run import Run, format_bytes, make_parser
-from common.timing import benchmark
+from common.timing import benchmark, benchmark_interleaved
 from common.training import (
     capture_rng_state,
     evaluate,
@@ -85,6 +85,16 @@ def test_small_cnn_has_backbone_head_and_batchnorm_buffers():
     assert any("running_mean" in name for name, _ in model.named_buffers())
     assert model.head[-1].out_features == 7
     assert model.backbone(torch.randn(2, 1, 16, 16)).shape == (2, 32)
+
+
+def test_benchmark_interleaved_calls_in_rounds_and_runs_setup_untimed():
+    calls = []
+    timings = benchmark_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        warmup=1, repeats=2, setup={"b": lambda: calls.append("setup")})
+    assert calls == ["a", "setup", "b"] * 3  # round-robin: a drift hits both alike
+    assert {name: t.repeats for name, t in timings.items()} == {"a": 2, "b": 2}
+    assert all(t.warmup == 1 and t.min_ms <= t.median_ms <= t.p90_ms for t in timings.values())
 
 
 def test_benchmark_counts_calls_and_orders_figures():
