@@ -6,24 +6,33 @@ What you will learn (each section runs real code and prints the measured figure)
   3. Crash safety: atomic writes, so a crash mid-save damages nothing
   4. Damaged checkpoints are detected (CRC32 checksums), reported, and skipped
   5. Bit-exact resume: train straight through vs crash + resume, max |diff| of the weights
+  5b. Mid-epoch resume: torchdata's StatefulDataLoader, what it does underneath, a pitfall
+  5c. Preemption: a child run gets SIGTERM mid-epoch, saves, exits 143; resume; a timeline
+  5d. The learning rate after a resume: two scheduler mistakes, measured
   6. Asynchronous saving: how long a save stalls the training loop, sync vs async
   7. Training curves with the kept checkpoints marked
   8. How fast is a save? A raw write + fsync as the reference, torch.save, safetensors, DCP,
      the manager sync and async; loads with and without mmap; a bar chart
 
-Run it:   python 02_checkpoint_manager.py [--out-dir D] [--epochs N] [--resume] [--io-mb MB]
-          --resume continues the run in D from its newest valid checkpoint; kill the process at
-          any instant (even SIGKILL) and re-run with --resume: the final weights are bit-identical
-          to an uninterrupted run with the same seed.
+Run it:   python 02_checkpoint_manager.py [--out-dir D] [--epochs N] [--save-every-steps K]
+              [--save-every-seconds S] [--resume | --resume-from STEP|FILE] [--train-only]
+              [--step-delay S] [--io-mb MB]
+          --resume continues the run in D from its newest valid checkpoint, --resume-from from
+          the one at that step (or file); kill the process at any instant (even SIGKILL, even
+          mid-epoch) and re-run with --resume: the final weights are bit-identical to an
+          uninterrupted run with the same seed, whatever K. On SIGTERM or SIGUSR1 it saves after
+          the current step and exits with status 128 + the signal (143 for SIGTERM).
+          --train-only runs section 1 alone; --step-delay slows each step, to try it by hand.
           As a notebook: open it in Jupyter (jupytext), VS Code or PyCharm and run the cells
           top to bottom from the project folder; flags go in the LESSON_ARGS variable.
-Takes:    about 10 s on a 2-core CPU.
+Takes:    about 15 s on a 2-core CPU (--train-only: 2 s).
 Next:     03_model_versioning.py, versions, fingerprints and integrity checks.
 
 Files it writes (in --out-dir): checkpoints/ (the kept checkpoints, manifest.json and the
 writer.lock file), final_model.pt (the trained weights, written atomically too),
-training_curves.png, io_speed.png and summary.json. The demonstrations of sections 3-6 and 8
-work in scratch folders that are removed when they finish.
+training_curves.png, preemption_timeline.png, io_speed.png and summary.json. The
+demonstrations of sections 3-6 and 8 work in scratch folders that are removed when they
+finish.
 
 How the options map to PyTorch Lightning's ModelCheckpoint:
   monitor="val_loss", mode="min"|"max"   same names, same meaning
@@ -32,6 +41,7 @@ How the options map to PyTorch Lightning's ModelCheckpoint:
                                          the best is ALWAYS kept
   keep_last=N                            save_last=True keeps one "last.ckpt"; here the N newest
   filename="...{step}...{value}..."      like filename="{epoch}-{val_loss:.2f}"
+  --save-every-steps / -seconds          every_n_train_steps / train_time_interval
 Where this class goes further: a manifest with a checksum per file, fsync'd atomic writes for
 checkpoints AND the manifest, journaled deletions, damaged files skipped on load, complete RNG
 and data-order state for a bit-exact resume, and one save in flight in a background thread
@@ -54,6 +64,9 @@ import os
 import random
 import re
 import secrets
+import signal
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -68,6 +81,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from common.compare import bit_identical, max_abs_diff
 from common.data import make_image_classification, make_loaders
@@ -75,8 +89,10 @@ from common.devices import seed_everything
 from common.models import MLP, SmallCNN
 from common.run import Run, format_bytes, in_notebook, make_parser, script_file
 from common.timing import benchmark, benchmark_interleaved
-from common.training import evaluate, train_one_epoch
+from common.training import evaluate
 
+# torchdata 0.11 calls an API that torch 2.14 deprecated, on every loader; not our concern.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 matplotlib.use("Agg")  # write PNG files, never open a window: works on servers and in CI
 HERE = script_file(globals(), "02_checkpoint_manager.py")  # a notebook kernel has no __file__
 
@@ -344,6 +360,79 @@ def restore_rng_state(state: dict, loader_generator: torch.Generator | None = No
         loader_generator.set_state(state["loader"].cpu())
 
 
+class Preempted(Exception):
+    """Raised by a training loop after it saved a checkpoint because a signal asked it to stop.
+
+    ``signal_number`` is the signal that arrived; exit with ``128 + signal_number`` (the shell's
+    convention for "ended by that signal", 143 for SIGTERM) so a scheduler sees the job ended
+    because it was told to, not because it failed.
+    """
+
+    def __init__(self, signal_number: int, message: str) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
+class PreemptionFlag:
+    """Turn SIGTERM and SIGUSR1 into a flag that the training loop checks between steps.
+
+    Schedulers warn before they kill: Kubernetes, spot/preemptible VMs and SLURM send SIGTERM
+    and SIGKILL a grace period later (SLURM can also send SIGUSR1 early with
+    ``#SBATCH --signal=USR1@120``). The handler ONLY records the signal: Python runs handlers
+    between bytecodes of the main thread, so a handler that saved a checkpoint itself could
+    run in the middle of an optimizer step, or of another save, and write a half-updated
+    state. The loop finishes the step, saves, and exits. A second signal while it saves only
+    sets the flag again. Use it as a context manager (the previous handlers come back at
+    the end); signal handlers can only be installed from the main thread.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+        self.signals = signals
+        self.received: int | None = None  # the first signal that arrived
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signal_number: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signal_number
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def __enter__(self) -> PreemptionFlag:
+        for number in self.signals:
+            self._previous[number] = signal.signal(number, self._handler)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()
+
+
+def resume_data_stream(loader: Any, data_state: dict | None,
+                       loader_generator_state: torch.Tensor) -> Any:
+    """The iterator that continues the epoch a checkpoint interrupted, batch for batch.
+
+    ``loader`` is a torchdata ``StatefulDataLoader`` with its own ``generator``;
+    ``data_state`` is what ``loader.state_dict()`` returned mid-epoch (``None`` at an epoch
+    end), ``loader_generator_state`` is ``loader.generator.get_state()`` at the same moment.
+    At an epoch end only the generator matters: the next epoch's shuffle is drawn from it.
+    Mid-epoch, ``load_state_dict`` makes the new iterator skip what was consumed (by the
+    sampler's index, not by loading and dropping batches). Then the generator is put back:
+    with ``num_workers=0``, torchdata 0.11 leaves it in another state than the original run
+    after rebuilding the iterator, which changes the NEXT epoch's order (with workers it does
+    not; putting it back is right in both cases, the test suite checks both).
+    """
+    if data_state is None:
+        loader.generator.set_state(loader_generator_state.cpu())
+        return iter(loader)
+    loader.load_state_dict(data_state)
+    batches = iter(loader)
+    loader.generator.set_state(loader_generator_state.cpu())
+    return batches
+
+
 MISMATCH = "checksum does not match the manifest (the bytes changed after saving)"
 
 
@@ -363,6 +452,7 @@ class CheckpointEntry:
     bytes: int
     checksum: str  # "crc32:..." or "sha256:...", see file_checksum()
     seq: int = 0
+    position: int = 0  # batches done inside epoch ``epoch`` (0: saved at an epoch end)
 
 
 @dataclasses.dataclass
@@ -516,8 +606,12 @@ class CheckpointManager:
 
     # ---- saving -------------------------------------------------------------------------
 
-    def save(self, state: dict, *, step: int, epoch: int, metrics: dict[str, float]) -> Path:
+    def save(self, state: dict, *, step: int, epoch: int, metrics: dict[str, float],
+             position: int = 0) -> Path:
         """Write a checkpoint and apply the retention policy; return the file's path.
+
+        ``epoch`` counts the epochs completed, ``position`` the batches done in the next one
+        (a checkpoint saved mid-epoch); the manifest records both, and ``step``.
 
         In async mode the previous save is waited for first (one in flight at most, and any
         error it raised surfaces here), the state is copied to the CPU, and the write runs in
@@ -530,15 +624,15 @@ class CheckpointManager:
         name = safe_file_part(self.filename.format(
             epoch=epoch, step=step, monitor=self.monitor, value=float(metrics[self.monitor])))
         plain_file_name(name, self.directory, self.directory)
-        metrics = {key: float(value) for key, value in metrics.items()}
+        fields = {"step": step, "epoch": epoch, "position": position,
+                  "metrics": {key: float(value) for key, value in metrics.items()}}
         self.wait()
         if not self.async_save:
-            self._write(state, name, step, epoch, metrics)
+            self._write(state, name, fields)
         else:
             # The previous snapshot's write has finished (wait() above): reuse its memory.
             snapshot = self._staging = snapshot_to_cpu(state, reuse=self._staging)
-            self._in_flight = self._executor.submit(
-                self._write, snapshot, name, step, epoch, metrics)
+            self._in_flight = self._executor.submit(self._write, snapshot, name, fields)
         return self.directory / name
 
     def wait(self) -> None:
@@ -560,7 +654,7 @@ class CheckpointManager:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _write(self, state: dict, name: str, step: int, epoch: int, metrics: dict) -> None:
+    def _write(self, state: dict, name: str, fields: dict) -> None:
         """Write one checkpoint and update the manifest, all under the writer lock.
 
         The threading lock orders this manager's own background write against its caller;
@@ -574,7 +668,7 @@ class CheckpointManager:
                                     self.checksum)
             entries, _ = self._read_manifest()  # another writer may have saved meanwhile
             entry = CheckpointEntry(
-                file=name, step=step, epoch=epoch, metrics=metrics,
+                file=name, **fields,
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec="seconds"),
                 bytes=path.stat().st_size, checksum=checksum,
@@ -582,8 +676,8 @@ class CheckpointManager:
             )
             # A re-saved step (a resumed run repeating one) replaces its old entry; if the
             # metric, and so the file name, changed, the old file goes too.
-            replaced = [e.file for e in entries if e.step == step and e.file != name]
-            entries = [e for e in entries if e.file != name and e.step != step] + [entry]
+            replaced = [e.file for e in entries if e.step == entry.step and e.file != name]
+            entries = [e for e in entries if e.file != name and e.step != entry.step] + [entry]
             self._apply_retention(entries, also_delete=replaced)
 
     def _ranked(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
@@ -758,13 +852,15 @@ class CheckpointManager:
         finite = [e for e in self._ranked(self.list()) if math.isfinite(e.metrics[self.monitor])]
         return self._load_first_good(finite, map_location)
 
-    def load(self, step: int, map_location: Any = "cpu") -> LoadedCheckpoint:
-        """The checkpoint saved at ``step``; an error if there is none or it is damaged."""
+    def load(self, which: int | str, map_location: Any = "cpu") -> LoadedCheckpoint:
+        """The checkpoint saved at step ``which`` (an int) or in file ``which`` (a name from
+        the manifest); an error if there is none or it is damaged."""
         entries = self.list()
-        matches = [e for e in entries if e.step == step]
+        matches = [e for e in entries if (e.file == which if isinstance(which, str)
+                                          else e.step == which)]
         if not matches:
-            raise KeyError(f"{self.directory}: no checkpoint at step {step}; steps kept: "
-                           f"{[e.step for e in entries]}")
+            raise KeyError(f"{self.directory}: no checkpoint {which!r} in the manifest; kept: "
+                           f"steps {[e.step for e in entries]}, files {[e.file for e in entries]}")
         loaded = self._load_first_good(matches, map_location)
         if loaded is None:
             raise CheckpointError(f"{self.directory / matches[0].file}: damaged (see the "
@@ -778,91 +874,252 @@ class CheckpointManager:
 # ############################################################################################
 
 # The training loop every section uses. The checkpoint dict uses the collection's key set
-# (common/__init__.py): "epoch" is the NEXT epoch to run, "rng" holds every generator.
-# It is ordinary training code; what makes it resumable is WHAT it puts in the checkpoint
-# and the order in which it restores it (model, optimizer, scheduler, scaler, generators).
+# (common/__init__.py): "epoch" is the epoch to run next, "data" says how far into it the
+# data stream is (0 batches at an epoch end), "rng" holds every generator. It is ordinary
+# training code; what makes it resumable at ANY step is WHAT it puts in the checkpoint and
+# the order in which it restores it (model, optimizer, scheduler, scaler, generators, data).
+
+
+STEPS_PER_EPOCH = 6  # 384 training images in batches of 64 (tests check it)
 
 
 class SimulatedCrash(RuntimeError):
-    """Raised by ``train(crash_after_epoch=...)`` to stand in for a killed process."""
+    """Raised by ``train(crash_at_step=...)`` to stand in for a killed process."""
 
 
-def train(
-    directory: Path,
-    *,
-    epochs: int,
-    seed: int,
-    device: torch.device,
-    resume: bool = False,
-    crash_after_epoch: int | None = None,
-    async_save: bool = True,
-    log: Callable[[str], None] = print,
-) -> tuple[torch.nn.Module, CheckpointManager, list[dict]]:
-    """Train SmallCNN for ``epochs`` with a CheckpointManager in ``directory``.
+@dataclasses.dataclass
+class SaveSchedule:
+    """When ``train`` writes a checkpoint besides every epoch end (Lightning's
+    ``every_n_train_steps`` and ``train_time_interval``): every ``steps`` optimizer steps
+    and/or every ``seconds`` of wall-clock time; ``None`` turns either off."""
 
-    With ``resume=True``, continue from the newest valid checkpoint there (from scratch if
-    there is none). Returns the model, the (closed) manager and the per-epoch history.
+    steps: int | None = None
+    seconds: float | None = None
+
+    def due(self, step: int, last_save: float) -> bool:
+        return bool((self.steps and step % self.steps == 0)
+                    or (self.seconds and time.monotonic() - last_save >= self.seconds))
+
+
+class Training:
+    """SmallCNN, its optimizer, scheduler, scaler and data, trained with a CheckpointManager.
+
+    ``Training(directory, epochs=..., seed=..., device=...)`` builds everything exactly as a
+    fresh run would; ``resume(...)`` then overwrites the state of each object from a
+    checkpoint (rebuilding the objects and loading their state, instead of pickling the
+    objects, keeps the checkpoint loadable with weights_only=True); ``run()`` trains.
     """
-    # Build everything first, exactly as a fresh run would; a resume then overwrites the state
-    # of each object. Rebuilding the objects and loading their state (instead of pickling
-    # the objects) keeps the checkpoint loadable with weights_only=True.
-    seed_everything(seed)
-    model = SmallCNN().to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    # Mixed precision on CUDA needs a GradScaler, whose scale factor is state to resume too.
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    # A small, noisy task: validation loss bottoms out before the end, so "best" != "latest".
-    dataset = make_image_classification(512, noise=2.0, seed=seed)
-    train_loader, val_loader = make_loaders(dataset, seed=seed)
-    start_epoch, step, history = 0, 0, []
-    with CheckpointManager(directory, monitor="val_loss", mode="min", save_top_k=2,
-                           keep_last=2, async_save=async_save) as manager:
-        if resume:
-            loaded = manager.load_latest(map_location=device)
-            if loaded is None and manager.list():
-                # Starting over here would mix a new run into the old one's folder: refuse.
-                raise CheckpointError(
-                    f"{directory}: --resume found {len(manager.list())} checkpoint(s) but none "
-                    "is intact (see the warnings above); nothing was deleted. Move the folder "
-                    "aside to start a new run")
-            if loaded is None:
-                log(f"  --resume: no checkpoint in {directory} yet; starting from scratch")
+
+    def __init__(self, directory: Path, *, epochs: int, seed: int, device: torch.device,
+                 saves: SaveSchedule | None = None, async_save: bool = True,
+                 num_workers: int = 0, log: Callable[[str], None] = print) -> None:
+        seed_everything(seed)
+        self.epochs, self.seed, self.device, self.log = epochs, seed, device, log
+        self.model = SmallCNN().to(device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, epochs)
+        # Mixed precision on CUDA needs a GradScaler, whose scale factor is state too.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+        # A small, noisy task: validation loss bottoms out early, so "best" != "latest".
+        # torchdata's StatefulDataLoader is a DataLoader whose position inside an epoch is
+        # state (state_dict / load_state_dict), like the model's weights.
+        self.train_loader, self.val_loader = make_loaders(
+            make_image_classification(512, noise=2.0, seed=seed), seed=seed,
+            num_workers=num_workers, train_loader_class=StatefulDataLoader)
+        self.saves = saves or SaveSchedule()
+        self.manager = CheckpointManager(directory, monitor="val_loss", mode="min",
+                                         save_top_k=2, keep_last=2, async_save=async_save)
+        # Where the run stands: the epoch to run next (0-based), optimizer steps so far,
+        # per-epoch history, and inside the epoch the data position and running loss.
+        self.epoch, self.step, self.history = 0, 0, []
+        self.data: dict = self.fresh_epoch()
+        self.resumed_loader_state: torch.Tensor | None = None
+        self.resumed_from: CheckpointEntry | None = None
+
+    @staticmethod
+    def fresh_epoch() -> dict:
+        return {"position": 0, "loss_sum": 0.0, "seen": 0, "step_losses": [], "loader": None}
+
+    def resume(self, which: bool | int | str) -> LoadedCheckpoint | None:
+        """Load the latest good checkpoint (``True``), or the one at step/file ``which``."""
+        loaded = load_for_resume(self.manager, which, self.log)
+        if loaded is None:
+            return None
+        state = loaded.state
+        # The order matters for the optimizer only: its state is cast to the device of the
+        # parameters it manages NOW, so the model is already on its device.
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])  # the loader's generator: see run()
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.data = state.get("data") or self.fresh_epoch()  # absent: saved at an epoch end
+        self.resumed_loader_state = state["rng"]["loader"]
+        self.resumed_from = loaded.entry
+        self.log(f"  resumed from {loaded.path.name}: epoch {self.epoch + 1}, "
+                 f"{self.data['position']} batch(es) of it done, step {self.step}")
+        return loaded
+
+    def run(self, stop: PreemptionFlag | None = None, crash_at_step: int | None = None,
+            step_delay: float = 0.0) -> None:
+        """Train to ``epochs``; save at epoch ends, when ``saves`` says so, and on a signal.
+
+        ``self.epoch`` is the epoch to run next, so the loop neither repeats nor skips one
+        after a resume; inside it, the data stream continues after the batch the checkpoint
+        was written after. ``crash_at_step`` raises SimulatedCrash after that step's
+        checkpoint (if any); ``step_delay`` seconds of sleep per step make a demo run slow
+        enough to interrupt by hand.
+        """
+        # Why the checks sit where they do:
+        # - A save happens AFTER a step and before the next one, never inside one: the
+        #   weights, the optimizer moments, the generators and the data position then all
+        #   describe the same instant, which is what makes the resume exact.
+        # - The last batch of an epoch is not saved as "mid-epoch": the epoch-end checkpoint
+        #   (scheduler stepped, validation measured) follows right away.
+        # - The flag is polled once per step, so a signal costs at most one step of delay;
+        #   the grace period of a scheduler (30 s and more) is far longer than a step here.
+        #   A step that takes minutes needs a finer poll, or a shorter step.
+        # - manager.wait() before raising: with async saving, the checkpoint is still being
+        #   written in the background thread; exiting first would lose it.
+        last_save = time.monotonic()
+        while self.epoch < self.epochs:
+            if self.resumed_loader_state is not None:  # the first epoch after a resume
+                batches = resume_data_stream(self.train_loader, self.data["loader"],
+                                             self.resumed_loader_state)
+                self.resumed_loader_state = None
             else:
-                # The order matters for the optimizer only: its state is cast to the device
-                # of the parameters it manages NOW, so the model is already on `device`.
-                state = loaded.state
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                scaler.load_state_dict(state["scaler"])
-                restore_rng_state(state["rng"], train_loader.generator)
-                start_epoch, step, history = state["epoch"], state["step"], state["history"]
-                log(f"  resumed from {loaded.path.name}: next epoch {start_epoch}, step {step}")
-        # "epoch" in a checkpoint is the NEXT epoch to run, so this loop neither repeats
-        # nor skips one after a resume.
-        for epoch in range(start_epoch, epochs):
-            train_loss = train_one_epoch(model, train_loader, optimizer, device, scheduler,
-                                         scaler)
-            step += len(train_loader)
-            val = evaluate(model, val_loader, device)
-            history.append({"epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                            "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
-            state = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch + 1, "step": step, "metrics": history[-1], "history": history,
-                "rng": capture_rng_state(train_loader.generator),
-                "config": {"model": "SmallCNN", "epochs": epochs, "seed": seed},
-            }
-            path = manager.save(state, step=step, epoch=epoch + 1,
-                                metrics={"val_loss": val["loss"], "train_loss": train_loss})
-            log(f"  epoch {epoch + 1:>2}/{epochs}: train_loss {train_loss:.4f}  "
-                f"val_loss {val['loss']:.4f}  val_acc {val['accuracy']:.3f}  -> {path.name}")
-            if crash_after_epoch == epoch + 1:
-                manager.wait()
-                raise SimulatedCrash(f"simulated crash after epoch {epoch + 1}")
-    return model, manager, history
+                batches = iter(self.train_loader)
+            self.model.train()
+            for batch in batches:
+                self.train_one_step(batch)
+                time.sleep(step_delay)
+                stopping = stop is not None and stop.requested
+                mid_epoch = self.data["position"] < len(self.train_loader)
+                if mid_epoch and (stopping or self.saves.due(self.step, last_save)):
+                    self.save_mid_epoch()
+                    last_save = time.monotonic()
+                if mid_epoch and crash_at_step == self.step:
+                    self.manager.wait()
+                    raise SimulatedCrash(f"simulated crash after step {self.step}")
+                if mid_epoch and stopping:
+                    self.manager.wait()  # the checkpoint is on disk before the process ends
+                    raise Preempted(stop.received, self.preempted_message(stop))
+            self.end_epoch()
+            self.epoch += 1
+            last_save = time.monotonic()
+            if crash_at_step == self.step:
+                self.manager.wait()
+                raise SimulatedCrash(f"simulated crash after epoch {self.epoch}")
+            if stop is not None and stop.requested:  # came during the last step or evaluation
+                self.manager.wait()
+                raise Preempted(stop.received, self.preempted_message(stop))
+        self.manager.close()
+
+    def train_one_step(self, batch: tuple) -> None:
+        """One optimizer step (mixed precision when the scaler is on); count it.
+
+        The running loss of the epoch is kept as a sum and a count (not a mean of means),
+        and the per-step losses as a list: both go into a mid-epoch checkpoint, so the
+        epoch's train_loss after a resume is the same float as without one.
+        """
+        inputs, targets = batch[0].to(self.device), batch[1].to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=self.scaler.is_enabled()):
+            loss = torch.nn.functional.cross_entropy(self.model(inputs), targets)
+        self.scaler.scale(loss).backward()  # without AMP the scaler passes it all through
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        self.data["position"] += 1
+        self.data["loss_sum"] += loss.item() * len(targets)
+        self.data["seen"] += len(targets)
+        self.data["step_losses"].append(loss.item())
+
+    def end_epoch(self) -> None:
+        """Step the scheduler, evaluate, log, save the epoch-end checkpoint."""
+        self.scheduler.step()
+        val = evaluate(self.model, self.val_loader, self.device)
+        train_loss = self.data["loss_sum"] / max(self.data["seen"], 1)
+        self.history = self.history + [{
+            "epoch": self.epoch + 1, "step": self.step, "train_loss": train_loss,
+            "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+            "step_losses": self.data["step_losses"]}]
+        self.data = self.fresh_epoch()
+        path = self.save(epoch=self.epoch + 1, data=None,
+                         metrics={"val_loss": val["loss"], "train_loss": train_loss})
+        self.log(f"  epoch {self.epoch + 1:>2}/{self.epochs}: train_loss {train_loss:.4f}  "
+                 f"val_loss {val['loss']:.4f}  val_acc {val['accuracy']:.3f}  -> {path.name}")
+
+    def save_mid_epoch(self) -> None:
+        """A checkpoint after this step. It has no validation loss (evaluating here would draw
+        from the random generators and change the run): val_loss is NaN, which the manager
+        never ranks as best, while keep_last keeps it for resuming."""
+        self.data["loader"] = self.train_loader.state_dict()
+        path = self.save(epoch=self.epoch, data=self.data, metrics={
+            "val_loss": math.nan, "train_loss": self.data["loss_sum"] / self.data["seen"]})
+        self.log(f"  step {self.step} (epoch {self.epoch + 1}, batch "
+                 f"{self.data['position']}): saved {path.name}")
+
+    def save(self, epoch: int, data: dict | None, metrics: dict) -> Path:
+        """Everything that decides the next step, under the collection's checkpoint keys."""
+        # "epoch" is the epoch to run next; "data" (mid-epoch only) is how far into it the
+        # stream is; "history" holds every finished epoch with its step losses, so a resumed
+        # run can draw its whole curve; "rng" is every generator, the loader's included.
+        state = {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "epoch": epoch, "step": self.step, "history": self.history,
+            "metrics": {"step": self.step, **metrics},
+            "rng": capture_rng_state(self.train_loader.generator),
+            "config": {"model": "SmallCNN", "epochs": self.epochs, "seed": self.seed},
+        }
+        if data is not None:
+            state["data"] = copy.deepcopy(data)  # the live dict goes on changing
+        return self.manager.save(state, step=self.step, epoch=epoch, metrics=metrics,
+                                 position=data["position"] if data else 0)
+
+    def preempted_message(self, stop: PreemptionFlag) -> str:
+        return (f"preempted by {signal.Signals(stop.received).name}: checkpoint saved after "
+                f"step {self.step} in {self.manager.directory}; re-run with --resume")
+
+
+def load_for_resume(manager: CheckpointManager, which: bool | int | str,
+                    log: Callable[[str], None]) -> LoadedCheckpoint | None:
+    """The checkpoint to resume from: the latest good one (``which=True``, ``None`` if the
+    folder has none yet), or exactly the one at step / in file ``which`` (else an error)."""
+    if which is not True:
+        return manager.load(which, map_location="cpu")
+    loaded = manager.load_latest(map_location="cpu")
+    if loaded is None and manager.list():
+        # Starting over here would mix a new run into the old one's folder: refuse.
+        raise CheckpointError(
+            f"{manager.directory}: --resume found {len(manager.list())} checkpoint(s) but "
+            "none is intact (see the warnings above); nothing was deleted. Move the folder "
+            "aside to start a new run")
+    if loaded is None:
+        log(f"  --resume: no checkpoint in {manager.directory} yet; starting from scratch")
+    return loaded
+
+
+def train(directory: Path, *, epochs: int, seed: int, device: torch.device,
+          resume: bool | int | str = False, **options: Any) -> Training:
+    """Build a Training, resume it if asked, run it, and return it (model, manager, history,
+    ``resumed_from``).
+
+    ``options`` go to Training (saves, async_save, num_workers, log) and to run (stop,
+    crash_at_step, step_delay). The manager is closed when this returns or raises.
+    """
+    run_options = {k: options.pop(k) for k in ("stop", "crash_at_step", "step_delay")
+                   if k in options}
+    training = Training(directory, epochs=epochs, seed=seed, device=device, **options)
+    try:
+        if resume is not False:
+            training.resume(resume)
+        training.run(**run_options)
+    finally:
+        training.manager.close()
+    return training
 
 
 # %% Setup
@@ -876,11 +1133,29 @@ def setup(argv: list[str] | None = None) -> Run:
     parser.add_argument("--epochs", type=int, default=8, help="epochs of the main run")
     parser.add_argument("--io-mb", type=int, default=64,
                         help="size of the state that section 8 saves and loads, in MB")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out-dir from its newest valid checkpoint")
+    parser.add_argument("--save-every-steps", type=int, default=None, metavar="K",
+                        help="also save a checkpoint every K optimizer steps (mid-epoch too)")
+    parser.add_argument("--save-every-seconds", type=float, default=None, metavar="S",
+                        help="also save a checkpoint when S seconds passed since the last one")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--resume", action="store_true",
+                       help="continue the run in --out-dir from its newest valid checkpoint")
+    where.add_argument("--resume-from", metavar="STEP|FILE", default=None,
+                       help="continue from the checkpoint at this step (or with this file "
+                            "name) in the manifest, abandoning the checkpoints after it")
+    parser.add_argument("--train-only", action="store_true",
+                        help="run section 1 only (train, save, resume), none of the demos")
+    parser.add_argument("--step-delay", type=float, default=0.0, metavar="S",
+                        help="sleep S seconds after every step: a run slow enough to "
+                             "interrupt by hand (kill -TERM, kill -9) and resume")
     run = Run.start(HERE, parser, argv)
     if run.args.epochs < 1:
         parser.error("--epochs must be at least 1")
+    for flag in ("save_every_steps", "save_every_seconds"):
+        if getattr(run.args, flag) is not None and getattr(run.args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive")
+    if run.args.step_delay < 0:
+        parser.error("--step-delay must not be negative")
     if run.args.io_mb < 1:
         parser.error("--io-mb must be at least 1")
     return run
@@ -894,39 +1169,56 @@ if in_notebook():
 # A run saves a checkpoint every epoch; the policy decides which to keep: the newest
 # keep_last=2 (to resume) and the best save_top_k=2 by val_loss (to ship). The latest and the
 # best are always kept. File names carry epoch, step and the metric, so `ls` tells the story.
-# With --resume the run continues from its newest valid checkpoint; without it, a previous
-# run's folder is moved aside (never deleted), so a forgotten flag costs nothing.
+# With --resume the run continues from its newest valid checkpoint, --resume-from STEP from
+# an older one (the checkpoints written after it are abandoned: the new writes become
+# "latest"); without either, a previous run's folder is moved aside (never deleted), so a
+# forgotten flag costs nothing. --save-every-steps K / --save-every-seconds S add
+# checkpoints between epoch ends (section 5b), and SIGTERM / SIGUSR1 save one and stop the
+# run (section 5c).
 
 
-def lesson_1_train(run: Run, epochs: int, resume: bool) -> tuple[CheckpointManager, list, dict]:
-    """Train with the manager; return it, the per-epoch history and the figures."""
+def resume_target(args: Any) -> bool | int | str:
+    """--resume -> True, --resume-from 12 -> 12 (a step), --resume-from NAME -> the file."""
+    if args.resume_from is not None:
+        return int(args.resume_from) if args.resume_from.isdigit() else args.resume_from
+    return bool(args.resume)
+
+
+def lesson_1_train(run: Run) -> tuple[CheckpointManager, list, dict]:
+    """Train with the manager (flags: --epochs, --resume, --resume-from, --save-every-*);
+    return it, the per-epoch history and the figures."""
     run.section("1. Train with a CheckpointManager")
-    directory = run.out_dir / "checkpoints"
-    if not resume and (directory / CheckpointManager.MANIFEST).exists():
+    args, directory = run.args, run.out_dir / "checkpoints"
+    resume = resume_target(args)
+    if resume is False and (directory / CheckpointManager.MANIFEST).exists():
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         previous = run.out_dir / f"checkpoints.previous-{stamp}"
         directory.rename(previous)
         print(f"  a previous run was in {directory.name}/: moved to {previous.name}/ "
               "(use --resume to continue a run instead; delete it when you no longer need it)")
-    latest = CheckpointManager(directory).latest if resume else None
-    model, manager, history = train(directory, epochs=epochs, seed=run.seed, device=run.device,
-                                    resume=resume)
+    with PreemptionFlag() as stop:  # SIGTERM / SIGUSR1: save after this step, then exit
+        training = train(
+            directory, epochs=args.epochs, seed=run.seed, device=run.device, resume=resume,
+            saves=SaveSchedule(args.save_every_steps, args.save_every_seconds), stop=stop,
+            step_delay=args.step_delay)
+    model, manager, history = training.model, training.manager, training.history
     final_path = run.out_dir / "final_model.pt"
     atomic_torch_save(model.state_dict(), final_path)
     run.artifact("final_model", final_path)
     run.artifact("checkpoints", directory)
     run.artifact("manifest", directory / CheckpointManager.MANIFEST)
     best = manager.best
-    print(f"  kept {len(manager.list())} of {len(history)} checkpoints; best val_loss "
+    print(f"  kept {len(manager.list())} checkpoints after {len(history)} epochs; best val_loss "
           f"{best.metrics['val_loss']:.4f} at step {best.step} (epoch {best.epoch})")
     return manager, history, {
-        "epochs": epochs, "resumed_from_epoch": latest.epoch if latest else 0,
+        "epochs": args.epochs,
+        "resumed_from_step": training.resumed_from.step if training.resumed_from else 0,
         "checkpoints_kept": len(manager.list()), "best_val_loss": best.metrics["val_loss"],
         "best_step": best.step, "final_val_accuracy": history[-1]["val_accuracy"]}
 
 
 if in_notebook():
-    manager, history, figures = lesson_1_train(run, run.args.epochs, run.args.resume)
+    manager, history, figures = lesson_1_train(run)
     run.record_all(figures)
 
 
@@ -1076,15 +1368,15 @@ def lesson_5_resume(run: Run) -> dict:
     run.section("5. Bit-exact resume")
     quiet = lambda line: None  # noqa: E731 - the epochs were shown in section 1
     with run.scratch("demo_resume") as demo:
-        straight, _, _ = train(demo / "straight", epochs=4, seed=run.seed, device=run.device,
-                               log=quiet)
+        straight = train(demo / "straight", epochs=4, seed=run.seed, device=run.device,
+                         log=quiet).model
         try:
             train(demo / "interrupted", epochs=4, seed=run.seed, device=run.device,
-                  crash_after_epoch=2, log=quiet)
+                  crash_at_step=2 * STEPS_PER_EPOCH, log=quiet)
         except SimulatedCrash as crash:
             print(f"  {crash}; resuming from {demo.name}/interrupted")
-        resumed, _, _ = train(demo / "interrupted", epochs=4, seed=run.seed,
-                              device=run.device, resume=True)
+        resumed = train(demo / "interrupted", epochs=4, seed=run.seed, device=run.device,
+                        resume=True).model
     diff = max_abs_diff(straight.state_dict(), resumed.state_dict())
     identical = bit_identical(straight.state_dict(), resumed.state_dict())
     print(f"  straight vs crash+resume, final weights: max |diff| = {diff}; bit-identical "
@@ -1094,6 +1386,241 @@ def lesson_5_resume(run: Run) -> dict:
 
 if in_notebook():
     run.record_all(lesson_5_resume(run))
+
+
+# %% 5b. Mid-epoch resume: where the data stream stands
+# Real jobs save every N steps (--save-every-steps K) or every T seconds
+# (--save-every-seconds S), not only at epoch ends, so a checkpoint often lands in the middle
+# of an epoch. Resuming there exactly needs one more piece of state: how far into the epoch's
+# shuffled order the run was. torchdata's StatefulDataLoader (a drop-in DataLoader) has it
+# as state_dict() / load_state_dict(); the checkpoint keeps it under "data", with the
+# epoch's running loss. Underneath it is small: the sampler's generator state at the epoch's
+# start (from which the same permutation is drawn again) and the number of samples already
+# yielded (which are skipped by index, without loading them). Below, that is re-done by hand.
+# The pitfall we measured: with num_workers=0, torchdata 0.11 leaves the loader's generator
+# in another state after the resumed iterator is built, so the NEXT epoch's order differs
+# and the run drifts. resume_data_stream() puts the generator back (a no-op with workers).
+# Mid-epoch checkpoints carry val_loss = NaN (no evaluation mid-epoch: it would draw from
+# the generators), so they are never "best"; retention keeps them as the newest.
+
+
+def hand_made_resume(seed: int) -> tuple[bool, bool, bool]:
+    """Consume 2 batches of a 20-sample StatefulDataLoader and resume it three ways.
+
+    Returns: (the remaining order equals randperm(generator at the epoch start)[8:],
+    the next epoch's order is right without putting the generator back, and with it).
+    """
+    def loader() -> StatefulDataLoader:
+        return StatefulDataLoader(torch.utils.data.TensorDataset(torch.arange(20)),
+                                  batch_size=4, shuffle=True,
+                                  generator=torch.Generator().manual_seed(seed))
+    reference = loader()
+    order = [batch[0].tolist() for _ in range(2) for batch in reference]
+    original, cut = loader(), []
+    batches = iter(original)
+    cut += [next(batches)[0].tolist(), next(batches)[0].tolist()]
+    state, generator = original.state_dict(), original.generator.get_state()
+    by_hand = torch.Generator()  # the sampler's state: generator at epoch start + yielded
+    by_hand.set_state(state["_sampler_iter_state"]["sampler_iter_state"]["generator"])
+    rest = torch.randperm(20, generator=by_hand)[8:].tolist()
+    results = []
+    for put_back in (False, True):
+        resumed = loader()
+        if put_back:
+            batches = resume_data_stream(resumed, state, generator)
+        else:
+            resumed.load_state_dict(state)
+            batches = iter(resumed)
+        again = cut + [b[0].tolist() for b in batches] + [b[0].tolist() for b in resumed]
+        results.append(again == order)
+    return sum(order[2:5], []) == rest, results[0], results[1]
+
+
+def lesson_5b_mid_epoch(run: Run) -> dict:
+    """Straight vs saves every 4 steps + a crash after step 9 (mid-epoch 2) + resume."""
+    run.section("5b. Mid-epoch resume: where the data stream stands")
+    quiet = lambda line: None  # noqa: E731
+    with run.scratch("demo_mid_epoch") as demo:
+        straight = train(demo / "straight", epochs=3, seed=run.seed, device=run.device,
+                         log=quiet).model
+        try:
+            train(demo / "cut", epochs=3, seed=run.seed, device=run.device, crash_at_step=9,
+                  saves=SaveSchedule(steps=4), log=quiet)
+        except SimulatedCrash as crash:
+            print(f"  saving every 4 steps, {crash} (epoch 2 has {STEPS_PER_EPOCH} steps)")
+        data = CheckpointManager(demo / "cut").load_latest().state["data"]
+        resumed = train(demo / "cut", epochs=3, seed=run.seed, device=run.device,
+                        resume=True, saves=SaveSchedule(steps=4), log=quiet)
+    entry = resumed.resumed_from
+    diff = max_abs_diff(straight.state_dict(), resumed.model.state_dict())
+    print(f"  resumed from step {entry.step}: epoch {entry.epoch + 1}, batch {entry.position} "
+          f"done; checkpoint 'data' keys: {sorted(data)}")
+    print(f"  straight vs mid-epoch crash + resume, final weights: max |diff| = {diff}")
+    by_hand, without_fix, with_fix = hand_made_resume(run.seed)
+    print(f"  the loader's remaining order = randperm(generator at epoch start)[8:]: {by_hand}")
+    print(f"  next epoch's order right after a resume: without putting the generator back "
+          f"{without_fix}, with it {with_fix}")
+    return {"mid_epoch_resume_step": entry.step, "mid_epoch_resume_position": entry.position,
+            "mid_epoch_resume_max_abs_diff": diff, "hand_made_order_matches": by_hand,
+            "next_epoch_order_right_without_fix": without_fix,
+            "next_epoch_order_right_with_fix": with_fix}
+
+
+if in_notebook():
+    run.record_all(lesson_5b_mid_epoch(run))
+
+
+# %% 5c. Preemption: SIGTERM, a checkpoint, exit, resume
+# Clusters and clouds stop jobs with a warning: SIGTERM, then SIGKILL after a grace period
+# (Kubernetes: 30 s by default; spot VMs: about 30 s to 2 min; SLURM: KillWait, and
+# `#SBATCH --signal=USR1@120` sends SIGUSR1 two minutes early). PreemptionFlag turns the
+# signal into a flag; the loop finishes the step, writes a checkpoint (waiting for an async
+# save in flight first), and exits with status 128 + the signal (143 for SIGTERM), which
+# schedulers read as "stopped on request". Here a real child process trains, slowed to 0.05 s
+# per step so the signal lands mid-epoch; this process sends it SIGTERM after epoch 1, then
+# resumes the run from the child's checkpoint and compares with a straight run. If nothing
+# handles SIGTERM, Python dies at once with no checkpoint: that is the default.
+
+
+def lesson_5c_preemption(run: Run) -> dict:
+    """A child run gets SIGTERM mid-epoch; it saves and exits; resume; compare; draw."""
+    run.section("5c. Preemption: SIGTERM, a checkpoint, exit, resume")
+    with run.scratch("demo_preemption") as demo:
+        child = subprocess.Popen(
+            [sys.executable, str(HERE), "--train-only", "--epochs", "4", "--step-delay", "0.05",
+             "--device", run.device.type, "--seed", str(run.seed), "--out-dir",
+             str(demo / "job")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in child.stdout:  # wait until the child finished epoch 1
+            if "epoch  1/4" in line:
+                break
+        sent = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=60)
+        seconds = time.monotonic() - sent
+        said = child.stderr.read().strip().splitlines()[-1:] or ["nothing"]
+        if child.returncode != 128 + signal.SIGTERM:
+            raise RuntimeError(f"the child run failed ({child.returncode}): {said[0]}")
+        print(f"  SIGTERM after epoch 1 -> exit status {child.returncode} in {seconds:.1f} s; "
+              f"it said: {said[0].split(': ', 1)[-1].replace(str(demo), demo.name)}")
+        resumed = train(demo / "job" / "checkpoints", epochs=4, seed=run.seed,
+                        device=run.device, resume=True, log=quiet_print)
+        straight = train(demo / "straight", epochs=4, seed=run.seed, device=run.device,
+                         log=quiet_print)
+    entry = resumed.resumed_from
+    diff = max_abs_diff(straight.model.state_dict(), resumed.model.state_dict())
+    print(f"  the SIGTERM checkpoint: step {entry.step}, epoch {entry.epoch + 1} batch "
+          f"{entry.position} (mid-epoch: {entry.position > 0}); resumed vs straight: "
+          f"max |diff| = {diff}")
+    plot_timeline(run, straight.history, resumed.history, entry)
+    return {"preemption_exit_status": child.returncode,
+            "preemption_seconds_to_exit": round(seconds, 2),
+            "preemption_checkpoint_step": entry.step,
+            "preemption_checkpoint_mid_epoch": entry.position > 0,
+            "preemption_resume_max_abs_diff": diff}
+
+
+def quiet_print(line: str) -> None:
+    """Only the "resumed from ..." line of a demo run."""
+    if "resumed from" in line:
+        print(line)
+
+
+def plot_timeline(run: Run, straight: list[dict], resumed: list[dict],
+                  entry: CheckpointEntry) -> None:
+    """Loss per step of the resumed run over the straight one, with the events marked."""
+    losses = [loss for epoch in resumed for loss in epoch["step_losses"]]
+    reference = [loss for epoch in straight for loss in epoch["step_losses"]]
+    steps = range(1, len(losses) + 1)
+    figure, axes = plt.subplots(figsize=(8, 4))
+    axes.plot(steps, reference, color="lightgray", linewidth=6, label="straight run")
+    axes.plot(steps[:entry.step], losses[:entry.step], color="tab:blue",
+              label="before SIGTERM (the child)")
+    axes.plot(steps[entry.step - 1:], losses[entry.step - 1:], color="tab:orange",
+              label="after --resume (this process)")
+    for epoch in resumed:
+        axes.axvline(epoch["step"], color="gray", linestyle=":", linewidth=1)
+    axes.axvline(entry.step, color="red", label=f"SIGTERM, saved at step {entry.step}")
+    axes.set(xlabel="optimizer step (dotted: epoch ends, each saved)",
+             ylabel="training loss", title="Preempted mid-epoch and resumed: no seam")
+    axes.legend()
+    run.save_figure(figure, "preemption_timeline.png", "preemption_timeline")
+
+
+if in_notebook():
+    run.record_all(lesson_5c_preemption(run))
+
+
+# %% 5d. The learning rate after a resume
+# A scheduler is state too, and two mistakes survive every test that only checks that
+# training "continues": not saving scheduler.state_dict(), and building a scheduler after
+# loading the optimizer. A "chainable" scheduler (StepLR, CosineAnnealingLR) computes the
+# next lr from the current one, so it looks right at the resume and drifts at its next
+# step; a closed-form one (LambdaLR) sets lr = base_lr * lambda(0) when it is BUILT, over
+# the lr the optimizer just loaded, and load_state_dict does not put it back before the next
+# scheduler.step(): a whole epoch runs with the wrong rate. The right order, used by train():
+# build model, optimizer AND scheduler as a fresh run would, then load each one's state.
+# Below: lr 1.0 halved per epoch (LambdaLR) or cosine over 10 epochs, resumed after 5.
+
+
+SCHEDULERS = {
+    "LambdaLR(0.5 ** epoch)": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 0.5**e),
+    "CosineAnnealingLR(T_max=10)": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 10),
+}
+
+
+def lr_after_resume(make: Callable, order: str) -> tuple[float, float, float, float]:
+    """(lr during the first resumed epoch, after one more step) resumed ``order``-wise, and
+    the same two figures of the uninterrupted run."""
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    original = optimizer()
+    scheduler = make(original)
+    for _ in range(5):
+        original.step()
+        scheduler.step()
+    saved = {"optimizer": original.state_dict(), "scheduler": scheduler.state_dict()}
+    expected = original.param_groups[0]["lr"]
+    original.step()
+    scheduler.step()
+    expected_next = original.param_groups[0]["lr"]
+    resumed = optimizer()
+    if order == "build all, then load all (right)":
+        rebuilt = make(resumed)
+        resumed.load_state_dict(saved["optimizer"])
+        rebuilt.load_state_dict(saved["scheduler"])
+    else:
+        resumed.load_state_dict(saved["optimizer"])
+        rebuilt = make(resumed)
+        if order == "load optimizer, then build + load scheduler":
+            rebuilt.load_state_dict(saved["scheduler"])
+    during = resumed.param_groups[0]["lr"]
+    resumed.step()
+    rebuilt.step()
+    return during, resumed.param_groups[0]["lr"], expected, expected_next
+
+
+def lesson_5d_learning_rate(run: Run) -> dict:
+    """The lr after a resume, for two schedulers and three ways of resuming them."""
+    run.section("5d. The learning rate after a resume")
+    orders = ("build all, then load all (right)", "load optimizer, then build + load "
+              "scheduler", "scheduler state not saved")
+    print(f"  {'scheduler':<28} {'resumed how':<45} {'lr, epoch 6':>11} {'epoch 7':>9}")
+    wrong, figures = 0, {}
+    for name, make in SCHEDULERS.items():
+        for order in orders:
+            during, after, expected, expected_next = lr_after_resume(make, order)
+            ok = (during, after) == (expected, expected_next)
+            wrong += not ok
+            print(f"  {name:<28} {order:<45} {during:>11.5f} {after:>9.5f}"
+                  f"{'' if ok else f'  (should be {expected:.5f} {expected_next:.5f})'}")
+            if name.startswith("LambdaLR") and order != orders[1]:
+                figures[f"lambda_lr_{'right' if order == orders[0] else 'not_saved'}"] = during
+    return figures | {"lr_resume_cases_wrong": wrong, "lr_resume_cases": 6}
+
+
+if in_notebook():
+    run.record_all(lesson_5d_learning_rate(run))
 
 
 # %% 6. Asynchronous saving
@@ -1359,10 +1886,13 @@ RECAP = [
     "keep a manifest with a checksum per file; verify while loading, skip only damage",
     "one writer lock per folder; plain file names only; NaN never ranks as best",
     "a bit-exact resume restores optimizer, scheduler, scaler, RNGs and data order",
+    "mid-epoch: save the loader's position (StatefulDataLoader) and put its generator back",
+    "on SIGTERM only set a flag; finish the step, save, exit 143; --resume continues",
+    "build optimizer AND scheduler first, then load both: else the lr is wrong after resume",
     "async saving stalls training only for the CPU snapshot; one save in flight",
 ]
-TRY_IT = ("kill this script mid-run (Ctrl-C or kill -9) and re-run it with --resume; "
-          "then run 03_model_versioning.py")
+TRY_IT = ("run it with --train-only --save-every-steps 5 --step-delay 0.2, kill it (kill -9 "
+          "or kill -TERM) mid-epoch, and re-run with --resume; then run 03_model_versioning.py")
 
 if in_notebook():
     summary = run.finish(RECAP, TRY_IT)
@@ -1372,14 +1902,22 @@ def main(argv: list[str] | None = None) -> dict:
     """Run every lesson in order and return the summary (also written to summary.json)."""
     run = setup(argv)
     try:
-        manager, history, figures = lesson_1_train(run, run.args.epochs, run.args.resume)
-    except (CheckpointError, ValueError) as err:  # one clear line for the CLI, no traceback
-        raise SystemExit(f"error: {err}") from None
+        manager, history, figures = lesson_1_train(run)
+    except (CheckpointError, ValueError, KeyError) as err:  # one line for the CLI, no traceback
+        raise SystemExit(f"error: {err.args[0] if err.args else err}") from None
+    except Preempted as preempted:  # the checkpoint is on disk; say so, exit 128 + signal
+        print(f"{HERE}: {preempted}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + preempted.signal_number) from None
     run.record_all(figures)
+    if run.args.train_only:
+        return run.finish(RECAP, TRY_IT)
     run.record_all(lesson_2_manifest(run, manager))
     run.record_all(lesson_3_crash_safety(run))
     run.record_all(lesson_4_damaged(run))
     run.record_all(lesson_5_resume(run))
+    run.record_all(lesson_5b_mid_epoch(run))
+    run.record_all(lesson_5c_preemption(run))
+    run.record_all(lesson_5d_learning_rate(run))
     run.record_all(lesson_6_async(run))
     lesson_7_plot(run, manager, history)
     run.record_all(lesson_8_io_speed(run, run.args.io_mb))

@@ -16,6 +16,9 @@ A training checkpoint is a plain ``dict`` whose keys say what they hold:
 ``metrics``      a dict of the latest figures (``{"train_loss": ..., "val_loss": ...}``)
 ``history``      per-epoch metrics so far (a list of dicts), so a resumed run can plot them all
 ``rng``          random-number-generator states, for a bit-exact resume
+``data``         where the data stream stands inside the epoch ``epoch`` (02's step-level
+                 checkpoints): batches done, the loader's ``state_dict()``, the epoch's
+                 running loss; a checkpoint written at an epoch end may leave it out
 ``config``       plain hyperparameters (ints, floats, strings) needed to rebuild the model
 
 See ``common.training.CHECKPOINT_KEYS``.

@@ -46,22 +46,26 @@ def make_image_classification(
 
 
 def make_loaders(
-    dataset: TensorDataset, batch_size: int = 64, val_fraction: float = 0.25, seed: int = 0
+    dataset: TensorDataset, batch_size: int = 64, val_fraction: float = 0.25, seed: int = 0,
+    train_loader_class: type[DataLoader] = DataLoader, num_workers: int = 0,
 ) -> tuple[DataLoader, DataLoader]:
     """Split ``dataset`` into shuffled train and ordered validation loaders, reproducibly.
 
     The train loader owns a seeded ``torch.Generator``, so its shuffle order is a function of the
     seed and of how many epochs were drawn; saving ``loader.generator.get_state()`` in a
-    checkpoint restores the data order on resume.
+    checkpoint restores the data order on resume. ``train_loader_class`` may be a subclass
+    with the same arguments, such as torchdata's ``StatefulDataLoader`` (02 resumes mid-epoch
+    with it); ``num_workers`` applies to the train loader.
     """
     n_val = int(len(dataset) * val_fraction)
     split_gen = torch.Generator().manual_seed(seed)
     train_set, val_set = random_split(dataset, [len(dataset) - n_val, n_val], generator=split_gen)
-    train_loader = DataLoader(
+    train_loader = train_loader_class(
         train_set,
         batch_size=batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(seed + 1),
+        num_workers=num_workers,
     )
     val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False)
     return train_loader, val_loader

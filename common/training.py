@@ -17,7 +17,7 @@ from common.models import SmallCNN
 #: ``epoch`` is the NEXT epoch to run, so a resume never repeats or skips one.
 CHECKPOINT_KEYS = (
     "model", "optimizer", "scheduler", "scaler", "epoch", "step", "metrics", "history", "rng",
-    "config",
+    "config", "data",
 )
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -75,7 +77,7 @@ def test_manifest_round_trip(tmp_path):
     data = json.loads((tmp_path / "manifest.json").read_text())
     entry = data["checkpoints"][0]
     assert set(entry) == {"file", "step", "epoch", "metrics", "timestamp", "bytes",
-                          "checksum", "seq"}
+                          "checksum", "seq", "position"}
     assert entry["bytes"] == (tmp_path / entry["file"]).stat().st_size
     written = (tmp_path / entry["file"]).read_bytes()
     assert entry["checksum"] == f"crc32:{zlib.crc32(written):08x}"
@@ -193,7 +195,7 @@ def test_a_manifest_with_bare_sha256_fields_still_verifies(tmp_path):
 def test_no_checkpoint_and_unknown_step(tmp_path):
     manager = CheckpointManager(tmp_path)
     assert manager.load_latest() is None and manager.load_best() is None
-    with pytest.raises(KeyError, match="no checkpoint at step 7"):
+    with pytest.raises(KeyError, match="no checkpoint 7 in the manifest"):
         manager.load(7)
 
 
@@ -276,55 +278,214 @@ def test_async_errors_surface_on_wait(tmp_path):
     assert manager.list() == [] and not list(tmp_path.glob("*.partial"))
 
 
+QUIET = lambda line: None  # noqa: E731
+CPU = torch.device("cpu")
+
+
 def test_resume_is_bit_exact(tmp_path):
-    quiet = lambda line: None  # noqa: E731
-    device = torch.device("cpu")
-    straight, _, _ = lesson.train(tmp_path / "a", epochs=3, seed=1, device=device, log=quiet)
+    straight = lesson.train(tmp_path / "a", epochs=3, seed=1, device=CPU, log=QUIET)
     with pytest.raises(lesson.SimulatedCrash):
-        lesson.train(tmp_path / "b", epochs=3, seed=1, device=device, crash_after_epoch=1,
-                     log=quiet)
-    resumed, _, history = lesson.train(tmp_path / "b", epochs=3, seed=1, device=device,
-                                       resume=True, log=quiet)
-    assert max_abs_diff(straight.state_dict(), resumed.state_dict()) == 0.0
-    assert [h["epoch"] for h in history] == [1, 2, 3]
+        lesson.train(tmp_path / "b", epochs=3, seed=1, device=CPU,
+                     crash_at_step=lesson.STEPS_PER_EPOCH, log=QUIET)
+    resumed = lesson.train(tmp_path / "b", epochs=3, seed=1, device=CPU, resume=True,
+                           log=QUIET)
+    assert resumed.resumed_from.step == lesson.STEPS_PER_EPOCH
+    assert bit_identical(straight.model.state_dict(), resumed.model.state_dict())
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert len(straight.train_loader) == lesson.STEPS_PER_EPOCH
 
 
-def test_kill_9_at_any_point_then_resume_is_bit_identical(default_run, tmp_path):
+@pytest.mark.parametrize(("crash", "every"), [(4, 3), (9, 4), (14, 7)])
+def test_mid_epoch_resume_is_bit_exact_and_history_seamless(tmp_path, crash, every):
+    straight = lesson.train(tmp_path / "a", epochs=3, seed=2, device=CPU, log=QUIET)
+    schedule = lesson.SaveSchedule(steps=every)
+    with pytest.raises(lesson.SimulatedCrash):
+        lesson.train(tmp_path / "b", epochs=3, seed=2, device=CPU, saves=schedule,
+                     crash_at_step=crash, log=QUIET)
+    entry = CheckpointManager(tmp_path / "b").latest
+    assert entry.step == crash // every * every and entry.position == entry.step % 6 != 0
+    assert math.isnan(entry.metrics["val_loss"])  # mid-epoch: never "best"
+    resumed = lesson.train(tmp_path / "b", epochs=3, seed=2, device=CPU, saves=schedule,
+                           resume=True, log=QUIET)
+    assert bit_identical(straight.model.state_dict(), resumed.model.state_dict())
+    assert resumed.history == straight.history  # losses per step and per epoch, exactly
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stateful_loader_resumes_mid_epoch_in_the_same_order(workers):
+    """resume_data_stream continues an epoch and the epochs after it batch for batch."""
+    def loader():
+        return lesson.StatefulDataLoader(
+            torch.utils.data.TensorDataset(torch.arange(40)), batch_size=4, shuffle=True,
+            generator=torch.Generator().manual_seed(5), num_workers=workers)
+
+    straight = loader()
+    reference = [b[0].tolist() for _ in range(3) for b in straight]
+    for epochs_done, cut in ((0, 3), (1, 1), (1, 9)):
+        original, order = loader(), []
+        for _ in range(epochs_done):
+            order += [b[0].tolist() for b in original]
+        batches = iter(original)
+        order += [next(batches)[0].tolist() for _ in range(cut)]
+        state, generator = original.state_dict(), original.generator.get_state()
+        del batches
+        resumed = loader()
+        order += [b[0].tolist() for b in lesson.resume_data_stream(resumed, state, generator)]
+        while len(order) < len(reference):
+            order += [b[0].tolist() for b in resumed]
+        assert order == reference, (epochs_done, cut)
+
+
+def test_the_lesson_measures_the_torchdata_generator_pitfall():
+    by_hand, without_fix, with_fix = lesson.hand_made_resume(seed=0)
+    assert by_hand and with_fix and not without_fix
+
+
+def test_a_signal_saves_after_the_step_and_resume_is_exact(tmp_path):
+    """In-process, a real SIGUSR1 arrives during step 8 (mid-epoch 2) while step saves run
+    in the background; the loop saves after the next step and raises Preempted."""
+    straight = lesson.train(tmp_path / "a", epochs=3, seed=3, device=CPU, log=QUIET)
+
+    class SignalAtStep8(lesson.SaveSchedule):
+        def due(self, step, last_save):
+            if step == 8:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return super().due(step, last_save)
+
+    with lesson.PreemptionFlag() as flag, pytest.raises(lesson.Preempted) as preempted:
+        lesson.train(tmp_path / "b", epochs=3, seed=3, device=CPU, stop=flag,
+                     saves=SignalAtStep8(steps=3), log=QUIET)
+    assert preempted.value.signal_number == signal.SIGUSR1
+    entry = CheckpointManager(tmp_path / "b").latest
+    assert (entry.step, entry.epoch, entry.position) == (9, 1, 3)
+    resumed = lesson.train(tmp_path / "b", epochs=3, seed=3, device=CPU, resume=True,
+                           log=QUIET)
+    assert bit_identical(straight.model.state_dict(), resumed.model.state_dict())
+
+
+def test_preemption_flag_only_records_and_restores_the_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with lesson.PreemptionFlag() as flag:
+        assert not flag.requested
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal to this process
+        time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR1)  # a second one: the first is kept
+        time.sleep(0.05)
+        assert flag.requested and flag.received == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_resume_from_an_older_step_and_the_new_branch_becomes_latest(tmp_path):
+    straight = lesson.train(tmp_path / "a", epochs=3, seed=4, device=CPU, log=QUIET)
+    lesson.train(tmp_path / "b", epochs=3, seed=4, device=CPU, log=QUIET)
+    abandoned = CheckpointManager(tmp_path / "b").list()
+    older = min(e.step for e in abandoned)
+    assert older < max(e.step for e in abandoned)
+    again = lesson.train(tmp_path / "b", epochs=3, seed=4, device=CPU, resume=older, log=QUIET)
+    assert again.resumed_from.step == older
+    assert bit_identical(straight.model.state_dict(), again.model.state_dict())
+    manager = CheckpointManager(tmp_path / "b")
+    assert manager.latest.seq > max(e.seq for e in abandoned)  # the new branch's last write
+    by_name = lesson.train(tmp_path / "b", epochs=3, seed=4, device=CPU,
+                           resume=manager.list()[0].file, log=QUIET)
+    assert by_name.resumed_from.file == manager.list()[0].file
+
+
+def test_the_scheduler_pitfalls_are_measured():
+    lambda_lr = lesson.SCHEDULERS["LambdaLR(0.5 ** epoch)"]
+    cosine = lesson.SCHEDULERS["CosineAnnealingLR(T_max=10)"]
+    right = lesson.lr_after_resume(lambda_lr, "build all, then load all (right)")
+    assert right[:2] == right[2:] == (0.03125, 0.015625)
+    late = lesson.lr_after_resume(lambda_lr, "load optimizer, then build + load scheduler")
+    assert late[0] == 1.0 and late[1] == 0.015625  # a whole epoch at lr 1.0
+    assert lesson.lr_after_resume(lambda_lr, "scheduler state not saved")[:2] == (1.0, 0.5)
+    unsaved = lesson.lr_after_resume(cosine, "scheduler state not saved")
+    assert unsaved[0] == unsaved[2] and unsaved[1] != unsaved[3]  # right now, wrong next
+
+
+def run_cli(out_dir, *flags, **popen):
+    command = [sys.executable, str(ROOT / "02_checkpoint_manager.py"), "--device", "cpu",
+               "--out-dir", str(out_dir), "--train-only", *flags]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, **popen)
+
+
+def final_weights(out_dir):
+    return torch.load(out_dir / "final_model.pt", map_location="cpu", weights_only=True)
+
+
+def test_kill_9_at_random_steps_then_resume_is_bit_identical(default_run, tmp_path):
+    """SIGKILL at random instants, mid-epoch and mid-save, with step saves; then finish
+    with another K: the final weights equal the uninterrupted default run's."""
     reference = default_run("02_checkpoint_manager")
     assert reference.returncode == 0, reference.stderr[-2000:]
     out_dir = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, str(ROOT / "02_checkpoint_manager.py"), "--device", "cpu",
-               "--out-dir", str(out_dir), "--resume"]
     manifest = out_dir / "checkpoints" / "manifest.json"
+    chance = random.Random(1234)
     outputs = []
-    # Kill when the run has recorded 2, then 5 checkpoints' worth of progress, plus a delay
-    # that moves the kill to a different instant of the epoch each time.
-    for epochs_done, delay in ((2, 0.0), (5, 0.05)):
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, env=env)
+    for target in sorted(chance.sample(range(4, 44), 3)):
+        process = run_cli(out_dir, "--resume", "--save-every-steps", "3",
+                          "--step-delay", "0.02")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
             try:
-                latest = max(e["epoch"] for e in json.loads(manifest.read_text())["checkpoints"])
+                latest = max(e["step"] for e in json.loads(manifest.read_text())["checkpoints"])
             except (OSError, ValueError, KeyError):
                 latest = 0
-            if latest >= epochs_done:
+            if latest >= target:
                 break
-            time.sleep(0.01)
-        time.sleep(delay)
+            time.sleep(0.005)
+        time.sleep(chance.uniform(0.0, 0.06))  # anywhere in the next steps, saves included
         process.send_signal(signal.SIGKILL)
         outputs.append(process.communicate(timeout=60)[0])
         assert process.returncode == -signal.SIGKILL, outputs[-1][-2000:]
     assert "starting from scratch" in outputs[0]
-    assert "resumed from" in outputs[1]
-    final = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-    assert final.returncode == 0, final.stderr[-2000:]
-    assert "resumed from" in final.stdout
-    expected = torch.load(reference.out_dir / "final_model.pt", map_location="cpu",
-                          weights_only=True)
-    got = torch.load(out_dir / "final_model.pt", map_location="cpu", weights_only=True)
-    assert bit_identical(expected, got)
+    assert all("resumed from" in output for output in outputs[1:])
+    final = run_cli(out_dir, "--resume", "--save-every-steps", "5")
+    stdout, stderr = final.communicate(timeout=300)
+    assert final.returncode == 0, stderr[-2000:]
+    assert "resumed from" in stdout
+    assert bit_identical(final_weights(reference.out_dir), final_weights(out_dir))
+
+
+def test_sigterm_mid_epoch_saves_exits_143_and_resume_is_bit_identical(default_run, tmp_path):
+    reference = default_run("02_checkpoint_manager")
+    out_dir = tmp_path / "preempted"
+    process = run_cli(out_dir, "--step-delay", "0.1")
+    for line in process.stdout:
+        if "epoch  1/8" in line:
+            break
+    time.sleep(0.15)  # inside epoch 2
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)  # a second SIGTERM while it saves changes nothing
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 10
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "preempted by SIGTERM: checkpoint saved after step" in stderr
+    assert "Traceback" not in stderr
+    entry = CheckpointManager(out_dir / "checkpoints").latest
+    assert entry.position > 0 and entry.step % lesson.STEPS_PER_EPOCH != 0  # mid-epoch
+    assert not list((out_dir / "checkpoints").glob("*.partial"))
+    final = run_cli(out_dir, "--resume")
+    stdout, stderr = final.communicate(timeout=300)
+    assert final.returncode == 0, stderr[-2000:]
+    assert f"resumed from {entry.file}" in stdout
+    assert bit_identical(final_weights(reference.out_dir), final_weights(out_dir))
+
+
+def test_resume_from_errors_are_one_line(tmp_path):
+    lesson.train(tmp_path / "checkpoints", epochs=1, seed=0, device=CPU, log=QUIET)
+    with pytest.raises(SystemExit) as exited:
+        lesson.main(["--device", "cpu", "--out-dir", str(tmp_path), "--train-only",
+                     "--resume-from", "999"])
+    assert str(exited.value.code).startswith("error: ") and "no checkpoint 999" in str(
+        exited.value.code)
+    both = run_cli(tmp_path, "--resume", "--resume-from", "6")
+    _, stderr = both.communicate(timeout=120)
+    assert both.returncode == 2 and "not allowed with argument" in stderr
 
 
 def test_resaving_a_step_with_another_metric_replaces_its_file(tmp_path):

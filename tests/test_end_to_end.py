@@ -95,7 +95,18 @@ def test_02_claims(default_run):
         assert metrics[name] > 0, name
     assert (run.out_dir / artifacts["io_speed_chart"]).stat().st_size > 10_000
     assert not (run.out_dir / "demo_io").exists()  # the scratch files are gone
-    assert metrics["resumed_from_epoch"] == 0
+    assert metrics["resumed_from_step"] == 0
+    # 5b-5d: mid-epoch resume, preemption, the learning rate.
+    assert metrics["mid_epoch_resume_max_abs_diff"] == 0.0
+    assert metrics["mid_epoch_resume_position"] > 0
+    assert metrics["hand_made_order_matches"] and metrics["next_epoch_order_right_with_fix"]
+    assert metrics["next_epoch_order_right_without_fix"] is False  # the pitfall is real
+    assert metrics["preemption_exit_status"] == 143
+    assert metrics["preemption_checkpoint_mid_epoch"] is True
+    assert metrics["preemption_resume_max_abs_diff"] == 0.0
+    assert (run.out_dir / artifacts["preemption_timeline"]).stat().st_size > 10_000
+    assert metrics["lambda_lr_right"] == 0.03125 and metrics["lambda_lr_not_saved"] == 1.0
+    assert metrics["lr_resume_cases_wrong"] == 3
     # Retention: at most keep_last + save_top_k files, and the best one is among them.
     manifest = (run.out_dir / artifacts["manifest"]).read_text()
     assert 1 <= metrics["checkpoints_kept"] <= 4
