@@ -336,6 +336,14 @@ def test_stateful_loader_resumes_mid_epoch_in_the_same_order(workers):
         assert order == reference, (epochs_done, cut)
 
 
+def test_save_schedule_by_steps_and_by_seconds():
+    assert [s for s in range(1, 10) if lesson.SaveSchedule(steps=4).due(s, time.monotonic())
+            ] == [4, 8]
+    assert not lesson.SaveSchedule().due(4, 0.0)
+    by_time = lesson.SaveSchedule(seconds=30.0)
+    assert not by_time.due(1, time.monotonic()) and by_time.due(1, time.monotonic() - 31)
+
+
 def test_the_lesson_measures_the_torchdata_generator_pitfall():
     by_hand, without_fix, with_fix = lesson.hand_made_resume(seed=0)
     assert by_hand and with_fix and not without_fix
