@@ -21,32 +21,48 @@ What you will learn (each section runs real code and prints the measured figure)
   10. File sizes: fp32 vs fp16/bf16, weights only vs weights + Adam state
   11. train() vs eval(), no_grad vs inference_mode
   12. Bad input: clear errors for missing, truncated, foreign and mismatched files
+  13. Files you did not write: --inspect, exactly the globals a file needs, convert it once
+  13b. A whole pickled model you trust: convert it to safetensors in a child process
+  13c. Tied weights: safetensors' save_model / load_model where save_file refuses
+  13d. Sharded safetensors with a model.safetensors.index.json
+  13e. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, and TORCH_FORCE_WEIGHTS_ONLY_LOAD
+  13f. Non-persistent buffers: why they are not in the state_dict
 
 Run it:   python 01_basic_save_load.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
+          python 01_basic_save_load.py --inspect PATH   describes any checkpoint (torch.save
+          zip or legacy, .safetensors, a sharded folder or its index.json, a DCP folder)
+          without running code from it, writes nothing, and exits 0 (loads as it is),
+          1 (needs globals: it prints them and the safe_globals line) or 2 (unreadable).
           As a notebook: run the cells top to bottom from the project folder (jupytext,
           VS Code, PyCharm); flags go in the LESSON_ARGS environment variable.
-Takes:    about 9 s on a 2-core CPU (two child processes load a ~270 MB checkpoint).
+Takes:    about 11 s on a 2-core CPU (three child processes; two load a ~270 MB file).
 Next:     02_checkpoint_manager.py, checkpoints that survive crashes and resume bit-exactly.
 
 Files it writes (in --out-dir): the files each section names as it writes them (a whole
 pickled model, a state_dict, a training checkpoint, a two-model checkpoint, a file tagged
 cuda:0, a safetensors file), security/ (a malicious checkpoint, kept so you can inspect it
 yourself; never load it with weights_only=False), bad_input/ (the six bad files of section
-12) and summary.json. The big checkpoint of section 9 and the other throw-away files live
+12), foreign/ (section 13's downloaded-style files and what they were converted into) and
+summary.json. The big checkpoint of section 9 and the other throw-away files live
 in scratch folders that are removed when their section ends.
 
 The reusable pieces below (load_checkpoint, check_state_dict_fits, load_weights) are what a
 reader copies into a project: a loader whose every failure is one line naming the file and
-the cause, and that never changes the model unless the whole checkpoint fits.
+the cause, and that never changes the model unless the whole checkpoint fits. Then
+save/load_sharded_safetensors, and inspect_checkpoint with its InspectingUnpickler: the
+--inspect command, for files whose origin you do not control.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -56,15 +72,16 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from common.compare import max_abs_diff
 from common.data import make_image_classification, make_loaders
 from common.models import MLP, SmallCNN
-from common.run import Run, format_bytes, in_notebook, make_parser, script_file
+from common.run import Run, format_bytes, in_notebook, lesson_argv, make_parser, script_file
 from common.timing import benchmark
 from common.training import (
     capture_rng_state,
@@ -205,6 +222,484 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def save_sharded_safetensors(state_dict: Mapping[str, torch.Tensor], folder: str | Path,
+                             max_shard_bytes: int = 5_000_000_000) -> Path:
+    """Write ``state_dict`` as Hugging Face's sharded layout; return the index file's path.
+
+    Shards ``model-00001-of-0000N.safetensors`` (a new one when the next tensor would pass
+    ``max_shard_bytes``) and ``model.safetensors.index.json``:
+    ``{"metadata": {"total_size": bytes}, "weight_map": {tensor name: shard file}}``.
+    """
+    # Tensors go into shards in state_dict order, so a layer's weights stay together and a
+    # loader that streams shards sees them in the order the model declares them.
+    folder = Path(folder)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    for name, tensor in state_dict.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and sum(t.numel() * t.element_size() for t in shards[-1].values()
+                              ) + size > max_shard_bytes:
+            shards.append({})
+        shards[-1][name] = tensor.detach().cpu().contiguous()
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / file)
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                indent=2) + "\n")
+    return index
+
+
+def load_sharded_safetensors(index: str | Path) -> dict[str, torch.Tensor]:
+    """Read a sharded safetensors checkpoint through its index file, checked.
+
+    Every shard the index names must be a plain file name in the index's folder (an index is
+    data, and "../x" would reach elsewhere), and every tensor it lists must be in its shard.
+    """
+    index = Path(index)
+    weight_map = json.loads(index.read_text())["weight_map"]
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(set(weight_map.values())):
+        if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
+            raise CheckpointLoadError(f"{index}: refuses the shard name {file!r}: only plain "
+                                      "file names in the index's folder")
+        state.update(load_file(index.parent / file))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise CheckpointLoadError(f"{index}: {len(missing)} tensors are missing from their "
+                                  f"shards: {', '.join(missing[:4])}")
+    return {name: state[name] for name in weight_map}
+
+
+# ---- Inspecting a file you did not write (`python 01_basic_save_load.py --inspect PATH`) ----
+
+# Why an inspector at all: torch.load(weights_only=True) refuses a file at the FIRST global
+# it does not allow, so fixing a download one "Unsupported global" at a time, by allowing
+# whatever the error names next, ends with an allow-list nobody reviewed. Listing every
+# global up front, and flagging the dangerous ones, lets a person decide once.
+# Globals that hand a pickle the power to run code or touch the system: allowing one of
+# them in safe_globals is allowing the file to do anything.
+CAN_RUN_CODE = re.compile(
+    r"^(builtins\.(exec|eval|compile|__import__|getattr|setattr|open|breakpoint|input)"
+    r"|(os|posix|nt|subprocess|shutil|sys|runpy|importlib|pickle|marshal|ctypes|socket|"
+    r"code|pty|webbrowser|multiprocessing)(\.|$))")
+
+
+class _Stub:
+    """What the inspecting unpickler builds instead of calling a global: a record of the
+    global's name and the arguments and state the pickle gave it. Nothing is imported."""
+
+    global_name = "?"
+
+    def __new__(cls, *args: Any) -> _Stub:  # REDUCE calls cls(*args), NEWOBJ cls.__new__
+        stub = super().__new__(cls)
+        stub.args, stub.state, stub.items = args, None, {}
+        return stub
+
+    def __setstate__(self, state: Any) -> None:  # pickle's BUILD
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.global_name}>"
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # SETITEM(S) on a dict subclass
+        self.items[key] = value
+
+    def append(self, value: Any) -> None:  # APPEND(S) on a list subclass
+        self.items[len(self.items)] = value
+
+    def extend(self, values: Any) -> None:
+        for value in values:
+            self.append(value)
+
+
+class _DtypeStub(_Stub):
+    """The stub of ``numpy.dtype``: also notes the dtype code it was called with."""
+
+    codes: set[str] = set()
+
+    def __new__(cls, *args: Any) -> _Stub:
+        if args and isinstance(args[0], str):
+            cls.codes.add(args[0])
+        return super().__new__(cls, *args)
+
+
+class InspectingUnpickler(pickle.Unpickler):
+    """Reads a torch.save pickle without running anything from it.
+
+    ``find_class`` (the only way a pickle reaches code) returns a fresh _Stub subclass named
+    after the global instead of importing it, and records the name; storages (torch.save's
+    "persistent ids") become plain tuples. So the structure, the tensors' shapes and dtypes
+    and every global the file references come out, and no code of the file ever runs.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        super().__init__(handle)
+        self.globals: list[str] = []
+        self.dtype_codes: set[str] = set()  # arguments of numpy.dtype(...), see below
+
+    def find_class(self, module: str, name: str) -> type:
+        # Protocol 2 pickles (torch.save's) may use Python 2's module names.
+        module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)
+        full = f"{module}.{name}"
+        if full not in self.globals:
+            self.globals.append(full)
+        if full == "numpy.dtype":  # records its argument ("f8"): see numpy_dtype_classes
+            return type(name, (_DtypeStub,), {"global_name": full, "codes": self.dtype_codes})
+        return type(name, (_Stub,), {"global_name": full})
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and pid and pid[0] == "module":  # legacy: a module class
+            return pid[1]
+        return ("storage", *pid[1:]) if isinstance(pid, tuple) else ("storage", pid)
+
+
+def numpy_dtype_classes(unpickler: InspectingUnpickler) -> list[str]:
+    """The NumPy 2 dtype classes a file needs besides ``numpy.dtype`` itself.
+
+    ``numpy.dtype("f8")`` returns an instance of ``numpy.dtypes.Float64DType``, and
+    weights_only=True refuses to build it unless that class is allowed too; the class never
+    appears in the pickle, so get_unsafe_globals_in_checkpoint cannot list it. (Parsing the
+    dtype string is data parsing: nothing of the file runs.)
+    """
+    import numpy as np
+
+    return sorted({f"numpy.dtypes.{type(np.dtype(code)).__name__}"
+                   for code in unpickler.dtype_codes if re.fullmatch(r"[<>|=]?[a-zA-Z]\d*", code)})
+
+
+def _tensor_info(stub: _Stub) -> tuple[tuple, str] | None:
+    """(shape, dtype) of a stub that torch.load would turn into a tensor, else None.
+
+    How torch.save pickles a tensor: a call ``torch._utils._rebuild_tensor_v2(storage,
+    offset, size, stride, requires_grad, hooks)``, where ``storage`` is a persistent id
+    ``("storage", torch.FloatStorage, key, location, numel)`` naming a separate record (the
+    file ``archive/data/<key>`` in the zip). A Parameter wraps that in
+    ``torch._utils._rebuild_parameter(tensor, requires_grad, hooks)``. So the shape is the
+    third argument, and the dtype is in the storage class's name: no byte of data is read.
+    """
+    if stub.global_name.endswith("_rebuild_parameter") and stub.args:
+        inner = stub.args[0]
+        return _tensor_info(inner) if isinstance(inner, _Stub) else None
+    if not stub.global_name.startswith("torch._utils._rebuild_tensor") or len(stub.args) < 3:
+        return None
+    storage, shape = stub.args[0], stub.args[2]
+    kind = storage[1] if isinstance(storage, tuple) and len(storage) > 1 else None
+    name = kind.global_name.rsplit(".", 1)[-1] if isinstance(kind, type) else "?"
+    return tuple(shape), STORAGE_DTYPES.get(name.removesuffix("Storage"), name)
+
+
+def _walk(obj: Any, prefix: str, tensors: list, entries: list) -> None:
+    """Collect ``(name, shape, dtype)`` of tensors and ``(name, summary)`` of other values.
+
+    Names are the dotted paths a reader would type: ``state_dict.backbone.0.weight`` for a
+    tensor inside a Lightning checkpoint's "state_dict". A pickled module keeps its tensors
+    in ``_parameters`` / ``_buffers`` of each sub-module; those levels are left out of the
+    names, so they read like the module's own state_dict keys.
+    """
+    if isinstance(obj, _Stub):
+        info = _tensor_info(obj)
+        if info is not None:
+            tensors.append((prefix, *info))
+            return
+        if obj.items:  # an OrderedDict or another dict/list subclass
+            for key, value in obj.items.items():
+                _walk(value, f"{prefix}.{key}" if prefix else str(key), tensors, entries)
+            return
+        if isinstance(obj.state, dict) and "_parameters" in obj.state:  # a pickled nn.Module
+            if "." not in prefix:  # the top module only, not each sub-module
+                entries.append((prefix, f"a pickled {obj.global_name}"))
+            for part in ("_parameters", "_buffers", "_modules"):
+                _walk(obj.state.get(part) or {}, prefix, tensors, entries)
+            return
+        detail = obj.state if obj.state is not None else obj.args
+        entries.append((prefix, f"{obj.global_name} {_short(detail)}"))
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _walk(value, f"{prefix}.{key}" if prefix else str(key), tensors, entries)
+    elif isinstance(obj, (list, tuple)) and any(isinstance(v, (_Stub, dict)) for v in obj):
+        for index, value in enumerate(obj):
+            _walk(value, f"{prefix}.{index}" if prefix else str(index), tensors, entries)
+    else:
+        entries.append((prefix, _short(obj)))
+
+
+def _short(value: Any) -> str:
+    """A value as one short line: a stub as ``<its global>``, class reprs as their names,
+    anything longer than 70 characters cut (a pickle can carry megabytes of text)."""
+    text = repr(value) if not isinstance(value, _Stub) else f"<{value.global_name}>"
+    text = re.sub(r"<class '[^']*\.(\w+)'>", r"\1", text)
+    return text if len(text) <= 70 else text[:67] + "..."
+
+
+@dataclasses.dataclass
+class Inspection:
+    """What --inspect found: the format, tensors, other entries, globals, and a verdict.
+
+    ``status``: 0 = loads with ``weights_only=True`` as it is; 1 = needs globals allowed
+    (``needs``; ``dangerous`` are those that can run code); 2 = not readable (``problem``).
+    """
+
+    path: Path
+    kind: str = "unknown"
+    reader: str = "torch.load(path, map_location=\"cpu\", weights_only=True)"
+    tensors: list = dataclasses.field(default_factory=list)
+    entries: list = dataclasses.field(default_factory=list)
+    globals: list = dataclasses.field(default_factory=list)
+    needs: list = dataclasses.field(default_factory=list)
+    dangerous: list = dataclasses.field(default_factory=list)
+    problem: str = ""
+    status: int = 0
+
+
+def inspect_checkpoint(path: str | Path) -> Inspection:
+    """Describe any checkpoint file or folder WITHOUT running code from it (see Inspection).
+
+    torch.save zip files and legacy (pre-1.6, non-zip) torch.save files, .safetensors
+    files, a sharded safetensors folder or its model.safetensors.index.json, and a DCP
+    folder (.metadata). Never raises for a bad input: the problem goes in the result.
+    """
+    report = Inspection(Path(path))
+    try:
+        _inspect_into(report)
+    except Exception as err:  # any unreadable input: one line, never a traceback
+        report.status, report.problem = 2, report.problem or f"{type(err).__name__}: " \
+                                                              f"{first_line(err)}"
+    report.dangerous = [name for name in report.needs if CAN_RUN_CODE.match(name)]
+    return report
+
+
+def _inspect_into(report: Inspection) -> None:
+    """Tell the format by its first bytes (never by the file name, which anyone can choose).
+
+    ``PK\x03\x04`` starts a zip archive (torch.save since 1.6); a safetensors file starts
+    with the length of its JSON header as 8 little-endian bytes (a small number, less than
+    the file's size); ``\x80`` starts a pickle of protocol 2 or more (legacy torch.save).
+    """
+    path = report.path
+    if path.is_dir():
+        if (path / ".metadata").is_file():
+            return _inspect_dcp(report)
+        index = sorted(path.glob("*.safetensors.index.json"))
+        if index:
+            report.path = index[0]
+            return _inspect_sharded(report)
+        raise ValueError("a folder with neither a DCP .metadata file nor a "
+                         "*.safetensors.index.json")
+    if not path.is_file():
+        raise FileNotFoundError("no such file or folder")
+    if path.name.endswith(".index.json"):
+        return _inspect_sharded(report)
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError("the file is empty (0 bytes); was the save interrupted?")
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    if head[:4] == b"PK\x03\x04":
+        return _inspect_torch_zip(report)
+    if int.from_bytes(head, "little") + 8 < size and head[:1] != b"\x80":
+        return _inspect_safetensors(report)  # an 8-byte header length, then JSON
+    if head[:1] == b"\x80":  # a pickle (protocol 2+): the legacy torch.save format
+        return _inspect_legacy(report)
+    raise ValueError(f"not a checkpoint format this knows (starts with {head[:4]!r})")
+
+
+def _inspect_torch_zip(report: Inspection) -> None:
+    """A torch.save archive: ``<name>/data.pkl`` holds the pickle, ``<name>/data/<key>``
+    the raw storages. The pickle is read with the inspecting unpickler; the verdict comes
+    from torch's own get_unsafe_globals_in_checkpoint, and a file that passes it is opened
+    once with weights_only=True (mmap: the data is mapped, not read) to prove it loads."""
+    report.kind = "torch.save zip archive"
+    if not zipfile.is_zipfile(report.path):
+        raise ValueError("truncated or corrupted: it starts like a torch.save archive but its "
+                         "end (the zip directory) is missing")
+    with zipfile.ZipFile(report.path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        if not pickles:
+            raise ValueError("a zip file, but not a torch.save archive (no data.pkl)")
+        with archive.open(min(pickles, key=len)) as handle:
+            unpickler = InspectingUnpickler(handle)
+            _walk(unpickler.load(), "", report.tensors, report.entries)
+    report.globals = unpickler.globals
+    # The library's own check: the globals weights_only=True would refuse.
+    report.needs = torch.serialization.get_unsafe_globals_in_checkpoint(report.path)
+    if report.needs:
+        report.needs += numpy_dtype_classes(unpickler)
+        report.status = 1
+        return
+    torch.load(report.path, map_location="cpu", weights_only=True, mmap=True)  # no data read
+
+
+def _inspect_legacy(report: Inspection) -> None:
+    """The pre-zip format: magic number, protocol, system info, then the object's pickle.
+
+    get_unsafe_globals_in_checkpoint only takes zip files (a ValueError here), so the
+    globals come from the inspecting unpickler and are compared with weights_only's list.
+    """
+    report.kind = "legacy torch.save file (pre-zip, before torch 1.6)"
+    with report.path.open("rb") as handle:
+        unpickler = InspectingUnpickler(handle)
+        if unpickler.load() != 0x1950A86A20F9469CFC6C:  # torch's legacy magic number
+            raise ValueError("a pickle, but not a torch.save file (no torch magic number)")
+        unpickler.load(), unpickler.load()  # protocol version, system info
+        _walk(unpickler.load(), "", report.tensors, report.entries)
+    report.globals = unpickler.globals
+    from torch._weights_only_unpickler import _get_allowed_globals  # its allow-list
+
+    # weights_only's allow-list (torch keeps it in a private module: there is no public
+    # function for it) plus whatever this process has allowed with add_safe_globals.
+    allowed = set(_get_allowed_globals()) | {
+        f"{obj.__module__}.{obj.__qualname__}" for obj in
+        torch.serialization.get_safe_globals() if hasattr(obj, "__qualname__")}
+    report.needs = [name for name in report.globals if name not in allowed]
+    if report.needs:
+        report.needs += numpy_dtype_classes(unpickler)
+        report.status = 1
+        return
+    torch.load(report.path, map_location="cpu", weights_only=True)
+
+
+def _inspect_safetensors(report: Inspection) -> None:
+    report.kind = "safetensors (no code possible: a JSON header and raw tensor bytes)"
+    report.reader = "safetensors.torch.load_file(path)"
+    with safe_open(report.path, framework="pt") as handle:
+        for name in handle.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+            view = handle.get_slice(name)
+            code = view.get_dtype()
+            report.tensors.append((name, tuple(view.get_shape()),
+                                   SAFETENSORS_DTYPES.get(code, code.lower())))
+        report.entries = sorted((handle.metadata() or {}).items())
+
+
+def _inspect_sharded(report: Inspection) -> None:
+    """A model.safetensors.index.json and the shard files it names (in its folder)."""
+    # The index and the shard names come from whoever published the files: each shard must
+    # be a plain name in the index's folder, and the shards must hold exactly the tensors
+    # the index lists (a tensor in no shard is a broken download, not a smaller model).
+    report.kind = "sharded safetensors (an index file and its shards)"
+    report.reader = "each shard with safetensors.torch.load_file (see 01 section 13d)"
+    index = json.loads(report.path.read_text())
+    weight_map = index["weight_map"]
+    folder = report.path.parent
+    for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard or shard in (".", ".."):
+            raise ValueError(f"the index names {shard!r}, not a plain file name in {folder}")
+        if not (folder / shard).is_file():
+            raise ValueError(f"the index names {shard}, which is missing")
+        part = Inspection(folder / shard)
+        _inspect_safetensors(part)
+        report.tensors += part.tensors
+    listed = {name for name, *_ in report.tensors}
+    if listed != set(weight_map):
+        raise ValueError(f"the index and the shards disagree on {len(listed ^ set(weight_map))}"
+                         " tensor names")
+    report.entries = sorted((index.get("metadata") or {}).items())
+
+
+def _inspect_dcp(report: Inspection) -> None:
+    """A torch.distributed.checkpoint folder. Its .metadata file is a PLAIN pickle, which
+    DCP's own reader loads with pickle.load: a hostile folder runs code there. So the
+    inspecting unpickler reads it first; only DCP's, torch's and pathlib's names pass."""
+    report.kind = "torch.distributed.checkpoint (DCP) folder"
+    report.reader = ("torch.distributed.checkpoint.load (its .metadata references only "
+                     "DCP's, torch's and pathlib's names)")
+    with (report.path / ".metadata").open("rb") as handle:
+        unpickler = InspectingUnpickler(handle)
+        unpickler.load()
+    report.globals = unpickler.globals
+    report.needs = [name for name in report.globals if not (
+        name.startswith("torch.distributed.checkpoint.") or name in DCP_GLOBALS
+        or isinstance(getattr(torch, name.removeprefix("torch."), None), torch.dtype))]
+    if report.needs:
+        report.status = 1
+        return
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    # Only now, with every name the pickle uses checked, is DCP's own reader called: it
+    # unpickles .metadata with the plain pickle module (no weights_only there).
+    for name, item in FileSystemReader(report.path).read_metadata().state_dict_metadata.items():
+        if isinstance(item, TensorStorageMetadata):
+            dtype = str(item.properties.dtype).removeprefix("torch.")
+            report.tensors.append((name, tuple(item.size), dtype))
+        else:
+            report.entries.append((name, "a non-tensor value (pickled bytes)"))
+
+
+DCP_GLOBALS = {"torch.Size", "torch.serialization._get_layout", "pathlib.PosixPath",
+               "pathlib.WindowsPath", "collections.OrderedDict"}
+
+
+def safe_globals_line(names: list[str]) -> str:
+    # torch.serialization.safe_globals([...]) takes the objects themselves (an import is
+    # needed) or (object, "name as the file spells it") pairs: the pair form is how a file
+    # that names a module which has since moved (numpy.core -> numpy._core) is allowed.
+    """The line that allows exactly ``names`` for one load (NumPy 1's numpy.core.* names
+    need the tuple form under NumPy 2, which renamed the module numpy._core)."""
+    items = []
+    for name in names:
+        module, _, attribute = name.rpartition(".")
+        if module.startswith("numpy.core"):
+            items.append(f"({module.replace('numpy.core', 'numpy._core')}.{attribute}, "
+                         f"{name!r})")
+        else:
+            items.append(name)
+    modules = sorted({name.split(".")[0] for name in names})
+    return (f"import {', '.join(modules)}\n"
+            "with torch.serialization.safe_globals([" + ", ".join(items) + "]):\n"
+            "    torch.load(path, map_location=\"cpu\", weights_only=True)")
+
+
+def print_inspection(report: Inspection, limit: int = 40) -> None:
+    """The report, as --inspect prints it (one line when the input is not readable).
+
+    Read it top down: what the file is, its tensors (name, shape, dtype) and their total
+    size, the other entries (an epoch, hyper-parameters, library versions: what a pickle
+    can carry besides tensors), every global the pickle references, and the verdict. A
+    global in the verdict is a function or class that torch.load would CALL while loading;
+    the question for each is "can calling it with arguments of the file's choosing do harm?"
+    For a class that only stores values (argparse.Namespace, NumPy's dtype) the answer is
+    no; for os.system, exec or getattr it is yes, and then no allow-list makes it safe.
+    """
+    if report.status == 2:
+        print(f"{report.path}: not readable as a checkpoint: {report.problem}")
+        return
+    print(f"{report.path}: {report.kind}")
+    for name, shape, dtype in report.tensors[:limit]:
+        print(f"  tensor {name:<40} {str(list(shape)):<18} {dtype}")
+    total = sum(math.prod(shape) * getattr(getattr(torch, dtype, None), "itemsize", 0)
+                for _, shape, dtype in report.tensors)
+    if len(report.tensors) > limit:
+        print(f"  ... and {len(report.tensors) - limit} more tensors")
+    print(f"  {len(report.tensors)} tensors, {total / 1e6:.2f} MB")
+    for name, summary in report.entries[:limit]:
+        print(f"  entry  {name:<40} {summary}")
+    if report.globals:
+        print(f"  globals the pickle references: {', '.join(report.globals)}")
+    if report.status == 0:
+        print(f"verdict: loads as it is with {report.reader}")
+    elif report.status == 1:
+        print(f"verdict: weights_only=True refuses it; it needs {', '.join(report.needs)}")
+        if report.dangerous:
+            print(f"WARNING: {', '.join(report.dangerous)} can run code: do NOT allow them; "
+                  "this file may be malicious. Load it only if you trust where it came from")
+        else:
+            print("to allow exactly these, for this one load:\n" + safe_globals_line(report.needs))
+
+
+
+# Storage class names (legacy and zip pickles) and safetensors' dtype codes -> torch names.
+STORAGE_DTYPES = {"Float": "float32", "Double": "float64", "Half": "float16",
+                  "BFloat16": "bfloat16", "Long": "int64", "Int": "int32", "Short": "int16",
+                  "Char": "int8", "Byte": "uint8", "Bool": "bool", "ComplexFloat": "complex64",
+                  "ComplexDouble": "complex128"}
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+                      "U8": "uint8", "BOOL": "bool"}
+
+
 class MaliciousPayload:
     """A pickle payload that runs code on ``torch.load(..., weights_only=False)``.
 
@@ -310,9 +805,18 @@ print(json.dumps({"load_seconds": load_seconds,
 # In a notebook the flags come from the LESSON_ARGS environment variable (none: defaults).
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The shared flags, and --inspect."""
+    parser = make_parser(HERE, __doc__.splitlines()[0])
+    parser.add_argument("--inspect", metavar="PATH", type=Path, default=None,
+                        help="describe a checkpoint file or folder without running code from "
+                             "it, and exit: 0 loads as it is, 1 needs globals, 2 unreadable")
+    return parser
+
+
 def setup(argv: list[str] | None = None) -> tuple[Run, nn.Module, tuple, torch.Tensor]:
     """Start the run and train the demo model; return run, model, loaders and a batch."""
-    run = Run.start(HERE, make_parser(HERE, __doc__.splitlines()[0]), argv)
+    run = Run.start(HERE, build_parser(), argv)
     model, loaders, accuracy = train_demo_model(run.device, run.seed)
     print(f"trained SmallCNN for 2 epochs: validation accuracy {accuracy:.3f}")
     run.record("trained_val_accuracy", accuracy)
@@ -1173,6 +1677,283 @@ if in_notebook():
     run.record_all(lesson_12_bad_input(run, run.out_dir / "model_state_dict.pt"))
 
 
+# %% 13. Files you did not write: inspect first, allow exactly what is needed, convert once
+# Downloaded checkpoints hit weights_only=True (the default since torch 2.6) with errors like
+# "Unsupported global: GLOBAL argparse.Namespace" or "...numpy.core.multiarray._reconstruct".
+# Do not answer with weights_only=False: first LOOK at the file without running it:
+#   python 01_basic_save_load.py --inspect PATH
+# prints every tensor, the other entries, every global the pickle references (reading it
+# with an unpickler whose find_class never imports anything) and a verdict; its exit status
+# is 0 (loads as it is), 1 (needs globals: it prints the safe_globals line that allows
+# exactly those, or a WARNING when one can run code, like os.system) or 2 (unreadable).
+# Below, a Lightning-style checkpoint: hyper-parameters as an argparse.Namespace, a NumPy
+# scalar and array beside the state_dict. We inspect it, load it once with exactly the
+# globals it needs, and convert it into a clean state_dict (safetensors) + a JSON config,
+# which later loads need nothing for. Two NumPy details: under NumPy 2, numpy.dtype("f8") is
+# an instance of numpy.dtypes.Float64DType, which must be allowed too (the inspector adds
+# it; get_unsafe_globals_in_checkpoint cannot see it); and a file written under NumPy 1
+# names numpy.core.multiarray._reconstruct, a module NumPy 2 renamed: allow it with the
+# tuple form (numpy._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct").
+
+
+def lightning_style_checkpoint(path: Path) -> None:
+    """What PyTorch Lightning and many research repos save: more than weights.
+
+    The weights under "state_dict", counters, the hyper-parameters as the argparse
+    Namespace the training script parsed, a NumPy float from a metric, a NumPy array.
+    """
+    torch.save({"state_dict": SmallCNN().state_dict(), "epoch": 7, "global_step": 420,
+                "hyper_parameters": argparse.Namespace(lr=0.01, width=16, optimizer="sgd"),
+                "best_score": np.float64(0.8123), "class_counts": np.array([90, 110, 95, 105]),
+                "pytorch-lightning_version": "2.5.0"}, path)
+
+
+def lesson_13_foreign_checkpoint(run: Run) -> dict:
+    """Inspect a Lightning-style file, load it with exactly its globals, convert it clean."""
+    run.section("13. Files you did not write: inspect first, allow exactly what is needed, "
+                "convert once")
+    folder = run.folder("foreign")
+    path = folder / "lightning_style.ckpt"
+    lightning_style_checkpoint(path)
+    report = inspect_checkpoint(path)
+    print_inspection(report, limit=2)
+    # Allow exactly what the inspection listed, for this one load (a context manager, not
+    # add_safe_globals, which would allow them for every later load of the process too).
+    allowed = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.dtype,
+               np.ndarray, argparse.Namespace, *{type(np.dtype("f8")), type(np.dtype("i8"))}]
+    with torch.serialization.safe_globals(allowed):  # these, for this one load only
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    # The conversion: tensors into safetensors, everything else into plain JSON types. After
+    # it, no load of this model ever needs an allow-list again.
+    config = {**vars(loaded["hyper_parameters"]), "epoch": loaded["epoch"],
+              "best_score": float(loaded["best_score"]),
+              "class_counts": loaded["class_counts"].tolist()}
+    save_file(loaded["state_dict"], folder / "converted.safetensors")
+    (folder / "converted_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    clean = inspect_checkpoint(folder / "converted.safetensors")
+    diff = max_abs_diff(loaded["state_dict"], load_file(folder / "converted.safetensors"))
+    print(f"  converted: converted.safetensors ({len(clean.tensors)} tensors, verdict "
+          f"{clean.status}, max |diff| {diff}) + converted_config.json: {config}")
+    run.artifact("foreign_checkpoints", folder)
+    return {"foreign_inspect_status": report.status, "foreign_needs": ", ".join(report.needs),
+            "foreign_converted_max_abs_diff": diff, "foreign_converted_status": clean.status}
+
+
+if in_notebook():
+    run.record_all(lesson_13_foreign_checkpoint(run))
+
+
+# %% 13b. A whole pickled model you trust: convert it in a child process
+# Some files are whole pickled models (torch.save(model)): loading one means unpickling its
+# classes, so weights_only=True refuses it. If you trust the file, convert it ONCE, in a
+# separate process: the child unpickles it (weights_only=False, its classes importable) and
+# writes safetensors with safetensors.torch.save_model; your own process only ever reads
+# the safetensors file. If the pickle was hostile, the damage stays in a process you can
+# also sandbox (a container, a user without your credentials).
+
+
+CONVERT_CHILD = r"""
+import sys
+import torch
+from safetensors.torch import save_model
+
+source, target = sys.argv[1], sys.argv[2]
+model = torch.load(source, map_location="cpu", weights_only=False)  # trusted file, child only
+save_model(model, target)
+print(f"converted {type(model).__name__}")
+"""
+
+
+def lesson_13b_convert_in_child(run: Run, model: nn.Module) -> dict:
+    """torch.save(model) -> a child converts it -> this process loads safetensors."""
+    run.section("13b. A whole pickled model you trust: convert it in a child process")
+    folder = run.folder("foreign")
+    pickled, converted = folder / "whole_model.pt", folder / "whole_model.safetensors"
+    torch.save(model, pickled)
+    print(f"  --inspect says: needs {len(inspect_checkpoint(pickled).needs)} globals "
+          "(the model's classes)")
+    # The child must be able to import the model's classes (the pickle names
+    # common.models.SmallCNN), hence the project folder on its PYTHONPATH. Nothing but the
+    # safetensors file comes back: not one object of the pickle enters this process.
+    child = subprocess.run(
+        [sys.executable, "-c", CONVERT_CHILD, str(pickled), str(converted)],
+        capture_output=True, text=True, timeout=300, check=False, cwd=HERE.parent,
+        env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    if child.returncode != 0:
+        raise RuntimeError(f"the conversion child failed: {child.stderr.strip()[-300:]}")
+    rebuilt = SmallCNN()  # on the CPU, where the child put the weights
+    load_model(rebuilt, converted)
+    diff = max_abs_diff({k: v.cpu() for k, v in model.state_dict().items()},
+                        rebuilt.state_dict())
+    print(f"  child: {child.stdout.strip()}; this process loaded {converted.name} into a new "
+          f"SmallCNN: max |diff| = {diff}")
+    return {"child_conversion_max_abs_diff": diff}
+
+
+if in_notebook():
+    run.record_all(lesson_13b_convert_in_child(run, model))
+
+
+# %% 13c. Tied weights: save_model where save_file refuses
+# A language model often ties its output layer to its embedding (one tensor, two names).
+# safetensors stores each tensor once and has no aliases, so save_file refuses a
+# state_dict with shared memory ("Some tensors share memory ..."). save_model / load_model
+# handle it: they save one name of each shared group and re-tie on load (the module's own
+# code ties them again in __init__). torch.save keeps the sharing by itself.
+
+
+class TiedLM(nn.Module):
+    """An embedding and an output layer that share one weight tensor."""
+
+    def __init__(self, vocabulary: int = 50, width: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.head = nn.Linear(width, vocabulary, bias=False)
+        self.head.weight = self.embed.weight  # tied: the same Parameter
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens))
+
+
+def lesson_13c_tied_weights(run: Run) -> dict:
+    """save_file refuses a tied state_dict; save_model writes one copy; load_model re-ties."""
+    run.section("13c. Tied weights: save_model where save_file refuses")
+    model, path = TiedLM(), run.path("foreign/tied.safetensors")
+    try:
+        save_file(model.state_dict(), path)
+        refused = False
+    except RuntimeError as err:
+        refused = "share memory" in str(err)
+        print(f"  save_file: {' '.join(str(err).split())[:100]}...")
+    save_model(model, path)
+    rebuilt = TiedLM()
+    load_model(rebuilt, path)
+    tokens = torch.arange(10)
+    diff = max_abs_diff(model(tokens), rebuilt(tokens))
+    with safe_open(path, framework="pt") as handle:
+        names = list(handle.keys())  # noqa: SIM118 - safe_open has keys(), not iteration
+    print(f"  save_model stored {names} ({format_bytes(path.stat().st_size)}); after load_model"
+          f" head.weight is embed.weight: {rebuilt.head.weight is rebuilt.embed.weight}; "
+          f"outputs max |diff| = {diff}")
+    return {"tied_save_file_refused": refused, "tied_tensors_stored": len(names),
+            "tied_round_trip_max_abs_diff": diff}
+
+
+if in_notebook():
+    run.record_all(lesson_13c_tied_weights(run))
+
+
+# %% 13d. Sharded safetensors with an index file
+# Big models ship as shards: model-00001-of-00003.safetensors, ... and
+# model.safetensors.index.json, whose "weight_map" says which file holds each tensor
+# (Hugging Face's documented layout; huggingface_hub's save_torch_state_dict and
+# transformers write it). save_sharded_safetensors / load_sharded_safetensors above do it
+# with the safetensors API alone. The index is data from the internet too: a shard name
+# like "../x" is refused, and a tensor missing from the shards is an error, not a silence.
+
+
+def lesson_13d_sharded(run: Run) -> dict:
+    """Shard an MLP's state_dict at 1 MB, read it back, inspect the folder."""
+    run.section("13d. Sharded safetensors with an index file")
+    state = MLP(256, 1024, 10).state_dict()
+    with run.scratch("demo_sharded") as folder:
+        index = save_sharded_safetensors(state, folder, max_shard_bytes=1_000_000)
+        shards = sorted(p.name for p in folder.glob("*.safetensors"))
+        loaded = load_sharded_safetensors(index)
+        report = inspect_checkpoint(folder)
+    diff = max_abs_diff(state, loaded)
+    print(f"  {len(shards)} shards: {', '.join(shards)} + {index.name}")
+    print(f"  loaded back {len(loaded)} tensors: max |diff| = {diff}; --inspect on the "
+          f"folder: {report.kind}, {len(report.tensors)} tensors, exit status {report.status}")
+    return {"sharded_files": len(shards), "sharded_max_abs_diff": diff,
+            "sharded_inspect_status": report.status}
+
+
+if in_notebook():
+    run.record_all(lesson_13d_sharded(run))
+
+
+# %% 13e. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, and its safe twin
+# TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 makes every torch.load that does NOT pass weights_only
+# (often one deep inside a library) run with weights_only=False, for the whole process:
+# every file any of them opens can then run code. It exists to keep old code running; the
+# safe answer is the allow-list of section 13. Its twin TORCH_FORCE_WEIGHTS_ONLY_LOAD=1
+# forces weights_only=True on EVERY load, even one that passes weights_only=False: set it in
+# services that must never unpickle code. torch.load reads both variables on every call.
+# Below: with the safe twin set, an explicit weights_only=False load of a malicious file is
+# refused and its payload does not run.
+
+
+def lesson_13e_force_weights_only(run: Run) -> dict:
+    """TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 overrides an explicit weights_only=False."""
+    run.section("13e. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, and its safe twin")
+    folder = run.folder("foreign")
+    marker, evil = folder / "PAYLOAD_RAN.txt", folder / "malicious_13e.pt"
+    torch.save({"model": MaliciousPayload(marker)}, evil)
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        torch.load(evil, map_location="cpu", weights_only=False)  # forced to True
+        refused = False
+    except pickle.UnpicklingError as err:
+        refused = "Unsupported global" in str(err)
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+    print(f"  TORCH_FORCE_WEIGHTS_ONLY_LOAD=1, torch.load(weights_only=False) of a malicious "
+          f"file: refused {refused}; payload ran: {marker.exists()}")
+    return {"force_weights_only_refused": refused, "force_weights_only_payload_ran":
+            marker.exists()}
+
+
+if in_notebook():
+    run.record_all(lesson_13e_force_weights_only(run))
+
+
+# %% 13f. Non-persistent buffers: in the module, not in the state_dict
+# register_buffer(name, tensor, persistent=False) makes a buffer that moves with .to() and is
+# used in forward, but is NOT saved: a rotary-embedding table, a causal mask, a constant
+# derived from the config. Your code must rebuild it (in __init__), which is why it is not
+# in a downloaded state_dict, why load_state_dict does not ask for it, and why after a
+# meta-device load it stays on meta until recomputed (section 9b).
+
+
+class Scaled(nn.Module):
+    """A persistent running statistic and a non-persistent constant table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))  # persistent: saved
+        self.register_buffer("table", torch.linspace(0, 1, 4), persistent=False)  # rebuilt
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.linear(inputs) * self.table
+
+
+def lesson_13f_non_persistent(run: Run) -> dict:
+    """Which buffers a state_dict holds, and that a rebuilt module computes the same."""
+    run.section("13f. Non-persistent buffers: in the module, not in the state_dict")
+    module = Scaled()
+    module(torch.ones(1, 4))
+    buffers = [name for name, _ in module.named_buffers()]
+    saved = list(module.state_dict())
+    rebuilt = Scaled()
+    rebuilt.load_state_dict(module.state_dict())  # strict: "table" is not expected
+    diff = max_abs_diff(module(torch.ones(1, 4)), rebuilt(torch.ones(1, 4)))
+    print(f"  named_buffers: {buffers}; state_dict keys: {saved}; a rebuilt module after "
+          f"load_state_dict: max |diff| = {diff}")
+    return {"non_persistent_buffer_in_state_dict": "table" in saved,
+            "non_persistent_rebuilt_max_abs_diff": diff}
+
+
+if in_notebook():
+    run.record_all(lesson_13f_non_persistent(run))
+
+
 # %% Summary
 # What the run measured, the files it wrote (also in summary.json), and what to try next.
 RECAP = [
@@ -1181,6 +1962,8 @@ RECAP = [
     "always torch.load(..., map_location=..., weights_only=True); inspect unknown files "
     "with get_unsafe_globals_in_checkpoint; prefer safetensors to share weights",
     "big models: meta device + mmap=True + assign=True hold the weights once, not twice",
+    "a file you did not write: --inspect it, allow exactly its globals once, convert it to "
+    "safetensors + JSON; never TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",
 ]
 TRY_IT = ("change SmallCNN's width in lesson 3's rebuild and read the error from "
           "load_weights; then run 02_checkpoint_manager.py")
@@ -1190,7 +1973,13 @@ if in_notebook():
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run every lesson in order and return the summary (also written to summary.json)."""
+    """Run every lesson in order and return the summary (also written to summary.json);
+    with --inspect PATH, describe that file instead and exit with its verdict (0, 1, 2)."""
+    target = build_parser().parse_args(lesson_argv(argv)).inspect
+    if target is not None:  # no out-dir, no training: only reads PATH
+        report = inspect_checkpoint(target)
+        print_inspection(report)
+        raise SystemExit(report.status)
     run, model, loaders, inputs = setup(argv)
     run.record_all(lesson_1_what_is_a_state_dict(run))
     run.record_all(lesson_2_pickle_whole_model(run, model, inputs))
@@ -1211,6 +2000,12 @@ def main(argv: list[str] | None = None) -> dict:
     run.record_all(lesson_10_file_sizes(run))
     run.record_all(lesson_11_train_vs_eval(run, model, inputs))
     run.record_all(lesson_12_bad_input(run, run.out_dir / "model_state_dict.pt"))
+    run.record_all(lesson_13_foreign_checkpoint(run))
+    run.record_all(lesson_13b_convert_in_child(run, model))
+    run.record_all(lesson_13c_tied_weights(run))
+    run.record_all(lesson_13d_sharded(run))
+    run.record_all(lesson_13e_force_weights_only(run))
+    run.record_all(lesson_13f_non_persistent(run))
     return run.finish(RECAP, TRY_IT)
 
 

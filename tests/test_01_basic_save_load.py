@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from common.models import MLP, SmallCNN
-from tests.conftest import load_script
+from tests.conftest import ROOT, load_script
 
 lesson = load_script("01_basic_save_load")
 
@@ -118,3 +123,137 @@ def test_cuda_tagged_checkpoint_needs_map_location_on_cpu(tmp_path):
     # Outside the block, saves are tagged cpu again.
     torch.save(state_dict, tmp_path / "cpu.pt")
     torch.load(tmp_path / "cpu.pt", map_location=None, weights_only=True)
+
+
+# ---- --inspect: describe any checkpoint without running code from it ---------------------
+
+
+def inspect(path, capsys) -> tuple[int, str]:
+    """Run `01_basic_save_load.py --inspect PATH` in this process: (exit status, output)."""
+    with pytest.raises(SystemExit) as exited:
+        lesson.main(["--inspect", str(path)])
+    return exited.value.code, capsys.readouterr().out
+
+
+class WritesAFile:
+    """A pickle payload that would create ``marker`` if anything ever ran it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_inspect_plain_and_legacy_state_dicts_load_as_they_are(tmp_path, capsys):
+    model = SmallCNN()
+    torch.save(model.state_dict(), tmp_path / "zip.pt")
+    torch.save(model.state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name, kind in (("zip.pt", "torch.save zip archive"), ("legacy.pt", "legacy torch.save")):
+        status, out = inspect(tmp_path / name, capsys)
+        assert status == 0, out
+        assert kind in out and "tensor backbone.0.weight" in out and "[16, 1, 3, 3]" in out
+        assert "16 tensors" in out and "loads as it is" in out
+
+
+def test_inspect_a_lightning_style_file_names_its_globals_and_the_line_works(tmp_path, capsys):
+    path = tmp_path / "lightning.ckpt"
+    lesson.lightning_style_checkpoint(path)
+    status, out = inspect(path, capsys)
+    assert status == 1
+    report = lesson.inspect_checkpoint(path)
+    assert {"argparse.Namespace", "numpy.dtypes.Float64DType"} <= set(report.needs)
+    assert not report.dangerous and "WARNING" not in out
+    assert "entry  epoch" in out and "tensor state_dict.backbone.0.weight" in out
+    line = lesson.safe_globals_line(report.needs)
+    scope = {"torch": torch, "path": path}
+    exec(line.replace("    torch.load", "    loaded = torch.load"), scope)  # the printed advice
+    assert scope["loaded"]["epoch"] == 7
+    numpy1 = lesson.safe_globals_line(["numpy.core.multiarray._reconstruct"])
+    assert "(numpy._core.multiarray._reconstruct, 'numpy.core.multiarray._reconstruct')" in numpy1
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_inspect_a_malicious_pickle_warns_and_runs_nothing(tmp_path, capsys, legacy):
+    marker = tmp_path / "PAYLOAD_RAN"
+    path = tmp_path / "evil.pt"
+    torch.save({"weights": torch.ones(3), "x": WritesAFile(marker)}, path,
+               _use_new_zipfile_serialization=not legacy)
+    status, out = inspect(path, capsys)
+    assert status == 1
+    assert "WARNING" in out and "system can run code" in out and "safe_globals([" not in out
+    assert "tensor weights" in out
+    assert not marker.exists()
+
+
+def test_inspect_a_whole_pickled_model_lists_its_classes_and_tensors(tmp_path, capsys):
+    torch.save(SmallCNN(), tmp_path / "whole.pt", _use_new_zipfile_serialization=False)
+    status, out = inspect(tmp_path / "whole.pt", capsys)
+    assert status == 1 and "common.models.SmallCNN" in out
+    assert "tensor backbone.0.weight" in out and "16 tensors" in out
+
+
+def test_inspect_safetensors_sharded_and_dcp(tmp_path, capsys):
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    state = MLP(64, 256, 10).state_dict()
+    save_file(state, tmp_path / "one.safetensors")
+    status, out = inspect(tmp_path / "one.safetensors", capsys)
+    assert status == 0 and "safetensors" in out and "float32" in out
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    index = lesson.save_sharded_safetensors(state, sharded, max_shard_bytes=40_000)
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    assert lesson.max_abs_diff(lesson.load_sharded_safetensors(index), state) == 0.0
+    for target in (sharded, index):
+        status, out = inspect(target, capsys)
+        assert status == 0 and "sharded safetensors" in out and f"{len(state)} tensors" in out
+    dcp.save({"model": state}, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    status, out = inspect(tmp_path / "dcp", capsys)
+    assert status == 0 and "DCP" in out and "tensor model.net.0.weight" in out
+
+
+def test_a_hostile_index_or_dcp_metadata_is_refused_and_runs_nothing(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, tmp_path / "shard.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": "../shard.safetensors"}}))
+    status, out = inspect(index, capsys)
+    assert status == 2 and "not a plain file name" in out and out.count("\n") == 1
+    with pytest.raises(lesson.CheckpointLoadError, match="refuses the shard name"):
+        lesson.load_sharded_safetensors(index)
+    marker = tmp_path / "PAYLOAD_RAN"
+    (tmp_path / "dcp").mkdir()
+    with (tmp_path / "dcp" / ".metadata").open("wb") as handle:
+        pickle.dump(WritesAFile(marker), handle)  # DCP's own reader would run this
+    status, out = inspect(tmp_path / "dcp", capsys)
+    assert status == 1 and "WARNING" in out and not marker.exists()
+
+
+@pytest.mark.parametrize(("content", "cause"), [
+    (b"", "empty"), (b"hello, not a checkpoint", "not a checkpoint format"),
+    (None, "truncated"), ("missing", "no such file")])
+def test_inspect_unreadable_inputs_is_one_line_exit_2(tmp_path, capsys, content, cause):
+    path = tmp_path / "bad.pt"
+    if content is None:
+        torch.save(SmallCNN().state_dict(), path)
+        path.write_bytes(path.read_bytes()[:2000])
+    elif content != "missing":
+        path.write_bytes(content)
+    status, out = inspect(path, capsys)
+    assert status == 2
+    assert out.count("\n") == 1 and str(path) in out and cause in out and "Traceback" not in out
+
+
+def test_inspect_from_the_command_line_writes_nothing(tmp_path):
+    torch.save(SmallCNN().state_dict(), tmp_path / "model.pt")
+    out_dir = tmp_path / "would_be_out_dir"
+    done = subprocess.run([sys.executable, str(ROOT / "01_basic_save_load.py"), "--inspect",
+                           str(tmp_path / "model.pt"), "--out-dir", str(out_dir)],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "loads as it is" in done.stdout and not out_dir.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]

@@ -76,6 +76,20 @@ def test_01_claims(default_run):
     assert metrics["bad_input_clear_errors"] == metrics["bad_input_cases"] == 6
     assert metrics["failed_loads_model_max_abs_diff"] == 0.0
     assert metrics["trained_val_accuracy"] > 0.4  # chance is 0.25
+    # 13: files you did not write.
+    assert metrics["foreign_inspect_status"] == 1
+    assert "argparse.Namespace" in metrics["foreign_needs"]
+    assert metrics["foreign_converted_max_abs_diff"] == 0.0
+    assert metrics["foreign_converted_status"] == 0
+    assert metrics["child_conversion_max_abs_diff"] == 0.0
+    assert metrics["tied_save_file_refused"] is True and metrics["tied_tensors_stored"] == 1
+    assert metrics["tied_round_trip_max_abs_diff"] == 0.0
+    assert metrics["sharded_files"] > 1 and metrics["sharded_max_abs_diff"] == 0.0
+    assert metrics["sharded_inspect_status"] == 0
+    assert metrics["force_weights_only_refused"] is True
+    assert metrics["force_weights_only_payload_ran"] is False
+    assert metrics["non_persistent_buffer_in_state_dict"] is False
+    assert metrics["non_persistent_rebuilt_max_abs_diff"] == 0.0
 
 
 def test_02_claims(default_run):
