@@ -7,7 +7,10 @@ What you will learn (each section runs real code and prints the measured figure)
   3. FSDP2 + torch.distributed.checkpoint (DCP): sharded saves (a file per rank), full
      state_dicts consolidated on rank 0, async_save
   4. Resharding: load a checkpoint saved at one world size into another, exactly
+  4b. A full single-file checkpoint into an FSDP2 model at another world size: rank 0 reads,
+      broadcast_from_rank0 shards it
   5. DCP without a process group: load in a single process, convert to a torch.save file
+     and back (dcp_to_torch_save, torch_save_to_dcp)
 
 Run it:   python 07_distributed_training.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
           (spawns its own process groups: 2 processes, then 3, with gloo on the CPU)
@@ -53,14 +56,17 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -302,6 +308,7 @@ TITLES = {
     "lesson_3_fsdp2": "3. FSDP2 and torch.distributed.checkpoint",
     "lesson_3b_full_and_async": "3b. One portable file, and saving in the background",
     "lesson_4_reshard": "4. Resharding: a different world size",
+    "lesson_4b_full_into_fsdp2": "4b. A full single-file checkpoint into an FSDP2 model",
 }
 
 
@@ -586,12 +593,77 @@ if in_notebook():
     run.record_all(in_world(run, reshard_world(SAVE_WORLD), lesson_4_reshard))
 
 
+# %% 4b. A full single-file checkpoint into an FSDP2 model
+# The other direction is just as common: a released model is one ordinary file (a
+# torch.save state_dict, like portable_model.pt from section 3b, saved by 2 ranks), and the
+# job that fine-tunes it runs FSDP2 on another number of GPUs. Reading the file on every
+# rank would put N full copies in host memory at once; instead ONLY RANK 0 reads it and
+# set_model_state_dict(..., StateDictOptions(full_state_dict=True,
+# broadcast_from_rank0=True)) sends each rank its shards (the other ranks pass an empty
+# dict). One surprise, measured below: it CONSUMES that dict on rank 0, replacing entries
+# with the local shards (DTensors), so keep no other use for it. For the opposite
+# conversion, torch_save_to_dcp (section 5) turns the file into a
+# DCP folder, also from the shell:
+#   python -m torch.distributed.checkpoint.format_utils torch_to_dcp model.pt dcp_folder/
+
+
+def lesson_4b_full_into_fsdp2(out_dir: Path, device: torch.device, seed: int) -> dict:
+    """On every rank of the resharding world: rank 0 reads portable_model.pt, broadcasts."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    model, _ = build_fsdp2_model(mesh, device, seed + 2000)  # other weights, on purpose
+    full = (torch.load(out_dir / "portable_model.pt", map_location="cpu", weights_only=True)
+            if rank == 0 else {})
+    set_model_state_dict(model, full, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True))
+    gathered = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                    cpu_offload=True))
+    result = {}
+    if rank == 0:
+        # set_model_state_dict CONSUMED `full`: its entries are now the local shards
+        # (DTensors). Compare with the file itself, mapped again (mmap reads no copy).
+        sharded = sum(isinstance(value, DTensor) for value in full.values())
+        reference = torch.load(out_dir / "portable_model.pt", map_location="cpu",
+                               weights_only=True, mmap=True)
+        result = {"full_to_fsdp_max_abs_diff": max_abs_diff(gathered, reference),
+                  "full_dict_entries_replaced_by_shards": sharded}
+        local = tuple(model.backbone[0].weight.to_local().shape)
+        log0(f"  (the dict passed in now holds {sharded} DTensor shards: do not reuse it)")
+        log0(f"  rank 0 read portable_model.pt ({len(full)} tensors) and broadcast it to "
+             f"{world} ranks (rank 0 holds backbone.0.weight {local}); gathered back vs the "
+             f"file: max |diff| = {result['full_to_fsdp_max_abs_diff']}")
+    dist.barrier()
+    return result
+
+
+if in_notebook():
+    run.record_all(in_world(run, reshard_world(SAVE_WORLD), lesson_4b_full_into_fsdp2))
+
+
 # %% 5. DCP without a process group, and conversion
 # A DCP folder is not a torch.save file, but you do not need a cluster to read it:
 # dcp.load(state, checkpoint_id=folder, no_dist=True) fills a plain model's state_dict in one
 # process (it warns that torch.distributed is not initialised: that is the point), and
 # torch.distributed.checkpoint.format_utils.dcp_to_torch_save(folder, "model.pt") converts the
-# whole checkpoint into one ordinary file (torch_save_to_dcp goes the other way).
+# whole checkpoint into one ordinary file; torch_save_to_dcp goes the other way (below).
+# Both exist as a command too: python -m torch.distributed.checkpoint.format_utils
+# dcp_to_torch SRC DST, or torch_to_dcp SRC DST.
+
+
+def torch_save_round_trip(run: Run, portable_path: Path, reference: Mapping) -> float:
+    """torch_save_to_dcp: one file -> a DCP folder; read it back with dcp.load; max |diff|."""
+    to_dcp = run.out_dir / "dcp_from_torch_save"
+    shutil.rmtree(to_dcp, ignore_errors=True)
+    torch_save_to_dcp(portable_path, to_dcp)
+    state = {key: torch.zeros_like(value) for key, value in reference.items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=NO_DIST_WARNING)
+        dcp.load(state, checkpoint_id=to_dcp, no_dist=True)
+    diff = max_abs_diff(state, reference)
+    print(f"  torch_save_to_dcp -> {to_dcp.name}/ ({len(list(to_dcp.iterdir()))} files), "
+          f"read back with dcp.load: max |diff| = {diff}")
+    run.artifact("dcp_from_torch_save", to_dcp)
+    return diff
 
 
 def lesson_5_no_process_group(run: Run) -> dict:
@@ -623,6 +695,7 @@ def lesson_5_no_process_group(run: Run) -> dict:
     converted_diff = max_abs_diff(loaded["model"], reference)
     print(f"  dcp_to_torch_save -> {converted.name} ({format_bytes(converted.stat().st_size)}, "
           f"keys {sorted(loaded)}): max |diff| = {converted_diff}")
+    back_diff = torch_save_round_trip(run, portable_path, reference)
     run.artifact("portable_model", portable_path)
     run.artifact("ddp_model", run.out_dir / "ddp_model.pt")
     run.artifact("dcp_checkpoint", run.out_dir / "dcp_checkpoint")
@@ -630,7 +703,8 @@ def lesson_5_no_process_group(run: Run) -> dict:
     run.artifact("dcp_as_torch_save", converted)
     return {"dcp_no_dist_max_abs_diff": results["dcp_checkpoint"],
             "dcp_async_max_abs_diff": results["dcp_async_checkpoint"],
-            "dcp_to_torch_save_max_abs_diff": converted_diff}
+            "dcp_to_torch_save_max_abs_diff": converted_diff,
+            "torch_save_to_dcp_max_abs_diff": back_diff}
 
 
 if in_notebook():
@@ -660,7 +734,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     run.record_all(lesson_1_prefixes(run))
     run.record_all(in_world(run, SAVE_WORLD, lesson_2_ddp, lesson_3_fsdp2,
                             lesson_3b_full_and_async))  # one world of SAVE_WORLD processes
-    run.record_all(in_world(run, reshard_world(SAVE_WORLD), lesson_4_reshard))
+    run.record_all(in_world(run, reshard_world(SAVE_WORLD), lesson_4_reshard,
+                            lesson_4b_full_into_fsdp2))
     run.record_all(lesson_5_no_process_group(run))
     return finish(run, SAVE_WORLD, reshard_world(SAVE_WORLD))
 
@@ -688,7 +763,8 @@ def main_under_torchrun(argv: list[str] | None) -> dict | None:
             if run is not None:
                 run.record_all(figures)
         if run is not None:
-            run.record_all(in_world(run, reshard_world(world), lesson_4_reshard))
+            run.record_all(in_world(run, reshard_world(world), lesson_4_reshard,
+                                    lesson_4b_full_into_fsdp2))
             run.record_all(lesson_5_no_process_group(run))
         dist.barrier()  # the other ranks wait while rank 0 reshards and reports
         summary = finish(run, world, reshard_world(world)) if run is not None else None

@@ -282,6 +282,9 @@ def test_07_claims(default_run):
     assert metrics["dcp_no_dist_max_abs_diff"] == 0.0
     assert metrics["dcp_async_max_abs_diff"] == 0.0
     assert metrics["dcp_to_torch_save_max_abs_diff"] == 0.0
+    assert metrics["torch_save_to_dcp_max_abs_diff"] == 0.0
+    assert metrics["full_to_fsdp_max_abs_diff"] == 0.0  # rank 0 read, broadcast, exact
+    assert metrics["full_dict_entries_replaced_by_shards"] > 0  # set_model_state_dict's surprise
     assert metrics["prefix_strip_max_abs_diff"] == 0.0
     assert metrics["fsdp_buffer_gap_before_sync"] > 0.0  # the unsynced-buffer pitfall is real
     portable = torch.load(run.out_dir / artifacts["portable_model"], map_location="cpu",
