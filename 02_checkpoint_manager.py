@@ -1826,13 +1826,13 @@ def lesson_8_io_speed(run: Run, megabytes: int) -> dict:
         # that drifts (a fresh virtual disk is slow until its space has been written once)
         # then slows every saver alike, not just whichever ran first.
         saves = benchmark_interleaved(
-            save_operations(state, folder, managers), warmup=2, repeats=5,
+            save_operations(state, folder, managers), warmup=2, repeats=4,
             setup={"manager.save (async stall)": background.wait})
         background.wait()  # its write must not overlap the loads
         loads = benchmark_interleaved(load_operations(model, folder, managers))
         saves = {label: timing.median_ms for label, timing in saves.items()}
         loads = {label: timing.median_ms for label, timing in loads.items()}
-    print(f"  {format_bytes(size)} of tensors; median of 5 rounds (loads: 3) after the "
+    print(f"  {format_bytes(size)} of tensors; median of 4 rounds (loads: 3) after the "
           "warm-up; GB/s = size / time")
     print(f"  {'operation':<40} {'median':>10} {'GB/s':>7}")
     for label, ms in {**saves, **loads}.items():

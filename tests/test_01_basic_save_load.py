@@ -209,7 +209,8 @@ def test_inspect_safetensors_sharded_and_dcp(tmp_path, capsys):
     for target in (sharded, index):
         status, out = inspect(target, capsys)
         assert status == 0 and "sharded safetensors" in out and f"{len(state)} tensors" in out
-    dcp.save({"model": state}, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    with pytest.warns(UserWarning, match="assuming the intent is to save in a single process"):
+        dcp.save({"model": state}, checkpoint_id=tmp_path / "dcp", no_dist=True)
     status, out = inspect(tmp_path / "dcp", capsys)
     assert status == 0 and "DCP" in out and "tensor model.net.0.weight" in out
 

@@ -434,7 +434,7 @@ def test_kill_9_at_random_steps_then_resume_is_bit_identical(default_run, tmp_pa
     outputs = []
     for target in sorted(chance.sample(range(4, 44), 3)):
         process = run_cli(out_dir, "--resume", "--save-every-steps", "3",
-                          "--step-delay", "0.02")
+                          "--step-delay", "0.01")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
             try:

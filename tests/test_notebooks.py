@@ -16,7 +16,7 @@ from tests.conftest import ROOT, SCRIPTS
 NUMBERED = re.compile(r"^\d+[a-z]?\. ")
 # The notebook test checks the form (every cell runs and shows its banner), not the figures,
 # which the end-to-end tests check on the default run: a smaller I/O benchmark keeps it quick.
-EXTRA_ARGS = {"02_checkpoint_manager": "--io-mb 16"}
+EXTRA_ARGS = {"02_checkpoint_manager": "--io-mb 16 --epochs 3"}
 
 
 def cell_output(cell) -> str:
