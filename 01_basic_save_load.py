@@ -503,7 +503,8 @@ def _inspect_into(report: Inspection) -> None:
         return _inspect_safetensors(report)  # an 8-byte header length, then JSON
     if head[:1] == b"\x80":  # a pickle (protocol 2+): the legacy torch.save format
         return _inspect_legacy(report)
-    raise ValueError(f"not a checkpoint format this knows (starts with {head[:4]!r})")
+    hint = "; the name says ONNX: read it with onnx.load (04)" if path.suffix == ".onnx" else ""
+    raise ValueError(f"not a checkpoint format this knows (starts with {head[:4]!r}){hint}")
 
 
 def _inspect_torch_zip(report: Inspection) -> None:
@@ -516,7 +517,19 @@ def _inspect_torch_zip(report: Inspection) -> None:
         raise ValueError("truncated or corrupted: it starts like a torch.save archive but its "
                          "end (the zip directory) is missing")
     with zipfile.ZipFile(report.path) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        names = archive.namelist()
+        # Three kinds of zip end in .pt or .pt2, and only one is a checkpoint. A TorchScript
+        # archive (constants.pkl, code/) and a torch.export / AOTInductor package
+        # (archive_format) hold programs: say which loader opens them, instead of the
+        # obscure error torch.load would give. Decided by the members, never by the name.
+        if any(n.endswith("/archive_format") for n in names):
+            raise ValueError("a .pt2 package (torch.export.save or AOTInductor), not a "
+                             "checkpoint: open it with torch.export.load or "
+                             "torch._inductor.aoti_load_package (05 sections 3-4)")
+        if any(n.endswith("/constants.pkl") for n in names):
+            raise ValueError("a TorchScript archive (torch.jit.save), not a torch.save "
+                             "checkpoint: open it with torch.jit.load (05 section 2)")
+        pickles = [n for n in names if n.endswith("/data.pkl")]
         if not pickles:
             raise ValueError("a zip file, but not a torch.save archive (no data.pkl)")
         with archive.open(min(pickles, key=len)) as handle:

@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -246,6 +247,19 @@ def test_inspect_unreadable_inputs_is_one_line_exit_2(tmp_path, capsys, content,
     status, out = inspect(path, capsys)
     assert status == 2
     assert out.count("\n") == 1 and str(path) in out and cause in out and "Traceback" not in out
+
+
+def test_inspect_names_deployment_files_instead_of_failing_obscurely(tmp_path, capsys):
+    model = SmallCNN().eval()
+    example = (torch.randn(2, 1, 16, 16),)
+    torch.export.save(torch.export.export(model, example), tmp_path / "program.pt2")
+    status, out = inspect(tmp_path / "program.pt2", capsys)
+    assert status == 2 and "a .pt2 package" in out and "torch.export.load" in out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript is deprecated in torch 2.10+
+        torch.jit.save(torch.jit.trace(model, example), tmp_path / "scripted.pt")
+    status, out = inspect(tmp_path / "scripted.pt", capsys)
+    assert status == 2 and "TorchScript archive" in out and "torch.jit.load" in out
 
 
 def test_inspect_from_the_command_line_writes_nothing(tmp_path):
