@@ -53,6 +53,7 @@ on everything read from the manifest, and NaN metrics that can never become "bes
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import datetime
@@ -1127,15 +1128,29 @@ def train(directory: Path, *, epochs: int, seed: int, device: torch.device,
 # LESSON_ARGS environment variable (none: the defaults), since a kernel has no command line.
 
 
+def number(kind: type, minimum: float, strictly: bool = True) -> Callable[[str], Any]:
+    """An argparse ``type`` that refuses values below ``minimum`` (or equal, ``strictly``):
+    the error then comes from parse_args, before the out-dir exists or anything runs."""
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < minimum or (strictly and value == minimum):
+            raise argparse.ArgumentTypeError(
+                f"must be {'greater than' if strictly else 'at least'} {minimum}, not {text}")
+        return value
+    return parse
+
+
 def setup(argv: list[str] | None = None) -> Run:
     """Parse the flags, seed everything, create the out-dir, print the header."""
     parser = make_parser(HERE, __doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=8, help="epochs of the main run")
-    parser.add_argument("--io-mb", type=int, default=64,
+    parser.add_argument("--epochs", type=number(int, 1, strictly=False), default=8,
+                        help="epochs of the main run")
+    parser.add_argument("--io-mb", type=number(int, 1, strictly=False), default=64,
                         help="size of the state that section 8 saves and loads, in MB")
-    parser.add_argument("--save-every-steps", type=int, default=None, metavar="K",
+    parser.add_argument("--save-every-steps", type=number(int, 0), default=None, metavar="K",
                         help="also save a checkpoint every K optimizer steps (mid-epoch too)")
-    parser.add_argument("--save-every-seconds", type=float, default=None, metavar="S",
+    parser.add_argument("--save-every-seconds", type=number(float, 0), default=None,
+                        metavar="S",
                         help="also save a checkpoint when S seconds passed since the last one")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--resume", action="store_true",
@@ -1145,20 +1160,11 @@ def setup(argv: list[str] | None = None) -> Run:
                             "name) in the manifest, abandoning the checkpoints after it")
     parser.add_argument("--train-only", action="store_true",
                         help="run section 1 only (train, save, resume), none of the demos")
-    parser.add_argument("--step-delay", type=float, default=0.0, metavar="S",
+    parser.add_argument("--step-delay", type=number(float, 0, strictly=False), default=0.0,
+                        metavar="S",
                         help="sleep S seconds after every step: a run slow enough to "
                              "interrupt by hand (kill -TERM, kill -9) and resume")
-    run = Run.start(HERE, parser, argv)
-    if run.args.epochs < 1:
-        parser.error("--epochs must be at least 1")
-    for flag in ("save_every_steps", "save_every_seconds"):
-        if getattr(run.args, flag) is not None and getattr(run.args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive")
-    if run.args.step_delay < 0:
-        parser.error("--step-delay must not be negative")
-    if run.args.io_mb < 1:
-        parser.error("--io-mb must be at least 1")
-    return run
+    return Run.start(HERE, parser, argv)
 
 
 if in_notebook():

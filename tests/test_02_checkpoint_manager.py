@@ -509,3 +509,12 @@ def test_reopening_with_another_monitor_is_a_clear_error(tmp_path):
     save_all(CheckpointManager(tmp_path), [0.5])
     with pytest.raises(ValueError, match="monitors 'val_loss'"):
         CheckpointManager(tmp_path, monitor="accuracy", mode="max")
+
+
+@pytest.mark.parametrize("flags", [["--save-every-steps", "0"], ["--save-every-seconds", "-1"],
+                                   ["--step-delay", "-0.1"], ["--epochs", "0"]])
+def test_bad_flag_values_are_refused_before_anything_runs(tmp_path, flags, capsys):
+    with pytest.raises(SystemExit) as exited:
+        lesson.setup(["--device", "cpu", "--out-dir", str(tmp_path / "out"), *flags])
+    assert exited.value.code == 2 and "must be" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before the out-dir was created
