@@ -908,7 +908,8 @@ class Training:
     ``Training(directory, epochs=..., seed=..., device=...)`` builds everything exactly as a
     fresh run would; ``resume(...)`` then overwrites the state of each object from a
     checkpoint (rebuilding the objects and loading their state, instead of pickling the
-    objects, keeps the checkpoint loadable with weights_only=True); ``run()`` trains.
+    objects, keeps the checkpoint loadable with weights_only=True); ``run()`` trains;
+    ``manager.close()`` stops its background thread (``train()`` below does all three).
     """
 
     def __init__(self, directory: Path, *, epochs: int, seed: int, device: torch.device,
@@ -1015,7 +1016,7 @@ class Training:
             if stop is not None and stop.requested:  # came during the last step or evaluation
                 self.manager.wait()
                 raise Preempted(stop.received, self.preempted_message(stop))
-        self.manager.close()
+        self.manager.wait()  # the last checkpoint is on disk when run() returns
 
     def train_one_step(self, batch: tuple) -> None:
         """One optimizer step (mixed precision when the scaler is on); count it.
@@ -1104,20 +1105,18 @@ def load_for_resume(manager: CheckpointManager, which: bool | int | str,
 
 
 def train(directory: Path, *, epochs: int, seed: int, device: torch.device,
-          resume: bool | int | str = False, **options: Any) -> Training:
+          resume: bool | int | str = False, saves: SaveSchedule | None = None,
+          stop: PreemptionFlag | None = None, crash_at_step: int | None = None,
+          step_delay: float = 0.0, async_save: bool = True, num_workers: int = 0,
+          log: Callable[[str], None] = print) -> Training:
     """Build a Training, resume it if asked, run it, and return it (model, manager, history,
-    ``resumed_from``).
-
-    ``options`` go to Training (saves, async_save, num_workers, log) and to run (stop,
-    crash_at_step, step_delay). The manager is closed when this returns or raises.
-    """
-    run_options = {k: options.pop(k) for k in ("stop", "crash_at_step", "step_delay")
-                   if k in options}
-    training = Training(directory, epochs=epochs, seed=seed, device=device, **options)
+    ``resumed_from``). The manager is closed when this returns or raises."""
+    training = Training(directory, epochs=epochs, seed=seed, device=device, saves=saves,
+                        async_save=async_save, num_workers=num_workers, log=log)
     try:
         if resume is not False:
             training.resume(resume)
-        training.run(**run_options)
+        training.run(stop=stop, crash_at_step=crash_at_step, step_delay=step_delay)
     finally:
         training.manager.close()
     return training
