@@ -1,4 +1,4 @@
-"""05 · TorchScript, and what replaces it — torch.export, AOTInductor and torch.compile.
+"""05 · TorchScript, and what replaces it — torch.export, AOTInductor, ExecuTorch, torch.compile.
 
 What you will learn (each section runs real code and prints the measured figure):
   1.  TorchScript: trace vs script, and the branch that tracing silently bakes in
@@ -6,22 +6,26 @@ What you will learn (each section runs real code and prints the measured figure)
   3.  torch.export: a .pt2 ExportedProgram with a dynamic batch, saved on the CPU
   3b. Both files load in a process that cannot import your code
   3c. What makes torch.export fail (a Python `if` on values), and torch.cond
-  4.  AOTInductor: compile the exported program ahead of time into a package
+  4.  AOTInductor: compile the exported program ahead of time; which .pt2 is which
+  4b. C++ without Python: a program built here loads TorchScript and the AOTInductor package
+  4c. Phones and microcontrollers: ExecuTorch (.pte), its runtime, and its memory plan
   5.  torch.compile: a speed-up inside the same process, not a file to deploy
-  6.  Side by side: parity and latency of all six; which one should I use?
+  6.  Side by side: parity, file size and latency of all seven; which one should I use?
 
 Run it:   python 05_torchscript_export.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
           As a notebook: run the cells top to bottom from the project folder (jupytext,
           VS Code, PyCharm); flags go in the LESSON_ARGS environment variable.
-Takes:    about 30 s on a 2-core CPU, most of it the C++ compiles of AOTInductor and
-          torch.compile (needs gcc/clang; without one, those two are skipped with a message).
+Takes:    about 45 s on a 2-core CPU, most of it C++ compiles: AOTInductor's, torch.compile's
+          and the C++ program's (needs g++/clang++; without one, those are skipped with a
+          message), and about 10 s for ExecuTorch (import and lowering).
 Next:     06_transfer_learning.py, loading what fits into a changed model.
 
 Files it writes (in --out-dir): example_input.pt (the batch every export traced with),
 torchscript_model.pt and torchscript_frozen.pt (TorchScript, as scripted and frozen),
 exported_program.pt2 (torch.export, CPU weights), model_aoti.pt2 (the AOTInductor package),
-inductor_cache/ (Inductor's compiled kernels: deleting it only costs a recompile),
-latency.png and summary.json.
+cpp/ (load_model.cpp, its CMakeLists.txt and the built load_model program), model.pte (the
+ExecuTorch program), inductor_cache/ (Inductor's compiled kernels: deleting it only costs a
+recompile), latency.png and summary.json.
 
 TorchScript (torch.jit.trace / torch.jit.script) is deprecated: torch 2.10+ warns on every
 call and the official tutorial was removed. Many deployed systems still load TorchScript .pt
@@ -32,8 +36,10 @@ torch.compile (in-process speed), as this script shows on one trained model.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
+import importlib.util
 import io
 import json
 import logging
@@ -41,8 +47,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 import warnings
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import matplotlib
@@ -96,6 +106,232 @@ def has_cpp_compiler() -> bool:
     return any(shutil.which(name) for name in ("g++", "c++", "clang++", "cl"))
 
 
+# A complete C++ program that runs a model without Python: it loads a TorchScript file with
+# torch::jit::load and an AOTInductor package with torch::inductor::AOTIModelPackageLoader,
+# runs both on one input and writes both outputs. Tensors cross the language border as files:
+# torch::jit::pickle_load reads a tensor that Python saved with torch.save, and
+# torch::jit::pickle_save writes a tuple that Python reads with torch.load(weights_only=True).
+CPP_LOADER = r"""// load_model.cpp: run a TorchScript file and an AOTInductor package; no Python.
+// Usage: load_model TORCHSCRIPT.pt AOTI_PACKAGE.pt2 INPUT.pt OUTPUT.pt DEVICE
+#include <torch/script.h>                                             // torch::jit::load
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>  // AOTIModelPackageLoader
+#include <fstream>
+#include <iostream>
+#include <iterator>
+
+static std::vector<char> read_bytes(const char* path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) throw std::runtime_error(std::string("cannot open ") + path);
+  return {std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>()};
+}
+
+int main(int argc, char* argv[]) {
+  if (argc != 6) {
+    std::cerr << "usage: load_model TORCHSCRIPT.pt AOTI_PACKAGE.pt2 INPUT.pt OUTPUT.pt DEVICE\n";
+    return 2;
+  }
+  std::string step = "starting";  // named in the error message: which file, doing what
+  try {
+    torch::NoGradGuard no_grad;                  // inference: no autograd bookkeeping
+    const torch::Device device(argv[5]);         // "cpu", "cuda" or "cuda:1"
+    step = std::string("reading the input tensor ") + argv[3];  // saved with torch.save
+    torch::Tensor input = torch::jit::pickle_load(read_bytes(argv[3])).toTensor().to(device);
+
+    step = std::string("running the TorchScript file ") + argv[1];
+    torch::jit::Module scripted = torch::jit::load(argv[1], device);
+    scripted.eval();
+    torch::Tensor from_script = scripted.forward({input}).toTensor();
+
+    // The package holds code compiled for one device and one torch version: the one that
+    // built it (its loader must come from that same libtorch).
+    step = std::string("running the AOTInductor package ") + argv[2];
+    torch::inductor::AOTIModelPackageLoader package(argv[2]);
+    torch::Tensor from_package = package.run({input})[0];
+
+    // Python reads this with torch.load(path, weights_only=True): a tuple of two tensors.
+    step = std::string("writing ") + argv[4];
+    std::vector<char> bytes = torch::jit::pickle_save(
+        c10::ivalue::Tuple::create({from_script.cpu(), from_package.cpu()}));
+    std::ofstream out(argv[4], std::ios::binary);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    if (!out) throw std::runtime_error("the write failed");
+    std::cout << "load_model: input " << input.sizes() << " on " << device << " -> "
+              << from_script.sizes() << ", written to " << argv[4] << "\n";
+  } catch (const c10::Error& error) {          // torch's errors, without their C++ stack trace
+    std::cerr << "load_model: " << step << ": " << error.what_without_backtrace() << "\n";
+    return 1;
+  } catch (const std::exception& error) {
+    std::cerr << "load_model: " << step << ": " << error.what() << "\n";
+    return 1;
+  }
+  return 0;
+}
+"""
+
+# The same program built with CMake, for a libtorch downloaded from pytorch.org:
+#     cmake -B build -DCMAKE_PREFIX_PATH=/path/to/libtorch && cmake --build build
+# find_package(Torch) does NOT work with the pip wheel's CUDA build on a machine without the
+# CUDA toolkit ("Your installed Caffe2 version uses CUDA but I cannot find the CUDA
+# libraries"): for the wheel, use the direct compiler command of cpp_loader_command().
+CPP_CMAKE = """cmake_minimum_required(VERSION 3.18)
+project(load_model CXX)
+find_package(Torch REQUIRED)
+add_executable(load_model load_model.cpp)
+target_link_libraries(load_model "${TORCH_LIBRARIES}")
+set_property(TARGET load_model PROPERTY CXX_STANDARD 20)
+"""
+
+
+def find_cxx_compiler() -> str | None:
+    """The first C++ compiler on PATH that takes g++-style flags, or None."""
+    return next((path for name in ("g++", "clang++", "c++") if (path := shutil.which(name))),
+                None)
+
+
+def cpp_loader_command(compiler: str, source: Path, binary: Path) -> list[str]:
+    """The compiler command that builds ``source`` against the libtorch inside the pip wheel.
+
+    torch.utils.cpp_extension knows the wheel's header and library folders; the headers need
+    C++20 on torch 2.14; -D_GLIBCXX_USE_CXX11_ABI must match the wheel (torch._C records it);
+    -rpath lets the program find libtorch at run time without LD_LIBRARY_PATH; and
+    --no-as-needed keeps libtorch (and, on a CUDA build, libtorch_cuda, whose kernels register
+    themselves when it loads) even though the program names none of their symbols.
+    """
+    with quiet_torch_logs():  # importing it on a CPU-only machine logs "No CUDA runtime"
+        from torch.utils import cpp_extension
+    includes = [f"-I{folder}" for folder in cpp_extension.include_paths()]
+    libraries = cpp_extension.library_paths()
+    return [compiler, "-std=c++20", "-O1", str(source), "-o", str(binary), *includes,
+            *[f"-L{folder}" for folder in libraries], "-Wl,--no-as-needed",
+            "-ltorch", "-ltorch_cpu", "-lc10", *[f"-Wl,-rpath,{folder}" for folder in libraries],
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+
+
+def build_cpp_loader(folder: Path, compiler: str) -> float:
+    """Write CPP_LOADER (and a CMakeLists.txt) into ``folder`` and compile it; return seconds.
+
+    The binary is written under a temporary name and renamed when the compiler succeeded, so
+    an interrupted build never leaves a half-written program behind. A failure raises with
+    the compiler's first error line; its whole output is left in build.log.
+    """
+    source, binary = folder / "load_model.cpp", folder / "load_model"
+    source.write_text(CPP_LOADER)
+    (folder / "CMakeLists.txt").write_text(CPP_CMAKE)
+    partial = folder / "load_model.partial"
+    started = time.perf_counter()
+    completed = subprocess.run(cpp_loader_command(compiler, source, partial), cwd=folder,
+                               capture_output=True, text=True, timeout=900, check=False)
+    if completed.returncode != 0:
+        (folder / "build.log").write_text(completed.stdout + completed.stderr)
+        partial.unlink(missing_ok=True)
+        errors = [line for line in completed.stderr.splitlines() if "error" in line]
+        raise RuntimeError(f"{compiler} could not build {source}: "
+                           f"{(errors or ['no error line'])[0][:300]} (full log: build.log)")
+    os.replace(partial, binary)
+    return time.perf_counter() - started
+
+
+def start_in_background(function: Callable[..., float], *args) -> Future:
+    """Run ``function(*args)`` in a thread and return its Future at once.
+
+    A compiler is another process, so it runs on another core while Python goes on; the
+    thread only waits for it. Python joins the thread at exit: the build is never orphaned.
+    """
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(function, *args)
+    pool.shutdown(wait=False)  # no more work for this pool; the submitted build still runs
+    return future
+
+
+def run_cpp_loader(binary: Path, torchscript: Path, package: Path, inputs: torch.Tensor,
+                   device: torch.device | str, folder: Path) -> tuple[torch.Tensor, ...]:
+    """Run the built program on ``inputs``; return (TorchScript output, AOTInductor output).
+
+    The input and output files go in ``folder``; errors name the program and carry its
+    stderr (a wrong path, a package built for another device, a torch version mismatch).
+    """
+    input_path, output_path = folder / "input.pt", folder / "output.pt"
+    torch.save(inputs.detach().cpu(), input_path)
+    completed = subprocess.run(
+        [str(binary), str(torchscript), str(package), str(input_path), str(output_path),
+         str(device)], capture_output=True, text=True, timeout=300, check=False)
+    if completed.returncode != 0:
+        message = completed.stderr.strip().splitlines() or ["(no message)"]
+        raise RuntimeError(f"{binary} exited with {completed.returncode}: {message[0][:500]}")
+    return tuple(torch.load(output_path, map_location="cpu", weights_only=True))
+
+
+def describe_pt2(path: Path) -> dict:
+    """What a .pt2 file is, read from its zip entries without loading it.
+
+    torch.export.save writes an ExportedProgram: the graph as JSON (models/*.json, with the
+    schema version and the torch version that wrote it) plus weights, and no compiled code.
+    aoti_compile_and_package writes an AOTInductor package: the same weights plus shared
+    libraries (*.so) of compiled code, for one device and one torch version.
+    """
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        graphs = [name for name in names if "/models/" in name and name.endswith(".json")]
+        libraries = [info for info in archive.infolist() if info.filename.endswith(".so")]
+        graph = json.loads(archive.read(graphs[0])) if graphs else {}
+    schema = graph.get("schema_version", {})
+    return {"kind": "AOTInductor package" if libraries else "ExportedProgram",
+            "schema": f"{schema['major']}.{schema['minor']}" if schema else "",
+            "torch": graph.get("torch_version", ""), "libraries": len(libraries),
+            "library_bytes": sum(info.file_size for info in libraries),
+            "bytes": path.stat().st_size}
+
+
+def executorch_available() -> bool:
+    """True where `pip install executorch` was done (it is in requirements.txt)."""
+    return importlib.util.find_spec("executorch") is not None
+
+
+def export_to_executorch(program: torch.export.ExportedProgram, path: Path) -> Path:
+    """Lower an ExportedProgram for ExecuTorch's XNNPACK (CPU) backend; write the .pte.
+
+    to_edge_transform_and_lower converts the graph to ExecuTorch's Edge dialect and hands
+    every part XNNPACK supports to it (the rest runs on ExecuTorch's portable kernels);
+    to_executorch() plans the memory and serialises the program. The program must be on the
+    CPU (torch.export.passes.move_to_device_pass). Written under a temporary name, then
+    renamed: a reader of ``path`` never sees half a file.
+    """
+    with quiet_torch_logs():  # torchao logs a deprecation from torch's pytree on import
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+            XnnpackPartitioner,
+        )
+        from executorch.exir import to_edge_transform_and_lower
+
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        buffer = lowered.to_executorch().buffer
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(buffer)
+    os.replace(partial, path)
+    return path
+
+
+@contextlib.contextmanager
+def native_stderr_captured() -> Iterator[list[str]]:
+    """Collect what C++ code writes to the process's stderr (file descriptor 2).
+
+    contextlib.redirect_stderr only swaps Python's sys.stderr; a C++ library writes to the
+    descriptor itself (ExecuTorch's runtime logs its CPU probing there). The lines are put
+    in the yielded list, so the caller can show the one that explains an error.
+    """
+    sys.stderr.flush()
+    lines: list[str] = []
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines.extend(capture.read().decode(errors="replace").splitlines())
+
+
 @contextlib.contextmanager
 def jit_deprecation_filtered() -> Iterator[None]:
     """Inside, only the (already explained) TorchScript deprecation warning is hidden."""
@@ -111,11 +347,14 @@ def quiet_torch_logs() -> Iterator[None]:
 
     A failing torch.export writes the partial FX graph to stderr and logs "Unable to find
     user code" from torch.fx.experimental.symbolic_shapes; Inductor on a CUDA build without a
-    GPU logs "No CUDA runtime is found" from torch.utils.cpp_extension. The lesson prints the
-    one line that matters instead. Only these two loggers and this block's stderr are touched.
+    GPU logs "No CUDA runtime is found" from torch.utils.cpp_extension; importing torchao
+    (ExecuTorch's dependency) logs a registration deprecation from torch.utils._pytree. The
+    lesson prints the line that matters instead. Only these loggers and this block's Python
+    stdout/stderr are touched.
     """
     loggers = [logging.getLogger(name) for name in
-               ("torch.fx.experimental.symbolic_shapes", "torch.utils.cpp_extension")]
+               ("torch.fx.experimental.symbolic_shapes", "torch.utils.cpp_extension",
+                "torch.utils._pytree")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
@@ -136,13 +375,19 @@ def quiet_torch_logs() -> Iterator[None]:
 # The flags, the Inductor caches moved into the out-dir, and a SmallCNN trained for two
 # epochs, in eval() mode. `example` is a batch of 4 validation images: the example every
 # export traces with, saved as example_input.pt so that other processes can use it too.
+# Setup also starts compiling section 4b's C++ program (cpp/load_model.cpp) in the
+# background: the compiler needs only the source, not the model, and its 10-20 s of header
+# parsing then overlap with sections 1-4 instead of being waited for.
 # In a notebook the flags come from the LESSON_ARGS environment variable (none: defaults).
 
 
-def setup(argv: list[str] | None = None) -> tuple[Run, nn.Module, torch.Tensor]:
-    """Start the run, train the model, save the example input; return all three."""
+def setup(argv: list[str] | None = None) -> tuple[Run, nn.Module, torch.Tensor, Future | None]:
+    """Start the run and the C++ build, train the model, save the example input."""
     run = Run.start(HERE, make_parser(HERE, __doc__.splitlines()[0]), argv)
     keep_compiler_caches_in(run.out_dir / "inductor_cache")
+    compiler = find_cxx_compiler()
+    cpp_build = (start_in_background(build_cpp_loader, run.folder("cpp"), compiler)
+                 if compiler else None)
     model, loaders, accuracy = train_demo_model(run.device, run.seed)
     model.eval()
     print(f"trained SmallCNN for 2 epochs: validation accuracy {accuracy:.3f}")
@@ -150,11 +395,11 @@ def setup(argv: list[str] | None = None) -> tuple[Run, nn.Module, torch.Tensor]:
     example_path = run.path("example_input.pt")
     torch.save(example.cpu(), example_path)
     run.artifact("example_input", example_path)
-    return run, model, example
+    return run, model, example, cpp_build
 
 
 if in_notebook():
-    run, model, example = setup()
+    run, model, example, cpp_build = setup()
 
 
 # %% 1. TorchScript: trace vs script
@@ -404,10 +649,18 @@ if in_notebook():
 # torch._inductor.aoti_compile_and_package(exported_program, package_path=...) compiles the
 # graph with Inductor into a shared library plus weights, packed into one .pt2 package. Load it
 # in Python with torch._inductor.aoti_load_package(path), or in C++ (no Python at all) with
-# torch::inductor::AOTIModelPackageLoader. The compile takes tens of seconds on a CPU and needs
-# a C++ compiler; where there is none, install one (build-essential, Xcode command-line tools,
-# MSVC) or ship the .pt2 ExportedProgram from section 3 instead. Unlike section 3's file, the
-# package is compiled code: it runs only with the torch version and device it was built for.
+# torch::inductor::AOTIModelPackageLoader (section 4b). The compile takes tens of seconds on a
+# CPU and needs a C++ compiler; where there is none, install one (build-essential, Xcode
+# command-line tools, MSVC) or ship the .pt2 ExportedProgram from section 3 instead.
+# Two files, one extension, different promises:
+#   exported_program.pt2 (torch.export.save): a graph of ATen operators as JSON plus the
+#     weights. Load with torch.export.load; compile it again, lower it for ExecuTorch (4c), or
+#     re-run it eagerly. It records the serialisation schema version it was written with, and a
+#     newer torch reads older schema versions (torch/_export/serde upgrades them).
+#   model_aoti.pt2 (aoti_compile_and_package): compiled code (a .so) plus the weights, for ONE
+#     device type and built against ONE torch version's C++ ABI. Load it with the torch that
+#     built it (Python or C++); after a torch upgrade, recompile it from the ExportedProgram.
+# So keep the ExportedProgram as the thing you archive, and the package as a build product.
 
 
 def lesson_4_aoti(run: Run, program, model: nn.Module, example: torch.Tensor) -> tuple:
@@ -415,6 +668,7 @@ def lesson_4_aoti(run: Run, program, model: nn.Module, example: torch.Tensor) ->
 
     The difference is a few 1e-7: Inductor fuses and reorders float operations, so the
     last bits differ from eager; a wrong compile would show up orders of magnitude larger.
+    describe_pt2 then reads both .pt2 files' zip entries to show what each one holds.
     """
     run.section("4. AOTInductor: compile ahead of time")
     if not has_cpp_compiler():
@@ -431,12 +685,135 @@ def lesson_4_aoti(run: Run, program, model: nn.Module, example: torch.Tensor) ->
     print(f"  aoti_compile_and_package: {timing.median_ms / 1000:.1f} s; package "
           f"{format_bytes(path.stat().st_size)}; at batch 5 max |diff| = {diff:.3g}")
     run.artifact("aoti_package", path)
+    for name in ("exported_program.pt2", "model_aoti.pt2"):
+        info = describe_pt2(run.out_dir / name)
+        holds = (f"{info['libraries']} compiled library ({format_bytes(info['library_bytes'])})"
+                 if info["libraries"] else
+                 f"graph JSON, schema {info['schema']}, written by torch {info['torch']}")
+        print(f"  {name:<21} {info['kind']:<20} {format_bytes(info['bytes']):>9}: {holds}")
     return compiled, {"aoti_built": True, "aoti_compile_seconds": round(timing.median_ms / 1000, 2),
                       "aoti_max_abs_diff": diff}
 
 
 if in_notebook():
     aoti, figures = lesson_4_aoti(run, program, model, example)
+    run.record_all(figures)
+
+
+# %% 4b. C++ without Python: one program loads TorchScript and the AOTInductor package
+# CPP_LOADER (at the top of this file, written to cpp/load_model.cpp) is the whole program:
+# torch::jit::load opens the frozen TorchScript file, AOTIModelPackageLoader the package, and
+# tensors travel between Python and C++ as torch.save files (torch::jit::pickle_load reads
+# them; pickle_save writes a tuple that torch.load(weights_only=True) reads back).
+# Build it against the libtorch inside the pip wheel, as setup did (cpp_loader_command):
+#     TORCH=$(python -c "import torch, os; print(os.path.dirname(torch.__file__))")
+#     g++ -std=c++20 load_model.cpp -o load_model -I$TORCH/include \
+#         -I$TORCH/include/torch/csrc/api/include -L$TORCH/lib -Wl,--no-as-needed \
+#         -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$TORCH/lib -D_GLIBCXX_USE_CXX11_ABI=1
+# or with CMake against a libtorch zip from pytorch.org (cpp/CMakeLists.txt):
+#     cmake -B build -DCMAKE_PREFIX_PATH=/path/to/libtorch && cmake --build build
+# Pitfalls: the headers need C++20 (torch 2.14); find_package(Torch) fails on the pip CUDA
+# wheel without the CUDA toolkit; and the libtorch must be the one that built the package.
+# The proof: the program runs on this run's files at batch 1 and at batch 9 (the export saw
+# 4), and its outputs are compared with eager PyTorch here.
+
+
+def lesson_4b_cpp(run: Run, cpp_build: Future | None, model: nn.Module,
+                  example: torch.Tensor) -> dict:
+    """Wait for setup's build, run the C++ program at two batch sizes, compare with eager."""
+    run.section("4b. C++ without Python: one program loads TorchScript and the AOTInductor "
+                "package")
+    if cpp_build is None or not (run.out_dir / "model_aoti.pt2").exists():
+        print("  SKIPPED (no C++ compiler found): install g++ >= 10 or clang++ (Debian/Ubuntu: "
+              "apt install g++; macOS: xcode-select --install) and run again")
+        return {"cpp_built": False}
+    seconds = cpp_build.result()  # raises the build's error, naming the source file
+    folder = run.out_dir / "cpp"
+    run.artifact("cpp_source", folder / "load_model.cpp")
+    run.artifact("cpp_loader", folder / "load_model")
+    print(f"  built cpp/load_model in {seconds:.1f} s (in the background since setup)")
+    worst = 0.0
+    with run.scratch("cpp_io") as scratch, torch.no_grad():
+        for inputs in (example[:1], torch.cat([example, example, example[:1]])):
+            from_script, from_package = run_cpp_loader(
+                folder / "load_model", run.out_dir / "torchscript_frozen.pt",
+                run.out_dir / "model_aoti.pt2", inputs, run.device, scratch)
+            expected = model(inputs).cpu()
+            diffs = max_abs_diff(from_script, expected), max_abs_diff(from_package, expected)
+            worst = max(worst, *diffs)
+            print(f"  batch {len(inputs)}: C++ TorchScript max |diff| = {diffs[0]:.3g}, "
+                  f"C++ AOTInductor max |diff| = {diffs[1]:.3g}")
+    return {"cpp_built": True, "cpp_build_seconds": round(seconds, 2), "cpp_max_abs_diff": worst}
+
+
+if in_notebook():
+    run.record_all(lesson_4b_cpp(run, cpp_build, model, example))
+
+
+# %% 4c. Phones and microcontrollers: ExecuTorch
+# ExecuTorch is PyTorch's on-device runtime (Android, iOS, embedded Linux, microcontrollers);
+# it replaces PyTorch Mobile, whose torch.utils.mobile_optimizer.optimize_for_mobile and
+# _save_for_lite_interpreter you will still meet in old code (both deprecated with TorchScript).
+# Its input is section 3's ExportedProgram, on the CPU: to_edge_transform_and_lower(program,
+# partitioner=[XnnpackPartitioner()]).to_executorch() gives a program whose .buffer is the
+# .pte file; the app loads it with the runtime (C++, Java/Kotlin, Swift; here its Python
+# binding, executorch.runtime.Runtime). A PTE file is promised to load in at least the next
+# minor ExecuTorch release after the one that wrote it (ExecuTorch's COMPATIBILITY.md).
+# Pitfall: ExecuTorch plans all memory ahead of time, for the LARGEST shape it allows, which it
+# records per input (method.metadata). Read that bound: here it can be below the Dim's max,
+# and a larger batch fails at execute time. Its C++ runtime logs to the process's stderr
+# directly; native_stderr_captured() collects those lines, and the lesson shows the one that
+# explains the refusal.
+
+
+def lesson_4c_executorch(run: Run, program, model: nn.Module, example: torch.Tensor) -> tuple:
+    """Lower section 3's program to a .pte, run it at three batch sizes, find its limit."""
+    run.section("4c. Phones and microcontrollers: ExecuTorch")
+    if not executorch_available():
+        print("  SKIPPED (executorch is not installed): pip install -r requirements.txt")
+        return None, {"executorch_built": False}
+    with quiet_torch_logs():  # torchao, imported by executorch, logs a pytree deprecation
+        from executorch.runtime import Runtime
+
+    path = run.path("model.pte")
+    timing = benchmark(lambda: export_to_executorch(move_to_device_pass(program, "cpu"), path),
+                       warmup=0, repeats=1)
+    with native_stderr_captured():  # XNNPACK's CPU probing, not for the console
+        method = Runtime.get().load_program(path).load_method("forward")
+    planned = method.metadata.input_tensor_meta(0).sizes()
+    allowed = max(int(bounds.upper) for bounds in program.range_constraints.values())
+    print(f"  to_edge_transform_and_lower + to_executorch: {timing.median_ms / 1000:.1f} s; "
+          f"model.pte {format_bytes(path.stat().st_size)}")
+    print(f"  memory planned for input {tuple(planned)}: batch <= {planned[0]} "
+          f"(the ExportedProgram allows up to {allowed})")
+    run.artifact("executorch_program", path)
+    cpu_model, worst = copy.deepcopy(model).cpu(), 0.0
+    with torch.no_grad():
+        for batch in (1, len(example), min(9, planned[0])):
+            inputs = torch.cat([example.cpu()] * 3)[:batch]
+            diff = max_abs_diff(method.execute([inputs])[0], cpu_model(inputs))
+            worst = max(worst, diff)
+            print(f"  ExecuTorch runtime, batch {batch}: max |diff| vs eager = {diff:.3g}")
+    too_big = torch.zeros(planned[0] + 1, *planned[1:])
+    with native_stderr_captured() as logged:
+        try:
+            method.execute([too_big])
+            refused = False
+        except RuntimeError:
+            refused = True
+    reason = next((line for line in logged if "resize" in line), "(no log line)")
+    print(f"  batch {planned[0] + 1}, one above the plan: refused with RuntimeError: {refused}; "
+          f"the runtime logged:\n    {reason.split('] ', 1)[-1][:120]}")
+    return method, {"executorch_built": True,
+                    "executorch_lower_seconds": round(timing.median_ms / 1000, 2),
+                    "executorch_pte_bytes": path.stat().st_size,
+                    "executorch_planned_max_batch": planned[0],
+                    "executorch_max_abs_diff": worst,
+                    "executorch_beyond_plan_refused": refused}
+
+
+if in_notebook():
+    executorch_method, figures = lesson_4c_executorch(run, program, model, example)
     run.record_all(figures)
 
 
@@ -474,34 +851,39 @@ if in_notebook():
 
 
 # %% 6. Side by side, and which one should I use?
-# Same trained model, same inputs, parity with eager (max |diff|) and latency with
-# common.timing.benchmark on one device and thread count.
+# Same trained model, same inputs, parity with eager (max |diff|), the file each variant
+# deploys, and latency with common.timing.benchmark on one device and thread count. The batch
+# is 8, inside every variant's limits (ExecuTorch's memory plan included, section 4c).
 # Which one?
 #   - Python server or training loop, want speed:  torch.compile.
 #   - Ship a model file to Python without its source:  torch.export -> .pt2.
 #   - C++ server, no Python:  AOTInductor package (or TorchScript for existing systems).
-#   - Phones and microcontrollers:  ExecuTorch, which starts from torch.export; it replaces
-#     TorchScript's lite interpreter (PyTorch Mobile).
+#   - Phones and microcontrollers:  ExecuTorch (.pte), which starts from torch.export; it
+#     replaces TorchScript's lite interpreter (PyTorch Mobile).
 #   - Other runtimes (ONNX Runtime, TensorRT, OpenVINO):  ONNX, see 04.
 #   - TorchScript:  only to keep existing deployments running; plan the move to torch.export.
 
+SIDE_BY_SIDE_BATCH = 8
+
 
 def lesson_6_side_by_side(run: Run, model: nn.Module, candidates: dict) -> dict:
-    """Parity and batch-32 latency of every variant that was built; a bar chart.
+    """Parity, file size and batch-8 latency of every variant that was built; a bar chart.
 
-    Freezing and the compilers fold BatchNorm and fuse operators, which is where their
-    speed comes from; plain scripting and the .pt2 module run the same operators as eager.
+    ``candidates`` maps a name to (callable, file or None). Freezing and the compilers fold
+    BatchNorm and fuse operators, which is where their speed comes from; plain scripting and
+    the .pt2 module run the same operators as eager. ExecuTorch runs on the CPU: on a CUDA
+    run its time includes the copies of the batch and the result.
     """
     run.section("6. Side by side, and which one should I use?")
-    batch = torch.randn(32, 1, 16, 16, device=run.device)
+    batch = torch.randn(SIDE_BY_SIDE_BATCH, 1, 16, 16, device=run.device)
     with torch.no_grad():
         expected = model(batch)
     rows, figures = [], {}
-    print(f"  batch 32 on {run.device}, {torch.get_num_threads()} threads")
-    print(f"  {'variant':<22} {'max |diff|':>11}  {'median ms':>10}  {'p90 ms':>8}")
-    for name, module in candidates.items():
+    print(f"  batch {SIDE_BY_SIDE_BATCH} on {run.device}, {torch.get_num_threads()} threads")
+    print(f"  {'variant':<22} {'file':>10}  {'max |diff|':>11}  {'median ms':>10}  {'p90 ms':>8}")
+    for name, (module, file) in candidates.items():
         if module is None:
-            print(f"  {name:<22} {'SKIPPED':>11}")
+            print(f"  {name:<22} {'':>10}  {'SKIPPED':>11}")
             continue
 
         def call(module=module):
@@ -511,7 +893,9 @@ def lesson_6_side_by_side(run: Run, model: nn.Module, candidates: dict) -> dict:
         diff = max_abs_diff(call(), expected)
         timing = benchmark(call, warmup=5, repeats=30, device=run.device)
         rows.append((name, timing))
-        print(f"  {name:<22} {diff:>11.3g}  {timing.median_ms:>10.3f}  {timing.p90_ms:>8.3f}")
+        size = format_bytes(file.stat().st_size) if file else "-"
+        print(f"  {name:<22} {size:>10}  {diff:>11.3g}  {timing.median_ms:>10.3f}  "
+              f"{timing.p90_ms:>8.3f}")
         key = name.split(" ")[0].replace("+", "_").replace(".", "_")
         figures |= {f"{key}_max_abs_diff": diff, f"{key}_median_ms": round(timing.median_ms, 4)}
     figure, axes = plt.subplots(figsize=(7, 4))
@@ -521,28 +905,37 @@ def lesson_6_side_by_side(run: Run, model: nn.Module, candidates: dict) -> dict:
     axes.set_yticks(positions, [name for name, _ in rows])
     axes.invert_yaxis()
     axes.set(xlabel="latency, ms (median; bar to p90)",
-             title=f"SmallCNN, batch 32, {run.device}, {torch.get_num_threads()} threads")
+             title=f"SmallCNN, batch {SIDE_BY_SIDE_BATCH}, {run.device}, "
+                   f"{torch.get_num_threads()} threads")
     run.save_figure(figure, "latency.png", "latency_chart")
     return figures
 
 
-def candidates(run: Run, model: nn.Module, torchscript: dict, aoti, compiled) -> dict:
-    """Every variant built above, by name (None: skipped); the .pt2 is loaded from its file."""
+def candidates(run: Run, model: nn.Module, torchscript: dict, aoti, executorch_method,
+               compiled) -> dict:
+    """Every variant built above: name -> (callable or None if skipped, the file it ships)."""
+    out = run.out_dir
+
+    def on_executorch(batch: torch.Tensor) -> torch.Tensor:
+        return executorch_method.execute([batch.cpu()])[0].to(batch.device)
+
     return {
-        "eager": model,
-        "torchscript (scripted)": torchscript["scripted"],
-        "torchscript_frozen": torchscript["frozen"],
-        "torch.export (.pt2)": move_to_device_pass(  # the file holds CPU weights
-            torch.export.load(run.out_dir / "exported_program.pt2"), run.device).module(),
-        "aoti (AOTInductor)": aoti,
-        "torch.compile": compiled,
+        "eager": (model, None),
+        "torchscript (scripted)": (torchscript["scripted"], out / "torchscript_model.pt"),
+        "torchscript_frozen": (torchscript["frozen"], out / "torchscript_frozen.pt"),
+        "torch.export (.pt2)": (move_to_device_pass(  # the file holds CPU weights
+            torch.export.load(out / "exported_program.pt2"), run.device).module(),
+            out / "exported_program.pt2"),
+        "aoti (AOTInductor)": (aoti, out / "model_aoti.pt2"),
+        "executorch (.pte)": (on_executorch if executorch_method else None, out / "model.pte"),
+        "torch.compile": (compiled, None),
     }
 
 
 if in_notebook():
     with jit_deprecation_filtered():
         run.record_all(lesson_6_side_by_side(
-            run, model, candidates(run, model, torchscript, aoti, compiled)))
+            run, model, candidates(run, model, torchscript, aoti, executorch_method, compiled)))
 
 
 # %% Summary
@@ -551,11 +944,14 @@ RECAP = [
     "trace records one run (branches baked in); script compiles the source; both are "
     "deprecated, keep them only for existing deployments",
     "torch.export -> .pt2 loads without your source (save it on the CPU); AOTInductor "
-    "compiles it into a package for Python or C++",
+    "compiles it into a package for Python or C++ (recompile it after a torch upgrade)",
+    "a C++ program loads TorchScript (torch::jit::load) and the package "
+    "(AOTIModelPackageLoader): build it with -std=c++20 against the wheel's own libtorch",
+    "ExecuTorch (.pte) is the on-device path; read its memory plan's largest input",
     "torch.compile speeds up the same process; it is not a deployment format",
 ]
-TRY_IT = ("load outputs/05_torchscript_export/exported_program.pt2 with "
-          "torch.export.load(...).module() in a Python shell; then run 06_transfer_learning.py")
+TRY_IT = ("run outputs/05_torchscript_export/cpp/load_model on your own input (usage: run it "
+          "without arguments); then run 06_transfer_learning.py")
 
 if in_notebook():
     summary = run.finish(RECAP, TRY_IT)
@@ -563,7 +959,7 @@ if in_notebook():
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every lesson in order and return the summary (also written to summary.json)."""
-    run, model, example = setup(argv)
+    run, model, example, cpp_build = setup(argv)
     run.record_all(lesson_1_trace_vs_script(run))
     torchscript, figures = lesson_2_torchscript_files(run, model)
     run.record_all(figures)
@@ -573,11 +969,14 @@ def main(argv: list[str] | None = None) -> dict:
     run.record_all(lesson_3c_export_failure(run))
     aoti, figures = lesson_4_aoti(run, program, model, example)
     run.record_all(figures)
+    run.record_all(lesson_4b_cpp(run, cpp_build, model, example))
+    executorch_method, figures = lesson_4c_executorch(run, program, model, example)
+    run.record_all(figures)
     compiled, figures = lesson_5_compile(run, model, example)
     run.record_all(figures)
     with jit_deprecation_filtered():
         run.record_all(lesson_6_side_by_side(
-            run, model, candidates(run, model, torchscript, aoti, compiled)))
+            run, model, candidates(run, model, torchscript, aoti, executorch_method, compiled)))
     return run.finish(RECAP, TRY_IT)
 
 

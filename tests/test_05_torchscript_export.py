@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,3 +48,88 @@ def test_jit_deprecation_filter_is_narrow():
         torch.jit.script(lesson.SignGate())  # outside the block the notice shows again
     assert inside == ["something else is deprecated"]
     assert any("torch.jit.script` is deprecated" in str(w.message) for w in caught[1:])
+
+
+def test_native_stderr_captured_collects_what_c_code_writes_to_fd_2():
+    with lesson.native_stderr_captured() as lines:
+        os.write(2, b"from C: first\nfrom C: second\n")
+    assert lines == ["from C: first", "from C: second"]
+    with lesson.native_stderr_captured() as lines:  # the descriptor was put back and works
+        os.write(2, b"again\n")
+    assert lines == ["again"]
+
+
+def eager_reference(out_dir: Path) -> torch.nn.Module:
+    """The trained model as eager ATen operations: section 3's ExportedProgram, unlowered."""
+    return torch.export.load(out_dir / "exported_program.pt2").module()
+
+
+def inputs_at(out_dir: Path, batch: int) -> torch.Tensor:
+    example = torch.load(out_dir / "example_input.pt", map_location="cpu", weights_only=True)
+    return torch.cat([example] * 4)[:batch]
+
+
+@pytest.mark.skipif(lesson.find_cxx_compiler() is None,
+                    reason="no C++ compiler (g++/clang++) on PATH: the C++ loader cannot be built")
+def test_cpp_loader_runs_the_scripts_files_at_batch_1_and_above_the_example(default_run,
+                                                                             tmp_path):
+    run = default_run("05_torchscript_export")
+    assert run.returncode == 0, run.stderr[-3000:]
+    out, binary = run.out_dir, run.out_dir / "cpp" / "load_model"
+    reference = eager_reference(out)
+    for batch in (1, 11):  # the export's example had 4
+        inputs = inputs_at(out, batch)
+        from_script, from_package = lesson.run_cpp_loader(
+            binary, out / "torchscript_frozen.pt", out / "model_aoti.pt2", inputs, "cpu", tmp_path)
+        expected = reference(inputs)
+        assert from_script.shape == from_package.shape == (batch, 4)
+        torch.testing.assert_close(from_script, expected, rtol=0, atol=1e-4)
+        torch.testing.assert_close(from_package, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(lesson.find_cxx_compiler() is None,
+                    reason="no C++ compiler (g++/clang++) on PATH: the C++ loader cannot be built")
+def test_cpp_loader_reports_a_truncated_file_by_name(default_run, tmp_path):
+    out = default_run("05_torchscript_export").out_dir
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((out / "torchscript_frozen.pt").read_bytes()[:5000])
+    # The program's own one-line message: the step, the file, the cause; no C++ stack trace.
+    with pytest.raises(RuntimeError, match=r"exited with 1: load_model: running the "
+                       r"TorchScript file \S*truncated\.pt: PytorchStreamReader failed"):
+        lesson.run_cpp_loader(out / "cpp" / "load_model", truncated, out / "model_aoti.pt2",
+                              inputs_at(out, 2), "cpu", tmp_path)
+    assert (out / "torchscript_frozen.pt").stat().st_size > 5000  # the original is untouched
+
+
+def test_cpp_build_failure_names_the_source_and_leaves_no_binary(tmp_path):
+    fake = tmp_path / "fake-g++"  # a "compiler" that fails like a real one
+    fake.write_text("#!/bin/sh\necho 'load_model.cpp:1:1: error: C++20 required' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"could not build .*load_model\.cpp.*C\+\+20"):
+        lesson.build_cpp_loader(tmp_path, str(fake))
+    assert not (tmp_path / "load_model").exists()
+    assert "C++20 required" in (tmp_path / "build.log").read_text()
+
+
+def test_executorch_program_runs_at_batch_1_and_above_the_example(default_run):
+    pytest.importorskip("executorch", reason="executorch is in requirements.txt")
+    from executorch.runtime import Runtime
+
+    out = default_run("05_torchscript_export").out_dir
+    with lesson.native_stderr_captured():
+        method = Runtime.get().load_program(out / "model.pte").load_method("forward")
+    reference = eager_reference(out)
+    for batch in (1, 9):  # the export's example had 4
+        inputs = inputs_at(out, batch)
+        got = method.execute([inputs])[0]
+        assert got.shape == (batch, 4)
+        torch.testing.assert_close(got, reference(inputs), rtol=0, atol=1e-4)
+
+
+def test_describe_pt2_tells_the_two_kinds_apart(default_run):
+    out = default_run("05_torchscript_export").out_dir
+    program, package = (lesson.describe_pt2(out / name)
+                        for name in ("exported_program.pt2", "model_aoti.pt2"))
+    assert program["kind"] == "ExportedProgram" and program["libraries"] == 0
+    assert program["torch"] == torch.__version__ and program["schema"]
+    assert package["kind"] == "AOTInductor package" and package["libraries"] >= 1

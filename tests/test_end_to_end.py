@@ -208,10 +208,23 @@ def test_05_claims(default_run, tmp_path):
     assert metrics["fresh_process_could_import_common"] is False
     assert metrics["fresh_process_torchscript_max_abs_diff"] < 1e-5
     assert metrics["fresh_process_exported_max_abs_diff"] < 1e-5
-    for key in ("torchscript", "torchscript_frozen", "torch_export", "torch_compile", "aoti"):
+    for key in ("torchscript", "torchscript_frozen", "torch_export", "torch_compile", "aoti",
+                "executorch"):
         assert metrics[f"{key}_max_abs_diff"] < 1e-4, key
         assert metrics[f"{key}_median_ms"] > 0
     assert metrics["aoti_built"] is True  # this machine has g++
+    # 4b: the C++ program was built and agrees with eager at batch 1 and 9.
+    assert metrics["cpp_built"] is True and metrics["cpp_max_abs_diff"] < 1e-4
+    assert "usage: load_model" in (run.out_dir / artifacts["cpp_source"]).read_text()
+    assert (run.out_dir / "cpp" / "CMakeLists.txt").is_file()
+    assert not list((run.out_dir / "cpp").glob("*.partial"))
+    assert not (run.out_dir / "cpp_io").exists()  # the scratch inputs and outputs are gone
+    # 4c: ExecuTorch ran at three batch sizes and refused one beyond its memory plan.
+    assert metrics["executorch_built"] is True and metrics["executorch_max_abs_diff"] < 1e-4
+    assert metrics["executorch_planned_max_batch"] >= 9
+    assert metrics["executorch_beyond_plan_refused"] is True
+    pte = run.out_dir / artifacts["executorch_program"]
+    assert metrics["executorch_pte_bytes"] == pte.stat().st_size
     assert metrics["torchscript_frozen_batchnorm_folded"] is True
     # The .pt2 holds CPU tensors whatever device exported it, so it loads anywhere.
     saved = torch.export.load(run.out_dir / artifacts["exported_program"])
@@ -219,7 +232,8 @@ def test_05_claims(default_run, tmp_path):
     assert {t.device.type for t in [*saved.state_dict.values(), *saved.constants.values()]
             if isinstance(t, torch.Tensor)} == {"cpu"}
     # torch's own log lines and graph dumps never reach the reader's console.
-    for spam in ("Unable to find user code", "No CUDA runtime is found", "arg0_1"):
+    for spam in ("Unable to find user code", "No CUDA runtime is found", "arg0_1",
+                 "register_constant", "cpuinfo_utils"):
         assert spam not in run.stdout + run.stderr, spam
     frozen = torch.jit.load(run.out_dir / artifacts["torchscript_frozen_model"],
                             map_location="cpu")
