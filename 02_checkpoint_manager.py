@@ -667,7 +667,9 @@ class CheckpointManager:
             path = self.directory / name
             checksum = atomic_write(path, lambda handle: self.serialize(state, handle),
                                     self.checksum)
-            entries, _ = self._read_manifest()  # another writer may have saved meanwhile
+            # Another writer may have saved meanwhile, and its deletions may still be pending
+            # in the journal: they are carried over, or this manifest would forget them.
+            entries, pending = self._read_manifest()
             entry = CheckpointEntry(
                 file=name, **fields,
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -679,7 +681,7 @@ class CheckpointManager:
             # metric, and so the file name, changed, the old file goes too.
             replaced = [e.file for e in entries if e.step == entry.step and e.file != name]
             entries = [e for e in entries if e.file != name and e.step != entry.step] + [entry]
-            self._apply_retention(entries, also_delete=replaced)
+            self._apply_retention(entries, also_delete=replaced + pending)
 
     def _ranked(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
         """Entries from best to worst by the monitored metric; NaN/inf always last.
@@ -707,7 +709,8 @@ class CheckpointManager:
         finite = [e for e in self._ranked(entries) if math.isfinite(e.metrics[self.monitor])]
         keep |= {e.file for e in finite[: max(self.save_top_k, 1)]}  # the best K, finite only
         kept = [e for e in entries if e.file in keep]
-        dropped = [e.file for e in entries if e.file not in keep] + list(also_delete)
+        dropped = list(dict.fromkeys(  # in order, once each
+            [e.file for e in entries if e.file not in keep] + list(also_delete)))
         # Durable order: the new file is already on disk; now the manifest (which names the
         # files about to go in "deleting"), then the deletions, then a clean manifest.
         self._write_manifest(kept, deleting=dropped)

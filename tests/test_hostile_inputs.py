@@ -118,6 +118,24 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_save_keeps_another_writers_pending_deletions(tmp_path, async_save):
+    """Writer A journals a deletion and frees the file later, in its background thread; if
+    writer B saves in between, B's manifest must keep A's journal, or A's file is orphaned
+    (found by the two-writer test below under load, when A's deletion ran after B's save)."""
+    manager = CheckpointManager(tmp_path, save_top_k=1, keep_last=1, async_save=async_save)
+    save_steps(manager, [0.5])
+    orphan = tmp_path / "epoch000-step000099-val_loss0.9000.pt"  # A's file, out of the list
+    torch.save({"w": torch.ones(1)}, orphan)
+    tamper_manifest(tmp_path, lambda data: data.update(deleting=[orphan.name]))
+    save_steps(manager, [0.4], first_step=2)  # B (this manager) saves before A deletes
+    manager.close()
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert not orphan.exists() and data["deleting"] == []
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == [e["file"] for e in
+                                                              data["checkpoints"]]
+
+
 def test_two_writer_processes_on_one_folder_lose_nothing(tmp_path):
     code = WRITER.format(root=str(ROOT), folder=str(tmp_path))
     writers = [subprocess.Popen([sys.executable, "-c", code, str(first)],
