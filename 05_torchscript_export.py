@@ -24,8 +24,8 @@ Files it writes (in --out-dir): example_input.pt (the batch every export traced 
 torchscript_model.pt and torchscript_frozen.pt (TorchScript, as scripted and frozen),
 exported_program.pt2 (torch.export, CPU weights), model_aoti.pt2 (the AOTInductor package),
 cpp/ (load_model.cpp, its CMakeLists.txt and the built load_model program), model.pte (the
-ExecuTorch program), inductor_cache/ (Inductor's compiled kernels: deleting it only costs a
-recompile), latency.png and summary.json.
+ExecuTorch program), inductor_cache/ (Inductor's compiled kernels and a copy of the built C++
+program: deleting it only costs a recompile), latency.png and summary.json.
 
 TorchScript (torch.jit.trace / torch.jit.script) is deprecated: torch 2.10+ warns on every
 call and the official tutorial was removed. Many deployed systems still load TorchScript .pt
@@ -39,7 +39,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
-import importlib.util
+import hashlib
 import io
 import json
 import logging
@@ -207,28 +207,45 @@ def cpp_loader_command(compiler: str, source: Path, binary: Path) -> list[str]:
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 
 
-def build_cpp_loader(folder: Path, compiler: str) -> float:
-    """Write CPP_LOADER (and a CMakeLists.txt) into ``folder`` and compile it; return seconds.
+def build_cpp_loader(folder: Path, compiler: str, cache: Path | None = None) -> float | None:
+    """Write CPP_LOADER (and a CMakeLists.txt) into ``folder`` and compile it.
 
-    The binary is written under a temporary name and renamed when the compiler succeeded, so
-    an interrupted build never leaves a half-written program behind. A failure raises with
-    the compiler's first error line; its whole output is left in build.log.
+    Returns the compile's seconds, or None when ``cache`` already held a program built from
+    the same source, command, compiler and torch (then it is copied, not rebuilt: the
+    compile is 10-20 s of header parsing). The binary is written under a temporary name and
+    renamed when it is complete, so an interrupted build never leaves half a program behind.
+    A failure raises with the compiler's first error line; its whole output goes to build.log.
     """
     source, binary = folder / "load_model.cpp", folder / "load_model"
     source.write_text(CPP_LOADER)
     (folder / "CMakeLists.txt").write_text(CPP_CMAKE)
-    partial = folder / "load_model.partial"
+    partial = folder / f"load_model.{os.getpid()}.partial"
+    command = cpp_loader_command(compiler, source, partial)
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    recipe = cpp_loader_command(compiler, Path("SOURCE"), Path("BINARY"))  # no folder names
+    stamp = hashlib.sha256("\n".join([CPP_LOADER, *recipe, version, torch.__version__])
+                           .encode()).hexdigest()[:16]
+    cached = cache / f"load_model-{stamp}" if cache else None
+    if cached is not None and cached.is_file():
+        shutil.copy2(cached, partial)
+        os.replace(partial, binary)
+        return None
     started = time.perf_counter()
-    completed = subprocess.run(cpp_loader_command(compiler, source, partial), cwd=folder,
-                               capture_output=True, text=True, timeout=900, check=False)
+    completed = subprocess.run(command, cwd=folder, capture_output=True, text=True,
+                               timeout=900, check=False)
     if completed.returncode != 0:
         (folder / "build.log").write_text(completed.stdout + completed.stderr)
         partial.unlink(missing_ok=True)
         errors = [line for line in completed.stderr.splitlines() if "error" in line]
         raise RuntimeError(f"{compiler} could not build {source}: "
                            f"{(errors or ['no error line'])[0][:300]} (full log: build.log)")
+    seconds = time.perf_counter() - started
+    if cached is not None:  # copy, then rename: another process never runs half a file
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(partial, cache / f"{cached.name}.{os.getpid()}.partial")
+        os.replace(cache / f"{cached.name}.{os.getpid()}.partial", cached)
     os.replace(partial, binary)
-    return time.perf_counter() - started
+    return seconds
 
 
 def start_in_background(function: Callable[..., float], *args) -> Future:
@@ -282,11 +299,6 @@ def describe_pt2(path: Path) -> dict:
             "bytes": path.stat().st_size}
 
 
-def executorch_available() -> bool:
-    """True where `pip install executorch` was done (it is in requirements.txt)."""
-    return importlib.util.find_spec("executorch") is not None
-
-
 def export_to_executorch(program: torch.export.ExportedProgram, path: Path) -> Path:
     """Lower an ExportedProgram for ExecuTorch's XNNPACK (CPU) backend; write the .pte.
 
@@ -308,6 +320,34 @@ def export_to_executorch(program: torch.export.ExportedProgram, path: Path) -> P
     partial.write_bytes(buffer)
     os.replace(partial, path)
     return path
+
+
+def load_pte_method(path: Path, name: str = "forward"):
+    """Load one method of a .pte file with ExecuTorch's runtime (its Python binding).
+
+    Raises ImportError where executorch is missing or was built for another torch release.
+    The runtime's C++ log lines (XNNPACK probing the CPU) are set aside, not printed.
+    """
+    with quiet_torch_logs():  # torchao, imported by executorch, logs a pytree deprecation
+        from executorch.runtime import Runtime
+    with native_stderr_captured():
+        return Runtime.get().load_program(path).load_method(name)
+
+
+def execute_or_explain(method, inputs: list) -> list:
+    """``method.execute(inputs)``, with the runtime's own reason in the error if it refuses.
+
+    The Python binding raises only "method->set_inputs() ... failed with error 0x10"; the
+    line that says why ("Attempted to resize a bounded tensor ...") was written to stderr by
+    the C++ runtime, so it is collected and added to the error.
+    """
+    with native_stderr_captured() as logged:
+        try:
+            return method.execute(inputs)
+        except RuntimeError as err:
+            error = err
+    reasons = "; ".join(line.split("] ", 1)[-1] for line in logged)  # drop "[file.cpp:N] "
+    raise RuntimeError(f"{error} ({reasons or 'the runtime logged nothing'})") from error
 
 
 @contextlib.contextmanager
@@ -377,7 +417,9 @@ def quiet_torch_logs() -> Iterator[None]:
 # export traces with, saved as example_input.pt so that other processes can use it too.
 # Setup also starts compiling section 4b's C++ program (cpp/load_model.cpp) in the
 # background: the compiler needs only the source, not the model, and its 10-20 s of header
-# parsing then overlap with sections 1-4 instead of being waited for.
+# parsing then overlap with sections 1-4 instead of being waited for. The program is kept in
+# the compiler cache folder too (inductor_cache/cpp_loader/), so the next run of this script
+# copies it instead of compiling it again, as long as source, compiler and torch are the same.
 # In a notebook the flags come from the LESSON_ARGS environment variable (none: defaults).
 
 
@@ -386,7 +428,8 @@ def setup(argv: list[str] | None = None) -> tuple[Run, nn.Module, torch.Tensor, 
     run = Run.start(HERE, make_parser(HERE, __doc__.splitlines()[0]), argv)
     keep_compiler_caches_in(run.out_dir / "inductor_cache")
     compiler = find_cxx_compiler()
-    cpp_build = (start_in_background(build_cpp_loader, run.folder("cpp"), compiler)
+    cpp_build = (start_in_background(build_cpp_loader, run.folder("cpp"), compiler,
+                                     Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "cpp_loader")
                  if compiler else None)
     model, loaders, accuracy = train_demo_model(run.device, run.seed)
     model.eval()
@@ -731,7 +774,9 @@ def lesson_4b_cpp(run: Run, cpp_build: Future | None, model: nn.Module,
     folder = run.out_dir / "cpp"
     run.artifact("cpp_source", folder / "load_model.cpp")
     run.artifact("cpp_loader", folder / "load_model")
-    print(f"  built cpp/load_model in {seconds:.1f} s (in the background since setup)")
+    print(f"  built cpp/load_model in {seconds:.1f} s (in the background since setup)"
+          if seconds is not None else
+          "  cpp/load_model: copied from the compiler cache (same source, compiler and torch)")
     worst = 0.0
     with run.scratch("cpp_io") as scratch, torch.no_grad():
         for inputs in (example[:1], torch.cat([example, example, example[:1]])):
@@ -743,7 +788,8 @@ def lesson_4b_cpp(run: Run, cpp_build: Future | None, model: nn.Module,
             worst = max(worst, *diffs)
             print(f"  batch {len(inputs)}: C++ TorchScript max |diff| = {diffs[0]:.3g}, "
                   f"C++ AOTInductor max |diff| = {diffs[1]:.3g}")
-    return {"cpp_built": True, "cpp_build_seconds": round(seconds, 2), "cpp_max_abs_diff": worst}
+    return {"cpp_built": True, "cpp_build_reused": seconds is None,
+            "cpp_build_seconds": round(seconds or 0.0, 2), "cpp_max_abs_diff": worst}
 
 
 if in_notebook():
@@ -769,17 +815,15 @@ if in_notebook():
 def lesson_4c_executorch(run: Run, program, model: nn.Module, example: torch.Tensor) -> tuple:
     """Lower section 3's program to a .pte, run it at three batch sizes, find its limit."""
     run.section("4c. Phones and microcontrollers: ExecuTorch")
-    if not executorch_available():
-        print("  SKIPPED (executorch is not installed): pip install -r requirements.txt")
-        return None, {"executorch_built": False}
-    with quiet_torch_logs():  # torchao, imported by executorch, logs a pytree deprecation
-        from executorch.runtime import Runtime
-
     path = run.path("model.pte")
-    timing = benchmark(lambda: export_to_executorch(move_to_device_pass(program, "cpu"), path),
-                       warmup=0, repeats=1)
-    with native_stderr_captured():  # XNNPACK's CPU probing, not for the console
-        method = Runtime.get().load_program(path).load_method("forward")
+    try:
+        timing = benchmark(lambda: export_to_executorch(move_to_device_pass(program, "cpu"),
+                                                        path), warmup=0, repeats=1)
+        method = load_pte_method(path)
+    except ImportError as err:  # not installed, or built for another torch release
+        print(f"  SKIPPED (executorch cannot be imported: {first_line(err)[:80]}); install the "
+              "executorch release that pairs with your torch (requirements.txt has it)")
+        return None, {"executorch_built": False}
     planned = method.metadata.input_tensor_meta(0).sizes()
     allowed = max(int(bounds.upper) for bounds in program.range_constraints.values())
     print(f"  to_edge_transform_and_lower + to_executorch: {timing.median_ms / 1000:.1f} s; "
@@ -791,19 +835,16 @@ def lesson_4c_executorch(run: Run, program, model: nn.Module, example: torch.Ten
     with torch.no_grad():
         for batch in (1, len(example), min(9, planned[0])):
             inputs = torch.cat([example.cpu()] * 3)[:batch]
-            diff = max_abs_diff(method.execute([inputs])[0], cpu_model(inputs))
+            diff = max_abs_diff(execute_or_explain(method, [inputs])[0], cpu_model(inputs))
             worst = max(worst, diff)
             print(f"  ExecuTorch runtime, batch {batch}: max |diff| vs eager = {diff:.3g}")
-    too_big = torch.zeros(planned[0] + 1, *planned[1:])
-    with native_stderr_captured() as logged:
-        try:
-            method.execute([too_big])
-            refused = False
-        except RuntimeError:
-            refused = True
-    reason = next((line for line in logged if "resize" in line), "(no log line)")
-    print(f"  batch {planned[0] + 1}, one above the plan: refused with RuntimeError: {refused}; "
-          f"the runtime logged:\n    {reason.split('] ', 1)[-1][:120]}")
+    try:
+        execute_or_explain(method, [torch.zeros(planned[0] + 1, *planned[1:])])
+        refused, reason = False, "it ran"
+    except RuntimeError as err:
+        refused, reason = True, str(err).rsplit("(", 1)[-1].rstrip(")")
+    print(f"  batch {planned[0] + 1}, one above the plan: refused: {refused}; the runtime "
+          f"logged:\n    {reason[:120]}")
     return method, {"executorch_built": True,
                     "executorch_lower_seconds": round(timing.median_ms / 1000, 2),
                     "executorch_pte_bytes": path.stat().st_size,
@@ -898,6 +939,12 @@ def lesson_6_side_by_side(run: Run, model: nn.Module, candidates: dict) -> dict:
               f"{timing.p90_ms:>8.3f}")
         key = name.split(" ")[0].replace("+", "_").replace(".", "_")
         figures |= {f"{key}_max_abs_diff": diff, f"{key}_median_ms": round(timing.median_ms, 4)}
+    save_latency_chart(run, rows)
+    return figures
+
+
+def save_latency_chart(run: Run, rows: list) -> None:
+    """latency.png: one bar per variant, the median, with a whisker to p90."""
     figure, axes = plt.subplots(figsize=(7, 4))
     positions = np.arange(len(rows))
     axes.barh(positions, [t.median_ms for _, t in rows],
@@ -908,7 +955,6 @@ def lesson_6_side_by_side(run: Run, model: nn.Module, candidates: dict) -> dict:
              title=f"SmallCNN, batch {SIDE_BY_SIDE_BATCH}, {run.device}, "
                    f"{torch.get_num_threads()} threads")
     run.save_figure(figure, "latency.png", "latency_chart")
-    return figures
 
 
 def candidates(run: Run, model: nn.Module, torchscript: dict, aoti, executorch_method,

@@ -113,11 +113,8 @@ def test_cpp_build_failure_names_the_source_and_leaves_no_binary(tmp_path):
 
 def test_executorch_program_runs_at_batch_1_and_above_the_example(default_run):
     pytest.importorskip("executorch", reason="executorch is in requirements.txt")
-    from executorch.runtime import Runtime
-
     out = default_run("05_torchscript_export").out_dir
-    with lesson.native_stderr_captured():
-        method = Runtime.get().load_program(out / "model.pte").load_method("forward")
+    method = lesson.load_pte_method(out / "model.pte")
     reference = eager_reference(out)
     for batch in (1, 9):  # the export's example had 4
         inputs = inputs_at(out, batch)

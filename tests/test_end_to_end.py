@@ -155,6 +155,12 @@ def test_04_claims(default_run, tmp_path):
     assert metrics["onnx_input_dims"] == "['batch', 1, 'height', 'width']"
     assert 0 <= metrics["onnx_max_abs_diff"] < 1e-4
     assert metrics["onnx_runs_without_project_code"] is True
+    # 3c-3d: a second runtime agrees; the planted fault is found at its own node.
+    assert metrics["reference_vs_ort_max_abs_diff"] < 1e-4
+    assert metrics["reference_vs_torch_max_abs_diff"] < 1e-4
+    assert metrics["verify_output_max_abs_diff"] < 1e-4
+    assert metrics["first_diverging_op"] == "Conv"
+    assert metrics["first_diverging_node_is_planted"] is True
     assert metrics["external_data_files"] == 1 and metrics["onnx_without_data_file_fails"]
     assert metrics["external_data_max_abs_diff"] < 1e-4
     assert metrics["control_flow_export_fails"] is True
