@@ -5,6 +5,8 @@ What you will learn (each section runs real code and prints the measured figure)
   2.  Validate: onnx.checker, and what to read in the graph (dims, opset, operators, weights)
   3.  Parity with ONNX Runtime at batch sizes and image sizes the export never saw
   3b. The file runs in a process that has neither PyTorch's model code nor this project
+  3c. A second, independent runtime: the ONNX reference implementation
+  3d. When ONNX output differs: verify_onnx_program and the first diverging node
   4.  Speed: PyTorch eager vs ONNX Runtime at three batch sizes
   4b. ONNX Runtime's graph optimisation levels, and saving the optimised graph
   5.  Big models: the 2 GB protobuf limit and external data files
@@ -16,7 +18,8 @@ What you will learn (each section runs real code and prints the measured figure)
 Run it:   python 04_onnx_export.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
           As a notebook: run the cells top to bottom from the project folder (jupytext,
           VS Code, PyCharm); flags go in the LESSON_ARGS environment variable.
-Takes:    about 13 s on a 2-core CPU (each export takes about a second).
+Takes:    about 17 s on a 2-core CPU (each export takes about a second; section 3d's
+          value-by-value verification about 3 s).
 Next:     05_torchscript_export.py, TorchScript and its successors torch.export and AOTInductor.
 
 Files it writes (in --out-dir): model.onnx (one file, weights inside), model.optimized.onnx
@@ -39,9 +42,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -52,6 +57,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torch.onnx.verification
+from onnx.reference import ReferenceEvaluator
+from onnxscript import ir
 from torch import nn
 from torch.export import Dim
 
@@ -71,14 +79,16 @@ HERE = script_file(globals(), "04_onnx_export.py")  # a notebook kernel has no _
 
 def export_onnx(model: nn.Module, example: tuple, path: Path, dynamic_shapes: dict | None,
                 input_names: list[str], output_names: list[str],
-                external_data: bool = False) -> Path:
+                external_data: bool = False) -> torch.onnx.ONNXProgram:
     """Export ``model`` (already in eval mode) to ``path`` with the dynamo exporter.
 
     ``external_data=False`` keeps the weights inside the .onnx file (one file to ship; only
     possible under 2 GB); True (torch 2.14's DEFAULT) writes them to ``<path>.data`` beside
-    it. Pass it explicitly either way: the default has changed between releases.
+    it. Pass it explicitly either way: the default has changed between releases. Returns the
+    ONNXProgram: the ONNX model in memory plus the ExportedProgram it came from, which the
+    verification tools of section 3d compare with each other.
     """
-    torch.onnx.export(
+    return torch.onnx.export(
         model, example, path,
         dynamo=True,  # the torch.export-based exporter (the default since torch 2.9)
         dynamic_shapes=dynamic_shapes,  # keyed by forward()'s argument names
@@ -87,7 +97,6 @@ def export_onnx(model: nn.Module, example: tuple, path: Path, dynamic_shapes: di
         optimize=True,  # run onnxscript's graph optimiser (the default since torch 2.7)
         verbose=False,  # no progress lines on the console
     )
-    return path
 
 
 def graph_dims(values) -> dict[str, list]:
@@ -140,6 +149,32 @@ def ort_session(path: Path, device: torch.device, threads: int,
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+def first_diverging_node(onnx_program: torch.onnx.ONNXProgram, args: tuple,
+                         atol: float = 1e-4) -> tuple:
+    """The first value inside the ONNX graph that departs from PyTorch's, and its node.
+
+    torch.onnx.verification.verify_onnx_program(..., compare_intermediates=True) runs the
+    ExportedProgram node by node and ONNX Runtime up to each ONNX value of the same name, in
+    graph order. Everything after the first bad value inherits its error, so that value's
+    producer is the node to look at. Returns (VerificationInfo, node) or (None, None) when
+    every value agrees within ``atol``. It runs ORT once per value: seconds, not milliseconds.
+    """
+    verification_log = logging.getLogger("torch.onnx._internal.exporter._verification")
+    level = verification_log.level
+    verification_log.setLevel(logging.ERROR)  # it warns for every value past 0.01; we report
+    try:
+        infos = torch.onnx.verification.verify_onnx_program(onnx_program, args=args,
+                                                             compare_intermediates=True)
+    finally:
+        verification_log.setLevel(level)
+    producers = {value.name: node for node in onnx_program.model.graph
+                 for value in node.outputs}
+    for info in infos:
+        if info.max_abs_diff > atol:
+            return info, producers.get(info.name)
+    return None, None
 
 
 # ############################################################################################
@@ -203,11 +238,12 @@ if in_notebook():
 # in AdaptiveAvgPool2d, so height and width can be dynamic too.
 
 
-def lesson_1_export(run: Run, model: nn.Module) -> tuple[Path, dict]:
+def lesson_1_export(run: Run, model: nn.Module) -> tuple[Path, torch.onnx.ONNXProgram, dict]:
     """Export with a dynamic batch, height and width; time the export.
 
     About a second for a small model: the exporter traces the model with torch.export,
-    translates each ATen operator with onnxscript, then optimises the ONNX graph.
+    translates each ATen operator with onnxscript, then optimises the ONNX graph. The
+    returned ONNXProgram is kept for section 3d's verification.
     """
     run.section("1. Export with the dynamo exporter")
     model.eval()
@@ -215,15 +251,16 @@ def lesson_1_export(run: Run, model: nn.Module) -> tuple[Path, dict]:
     dynamic = {"x": {0: Dim("batch", min=1, max=4096), 2: Dim("height", min=8, max=512),
                      3: Dim("width", min=8, max=512)}}
     path = run.path("model.onnx")
-    seconds = benchmark(lambda: export_onnx(model, example, path, dynamic, [INPUT], [OUTPUT]),
-                        warmup=0, repeats=1).median_ms / 1000
+    started = time.perf_counter()
+    onnx_program = export_onnx(model, example, path, dynamic, [INPUT], [OUTPUT])
+    seconds = time.perf_counter() - started
     print(f"  torch.onnx.export(dynamo=True) took {seconds:.2f} s")
     run.artifact("onnx_model", path)
-    return path, {"export_seconds": round(seconds, 3)}
+    return path, onnx_program, {"export_seconds": round(seconds, 3)}
 
 
 if in_notebook():
-    path, figures = lesson_1_export(run, model)
+    path, onnx_program, figures = lesson_1_export(run, model)
     run.record_all(figures)
 
 
@@ -318,6 +355,84 @@ def lesson_3b_fresh_process(run: Run, path: Path) -> dict:
 
 if in_notebook():
     run.record_all(lesson_3b_fresh_process(run, path))
+
+
+# %% 3c. A second, independent runtime: the ONNX reference implementation
+# onnx.reference.ReferenceEvaluator runs a model with numpy, one operator at a time, written
+# from the ONNX specification: slow, but it shares neither ONNX Runtime's kernels nor its graph
+# rewrites. When ORT and PyTorch disagree, it tells you which side departs from the spec: an
+# ORT kernel or optimisation (the reference agrees with PyTorch), or the export (the reference
+# agrees with ORT). Compared here at 5x1x24x20, a shape the export never saw.
+
+
+def lesson_3c_reference_runtime(run: Run, model: nn.Module, path: Path) -> dict:
+    """Run model.onnx in ReferenceEvaluator and in ORT; compare both with PyTorch."""
+    run.section("3c. A second, independent runtime: the ONNX reference implementation")
+    images = torch.randn(5, 1, 24, 20)
+    reference = ReferenceEvaluator(onnx.load(path))
+    started = time.perf_counter()
+    by_reference = torch.from_numpy(reference.run([OUTPUT], {INPUT: images.numpy()})[0])
+    seconds = time.perf_counter() - started
+    session = ort_session(path, torch.device("cpu"), torch.get_num_threads())
+    by_ort = torch.from_numpy(session.run([OUTPUT], {INPUT: images.numpy()})[0])
+    with torch.no_grad():
+        expected = model(images)
+    diffs = {"reference_vs_ort_max_abs_diff": max_abs_diff(by_reference, by_ort),
+             "reference_vs_torch_max_abs_diff": max_abs_diff(by_reference, expected),
+             "ort_vs_torch_max_abs_diff": max_abs_diff(by_ort, expected)}
+    print(f"  ReferenceEvaluator ran {len(reference.proto_.graph.node)} nodes in "
+          f"{seconds * 1000:.0f} ms at 5x1x24x20")
+    for name, diff in diffs.items():
+        print(f"  {name.removesuffix('_max_abs_diff').replace('_', ' '):<18} max |diff| = "
+              f"{diff:.3g}")
+    return diffs
+
+
+if in_notebook():
+    run.record_all(lesson_3c_reference_runtime(run, model, path))
+
+
+# %% 3d. When ONNX output differs: find the first diverging node
+# The first thing to try is the exporter's own check: torch.onnx.export(..., verify=True,
+# report=True, artifacts_dir=DIR) runs the ONNX model in ORT against the ExportedProgram and
+# writes onnx_export_<time>_success.md with the max difference of every output. The same check
+# is an API on the ONNXProgram that export returns: torch.onnx.verification.
+# verify_onnx_program(onnx_program, args=...) gives one VerificationInfo (max_abs_diff,
+# max_rel_diff, histograms) per output, in a fraction of a second. When an output is wrong,
+# compare_intermediates=True finds WHERE: first_diverging_node (above) returns the first
+# value past the tolerance and the ONNX node that produced it.
+# To show it, we plant a fault in the in-memory ONNX model, as a broken conversion or a bad
+# quantisation would: the second Conv's weights times 1.05. Then we put the weights back.
+
+
+def lesson_3d_find_divergence(run: Run, onnx_program: torch.onnx.ONNXProgram) -> dict:
+    """Verify the clean export's output; plant a fault; name the node where it shows first."""
+    run.section("3d. When ONNX output differs: find the first diverging node")
+    example = (torch.randn(4, 1, 16, 16),)
+    clean = torch.onnx.verification.verify_onnx_program(onnx_program, args=example)
+    print(f"  verify_onnx_program, as exported: output {clean[0].name!r} max |diff| = "
+          f"{clean[0].max_abs_diff:.3g}")
+    convs = [node for node in onnx_program.model.graph if node.op_type == "Conv"]
+    weight = convs[1].inputs[1]  # an initializer: Conv(input, weight, bias)
+    original = weight.const_value
+    weight.const_value = ir.tensor(original.numpy() * 1.05, name=original.name)
+    try:
+        started = time.perf_counter()
+        info, node = first_diverging_node(onnx_program, example)
+        seconds = time.perf_counter() - started
+    finally:
+        weight.const_value = original  # the program is as exported again
+    print(f"  planted: {weight.name} x 1.05 (consumed by {convs[1].name})")
+    print(f"  compare_intermediates ({seconds:.1f} s): first value past 1e-4 is {info.name!r}, "
+          f"max |diff| = {info.max_abs_diff:.3g}, produced by {node.op_type} node "
+          f"{node.name} <- {[value.name for value in node.inputs]}")
+    return {"verify_output_max_abs_diff": clean[0].max_abs_diff,
+            "first_diverging_op": node.op_type,
+            "first_diverging_node_is_planted": node is convs[1]}
+
+
+if in_notebook():
+    run.record_all(lesson_3d_find_divergence(run, onnx_program))
 
 
 # %% 4. Speed: eager PyTorch vs ONNX Runtime
@@ -444,9 +559,9 @@ def lesson_5_external_data(run: Run, model: nn.Module) -> dict:
     """Export with external data; run it; copy the .onnx alone and watch it fail."""
     run.section("5. Big models: the 2 GB limit and external data")
     folder = run.folder("external_data")
-    path = export_onnx(model.eval(), (torch.randn(4, 1, 16, 16),), folder / "model.onnx",
-                       {"x": {0: Dim("batch", min=1, max=4096)}}, [INPUT], [OUTPUT],
-                       external_data=True)
+    path = folder / "model.onnx"
+    export_onnx(model.eval(), (torch.randn(4, 1, 16, 16),), path,
+                {"x": {0: Dim("batch", min=1, max=4096)}}, [INPUT], [OUTPUT], external_data=True)
     data_files = [p for p in folder.iterdir() if p != path]
     for file in [path, *data_files]:
         print(f"  {file.name:<18} {format_bytes(file.stat().st_size):>10}")
@@ -498,8 +613,8 @@ def lesson_6a_control_flow(run: Run) -> dict:
             print(f"  Python `if` on values: {type(err).__name__}: "
                   f"{first_line(err, 'Could not guard')[:90]}")
         cond_model = SignGateCond().eval()
-        cond_path = export_onnx(cond_model, (torch.randn(4, 8),), folder / "gate_cond.onnx",
-                                BATCH, ["x"], ["y"])
+        cond_path = folder / "gate_cond.onnx"
+        export_onnx(cond_model, (torch.randn(4, 8),), cond_path, BATCH, ["x"], ["y"])
         session = ort_session(cond_path, torch.device("cpu"), 1)
         cond_diff = max(max_abs_diff(torch.from_numpy(session.run(["y"], {"x": x.numpy()})[0]),
                                      cond_model(x))
@@ -530,8 +645,9 @@ def lesson_6b_train_mode(run: Run, model: nn.Module) -> dict:
     with run.scratch("failures_train_mode") as folder:
         with warnings.catch_warnings(record=True) as caught, captured_output():
             warnings.simplefilter("always")
-            path = export_onnx(training_model, (torch.randn(4, 1, 16, 16),),
-                               folder / "train_mode.onnx", BATCH, [INPUT], [OUTPUT])
+            path = folder / "train_mode.onnx"
+            export_onnx(training_model, (torch.randn(4, 1, 16, 16),), path, BATCH, [INPUT],
+                        [OUTPUT])
         default = ort_session(path, torch.device("cpu"), 1).run([OUTPUT], {INPUT: images})[0]
         plain = ort_session(path, torch.device("cpu"), 1,
                             ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -571,8 +687,8 @@ def lesson_6c_static_dim(run: Run) -> dict:
     except Exception as err:
         print(f"  torch.export: {first_line(err, 'You marked')[:100]}")
     with run.scratch("failures_static_dim") as folder, captured_output():
-        path = export_onnx(flat, (torch.randn(4, 1, 16, 16),), folder / "flatten.onnx",
-                           declared, [INPUT], [OUTPUT])
+        path = folder / "flatten.onnx"
+        export_onnx(flat, (torch.randn(4, 1, 16, 16),), path, declared, [INPUT], [OUTPUT])
         dims = describe_onnx(path)["inputs"][INPUT]
         try:
             ort_session(path, torch.device("cpu"), 1).run(
@@ -612,7 +728,8 @@ def lesson_6d_batch_of_one(run: Run, model: nn.Module) -> dict:
         specialised = True
         print(f"  torch.export with an example batch of 1: {first_line(err, 'You marked')[:90]}")
     with run.scratch("failures_batch1") as folder, captured_output():
-        path = export_onnx(model.eval(), one, folder / "batch1.onnx", BATCH, [INPUT], [OUTPUT])
+        path = folder / "batch1.onnx"
+        export_onnx(model.eval(), one, path, BATCH, [INPUT], [OUTPUT])
         dims = describe_onnx(path)["inputs"][INPUT]
     print(f"  torch.onnx.export with the same example wrote input dims {dims}")
     return {"example_batch_1_specialised_by_torch_export": specialised,
@@ -631,6 +748,8 @@ RECAP = [
     "check_model(full_check=True), then READ the input dims: a number where you "
     "wanted a name means the exporter specialised it",
     "prove parity in ONNX Runtime at unseen shapes; time both with the same threads",
+    "outputs differ? verify_onnx_program(compare_intermediates=True) names the first "
+    "diverging node; onnx.reference.ReferenceEvaluator is a second, independent runtime",
     "external_data=True (torch 2.14's default; automatic past 1536 MB) writes a .data "
     "file: ship it with the .onnx; external_data=False gives one file under 2 GB",
 ]
@@ -644,11 +763,13 @@ if in_notebook():
 def main(argv: list[str] | None = None) -> dict:
     """Run every lesson in order and return the summary (also written to summary.json)."""
     run, model = setup(argv)
-    path, figures = lesson_1_export(run, model)
+    path, onnx_program, figures = lesson_1_export(run, model)
     run.record_all(figures)
     run.record_all(lesson_2_validate(run, path))
     run.record_all(lesson_3_parity(run, model, path))
     run.record_all(lesson_3b_fresh_process(run, path))
+    run.record_all(lesson_3c_reference_runtime(run, model, path))
+    run.record_all(lesson_3d_find_divergence(run, onnx_program))
     run.record_all(lesson_4_speed(run, model, path))
     run.record_all(lesson_4b_optimisation_levels(run, path))
     run.record_all(lesson_5_external_data(run, model))

@@ -74,8 +74,8 @@ def test_data_dependent_if_fails_and_torch_cond_exports(tmp_path):
         lesson.export_onnx(lesson.SignGate().eval(), (torch.randn(4, 8),), tmp_path / "a.onnx",
                            batch, ["x"], ["y"])
     model = lesson.SignGateCond().eval()
-    path = lesson.export_onnx(model, (torch.randn(4, 8),), tmp_path / "b.onnx", batch, ["x"],
-                              ["y"])
+    path = tmp_path / "b.onnx"
+    lesson.export_onnx(model, (torch.randn(4, 8),), path, batch, ["x"], ["y"])
     assert lesson.describe_onnx(path)["operators"]["If"] == 1
     session = lesson.ort_session(path, CPU, 1)
     for sign in (1.0, -1.0):
@@ -97,3 +97,29 @@ def test_a_model_that_needs_16x16_gets_a_static_height(tmp_path):
     assert session.run(None, {"images": np.zeros((3, 1, 16, 16), np.float32)})[0].shape == (3, 4)
     with pytest.raises(Exception, match="invalid dimensions"):
         session.run(None, {"images": np.zeros((3, 1, 24, 16), np.float32)})
+
+
+def test_first_diverging_node_names_the_planted_fault_and_nothing_in_a_clean_export():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    example = (torch.randn(4, 1, 16, 16),)
+    program = torch.onnx.export(model, example, dynamo=True, optimize=True, verbose=False)
+    assert lesson.first_diverging_node(program, example) == (None, None)
+    conv = next(node for node in program.model.graph if node.op_type == "Conv")
+    bias = conv.inputs[2]  # the first layer's bias: every value from there on goes wrong
+    bias.const_value = lesson.ir.tensor(bias.const_value.numpy() + 0.5, name=bias.name)
+    info, node = lesson.first_diverging_node(program, example)
+    assert node is conv and info.name == conv.outputs[0].name
+    assert info.max_abs_diff == pytest.approx(0.5, abs=1e-5)
+
+
+def test_reference_evaluator_agrees_with_onnx_runtime_at_an_unseen_shape(exported):
+    from onnx.reference import ReferenceEvaluator
+
+    model, path = exported
+    images = torch.randn(3, 1, 20, 28)
+    by_reference = ReferenceEvaluator(onnx.load(path)).run(None, {"images": images.numpy()})[0]
+    by_ort = lesson.ort_session(path, CPU, 1).run(None, {"images": images.numpy()})[0]
+    assert np.abs(by_reference - by_ort).max() < 1e-5
+    with torch.no_grad():
+        assert max_abs_diff(torch.from_numpy(by_reference), model(images)) < 1e-5
