@@ -1357,6 +1357,10 @@ if in_notebook():
 # epoch 2, resume from the checkpoints and finish. On the CPU the final weights are identical
 # to the bit: max |diff| = 0.0 alone would not prove it (0.0 == -0.0), so every byte is
 # compared too (common.compare.bit_identical).
+# On the CPU too, "the same" includes the number of intra-op threads: a reduction split over
+# 2 threads adds in another order than over 1. This project's tests saw it: the 8-epoch run
+# with OMP_NUM_THREADS=1 and with 2 threads differ by max |diff| 8.3e-7. Resume with the
+# thread count you trained with (torch.get_num_threads() is in summary.json's environment).
 # On a GPU, some kernels are non-deterministic (atomic adds in cuDNN/cuBLAS
 # backward passes, cuDNN's benchmark-mode algorithm choice), so two runs can differ in the
 # last bits even without a crash. torch.use_deterministic_algorithms(True) makes those ops

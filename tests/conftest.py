@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import nbformat
 import pytest
 import torch
 
@@ -20,6 +23,61 @@ if str(ROOT) not in sys.path:
 
 SCRIPTS = sorted(path.stem for path in ROOT.glob("[0-9][0-9]_*.py"))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Whole-script runs (end to end, and as notebooks) start when the session starts, in the
+# background, two at a time: the first test that needs one waits for that one only, and the
+# tests that need none (most unit tests) run meanwhile; collection puts the tests that need
+# a whole-script run last. Each background run gets ONE intra-op thread (OMP_NUM_THREADS=1):
+# two 2-thread runs on 2 cores fight over them (measured here: 01, 04, 05 and 06 took 61 s
+# two at a time with 2 threads each, 50 s with 1 each, 81 s one after the other). Every run
+# is still a complete default run in its own process; only its thread count differs.
+PARALLEL_RUNS = max(1, min(2, os.cpu_count() or 1))
+
+
+def run_env() -> dict[str, str]:
+    """The environment of a background run: this one (the shared compiler cache included)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"} if PARALLEL_RUNS > 1 else dict(os.environ)
+RUN_FIXTURES = ("default_run", "notebook_run")
+# The notebook test checks the form (every cell runs and shows its banner), not the figures,
+# which the end-to-end tests check on the default run: a smaller I/O benchmark keeps it quick.
+NOTEBOOK_ARGS = {"02_checkpoint_manager": "--io-mb 16 --epochs 3"}
+
+
+def expected_seconds(stem: str) -> float:
+    """The "Takes: about N s" of a script's docstring: the longest runs start first."""
+    found = re.search(r"^Takes:\s+about (\d+) s", (ROOT / f"{stem}.py").read_text(), re.M)
+    return float(found[1]) if found else 0.0
+
+
+def stems_needed(items, fixture: str) -> set[tuple[str, str]]:
+    """(stem, device) pairs the collected tests will ask ``fixture`` for.
+
+    A test parametrized by ``stem`` (and ``device``) names its own; otherwise a test named
+    ``test_NN_...`` or living in ``test_NN_*.py`` needs script NN on the CPU, and a test in
+    test_end_to_end.py that names no script (the shared vocabulary) needs them all. A guess
+    that misses only costs time: the fixture then runs the script when it is asked for.
+    """
+    needed = set()
+    for item in items:
+        if fixture not in getattr(item, "fixturenames", ()):
+            continue
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "stem" in params:
+            needed.add((params["stem"], params.get("device", "cpu")))
+            continue
+        number = re.match(r"test_(\d\d)_", item.name) or re.match(
+            r"test_(\d\d)_", Path(str(item.fspath)).name)
+        needed |= {(stem, "cpu") for stem in SCRIPTS
+                   if number is None or stem.startswith(number[1])}
+    return needed
+
+
+NEEDED = pytest.StashKey[dict]()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Remember which whole-script runs the session needs; run their tests last."""
+    config.stash[NEEDED] = {fixture: stems_needed(items, fixture) for fixture in RUN_FIXTURES}
+    items.sort(key=lambda item: any(f in getattr(item, "fixturenames", ()) for f in RUN_FIXTURES))
 
 
 def load_script(stem: str) -> ModuleType:
@@ -54,11 +112,12 @@ class ScriptRun:
         return self.summary["metrics"]
 
 
-def run_script(stem: str, out_dir: Path, cwd: Path, *args: str, timeout: int = 900) -> ScriptRun:
+def run_script(stem: str, out_dir: Path, cwd: Path, *args: str, timeout: int = 900,
+               env: dict[str, str] | None = None) -> ScriptRun:
     """Run ``python NN_name.py --out-dir out_dir *args`` from ``cwd`` and capture everything."""
     completed = subprocess.run(
         [sys.executable, str(ROOT / f"{stem}.py"), "--out-dir", str(out_dir), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False, env=env,
     )
     return ScriptRun(completed.returncode, completed.stdout, completed.stderr, out_dir, cwd)
 
@@ -76,16 +135,74 @@ def shared_compiler_cache(tmp_path_factory):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
+@dataclass
+class NotebookRun:
+    """One script executed as a notebook (tests/notebook_run.py) in its own process."""
+
+    returncode: int
+    stderr: str
+    notebook: object  # the executed nbformat notebook; None if it could not be written
+    out_dir: Path
+
+
+class ScriptRuns:
+    """Whole-script runs of this session, ``PARALLEL_RUNS`` at a time in the background."""
+
+    def __init__(self, tmp_path_factory) -> None:
+        self.tmp_path_factory = tmp_path_factory
+        self.pool = concurrent.futures.ThreadPoolExecutor(PARALLEL_RUNS)
+        self.futures: dict[tuple[str, str, str], concurrent.futures.Future] = {}
+
+    def submit(self, fixture: str, stem: str, device: str = "cpu") -> concurrent.futures.Future:
+        """Start a run (once); its folders are made here, in the main thread."""
+        key = (fixture, stem, device)
+        if key not in self.futures:
+            folder = self.tmp_path_factory.mktemp(f"{stem}_{device}_{fixture}")
+            work = run_default if fixture == "default_run" else run_notebook
+            self.futures[key] = self.pool.submit(work, stem, device, folder)
+        return self.futures[key]
+
+    def get(self, fixture: str, stem: str, device: str = "cpu"):
+        return self.submit(fixture, stem, device).result()
+
+
+def run_default(stem: str, device: str, folder: Path) -> ScriptRun:
+    """The script's default run on ``device``, started from an empty folder of its own."""
+    (folder / "cwd").mkdir()
+    return run_script(stem, folder / "out", folder / "cwd", "--device", device, env=run_env())
+
+
+def run_notebook(stem: str, device: str, folder: Path) -> NotebookRun:
+    """The script executed cell by cell in a Jupyter kernel (see tests/notebook_run.py)."""
+    result = folder / "executed.ipynb"
+    completed = subprocess.run(
+        [sys.executable, "-m", "tests.notebook_run", stem, str(folder / "out"), str(result),
+         f"--device {device} {NOTEBOOK_ARGS.get(stem, '')}".strip()],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False, env=run_env())
+    notebook = nbformat.read(result, as_version=4) if result.exists() else None
+    return NotebookRun(completed.returncode, completed.stderr, notebook, folder / "out")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def script_runs(tmp_path_factory, pytestconfig, shared_compiler_cache):
+    """Start every whole-script run the session needs: default runs first, longest first."""
+    runs = ScriptRuns(tmp_path_factory)
+    needed = pytestconfig.stash.get(NEEDED, {})
+    for fixture in RUN_FIXTURES:
+        for stem, device in sorted(needed.get(fixture, ()),
+                                   key=lambda key: (-expected_seconds(key[0]), key)):
+            runs.submit(fixture, stem, device)
+    yield runs
+    runs.pool.shutdown(wait=True, cancel_futures=True)
+
+
 @pytest.fixture(scope="session")
-def default_run(tmp_path_factory):
+def default_run(script_runs):
     """``default_run(stem, device)``: the script's default run, executed once per session."""
-    cache: dict[tuple[str, str], ScriptRun] = {}
+    return lambda stem, device="cpu": script_runs.get("default_run", stem, device)
 
-    def get(stem: str, device: str = "cpu") -> ScriptRun:
-        if (stem, device) not in cache:
-            out_dir = tmp_path_factory.mktemp(f"{stem}_{device}_out")
-            cwd = tmp_path_factory.mktemp(f"{stem}_{device}_cwd")
-            cache[stem, device] = run_script(stem, out_dir, cwd, "--device", device)
-        return cache[stem, device]
 
-    return get
+@pytest.fixture(scope="session")
+def notebook_run(script_runs):
+    """``notebook_run(stem)``: the script run as a notebook on the CPU, once per session."""
+    return lambda stem: script_runs.get("notebook_run", stem)

@@ -19,7 +19,7 @@ import torch
 
 from common.compare import bit_identical, max_abs_diff
 from common.models import SmallCNN
-from tests.conftest import ROOT, load_script
+from tests.conftest import ROOT, load_script, run_env
 
 lesson = load_script("02_checkpoint_manager")
 CheckpointManager = lesson.CheckpointManager
@@ -414,7 +414,8 @@ def test_the_scheduler_pitfalls_are_measured():
 def run_cli(out_dir, *flags, **popen):
     command = [sys.executable, str(ROOT / "02_checkpoint_manager.py"), "--device", "cpu",
                "--out-dir", str(out_dir), "--train-only", *flags]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The reference default run's environment: bit-exact needs its thread count too.
+    env = {**run_env(), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, **popen)
 

@@ -23,13 +23,13 @@ def exported(tmp_path_factory):
     torch.manual_seed(0)
     model = SmallCNN().eval()
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    lesson.export_onnx(model, (torch.randn(4, 1, 16, 16),), path, DYNAMIC, ["images"],
-                       ["logits"])
-    return model, path
+    program = lesson.export_onnx(model, (torch.randn(4, 1, 16, 16),), path, DYNAMIC,
+                                 ["images"], ["logits"])
+    return model, path, program
 
 
 def test_checker_passes_and_dims_are_dynamic(exported):
-    _, path = exported
+    _, path, _ = exported
     onnx.checker.check_model(onnx.load(path), full_check=True)
     info = lesson.describe_onnx(path)
     assert info["inputs"] == {"images": ["batch", 1, "height", "width"]}
@@ -39,7 +39,7 @@ def test_checker_passes_and_dims_are_dynamic(exported):
 
 @pytest.mark.parametrize(("batch", "size"), [(1, 16), (5, 16), (33, 16), (3, 24), (2, 37)])
 def test_parity_at_shapes_the_export_never_saw(exported, batch, size):
-    model, path = exported
+    model, path, _ = exported
     session = lesson.ort_session(path, CPU, threads=1)
     images = torch.randn(batch, 1, size, size)
     got = torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0])
@@ -99,16 +99,17 @@ def test_a_model_that_needs_16x16_gets_a_static_height(tmp_path):
         session.run(None, {"images": np.zeros((3, 1, 24, 16), np.float32)})
 
 
-def test_first_diverging_node_names_the_planted_fault_and_nothing_in_a_clean_export():
-    torch.manual_seed(0)
-    model = SmallCNN().eval()
-    example = (torch.randn(4, 1, 16, 16),)
-    program = torch.onnx.export(model, example, dynamo=True, optimize=True, verbose=False)
+def test_first_diverging_node_names_the_planted_fault_and_nothing_in_a_clean_export(exported):
+    program, example = exported[2], (torch.randn(4, 1, 16, 16),)
     assert lesson.first_diverging_node(program, example) == (None, None)
     conv = next(node for node in program.model.graph if node.op_type == "Conv")
     bias = conv.inputs[2]  # the first layer's bias: every value from there on goes wrong
-    bias.const_value = lesson.ir.tensor(bias.const_value.numpy() + 0.5, name=bias.name)
-    info, node = lesson.first_diverging_node(program, example)
+    original = bias.const_value
+    bias.const_value = lesson.ir.tensor(original.numpy() + 0.5, name=bias.name)
+    try:
+        info, node = lesson.first_diverging_node(program, example)
+    finally:
+        bias.const_value = original
     assert node is conv and info.name == conv.outputs[0].name
     assert info.max_abs_diff == pytest.approx(0.5, abs=1e-5)
 
@@ -116,7 +117,7 @@ def test_first_diverging_node_names_the_planted_fault_and_nothing_in_a_clean_exp
 def test_reference_evaluator_agrees_with_onnx_runtime_at_an_unseen_shape(exported):
     from onnx.reference import ReferenceEvaluator
 
-    model, path = exported
+    model, path, _ = exported
     images = torch.randn(3, 1, 20, 28)
     by_reference = ReferenceEvaluator(onnx.load(path)).run(None, {"images": images.numpy()})[0]
     by_ort = lesson.ort_session(path, CPU, 1).run(None, {"images": images.numpy()})[0]
