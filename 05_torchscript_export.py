@@ -193,7 +193,7 @@ def cpp_loader_command(compiler: str, source: Path, binary: Path) -> list[str]:
 
     torch.utils.cpp_extension knows the wheel's header and library folders; the headers need
     C++20 on torch 2.14; -D_GLIBCXX_USE_CXX11_ABI must match the wheel (torch._C records it);
-    -rpath lets the program find libtorch at run time without LD_LIBRARY_PATH; and
+    -rpath lets the program find libtorch at run time without LD_LIBRARY_PATH; and on Linux
     --no-as-needed keeps libtorch (and, on a CUDA build, libtorch_cuda, whose kernels register
     themselves when it loads) even though the program names none of their symbols.
     """
@@ -201,8 +201,9 @@ def cpp_loader_command(compiler: str, source: Path, binary: Path) -> list[str]:
         from torch.utils import cpp_extension
     includes = [f"-I{folder}" for folder in cpp_extension.include_paths()]
     libraries = cpp_extension.library_paths()
+    keep_all = ["-Wl,--no-as-needed"] if sys.platform.startswith("linux") else []  # GNU ld
     return [compiler, "-std=c++20", "-O1", str(source), "-o", str(binary), *includes,
-            *[f"-L{folder}" for folder in libraries], "-Wl,--no-as-needed",
+            *[f"-L{folder}" for folder in libraries], *keep_all,
             "-ltorch", "-ltorch_cpu", "-lc10", *[f"-Wl,-rpath,{folder}" for folder in libraries],
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 
@@ -770,7 +771,11 @@ def lesson_4b_cpp(run: Run, cpp_build: Future | None, model: nn.Module,
         print("  SKIPPED (no C++ compiler found): install g++ >= 10 or clang++ (Debian/Ubuntu: "
               "apt install g++; macOS: xcode-select --install) and run again")
         return {"cpp_built": False}
-    seconds = cpp_build.result()  # raises the build's error, naming the source file
+    try:
+        seconds = cpp_build.result()  # waits for the build; raises its error
+    except RuntimeError as err:  # e.g. a compiler without C++20: say so, go on with 4c
+        print(f"  SKIPPED: {err}")
+        return {"cpp_built": False}
     folder = run.out_dir / "cpp"
     run.artifact("cpp_source", folder / "load_model.cpp")
     run.artifact("cpp_loader", folder / "load_model")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import warnings
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.run import Run, make_parser
 from tests.conftest import load_script
 
 lesson = load_script("05_torchscript_export")
@@ -130,3 +132,14 @@ def test_describe_pt2_tells_the_two_kinds_apart(default_run):
     assert program["kind"] == "ExportedProgram" and program["libraries"] == 0
     assert program["torch"] == torch.__version__ and program["schema"]
     assert package["kind"] == "AOTInductor package" and package["libraries"] >= 1
+
+
+def test_a_failed_cpp_build_is_reported_and_the_lesson_goes_on(tmp_path, capsys):
+    run = Run.start(str(tmp_path / "05_x.py"), make_parser(str(tmp_path / "05_x.py"), "x"),
+                    ["--device", "cpu", "--out-dir", str(tmp_path / "out")])
+    (run.out_dir / "model_aoti.pt2").write_bytes(b"")  # section 4 "built" its package
+    failed = concurrent.futures.Future()
+    failed.set_exception(RuntimeError("g++ could not build load_model.cpp: needs C++20"))
+    figures = lesson.lesson_4b_cpp(run, failed, torch.nn.Identity(), torch.zeros(4, 1))
+    assert figures == {"cpp_built": False}
+    assert "SKIPPED: g++ could not build load_model.cpp: needs C++20" in capsys.readouterr().out
