@@ -197,8 +197,8 @@ def cpp_loader_command(compiler: str, source: Path, binary: Path) -> list[str]:
     --no-as-needed keeps libtorch (and, on a CUDA build, libtorch_cuda, whose kernels register
     themselves when it loads) even though the program names none of their symbols.
     """
-    with quiet_torch_logs():  # importing it on a CPU-only machine logs "No CUDA runtime"
-        from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # setup imported it, quietly (see there)
+
     includes = [f"-I{folder}" for folder in cpp_extension.include_paths()]
     libraries = cpp_extension.library_paths()
     keep_all = ["-Wl,--no-as-needed"] if sys.platform.startswith("linux") else []  # GNU ld
@@ -429,6 +429,11 @@ def setup(argv: list[str] | None = None) -> tuple[Run, nn.Module, torch.Tensor, 
     run = Run.start(HERE, make_parser(HERE, __doc__.splitlines()[0]), argv)
     keep_compiler_caches_in(run.out_dir / "inductor_cache")
     compiler = find_cxx_compiler()
+    # On a CUDA wheel without a GPU, importing cpp_extension logs "No CUDA runtime is found".
+    # Import it here: quiet_torch_logs() redirects the whole process's output, so the build
+    # thread must not use it while this thread prints.
+    with quiet_torch_logs():
+        from torch.utils import cpp_extension  # noqa: F401
     cpp_build = (start_in_background(build_cpp_loader, run.folder("cpp"), compiler,
                                      Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "cpp_loader")
                  if compiler else None)
@@ -699,8 +704,10 @@ if in_notebook():
 # Two files, one extension, different promises:
 #   exported_program.pt2 (torch.export.save): a graph of ATen operators as JSON plus the
 #     weights. Load with torch.export.load; compile it again, lower it for ExecuTorch (4c), or
-#     re-run it eagerly. It records the serialisation schema version it was written with, and a
-#     newer torch reads older schema versions (torch/_export/serde upgrades them).
+#     re-run it eagerly. It records its serialisation schema version (major.minor):
+#     torch.export.load reads a file whose MAJOR version equals its own and refuses the rest
+#     ("Serialized schema version ... does not match our current schema version"), so it
+#     outlives most torch upgrades, but not every one; keep the code that exports it, too.
 #   model_aoti.pt2 (aoti_compile_and_package): compiled code (a .so) plus the weights, for ONE
 #     device type and built against ONE torch version's C++ ABI. Load it with the torch that
 #     built it (Python or C++); after a torch upgrade, recompile it from the ExportedProgram.
