@@ -818,10 +818,12 @@ if in_notebook():
 # binding, executorch.runtime.Runtime). A PTE file is promised to load in at least the next
 # minor ExecuTorch release after the one that wrote it (ExecuTorch's COMPATIBILITY.md).
 # Pitfall: ExecuTorch plans all memory ahead of time, for the LARGEST shape it allows, which it
-# records per input (method.metadata). Read that bound: here it can be below the Dim's max,
-# and a larger batch fails at execute time. Its C++ runtime logs to the process's stderr
-# directly; native_stderr_captured() collects those lines, and the lesson shows the one that
-# explains the refusal.
+# records per input (method.metadata). Read that bound, do not assume the Dim's max: on
+# executorch 1.5.1 a Conv2d program lowered WITH XnnpackPartitioner is planned for batch <= 15
+# whatever the max (we measured 8x8, 16x16 and 32x32 inputs; without the partitioner the plan
+# follows the Dim), and a larger batch fails at execute time. Its C++ runtime logs to the
+# process's stderr directly; native_stderr_captured() collects those lines, and the lesson
+# shows the one that explains the refusal.
 
 
 def lesson_4c_executorch(run: Run, program, model: nn.Module, example: torch.Tensor) -> tuple:
