@@ -158,6 +158,7 @@ def test_04_claims(default_run, tmp_path):
     # 3c-3d: a second runtime agrees; the planted fault is found at its own node.
     assert metrics["reference_vs_ort_max_abs_diff"] < 1e-4
     assert metrics["reference_vs_torch_max_abs_diff"] < 1e-4
+    assert metrics["reference_evaluator_median_ms"] > 0 and metrics["reference_ort_median_ms"] > 0
     assert metrics["verify_output_max_abs_diff"] < 1e-4
     assert metrics["first_diverging_op"] == "Conv"
     assert metrics["first_diverging_node_is_planted"] is True
