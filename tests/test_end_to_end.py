@@ -98,6 +98,7 @@ def test_02_claims(default_run):
     assert metrics["resume_max_abs_diff"] == 0.0 and metrics["resume_bit_identical"] is True
     assert metrics["crash_earlier_checkpoints_intact"] is True
     assert metrics["crash_partial_files_left"] == 0
+    assert metrics["crash_checkpoints_listed_after"] == 3  # counted before the scratch goes
     assert metrics["damaged_checkpoint_skipped"] is True
     assert metrics["async_vs_sync_max_abs_diff"] == 0.0
     assert metrics["sync_save_stall_ms"] > 0 and metrics["async_save_stall_ms"] > 0
