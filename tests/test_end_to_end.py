@@ -172,6 +172,7 @@ def test_04_claims(default_run, tmp_path):
     # a runtime that honours it gives a different output each run.
     assert metrics["train_mode_dropout_nodes"] >= 1
     assert metrics["train_mode_parity_max_abs_diff"] < 1e-4
+    assert metrics["train_mode_vs_batch_statistics_max_abs_diff"] > 1e-3  # inference BN only
     assert metrics["train_mode_unoptimised_repeat_diff"] > 1e-3
     assert metrics["specialised_dim_is_static"] and metrics["specialised_dim_other_size_fails"]
     for batch in (1, 32, 256):
@@ -221,6 +222,11 @@ def test_05_claims(default_run, tmp_path):
         assert metrics[f"{key}_max_abs_diff"] < 1e-4, key
         assert metrics[f"{key}_median_ms"] > 0
     assert metrics["aoti_built"] is True  # this machine has g++
+    # The package is built for the run's device: section 3 kept a program there and saved
+    # a separate CPU copy (move_to_device_pass works in place).
+    device_type = run.summary["environment"]["device"].split(":")[0]
+    assert metrics["aoti_package_device"] == device_type
+    assert metrics["exported_kept_program_devices"].split(":")[0] == device_type
     # 4b: the C++ program was built and agrees with eager at batch 1 and 9.
     assert metrics["cpp_built"] is True and metrics["cpp_max_abs_diff"] < 1e-4
     assert "usage: load_model" in (run.out_dir / artifacts["cpp_source"]).read_text()
