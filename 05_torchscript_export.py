@@ -44,6 +44,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,11 +80,20 @@ HERE = script_file(globals(), "05_torchscript_export.py")  # a notebook kernel h
 
 # Every torch.jit call warns: "`torch.jit.script` is deprecated. Please switch to
 # `torch.compile` or `torch.export`." (a FutureWarning on torch 2.14; torch 2.10-2.12 raise
-# it as a DeprecationWarning). Section 1 shows the warning once; after that this pattern
-# filters exactly that message, in those two categories, nothing else. On Python 3.14+
-# torch.jit.script also warns that it is not supported there at all: one more reason to move.
-JIT_DEPRECATION = r"`torch\.jit\.[\w.]+` is deprecated"
+# it as a DeprecationWarning). On Python 3.14+ torch 2.14 says INSTEAD "`torch.jit.script` is
+# not supported in Python 3.14+ and may break" (a FutureWarning too): one more reason to move.
+# Section 1 shows the one that arrives, once; after that this pattern filters exactly those
+# two messages, in those two categories, nothing else.
+JIT_DEPRECATION = r"`torch\.jit\.[\w.]+` is (deprecated|not supported in Python 3\.14\+)"
 JIT_WARNING_CATEGORIES = (FutureWarning, DeprecationWarning)
+
+
+def jit_notice(caught: list) -> str:
+    """The category of the first caught TorchScript notice (JIT_DEPRECATION), by name."""
+    found = [w.category.__name__ for w in caught
+             if re.search(JIT_DEPRECATION, str(w.message))
+             and issubclass(w.category, JIT_WARNING_CATEGORIES)]
+    return found[0] if found else "no warning"
 
 
 def keep_compiler_caches_in(folder: Path) -> None:
@@ -285,19 +295,40 @@ def describe_pt2(path: Path) -> dict:
     torch.export.save writes an ExportedProgram: the graph as JSON (models/*.json, with the
     schema version and the torch version that wrote it) plus weights, and no compiled code.
     aoti_compile_and_package writes an AOTInductor package: the same weights plus shared
-    libraries (*.so) of compiled code, for one device and one torch version.
+    libraries (*.so) of compiled code, for one device (its *_metadata.json files say which,
+    AOTI_DEVICE_KEY) and one torch version.
     """
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         graphs = [name for name in names if "/models/" in name and name.endswith(".json")]
         libraries = [info for info in archive.infolist() if info.filename.endswith(".so")]
         graph = json.loads(archive.read(graphs[0])) if graphs else {}
+        built_for = sorted({json.loads(archive.read(name)).get("AOTI_DEVICE_KEY", "")
+                            for name in names if name.endswith("_metadata.json")})
     schema = graph.get("schema_version", {})
     return {"kind": "AOTInductor package" if libraries else "ExportedProgram",
+            "device": ", ".join(built_for),
             "schema": f"{schema['major']}.{schema['minor']}" if schema else "",
             "torch": graph.get("torch_version", ""), "libraries": len(libraries),
             "library_bytes": sum(info.file_size for info in libraries),
             "bytes": path.stat().st_size}
+
+
+def export_with_cpu_copy(model: nn.Module, args: tuple,
+                         dynamic_shapes: dict | None = None) -> tuple:
+    """Export ``model`` twice: ``(program, cpu_program)``.
+
+    ``program`` stays on the device of the model and its inputs: AOTInductor compiles for
+    that device. ``cpu_program`` is a second export moved to the CPU, the one to
+    torch.export.save (torch.export.load has no map_location) and to lower for ExecuTorch.
+    Two exports, because move_to_device_pass changes the program it is given IN PLACE and
+    returns that same object: moving the only program to the CPU would leave a GPU run
+    compiling a CPU package.
+    """
+    program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
+    cpu_program = move_to_device_pass(
+        torch.export.export(model, args, dynamic_shapes=dynamic_shapes), "cpu")
+    return program, cpu_program
 
 
 def export_to_executorch(program: torch.export.ExportedProgram, path: Path) -> Path:
@@ -479,8 +510,9 @@ def lesson_1_trace_vs_script(run: Run) -> dict:
         shown.setdefault(warning.category.__name__, str(warning.message).splitlines()[0])
     for category, message in shown.items():
         print(f"  {category}: {message[:110]}")
-    print("  (the FutureWarning is torch's deprecation notice for TorchScript; from here on we "
-          "filter exactly that message)")
+    notice = jit_notice(caught)
+    print(f"  (the {notice} is torch's notice that TorchScript is on its way out; from here on "
+          "we filter exactly that message)")
     with torch.no_grad():
         trace_wrong = max_abs_diff(traced(negative), gate(negative))
         script_wrong = max_abs_diff(scripted(negative), gate(negative))
@@ -568,7 +600,9 @@ if in_notebook():
 # saved from (there is no map_location), and the graph may hold device constants. A program
 # exported on a GPU fails on a CPU-only machine, so move it before saving:
 #     program = torch.export.passes.move_to_device_pass(program, "cpu")
-# (the same pass takes "cuda:0" or a {"cuda:0": "cpu"} mapping).
+# (the same pass takes "cuda:0" or a {"cuda:0": "cpu"} mapping). Pitfall: the pass changes
+# the program IN PLACE and returns the same object. To keep a GPU program for AOTInductor
+# (section 4) AND save a CPU one, export twice (export_with_cpu_copy, above).
 
 
 def lesson_3_torch_export(run: Run, model: nn.Module, example: torch.Tensor) -> tuple:
@@ -580,10 +614,10 @@ def lesson_3_torch_export(run: Run, model: nn.Module, example: torch.Tensor) -> 
     """
     run.section("3. torch.export: a portable graph (.pt2)")
     dynamic = {"x": {0: Dim("batch", min=1, max=1024)}}
-    program = torch.export.export(model, (example,), dynamic_shapes=dynamic)
+    program, cpu_program = export_with_cpu_copy(model, (example,), dynamic)
     path = run.path("exported_program.pt2")
     # Saved on the CPU, whatever device trained it: the file then loads anywhere.
-    torch.export.save(move_to_device_pass(program, "cpu"), path)
+    torch.export.save(cpu_program, path)
     run.artifact("exported_program", path)
     ops = sorted({str(node.target).split(".")[1] for node in program.graph.nodes
                   if node.op == "call_function" and str(node.target).startswith("aten.")})
@@ -594,15 +628,24 @@ def lesson_3_torch_export(run: Run, model: nn.Module, example: torch.Tensor) -> 
     print(f"  input x: {tuple(shape)}; the batch became a symbol with a range "
           f"(program.range_constraints): {ranges}")
     saved = torch.export.load(path)
-    devices = sorted({str(t.device) for t in [*saved.state_dict.values(),
-                                               *saved.constants.values()]
-                      if isinstance(t, torch.Tensor)})
+    devices = program_devices(saved)
     with torch.no_grad():
         diff = max_abs_diff(saved.module()(example[:3].cpu()), model(example[:3]))
     print(f"  saved after move_to_device_pass(program, 'cpu'): weights on {devices}; "
           f"torch.export.load(...).module() at batch 3: max |diff| = {diff:.3g}")
+    kept = program_devices(program)
+    print(f"  the program kept for AOTInductor: weights on {kept} (a separate object: "
+          f"{program is not cpu_program})")
     return program, {"exported_program_devices": ", ".join(devices),
+                     "exported_kept_program_devices": ", ".join(kept),
                      "exported_reload_max_abs_diff": diff}
+
+
+def program_devices(program: torch.export.ExportedProgram) -> list[str]:
+    """The devices of an ExportedProgram's weights and constants, sorted."""
+    return sorted({str(t.device) for t in [*program.state_dict.values(),
+                                           *program.constants.values()]
+                   if isinstance(t, torch.Tensor)})
 
 
 if in_notebook():
@@ -686,7 +729,9 @@ def lesson_3c_export_failure(run: Run) -> dict:
     cond_program = torch.export.export(SignGateCond(), (torch.rand(4, 8),))
     negative = -torch.rand(4, 8)
     cond_diff = max_abs_diff(cond_program.module()(negative), SignGate()(negative))
-    print(f"  with torch.cond it exports, and the other branch is right: max |diff| = {cond_diff}")
+    right = "right" if cond_diff < 1e-6 else "WRONG"
+    print(f"  with torch.cond it exports, and the other branch is {right}: max |diff| = "
+          f"{cond_diff}")
     return {"export_python_if_fails": python_if_fails, "export_torch_cond_max_abs_diff": cond_diff}
 
 
@@ -704,10 +749,13 @@ if in_notebook():
 # Two files, one extension, different promises:
 #   exported_program.pt2 (torch.export.save): a graph of ATen operators as JSON plus the
 #     weights. Load with torch.export.load; compile it again, lower it for ExecuTorch (4c), or
-#     re-run it eagerly. It records its serialisation schema version (major.minor):
-#     torch.export.load reads a file whose MAJOR version equals its own and refuses the rest
-#     ("Serialized schema version ... does not match our current schema version"), so it
-#     outlives most torch upgrades, but not every one; keep the code that exports it, too.
+#     re-run it eagerly. It records its serialisation schema version (major.minor), and
+#     torch.export.load reads only a file whose MAJOR version equals its own. It refuses the
+#     rest in two steps: it LOGS the cause as a warning ("Serialized schema version ... does
+#     not match our current schema version") and then raises RuntimeError("We ran into an
+#     error when deserializing the saved file"). torch's own docs for save and load say
+#     "saved files may not be usable in newer versions of PyTorch": keep the code and the
+#     torch version that exported it, so you can export again.
 #   model_aoti.pt2 (aoti_compile_and_package): compiled code (a .so) plus the weights, for ONE
 #     device type and built against ONE torch version's C++ ABI. Load it with the torch that
 #     built it (Python or C++); after a torch upgrade, recompile it from the ExportedProgram.
@@ -739,11 +787,12 @@ def lesson_4_aoti(run: Run, program, model: nn.Module, example: torch.Tensor) ->
     for name in ("exported_program.pt2", "model_aoti.pt2"):
         info = describe_pt2(run.out_dir / name)
         holds = (f"{info['libraries']} compiled library ({format_bytes(info['library_bytes'])})"
-                 if info["libraries"] else
+                 f" for {info['device']}" if info["libraries"] else
                  f"graph JSON, schema {info['schema']}, written by torch {info['torch']}")
         print(f"  {name:<21} {info['kind']:<20} {format_bytes(info['bytes']):>9}: {holds}")
     return compiled, {"aoti_built": True, "aoti_compile_seconds": round(timing.median_ms / 1000, 2),
-                      "aoti_max_abs_diff": diff}
+                      "aoti_max_abs_diff": diff,
+                      "aoti_package_device": describe_pt2(path)["device"]}
 
 
 if in_notebook():
@@ -812,17 +861,19 @@ if in_notebook():
 # ExecuTorch is PyTorch's on-device runtime (Android, iOS, embedded Linux, microcontrollers);
 # it replaces PyTorch Mobile, whose torch.utils.mobile_optimizer.optimize_for_mobile and
 # _save_for_lite_interpreter you will still meet in old code (both deprecated with TorchScript).
-# Its input is section 3's ExportedProgram, on the CPU: to_edge_transform_and_lower(program,
+# Its input is section 3's CPU ExportedProgram, read back from exported_program.pt2:
+# to_edge_transform_and_lower(program,
 # partitioner=[XnnpackPartitioner()]).to_executorch() gives a program whose .buffer is the
 # .pte file; the app loads it with the runtime (C++, Java/Kotlin, Swift; here its Python
 # binding, executorch.runtime.Runtime). A PTE file is promised to load in at least the next
 # minor ExecuTorch release after the one that wrote it (ExecuTorch's COMPATIBILITY.md).
 # Pitfall: ExecuTorch plans all memory ahead of time, for the LARGEST shape it allows, which it
 # records per input (method.metadata). Read that bound, do not assume the Dim's max: on
-# executorch 1.5.1 a Conv2d program lowered WITH XnnpackPartitioner is planned for batch <= 15
-# whatever the max (we measured 8x8, 16x16 and 32x32 inputs; without the partitioner the plan
-# follows the Dim), and a larger batch fails at execute time. Its C++ runtime logs to the
-# process's stderr directly; native_stderr_captured() collects those lines, and the lesson
+# executorch 1.5.1 this Conv2d program lowered WITH XnnpackPartitioner is planned for batch
+# <= min(Dim max, 15) (measured: max 8 -> 8, 12 -> 12, 16 -> 15, 64 -> 15, 1024 -> 15; without
+# the partitioner the plan follows the Dim), and a larger batch fails at execute time. Its
+# C++ runtime logs to the process's stderr directly; native_stderr_captured() collects those
+# lines, and the lesson
 # shows the one that explains the refusal.
 
 
@@ -830,9 +881,9 @@ def lesson_4c_executorch(run: Run, program, model: nn.Module, example: torch.Ten
     """Lower section 3's program to a .pte, run it at three batch sizes, find its limit."""
     run.section("4c. Phones and microcontrollers: ExecuTorch")
     path = run.path("model.pte")
+    cpu_program = torch.export.load(run.out_dir / "exported_program.pt2")  # section 3's file
     try:
-        timing = benchmark(lambda: export_to_executorch(move_to_device_pass(program, "cpu"),
-                                                        path), warmup=0, repeats=1)
+        timing = benchmark(lambda: export_to_executorch(cpu_program, path), warmup=0, repeats=1)
         method = load_pte_method(path)
     except ImportError as err:  # not installed, or built for another torch release
         print(f"  SKIPPED (executorch cannot be imported: {first_line(err)[:80]}); install the "

@@ -35,10 +35,12 @@ torchvision loader) work with any model: nothing in them knows SmallCNN.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import matplotlib
@@ -192,6 +194,38 @@ class FineTunableCNN(SmallCNN):
         if self.backbone_frozen:
             self.backbone.eval()
         return self
+
+
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """On CUDA, deterministic kernels inside the block (or an error where none exists); the
+    previous settings come back on exit. On the CPU it does nothing.
+
+    cuDNN picks convolution algorithms per run (benchmark mode) and some CUDA backward
+    kernels add with atomics, so two identical runs differ in the last bits. This sets
+    torch.use_deterministic_algorithms(True), cudnn.deterministic = True and cudnn.benchmark
+    = False: repeatable on the same GPU model, driver and torch build. Older torch releases
+    refuse cuBLAS in this mode unless CUBLAS_WORKSPACE_CONFIG is ":4096:8" or ":16:8", so it
+    is set for the block when absent (torch 2.14 has no such check; cuBLAS reads the variable
+    when it creates a workspace, so for a whole run export it before starting Python).
+    """
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.deterministic, cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def build_optimizer(model: FineTunableCNN, phase: int) -> torch.optim.Optimizer:
@@ -364,9 +398,11 @@ if in_notebook():
 # requires_grad_(False) on the backbone: no gradients, no updates, less memory. Build the
 # optimizer over the trainable parameters only (filter(lambda p: p.requires_grad, ...)).
 # Optimizers skip a parameter whose .grad is None, so a frozen one inside the optimizer does
-# not move by itself; the reasons to leave it out are that zero_grad(set_to_none=False)
-# leaves zero-filled grads, and then momentum and weight decay DO move "frozen" weights, and
-# that the optimizer's state and param_groups (and so its state_dict) would describe
+# not move by itself. The reasons to leave it out: a parameter that already HAS a .grad (it
+# trained before you froze it) keeps it, zero_grad(set_to_none=False) only fills it with
+# zeros, and then momentum and weight decay DO move that "frozen" weight (one frozen from the
+# start keeps grad None and stays put; both are measured below); and
+# the optimizer's state and param_groups (and so its state_dict) would describe
 # parameters it never trains, a layout that no longer fits once you unfreeze (section 4).
 # And keep frozen BatchNorm in eval():
 # in train mode it keeps updating running_mean/var from target batches, so the "frozen"
@@ -400,9 +436,36 @@ def lesson_3_freezing(run: Run, pretrained_path: Path, loaders) -> dict:
         drift[label] = (params, buffers)
         print(f"  {label:<22} trainable tensors {len(trainable)}; backbone weights max |diff| "
               f"{params}, BatchNorm running stats max |diff| {buffers:.4g}")
-    return {"frozen_params_max_abs_diff": drift["+ BatchNorm in eval"][0],
+    moved = frozen_weight_drift(seed=run.seed)
+    for case, (grad_is_none, distance) in moved.items():
+        print(f"  frozen but left in an SGD(momentum, weight_decay) optimizer, {case}: grad "
+              f"{'None' if grad_is_none else 'zero-filled'}, moved max |diff| {distance:.3g}")
+    return {"frozen_from_start_moved": moved["frozen from the start"][1],
+            "frozen_after_training_moved": moved["trained one step, then frozen"][1],
+            "frozen_params_max_abs_diff": drift["+ BatchNorm in eval"][0],
             "frozen_buffers_max_abs_diff": drift["+ BatchNorm in eval"][1],
             "bn_train_mode_buffer_drift": drift["requires_grad only"][1]}
+
+
+def frozen_weight_drift(steps: int = 3, seed: int = 0) -> dict[str, tuple[bool, float]]:
+    """A first layer frozen with requires_grad_(False) but left in the optimizer, trained
+    with zero_grad(set_to_none=False): {case: (its grad is None, how far it moved)}."""
+    moved = {}
+    for case in ("frozen from the start", "trained one step, then frozen"):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+        inputs, targets = torch.randn(16, 8), torch.randint(0, 2, (16,))
+        first = case.startswith("trained")  # one step with the layer still trainable
+        for step in range(steps + first):
+            if step == first:
+                model[0].requires_grad_(False)
+                before = model[0].weight.detach().clone()
+            optimizer.zero_grad(set_to_none=False)
+            F.cross_entropy(model(inputs), targets).backward()
+            optimizer.step()
+        moved[case] = (model[0].weight.grad is None, max_abs_diff(before, model[0].weight))
+    return moved
 
 
 if in_notebook():
@@ -418,10 +481,11 @@ if in_notebook():
 # Exactness needs every generator the next epoch draws from: the loader's (shuffle order),
 # torch's CPU one and, on a GPU, each CUDA device's (Dropout in the head runs there): the
 # checkpoint's "rng" entry holds them all (common.training.capture_rng_state, taught in 02).
-# On a GPU, also torch.backends.cudnn.deterministic = True and cudnn.benchmark = False (or
-# torch.use_deterministic_algorithms(True)): cuDNN's fastest convolution algorithms are
-# chosen per run and some are non-deterministic, so without them two runs differ in the last
-# bits even with no resume at all.
+# On a GPU, also torch.backends.cudnn.deterministic = True, cudnn.benchmark = False and
+# torch.use_deterministic_algorithms(True): cuDNN's fastest convolution algorithms are
+# chosen per run and some backward kernels are non-deterministic, so without them two runs
+# differ in the last bits even with no resume at all. Sections 4 and 4b run inside
+# deterministic_kernels(run.device), which sets them on CUDA and puts them back after.
 
 
 def lesson_4_gradual_unfreezing(run: Run, pretrained_path: Path, loaders) -> dict:
@@ -443,7 +507,9 @@ def lesson_4_gradual_unfreezing(run: Run, pretrained_path: Path, loaders) -> dic
     generator_start = loaders[0].generator.get_state()
     model = FineTunableCNN().to(run.device)
     load_what_fits(model, torch.load(pretrained_path, map_location="cpu", weights_only=True))
-    optimizer, accuracies = fine_tune(model, loaders, run.device, on_epoch_end=save_at_phase_end)
+    with deterministic_kernels(run.device):  # on CUDA; the CPU kernels here already are
+        optimizer, accuracies = fine_tune(model, loaders, run.device,
+                                          on_epoch_end=save_at_phase_end)
     loaders[0].generator.set_state(generator_start)  # section 4b replays the same data order
     print(f"  param groups at the end: {[(g['name'], g['lr']) for g in optimizer.param_groups]}")
     print(f"  target validation accuracy per epoch: {[round(a, 3) for a in accuracies]}")
@@ -484,7 +550,9 @@ def lesson_4b_resume_phases(run: Run, loaders, tuned: dict) -> dict:
     restored.load_state_dict(checkpoint["optimizer"])
     generator_start = loaders[0].generator.get_state()
     restore_rng_state(checkpoint["rng"], loaders[0].generator)
-    fine_tune(resumed, loaders, run.device, start_epoch=checkpoint["epoch"], optimizer=restored)
+    with deterministic_kernels(run.device):
+        fine_tune(resumed, loaders, run.device, start_epoch=checkpoint["epoch"],
+                  optimizer=restored)
     loaders[0].generator.set_state(generator_start)
     diff = max_abs_diff(tuned["model"].state_dict(), resumed.state_dict())
     print(f"  resumed at epoch {checkpoint['epoch']} with the phase-{phase} layout, then "

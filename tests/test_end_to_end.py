@@ -289,6 +289,9 @@ def test_06_claims(default_run):
     assert metrics["frozen_params_max_abs_diff"] == 0.0
     assert metrics["frozen_buffers_max_abs_diff"] == 0.0
     assert metrics["bn_train_mode_buffer_drift"] > 0.0  # the pitfall is real
+    # Frozen but left in the optimizer: only a parameter that already had a .grad moves.
+    assert metrics["frozen_from_start_moved"] == 0.0
+    assert metrics["frozen_after_training_moved"] > 0.0
     assert metrics["phased_resume_max_abs_diff"] == 0.0
     assert metrics["head_only_delta_rebuild_max_abs_diff"] == 0.0
     assert metrics["full_delta_rebuild_max_abs_diff"] == 0.0
