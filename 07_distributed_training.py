@@ -25,7 +25,8 @@ Multi-GPU and multi-node notes:
     LOCAL_RANK is the GPU index within a node; RANK is global across nodes (rank 8 of a
     2 x 8-GPU job is LOCAL_RANK 0 on the second node: never f"cuda:{RANK}"). Choose the
     backend ONCE for the whole job: if some ranks picked nccl and others gloo, the job hangs.
-    Here, asking for CUDA with fewer GPUs than processes per node is a clear error.
+    Here, under torchrun, asking for CUDA with fewer GPUs than processes per node is a clear
+    error; in the default self-spawning mode that world prints SKIPPED and runs on gloo/CPU.
   - Multi-node: torchrun --nnodes=2 --node_rank=K --rdzv-endpoint=HOST:PORT on each node;
     checkpoints must go to storage every node sees (a shared file system or object store).
   - Saving on rank 0 only (a full state_dict) is simple and portable but gathers the whole
@@ -33,7 +34,9 @@ Multi-GPU and multi-node notes:
     and never hold the full model anywhere.
   - Loading: map_location=device (this rank's cuda:LOCAL_RANK) keeps every rank off GPU 0. For
     full state_dicts on big models, StateDictOptions(full_state_dict=True, cpu_offload=True,
-    broadcast_from_rank0=True) loads on rank 0 and broadcasts, instead of N copies in RAM.
+    broadcast_from_rank0=True) reads the file on rank 0 only, instead of N copies in RAM;
+    it broadcasts one FULL tensor at a time and each rank keeps its slice, so every rank
+    still needs room for the largest single tensor.
 """
 
 from __future__ import annotations
@@ -79,8 +82,11 @@ from common.run import Run, format_bytes, in_notebook, make_parser, script_file
 
 HERE = script_file(globals(), "07_distributed_training.py")  # a notebook kernel has no __file__
 SAVE_WORLD = 2  # processes that train and save (in the default, self-spawning mode)
-# A collective that waits longer than this raises instead of hanging forever. torch's defaults:
-# 10 min for nccl (torch.distributed.constants.default_pg_nccl_timeout), 30 min for gloo.
+# A collective that waits longer than this fails instead of hanging forever: with gloo it
+# raises; with nccl a watchdog aborts the collective and takes the PROCESS down (unless
+# TORCH_NCCL_BLOCKING_WAIT is set, then the call raises; see dist.set_timeout's docstring).
+# torch's defaults: 10 min for nccl (torch.distributed.constants.default_pg_nccl_timeout),
+# 30 min for gloo.
 GROUP_TIMEOUT = datetime.timedelta(minutes=3)
 NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
@@ -540,10 +546,12 @@ def lesson_3b_full_and_async(out_dir: Path, device: torch.device, seed: int) -> 
     future = dcp.async_save(state, checkpoint_id=out_dir / "dcp_async_checkpoint",
                             process_group=checkpoint_group)
     async_seconds = time.perf_counter() - started
+    writing = not future.done()  # still writing when it returned: training overlaps it
     train_steps(model, optimizer, device, epochs=1, seed=seed + 1)  # training goes on...
     future.result()  # ...and the write is waited for before anything reads it or we exit
-    log0(f"  dcp.async_save returned after {async_seconds * 1000:.1f} ms; training went on "
-         "while it wrote; future.result() waited for it")
+    overlap = "training went on while it wrote" if writing else "the write had already ended"
+    log0(f"  dcp.async_save returned after {async_seconds * 1000:.1f} ms, still writing: "
+         f"{writing}; {overlap}; future.result() waited for it")
     dist.barrier()
     return {"dcp_async_save_return_ms": round(async_seconds * 1000, 2)}
 
@@ -599,8 +607,11 @@ if in_notebook():
 # job that fine-tunes it runs FSDP2 on another number of GPUs. Reading the file on every
 # rank would put N full copies in host memory at once; instead ONLY RANK 0 reads it and
 # set_model_state_dict(..., StateDictOptions(full_state_dict=True,
-# broadcast_from_rank0=True)) sends each rank its shards (the other ranks pass an empty
-# dict). One surprise, measured below: it CONSUMES that dict on rank 0, replacing entries
+# broadcast_from_rank0=True)) broadcasts the tensors one by one, each one WHOLE, and every
+# rank keeps its slice (the other ranks pass an empty dict): host memory holds one full copy
+# on rank 0, and each rank needs room for the largest single tensor on the way
+# (torch/distributed/_state_dict_utils.py, _broadcast_state_dict). One surprise, measured
+# below: it CONSUMES that dict on rank 0, replacing entries
 # with the local shards (DTensors), so keep no other use for it. For the opposite
 # conversion, torch_save_to_dcp (section 5) turns the file into a
 # DCP folder, also from the shell:
@@ -684,8 +695,8 @@ def lesson_5_no_process_group(run: Run) -> dict:
             dcp.load(state, checkpoint_id=run.out_dir / name, no_dist=True)
             results[name] = max_abs_diff(state["model"], reference)
     expected = [str(w.message) for w in caught if NO_DIST_WARNING in str(w.message)]
-    if expected:
-        print(f"  (expected warning, as no process group exists here: {expected[0][:60]}...)")
+    if expected:  # dcp warns whenever no_dist=True, inside a torchrun world too
+        print(f"  (expected warning, from no_dist=True: {expected[0][:60]}...)")
     print(f"  dcp.load(no_dist=True) into a plain model: sync checkpoint max |diff| = "
           f"{results['dcp_checkpoint']}, async checkpoint max |diff| = "
           f"{results['dcp_async_checkpoint']}")
