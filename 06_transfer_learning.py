@@ -204,10 +204,11 @@ def deterministic_kernels(device: torch.device) -> Iterator[None]:
     cuDNN picks convolution algorithms per run (benchmark mode) and some CUDA backward
     kernels add with atomics, so two identical runs differ in the last bits. This sets
     torch.use_deterministic_algorithms(True), cudnn.deterministic = True and cudnn.benchmark
-    = False: repeatable on the same GPU model, driver and torch build. Older torch releases
-    refuse cuBLAS in this mode unless CUBLAS_WORKSPACE_CONFIG is ":4096:8" or ":16:8", so it
-    is set for the block when absent (torch 2.14 has no such check; cuBLAS reads the variable
-    when it creates a workspace, so for a whole run export it before starting Python).
+    = False: repeatable on the same GPU model, driver and torch build. Earlier torch releases
+    refused cuBLAS in this mode unless CUBLAS_WORKSPACE_CONFIG was ":4096:8" or ":16:8", so it
+    is set for the block when absent (torch 2.14's libraries no longer hold that check; torch
+    reads the variable when it creates a cuBLAS workspace, so to cover a whole run, export
+    it before starting Python).
     """
     if device.type != "cuda":
         yield
