@@ -1524,8 +1524,8 @@ def lesson_5c_preemption(run: Run) -> dict:
         said = child.stderr.read().strip().splitlines()[-1:] or ["nothing"]
         if child.returncode != 128 + signal.SIGTERM:
             raise RuntimeError(f"the child run failed ({child.returncode}): {said[0]}")
-        print(f"  SIGTERM at epoch 2, batch 2 -> exit status {child.returncode} in "
-              f"{seconds:.1f} s; "
+        print(f"  SIGTERM sent once the child printed epoch 2, batch 2 -> exit status "
+              f"{child.returncode} in {seconds:.1f} s; "
               f"it said: {said[0].split(': ', 1)[-1].replace(str(demo), demo.name)}")
         resumed = train(demo / "job" / "checkpoints", epochs=4, seed=run.seed,
                         device=run.device, resume=True, log=quiet_print)
