@@ -654,7 +654,8 @@ if in_notebook():
 # %% 5. DCP without a process group, and conversion
 # A DCP folder is not a torch.save file, but you do not need a cluster to read it:
 # dcp.load(state, checkpoint_id=folder, no_dist=True) fills a plain model's state_dict in one
-# process (it warns that torch.distributed is not initialised: that is the point), and
+# process (it warns "torch.distributed is disabled, unavailable or uninitialized" whenever
+# no_dist=True, even inside a torchrun world: expected), and
 # torch.distributed.checkpoint.format_utils.dcp_to_torch_save(folder, "model.pt") converts the
 # whole checkpoint into one ordinary file; torch_save_to_dcp goes the other way (below).
 # Both exist as a command too: python -m torch.distributed.checkpoint.format_utils
