@@ -1738,10 +1738,10 @@ if in_notebook():
 #   copy, so it can keep up with the raw write (on the machine this was written on the two
 #   traded places from run to run); the line under the table compares them on THIS run.
 # - DCP (torch.distributed.checkpoint) with thread_count=2 writes two files at once (file
-#   writes release the GIL). Whether that helps depends on the disk: a disk that is busy with
-#   one stream gains nothing from a second, and the runs this was written on measured 2
-#   threads anywhere from 15% slower to 3% faster than 1. The line under the table says what
-#   THIS run measured. DCP is the format 07 uses for sharded models.
+#   writes release the GIL). Whether that helps depends on the machine and its disk: the runs
+#   this was written on measured 2 threads anywhere from 15% slower to 3% faster than 1. The
+#   line under the table says what THIS run measured. DCP is the format 07 uses for sharded
+#   models.
 # - A virtual disk (cloud VMs, CI runners) can be several times slower on space it has never
 #   written than on space it reuses. That is why every saver runs in interleaved rounds and
 #   the first two rounds are not timed; if one row still looks odd (safetensors' save_file is
