@@ -807,6 +807,8 @@ class RegistryStore:
 
     def read(self) -> dict:
         """registry.json, checked field by field; a missing file is an empty registry."""
+        if os.path.lexists(self.folder):
+            real_folder(self.folder)  # a model folder that is a link leads out of the root
         if not os.path.lexists(self.path):
             return {"name": self.name, "versions": {}, "aliases": {}}
         label = "not a valid registry index"
@@ -1331,14 +1333,19 @@ if in_notebook():
 # atomic and fsync'd, and each register() runs under a cross-process lock, so two jobs that
 # register at once get versions 1.0 and 1.1 instead of one erasing the other's folder.
 # The fingerprints in metadata.json are computed from the tensors actually written.
+# A whole folder replaced by a copy of another version is self-consistent; only registry.json,
+# which records each version's fingerprint, catches it, so registry.load checks that too.
+# A register killed between publishing its folder and updating registry.json leaves a folder
+# without an entry; the next read or register adopts it if it verifies, or sets it aside.
 
 
 def lesson_4_integrity(run: Run, registry: ModelRegistry) -> dict:
-    """Flip one bit in a copy of 1.1's weights; then swap in 1.0's weights. Both refused.
+    """Flip one bit in a copy of 1.1's weights; swap in 1.0's weights; swap whole folders.
 
     The flipped bit still loads with safetensors (the file is well-formed); only the
     recomputed fingerprint notices, and the per-tensor hashes name the tensor. The swapped
-    file is caught earlier, by the fingerprint its own header records.
+    file is caught earlier, by the fingerprint its own header records; the swapped folder
+    (a true copy of 1.1 under the name 1.0) only by registry.json's record for 1.0.
     """
     run.section("4. Integrity on every load")
     detected = []
@@ -1356,7 +1363,17 @@ def lesson_4_integrity(run: Run, registry: ModelRegistry) -> dict:
             except IntegrityError as err:
                 detected.append(attempt)
                 print(f"  IntegrityError: {str(err).replace(str(run.out_dir) + os.sep, '')}")
-    return {"tampering_detected": detected == ["flipped bit", "another version's weights"]}
+    with run.scratch("swapped_registry") as copy:
+        shutil.copytree(registry.root, copy, dirs_exist_ok=True)
+        shutil.rmtree(copy / NAME / "1.0")
+        shutil.copytree(copy / NAME / "1.1", copy / NAME / "1.0")  # a real copy: nothing forged
+        try:
+            ModelRegistry(copy, build=build_model).load(NAME, "1.0")
+        except IntegrityError as err:
+            detected.append("swapped folder")
+            print(f"  IntegrityError: {str(err).replace(str(run.out_dir) + os.sep, '')}")
+    return {"tampering_detected": detected == ["flipped bit", "another version's weights",
+                                               "swapped folder"]}
 
 
 if in_notebook():
