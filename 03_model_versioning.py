@@ -980,9 +980,9 @@ class ModelRegistry:
             index["aliases"][alias] = version
             store.write(index)
 
-    def resolve(self, name: str, ref: str) -> str:
-        """A version number from a version number or an alias."""
-        index = self._store(name).current()
+    def resolve(self, name: str, ref: str, index: dict | None = None) -> str:
+        """A version number from a version number or an alias (looked up in ``index``)."""
+        index = index or self._store(name).current()
         if ref in index["versions"]:
             return ref
         if ref in index["aliases"]:
@@ -995,7 +995,7 @@ class ModelRegistry:
         record AND against registry.json (a folder swapped for another version's copy)."""
         store = self._store(name)
         index = store.current()
-        version = self.resolve(name, ref)
+        version = self.resolve(name, ref, index)  # the same index read the check uses
         folder = real_folder(self.folder(name, version))
         expected = {"name": name, "version": version, "source": store.path,
                     "content": index["versions"][version]["content"]}
