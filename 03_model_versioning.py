@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import fcntl
 import hashlib
 import json
@@ -45,15 +46,18 @@ import platform
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
@@ -167,36 +171,45 @@ def git_commit(folder: Path) -> str | None:
 def fsync_directory(directory: Path) -> None:
     """Make a rename inside ``directory`` durable (POSIX; see 02 for why)."""
     if os.name == "posix":
-        handle = os.open(directory, os.O_RDONLY)
+        handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(handle)
         finally:
             os.close(handle)
 
 
+def write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path``, write ``data`` and fsync it; an existing file or link is an error.
+
+    O_EXCL never opens what is already there (a file, or a symlink pointing anywhere), so
+    this can only ever create a new name inside the folder. The file gets the permissions
+    the umask gives any new file (mkstemp's 0600 would hide a shared registry from a team).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    descriptor = os.open(path, flags, 0o666)
+    try:
+        view = memoryview(data)
+        while view:  # os.write may write less than asked
+            view = view[os.write(descriptor, view):]
+        os.fsync(descriptor)  # the bytes are on disk before any rename publishes them
+    finally:
+        os.close(descriptor)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably (02's atomic_write, for bytes).
 
-    A uniquely named temporary file in the same folder, flush + fsync, ``os.replace``, fsync
-    the folder: readers see the old file or the new one, and two writers never share a
-    temporary name. The file gets the permissions the umask gives any new file (mkstemp's
-    0600 would hide a shared registry from the rest of the team).
+    A new file with a random name in the same folder, then ``os.replace``, then fsync the
+    folder: readers see the old file or the new one, never a torn one, and two writers never
+    share a temporary name. A crash can leave the temporary file; the registry removes it.
     """
-    while True:
-        temporary = path.with_name(f"{path.name}.{secrets.token_hex(6)}.partial")
-        try:
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
+    temporary = path.with_name(f"{path.name}.{secrets.token_hex(6)}.partial")
+    write_new_file(temporary, data)
     try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary, path)  # replaces a symlink itself, never its target
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
         raise
     fsync_directory(path.parent)
 
@@ -206,34 +219,105 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode())
 
 
+def read_regular_file(path: Path, what: str, limit: int | None = None) -> bytes:
+    """The bytes of ``path`` if it is a regular file (of at most ``limit`` bytes).
+
+    Anything else is an IntegrityError naming the file: O_NOFOLLOW refuses a symlink (it
+    could point anywhere), O_NONBLOCK keeps a FIFO from hanging the open, and fstat on the
+    OPENED descriptor refuses a directory, FIFO or device. Reading once from that descriptor
+    means the bytes checked are the bytes used, even if the file is swapped meanwhile.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise IntegrityError(f"{path}: missing {what}") from None
+    except OSError as err:
+        cause = "a symlink; links are never followed" if err.errno == errno.ELOOP else err
+        raise IntegrityError(f"{path}: cannot read the {what} ({cause})") from None
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise IntegrityError(f"{path}: the {what} is not a regular file (a directory, "
+                                 "FIFO or device); refused")
+        if limit is not None and info.st_size > limit:
+            raise IntegrityError(f"{path}: the {what} has {info.st_size} bytes, over the "
+                                 f"limit of {limit}")
+        with open(descriptor, "rb", closefd=False) as handle:
+            return handle.read() if limit is None else handle.read(limit)
+    finally:
+        os.close(descriptor)
+
+
+def real_folder(path: Path) -> Path:
+    """``path`` if it is a directory and not a symlink; else IntegrityError.
+
+    A registry never follows a link out of itself: a version folder or model folder that
+    is a symlink could make a write, a rename or a delete land anywhere.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise IntegrityError(f"{path}: no such folder") from None
+    if not stat.S_ISDIR(mode):
+        kind = "a symlink" if stat.S_ISLNK(mode) else "not a folder"
+        raise IntegrityError(f"{path}: {kind}; a registry never follows links out of itself")
+    return path
+
+
 @contextlib.contextmanager
-def folder_lock(folder: Path, timeout: float = 60.0) -> Iterator[None]:
+def folder_lock(folder: Path, timeout: float = 60.0, blocking: bool = True) -> Iterator[bool]:
     """Hold a cross-process lock on ``folder`` (``fcntl.flock`` on ``folder/.lock``).
 
     Every read-modify-write of a registry index happens inside it, so two processes that
-    register at once get two different version numbers instead of one clobbering the other.
-    The kernel drops the lock when a process dies, so a crash never leaves it held. After
-    ``timeout`` seconds of waiting: a clear error naming the folder.
+    register at once get two different version numbers. The kernel drops the lock when a
+    process dies, so a crash never leaves it held. The lock file never follows a link:
+    O_NOFOLLOW refuses a symlinked ``.lock`` (following one would create or open a file
+    anywhere), and O_CREAT only ever creates it inside ``folder``, a real directory.
+    Yields True when held. ``blocking=False`` (a reader's housekeeping) yields False
+    instead of waiting or failing; otherwise a refusal or ``timeout`` is a clear error.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as handle:
+    if blocking:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder)
+    real_folder(folder)
+    path = folder / ".lock"
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        descriptor = os.open(path, flags, 0o666)
+    except OSError as err:
+        if blocking:
+            cause = "a symlink; locks never follow links" if err.errno == errno.ELOOP else err
+            raise IntegrityError(f"{path}: refuses the lock file ({cause}); remove it") from None
+        descriptor = None
+    if descriptor is None:
+        yield False
+        return
+    try:
+        held = stat.S_ISREG(os.fstat(descriptor).st_mode)
+        if not held and blocking:
+            raise IntegrityError(f"{path}: refuses the lock file (not a regular file)")
         deadline = time.monotonic() + timeout
-        while True:
+        while held:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() > deadline:
+                if not blocking:
+                    held = False
+                elif time.monotonic() >= deadline:
                     raise TimeoutError(f"{folder}: locked by another process for over "
                                        f"{timeout:.0f} s; try again later") from None
-                time.sleep(0.01)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+                else:
+                    time.sleep(0.01)
+        yield held
+    finally:
+        os.close(descriptor)  # closing the descriptor drops the lock
 
 
-VERSION_PATTERN = re.compile(r"\d{1,6}\.\d{1,6}")
+VERSION_PATTERN = re.compile(r"[0-9]{1,6}\.[0-9]{1,6}")  # not \d: it takes "１.０" and "٠١.٠"
+ALIAS_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # ASCII, never a version number
+HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def plain_name(name: object, what: str, source: Path | str) -> str:
@@ -245,16 +329,89 @@ def plain_name(name: object, what: str, source: Path | str) -> str:
     """
     if (not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".")
             or Path(name).name != name or "/" in name or "\\" in name or "\0" in name):
-        raise IntegrityError(f"{source}: refuses {what} {name!r}: not a plain name (no path "
-                             "separators, '..' or leading dot); nothing was read or written")
+        raise IntegrityError(f"{source}: refuses {what} {name!r:.80}: not a plain name (no "
+                             "path separators, '..' or leading dot); nothing was read or written")
     return name
 
 
 def version_name(version: object, source: Path | str) -> str:
-    """A version string of the form MAJOR.MINOR, or IntegrityError."""
+    """A version string of the form MAJOR.MINOR (ASCII digits), or IntegrityError."""
     if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version):
-        raise IntegrityError(f"{source}: {version!r} is not a version number (MAJOR.MINOR)")
+        raise IntegrityError(f"{source}: {version!r:.80} is not a version number (MAJOR.MINOR, "
+                             "ASCII digits)")
     return version
+
+
+class RecordCheck:
+    """Type and range checks for one JSON record read from ``path``.
+
+    Everything read from a file is hostile until checked: a list where a dict belongs, a
+    string where a number belongs, ``true`` where an int belongs (bool is an int in
+    Python), would otherwise surface as a TypeError deep inside a load. Each failure is an
+    IntegrityError naming the file and the field.
+    """
+
+    def __init__(self, path: Path, label: str) -> None:
+        self.path, self.label = path, label
+
+    def fail(self, field: str, problem: str) -> IntegrityError:
+        return IntegrityError(f"{self.path}: {self.label}, field {field}: {problem}")
+
+    def typed(self, value: object, kind: type | tuple, field: str) -> object:
+        """``value`` if it is a ``kind`` (a bool is not accepted as an int)."""
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise self.fail(field, f"expected {names}, got {type(value).__name__}")
+        return value
+
+    def member(self, record: dict, key: str, kind: type | tuple, prefix: str = "") -> object:
+        """``record[key]``, present and of type ``kind``."""
+        if key not in record:
+            raise IntegrityError(f"{self.path}: {self.label}, missing field {prefix + key!r}")
+        return self.typed(record[key], kind, repr(prefix + key))
+
+    def text(self, value: object, pattern: re.Pattern, field: str, meaning: str) -> str:
+        """A string that fully matches ``pattern``."""
+        if not (isinstance(value, str) and pattern.fullmatch(value)):
+            raise self.fail(field, f"{value!r:.80} is not {meaning}")
+        return value
+
+    def count(self, value: object, field: str, upper: int = 2**62) -> int:
+        """An int in [0, upper]: JSON allows 10**400, and a shape or version never needs it."""
+        self.typed(value, int, field)
+        if not 0 <= value <= upper:
+            raise self.fail(field, f"{str(value)[:20]} is out of range [0, {upper}]")
+        return value
+
+
+MAX_RECORD_BYTES = 16 * 2**20  # metadata.json and registry.json: far more than either needs
+MAX_RECORD_DEPTH = 32  # nesting levels; a 100,000-deep JSON array is refused, not recursed
+
+
+def decode_json_record(data: bytes, path: Path, label: str) -> object:
+    """Parse JSON ``data`` read from ``path``, refusing a value nested too deep.
+
+    ``json.loads`` recurses once per nesting level, so a file of 100,000 ``[`` raises
+    RecursionError; that, a decoding error and too deep a value all become one
+    IntegrityError. The depth is then checked without recursion, so nothing downstream
+    that walks the value (json.dumps, ==) can hit the recursion limit either.
+    """
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise IntegrityError(f"{path}: {label}, nested too deep") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise IntegrityError(f"{path}: {label}, not valid JSON ({err})") from None
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_RECORD_DEPTH:
+            raise IntegrityError(f"{path}: {label}, nested deeper than {MAX_RECORD_DEPTH}")
+        children = item.values() if isinstance(item, dict) else item if isinstance(
+            item, list) else ()
+        pending.extend((child, depth + 1) for child in children)
+    return value
 
 
 # What metadata.json must hold, and the type of each field, checked on every read:
@@ -273,6 +430,62 @@ REQUIRED_METADATA = {
     "environment": dict, "fingerprints": dict, "tensors": dict, "module_versions": dict,
     "weights_file": str,
 }
+
+
+def check_metadata(metadata: object, path: Path) -> dict:
+    """Check every field of a metadata record that code reads; return it, or IntegrityError."""
+    check = RecordCheck(path, "bad metadata")
+    check.typed(metadata, dict, "(the whole file)")
+    for key, kind in REQUIRED_METADATA.items():
+        check.member(metadata, key, kind)
+    plain_name(metadata["name"], "the name", path)
+    plain_name(metadata["weights_file"], "the weights file", path)
+    for key in ("version", "parent"):
+        if key == "version" or metadata[key] is not None:
+            check.text(metadata[key], VERSION_PATTERN, key, "a version number (MAJOR.MINOR)")
+    for key in ("content", "signature"):
+        check.text(check.member(metadata["fingerprints"], key, str, "fingerprints."),
+                   HEX64, f"fingerprints.{key}", "a SHA-256 hex digest")
+    architecture = metadata["architecture"]
+    check.member(architecture, "class", str, "architecture.")
+    check.typed(architecture.get("module", ""), str, "architecture.module")
+    check.typed(architecture.get("kwargs", {}), dict, "architecture.kwargs")
+    for key, info in metadata["tensors"].items():
+        field = f"tensors[{key!r:.60}]."
+        check.typed(info, dict, field[:-1])
+        check.member(info, "dtype", str, field)
+        for axis, size in enumerate(check.member(info, "shape", list, field)):
+            check.count(size, f"{field}shape[{axis}]")
+        check.text(check.member(info, "sha256", str, field), HEX64, field + "sha256",
+                   "a SHA-256 hex digest")
+    for key, number in metadata["module_versions"].items():
+        check.count(number, f"module_versions[{key!r:.60}]", 2**31)
+    for row, entry in enumerate(metadata["history"]):
+        check.typed(entry, dict, f"history[{row}]")
+    return metadata
+
+
+def check_index(index: object, path: Path) -> dict:
+    """Check a registry.json record: versions (ASCII MAJOR.MINOR) with hex fingerprints and
+    a parent, aliases (ASCII names) pointing at registered versions. IntegrityError if not."""
+    check = RecordCheck(path, "not a valid registry index")
+    check.typed(index, dict, "(the whole file)")
+    versions = check.member(index, "versions", dict)
+    for version, info in versions.items():
+        field = f"versions[{version!r:.60}]"
+        version_name(version, path)
+        check.typed(info, dict, field)
+        for key in ("content", "signature"):
+            check.text(check.member(info, key, str, field + "."), HEX64, f"{field}.{key}",
+                       "a SHA-256 hex digest")
+        if info.get("parent") is not None:
+            check.text(info["parent"], VERSION_PATTERN, f"{field}.parent", "a version number")
+    for alias, target in check.member(index, "aliases", dict).items():
+        check.text(alias, ALIAS_PATTERN, f"aliases[{alias!r:.60}]", "an ASCII alias name")
+        if not isinstance(target, str) or target not in versions:
+            raise IntegrityError(f"{path}: alias {alias!r} points at {target!r:.80}, which is "
+                                 "not a registered version")
+    return index
 
 
 @dataclasses.dataclass
@@ -319,7 +532,7 @@ class VersionedModel:
         the model card's text (default: :func:`model_card`).
         """
         folder = Path(folder)
-        if folder.exists():
+        if os.path.lexists(folder):
             raise FileExistsError(f"{folder}: a version is already saved there; versions are "
                                   "immutable, register a new one instead")
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -338,17 +551,15 @@ class VersionedModel:
                  self.WEIGHTS: safetensors_bytes(state_dict, metadata=header),
                  self.CARD: (card or model_card)(self.metadata).encode()}
         # A staging folder with a unique name beside the target: the version appears complete
-        # (one rename) or not at all, and two writers never share a staging folder.
+        # (one rename) or not at all, and two writers never share a staging folder. A crash
+        # leaves the staging folder behind; the registry's recovery removes it.
         staging = folder.with_name(f".{folder.name}.{secrets.token_hex(6)}.incoming")
-        staging.mkdir(mode=0o777)  # unique name; the umask decides the permissions
+        os.mkdir(staging, 0o777)  # unique name; the umask decides the permissions
         try:
             for name, data in files.items():
-                with open(staging / name, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())  # bytes on disk before the rename publishes them
+                write_new_file(staging / name, data)
             fsync_directory(staging)
-            os.rename(staging, folder)  # fails if folder appeared meanwhile: never overwrites
+            os.rename(staging, folder)  # fails if a non-empty folder appeared meanwhile
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -357,50 +568,94 @@ class VersionedModel:
 
     @classmethod
     def load(cls, folder: Path, build: Callable[[dict], nn.Module],
-             device: torch.device | str = "cpu") -> VersionedModel:
-        """Verify the version in ``folder``, then rebuild and load it. Raises IntegrityError."""
-        metadata, state_dict = verify_version(folder)
+             device: torch.device | str = "cpu", expected: Mapping | None = None
+             ) -> VersionedModel:
+        """Verify the version in ``folder``, then rebuild and load it. Raises IntegrityError.
+
+        ``expected`` (what an index records: name, version, content) must match too. The
+        architecture record is checked on the meta device BEFORE the model is built for
+        real, so a record asking for a 60000x60000 layer is refused without allocating it.
+        """
+        metadata, state_dict = verify_version(folder, expected)
+        module_versions = {k: {"version": v} for k, v in metadata["module_versions"].items()}
+        problem = check_architecture(build, metadata["architecture"], state_dict,
+                                     module_versions)
+        if problem:
+            raise IntegrityError(f"{Path(folder) / cls.METADATA}: field 'architecture' does "
+                                 f"not describe the weights: {problem}")
+        # Built for real only now, when its size is known to be the weights' size. (A model
+        # materialised from the meta skeleton would leave non-persistent buffers empty.)
         model = build(metadata["architecture"])
         # safetensors keeps tensors only; the module versions that _load_from_state_dict reads
         # (section 7) travel in metadata.json and are put back here.
         state_dict = OrderedDict(state_dict)  # an OrderedDict can carry the _metadata attribute
-        state_dict._metadata = {k: {"version": v} for k, v in metadata["module_versions"].items()}
+        state_dict._metadata = module_versions
         model.load_state_dict(state_dict)
         return cls(model.to(device), metadata)
 
 
+def check_architecture(build: Callable[[dict], nn.Module], architecture: dict,
+                       state_dict: Mapping[str, torch.Tensor],
+                       module_versions: dict | None = None) -> str | None:
+    """Why ``build(architecture)`` cannot take ``state_dict``, or None; nothing is allocated.
+
+    The model is built under ``torch.device("meta")``: its tensors get shapes but no memory,
+    so a record naming ``nn.Linear(60000, 60000)`` costs nothing here (for real: 14 GB).
+    Loading meta stand-ins of the weights with ``assign=True`` runs the module's own checks
+    and migrations (section 7), the ones the real ``load_state_dict`` runs. A ``build`` that
+    puts tensors on an explicit device defeats this; build with the default device.
+    """
+    stand_ins = OrderedDict((key, torch.empty(value.shape, dtype=value.dtype, device="meta"))
+                            for key, value in state_dict.items())
+    stand_ins._metadata = module_versions or {}
+    try:
+        with torch.device("meta"):
+            skeleton = build(architecture)
+        skeleton.load_state_dict(stand_ins, strict=True, assign=True)
+    except Exception as err:  # noqa: BLE001 - any failure here is the record's fault
+        return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    return None
+
+
+def safetensors_header(data: bytes, path: Path) -> dict:
+    """The ``__metadata__`` strings of a safetensors file held in ``data`` (its header).
+
+    The format: 8 bytes little-endian header length, then that many bytes of JSON. Read from
+    the same bytes that are then deserialized, so the header checked belongs to them.
+    """
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    try:
+        if not 0 < size <= len(data) - 8:
+            raise ValueError("the header length runs past the end of the file")
+        header = json.loads(data[8:8 + size])
+    except (ValueError, RecursionError) as err:
+        raise IntegrityError(f"{path}: not a readable safetensors file ({err})") from None
+    found = header.get("__metadata__") if isinstance(header, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
 def read_metadata(folder: Path) -> dict:
-    """Read and validate ``metadata.json``; an IntegrityError says what is wrong.
+    """Read and validate ``metadata.json``; an IntegrityError names the file and the field.
 
     Validation comes first because everything after it trusts these fields: a missing key
     or a list where a dict belongs would otherwise surface as a KeyError deep inside a load,
     naming neither the file nor the field.
     """
     path = folder / VersionedModel.METADATA
-    if not path.is_file():
-        raise IntegrityError(f"{path}: missing metadata file")
-    try:
-        metadata = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise IntegrityError(f"{path}: bad metadata, not valid JSON ({err})") from err
-    if not isinstance(metadata, dict):
-        raise IntegrityError(f"{path}: bad metadata, expected a JSON object")
-    for key, kind in REQUIRED_METADATA.items():
-        if key not in metadata:
-            raise IntegrityError(f"{path}: bad metadata, missing field {key!r}")
-        if not isinstance(metadata[key], kind):
-            raise IntegrityError(f"{path}: bad metadata, field {key!r} has the wrong type")
-    if not {"content", "signature"} <= set(metadata["fingerprints"]):
-        raise IntegrityError(f"{path}: bad metadata, fingerprints need content and signature")
-    return metadata
+    data = read_regular_file(path, "metadata file", MAX_RECORD_BYTES)
+    return check_metadata(decode_json_record(data, path, "bad metadata"), path)
 
 
-def verify_version(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def verify_version(path: str | Path, expected: Mapping | None = None
+                   ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Check a saved version (its folder, or the .safetensors inside it) against its record.
 
     Returns ``(metadata, state_dict)`` when everything matches; otherwise raises IntegrityError
     naming the file and what differs: a missing file, bad metadata, an unreadable weights
     file, weights from another version, edited metadata, or the tensors whose bytes changed.
+    ``expected`` holds what an index records for this folder (``name``, ``version``,
+    ``content``, and ``source``, the index's path): a folder swapped for a copy of another
+    version is self-consistent, and only that comparison catches it.
     The checks run cheapest first: the header's recorded fingerprint (a few bytes) catches a
     swapped file before any tensor is hashed; the recomputed fingerprint catches edits.
     """
@@ -408,36 +663,45 @@ def verify_version(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     folder = path.parent if path.suffix == ".safetensors" else path
     if not folder.is_dir():
         raise IntegrityError(f"{path}: no such version folder")
-    metadata = read_metadata(folder)
-    weights = folder / plain_name(metadata["weights_file"], "the weights file",
-                                  folder / VersionedModel.METADATA)
-    if not weights.is_file():
-        raise IntegrityError(f"{weights}: missing weights file")
-    try:
-        with safe_open(weights, framework="pt") as handle:
-            header = handle.metadata() or {}
-        state_dict = load_file(weights, device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise IntegrityError(f"{weights}: not a readable safetensors file ({err})") from err
+    metadata_path = folder / VersionedModel.METADATA
+    metadata_bytes = read_regular_file(metadata_path, "metadata file", MAX_RECORD_BYTES)
+    metadata = check_metadata(decode_json_record(metadata_bytes, metadata_path, "bad metadata"),
+                              metadata_path)  # parsed from the bytes that are hashed below
     recorded = metadata["fingerprints"]["content"]
+    found = {"name": metadata["name"], "version": metadata["version"], "content": recorded}
+    wrong = [key for key in ("content", "name", "version")
+             if expected and key in expected and expected[key] != found[key]]
+    if wrong:
+        said = " ".join(str(expected.get(key, "?"))[:16] for key in ("name", "version", "content"))
+        raise IntegrityError(
+            f"{folder}: holds {found['name']} {found['version']} (content fingerprint "
+            f"{recorded[:16]}), but {expected.get('source', 'the index')} records {said}: "
+            f"the folder was replaced ({', '.join(wrong)} differ)")
+    weights = folder / metadata["weights_file"]
+    data = read_regular_file(weights, "weights file")
+    header = safetensors_header(data, weights)
     if header.get("content_fingerprint") != recorded:
         raise IntegrityError(
             f"{weights}: weights belong to another version (header says version "
-            f"{header.get('version')!r}, fingerprint {str(header.get('content_fingerprint'))[:12]};"
-            f" metadata.json records {metadata['version']}, {recorded[:12]})")
-    metadata_sha256 = hashlib.sha256((folder / VersionedModel.METADATA).read_bytes()).hexdigest()
+            f"{header.get('version')!r:.20}, fingerprint "
+            f"{str(header.get('content_fingerprint'))[:12]}; metadata.json records "
+            f"{metadata['version']}, {recorded[:12]})")
+    metadata_sha256 = hashlib.sha256(metadata_bytes).hexdigest()
     if header.get("metadata_sha256") != metadata_sha256:
         raise IntegrityError(
-            f"{folder / VersionedModel.METADATA}: edited after saving (its SHA-256 "
-            f"{metadata_sha256[:12]} != {str(header.get('metadata_sha256'))[:12]} recorded in "
-            f"{weights.name}'s header)")
+            f"{metadata_path}: edited after saving (its SHA-256 {metadata_sha256[:12]} != "
+            f"{str(header.get('metadata_sha256'))[:12]} recorded in {weights.name}'s header)")
+    try:
+        state_dict = safetensors_load(data)
+    except (SafetensorError, ValueError) as err:
+        raise IntegrityError(f"{weights}: not a readable safetensors file ({err})") from None
     actual = VersionedModel.describe(state_dict)
     if actual["fingerprints"]["content"] != recorded:
-        expected = metadata["tensors"]
-        changed = sorted(k for k in expected.keys() & actual["tensors"].keys()
-                         if expected[k] != actual["tensors"][k])
-        added = sorted(actual["tensors"].keys() - expected.keys())
-        removed = sorted(expected.keys() - actual["tensors"].keys())
+        expected_tensors = metadata["tensors"]
+        changed = sorted(k for k in expected_tensors.keys() & actual["tensors"].keys()
+                         if expected_tensors[k] != actual["tensors"][k])
+        added = sorted(actual["tensors"].keys() - expected_tensors.keys())
+        removed = sorted(expected_tensors.keys() - actual["tensors"].keys())
         details = "; ".join(f"{label}: {', '.join(keys)}" for label, keys in
                             (("changed", changed), ("added", added), ("removed", removed)) if keys)
         found = actual["fingerprints"]["content"]
@@ -481,6 +745,13 @@ def model_card(metadata: dict) -> str:
     ``ModelRegistry(root, card=...)``; this one fits the lesson's toy model.
     """
     env = metadata["environment"]
+    # What the card promises depends on where the weights were trained: the CPU kernels are
+    # deterministic, so a retrain can match the fingerprint; some GPU kernels are not.
+    reproduce = ("Retraining from this config with the same software on the CPU is expected to "
+                 "give the same content fingerprint\n(03_model_versioning.py section 6 checks "
+                 "that for its own versions)." if env["device"] == "cpu" else
+                 "Trained on a GPU, where some kernels are non-deterministic: a retrain is "
+                 "expected to match the\nmetrics, not the content fingerprint.")
     rows = "\n".join(f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | "
                      f"{h['val_accuracy']:.3f} |" for h in metadata["history"])
     return f"""# {metadata['name']} {metadata['version']}
@@ -504,61 +775,134 @@ Data fingerprint: `{env.get('data_fingerprint', '?')[:16]}`
 
 ## Reproduce
 torch {env['torch']}, Python {env['python']}, {env['platform']}, seed {env['seed']},
-git commit {env.get('git_commit') or 'unknown'}. Retraining from this config on the CPU gives
-the same content fingerprint (03_model_versioning.py section 6).
+git commit {env.get('git_commit') or 'unknown'}, trained on {env['device']}.
+{reproduce}
 """
+
+
+class RegistryWarning(UserWarning):
+    """The registry repaired what an interrupted register left: says what it did and why."""
+
+
+class RegistryStore:
+    """One model's folder in a registry: its registry.json, its lock, and crash recovery.
+
+    A register publishes a version in two steps, the version folder's rename and then the
+    replace of registry.json, and a process can die between any two system calls. What a
+    crash can leave is recognised by name and repaired under the lock by :meth:`recover`:
+    a staging folder (``.1.1.<hex>.incoming``) or an index temporary
+    (``registry.json.<hex>.partial``) is removed; a version folder without an index entry
+    is adopted if it verifies (its rename was the last step that ran) or else set aside as
+    ``.set-aside.<version>.<hex>``, never deleted. Each repair is a RegistryWarning.
+    Nothing else in the folder is touched, and nothing outside it: every name is checked.
+    """
+
+    INDEX = "registry.json"
+    LEFTOVER = re.compile(r"\.[0-9]{1,6}\.[0-9]{1,6}\.[0-9a-f]{12}\.incoming"
+                          r"|registry\.json\.[0-9a-f]{12}\.partial")
+
+    def __init__(self, folder: Path, name: str, lock_timeout: float = 60.0) -> None:
+        self.folder, self.name, self.lock_timeout = folder, name, lock_timeout
+        self.path = folder / self.INDEX
+
+    def read(self) -> dict:
+        """registry.json, checked field by field; a missing file is an empty registry."""
+        if os.path.lexists(self.folder):
+            real_folder(self.folder)  # a model folder that is a link leads out of the root
+        if not os.path.lexists(self.path):
+            return {"name": self.name, "versions": {}, "aliases": {}}
+        label = "not a valid registry index"
+        data = read_regular_file(self.path, "registry index", MAX_RECORD_BYTES)
+        return check_index(decode_json_record(data, self.path, label), self.path)
+
+    def write(self, index: dict) -> None:
+        """Replace registry.json atomically (the caller holds the lock)."""
+        write_text_atomic(self.path, json.dumps(index, indent=2) + "\n")
+
+    def locked(self, blocking: bool = True) -> contextlib.AbstractContextManager[bool]:
+        """The folder's cross-process lock (see :func:`folder_lock`)."""
+        return folder_lock(self.folder, self.lock_timeout, blocking)
+
+    def leftovers(self, index: dict) -> list[str]:
+        """Names in the folder that an interrupted register left (what recover repairs)."""
+        if not os.path.isdir(self.folder):
+            return []
+        return sorted(name for name in os.listdir(self.folder) if self.LEFTOVER.fullmatch(name)
+                      or (VERSION_PATTERN.fullmatch(name) and name not in index["versions"]))
+
+    def current(self) -> dict:
+        """The index as a reader should see it: repaired first if that is possible now.
+
+        A reader never waits: if a writer holds the lock (it may be between its two steps)
+        or the folder is read-only, it reads the index as it is, which is consistent.
+        """
+        index = self.read()
+        if self.leftovers(index):
+            with self.locked(blocking=False) as held:
+                if held:
+                    index = self.recover()
+        return index
+
+    def recover(self) -> dict:
+        """Repair what interrupted registers left (the caller holds the lock); the index."""
+        index, changes, adopted = self.read(), [], False
+        for name in self.leftovers(index):
+            path = self.folder / name
+            if self.LEFTOVER.fullmatch(name):
+                if stat.S_ISDIR(os.lstat(path).st_mode):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)  # a file or a symlink; a link's target is never touched
+                changes.append(f"removed {name}, left by an interrupted write")
+                continue
+            try:
+                source = f"{self.path} (no entry yet)"
+                metadata, _ = verify_version(real_folder(path), {
+                    "name": self.name, "version": name, "source": source})
+            except IntegrityError as err:
+                aside = self.folder / f".set-aside.{name}.{secrets.token_hex(6)}"
+                os.rename(path, aside)
+                changes.append(f"set {name} aside as {aside.name}: it has no index entry and "
+                               f"does not verify ({err})")
+                continue
+            index["versions"][name] = {**metadata["fingerprints"], "parent": metadata["parent"]}
+            adopted = True
+            changes.append(f"adopted {name}: a complete version without an index entry (a "
+                           "register was interrupted after publishing it); its record verifies")
+        if adopted:
+            self.write(index)
+        for change in changes:
+            warnings.warn(f"{self.folder}: {change}", RegistryWarning, stacklevel=3)
+        return index
 
 
 class ModelRegistry:
     """A registry in a folder: ``<root>/<name>/<version>/`` plus ``<root>/<name>/registry.json``.
 
-    registry.json holds the version list (with signatures) and the aliases; it is rewritten
-    atomically, under a cross-process lock. Versions are immutable once written.
+    registry.json holds the version list (with fingerprints) and the aliases; it is
+    rewritten atomically, under a cross-process lock, and every load checks the folder
+    against it. Versions are immutable once written; a crash at any instant loses nothing
+    (:class:`RegistryStore` repairs what it leaves on the next read or register).
     ``build(architecture) -> nn.Module`` rebuilds a model from its recorded architecture
     (default: :func:`build_from_record`, the recorded class if this process has imported
     it); ``card(metadata) -> str`` writes its model card (default: :func:`model_card`);
     ``code_folder`` is the git checkout whose commit each version records (default: the
-    current folder). Names (registry names, versions, aliases) are plain names, never paths.
+    current folder). Names are plain names, never paths; versions and aliases are ASCII.
     """
 
     def __init__(self, root: str | Path, build: Callable[[dict], nn.Module] | None = None,
                  card: Callable[[dict], str] | None = None,
-                 code_folder: str | Path | None = None) -> None:
+                 code_folder: str | Path | None = None, lock_timeout: float = 60.0) -> None:
         self.root = Path(root)
         self.build = build or build_from_record
         self.card = card or model_card
         self.code_folder = Path(code_folder) if code_folder is not None else Path.cwd()
+        self.lock_timeout = lock_timeout
 
-    def _index_path(self, name: str) -> Path:
-        """``<root>/<name>/registry.json``, after checking that ``name`` is a plain name."""
-        return self.root / plain_name(name, "the registry name", self.root) / "registry.json"
-
-    def _index(self, name: str) -> dict:
-        """Read and check registry.json: versions must be MAJOR.MINOR, aliases plain names
-        pointing at registered versions. A missing index is an empty registry."""
-        path = self._index_path(name)
-        if not path.exists():
-            return {"name": name, "versions": {}, "aliases": {}}
-        try:
-            index = json.loads(path.read_text())
-            if not (isinstance(index, dict) and isinstance(index.get("versions"), dict)
-                    and isinstance(index.get("aliases"), dict)):
-                raise ValueError("needs 'versions' and 'aliases' objects")
-        except ValueError as err:
-            raise IntegrityError(f"{path}: not a valid registry index ({err}); the version "
-                                 "folders beside it are untouched") from err
-        for version in index["versions"]:
-            version_name(version, path)
-        for alias, target in index["aliases"].items():
-            plain_name(alias, "the alias", path)
-            if target not in index["versions"]:
-                raise IntegrityError(f"{path}: alias {alias!r} points at {target!r}, which is "
-                                     "not a registered version")
-        return index
-
-    def _write_index(self, name: str, index: dict) -> None:
-        """Replace registry.json atomically (callers hold the registry's lock)."""
-        write_text_atomic(self._index_path(name), json.dumps(index, indent=2) + "\n")
+    def _store(self, name: str) -> RegistryStore:
+        """The store of ``name``, after checking that ``name`` is a plain name."""
+        folder = self.root / plain_name(name, "the registry name", self.root)
+        return RegistryStore(folder, name, self.lock_timeout)
 
     def folder(self, name: str, version: str) -> Path:
         """The folder of one version; both parts are checked, so it stays under the root."""
@@ -567,11 +911,11 @@ class ModelRegistry:
 
     def versions(self, name: str) -> list[str]:
         """The registered version numbers of ``name``, in registration order."""
-        return list(self._index(name)["versions"])
+        return list(self._store(name).current()["versions"])
 
     def aliases(self, name: str) -> dict[str, str]:
         """``{alias: version}`` for ``name``, e.g. ``{"production": "1.1"}``."""
-        return dict(self._index(name)["aliases"])
+        return dict(self._store(name).current()["aliases"])
 
     def register(self, name: str, model: nn.Module, *, architecture: dict,
                  hyperparameters: dict, history: list[dict], data_fingerprint: str,
@@ -579,30 +923,36 @@ class ModelRegistry:
         """Save ``model`` as the next version of ``name`` (or return the identical existing one).
 
         The whole read-choose-write runs under the registry's lock: two processes that
-        register at once get two different version numbers.
+        register at once get two different version numbers. ``architecture`` must rebuild
+        ``model`` (checked on the meta device): a version that cannot load is refused here.
         """
+        store = self._store(name)
+        if parent is not None:
+            version_name(parent, "register(parent=...)")
         state_dict = model.state_dict()
+        record = {"module": type(model).__module__, **architecture}
+        problem = check_architecture(self.build, record, state_dict,
+                                     getattr(state_dict, "_metadata", None))
+        if problem:
+            raise ValueError(f"register({name!r}): architecture={architecture!r:.200} does not "
+                             f"rebuild this model: {problem}")
         described = VersionedModel.describe(state_dict)
         device = next(iter(state_dict.values())).device if state_dict else torch.device("cpu")
-        with folder_lock(self._index_path(name).parent):
-            for stale in self._index_path(name).parent.glob(".*.incoming"):  # from a crash
-                shutil.rmtree(stale, ignore_errors=True)
-            index = self._index(name)
+        env = runtime_environment(device) | {"seed": seed, "data_fingerprint": data_fingerprint,
+                                             "git_commit": git_commit(self.code_folder)}
+        with store.locked():
+            index = store.recover()
             for version, info in index["versions"].items():
                 if info["content"] == described["fingerprints"]["content"]:
-                    return VersionedModel.load(self.folder(name, version), self.build)
+                    return self.load(name, version)
             version = next_version(
                 [(v, info["signature"]) for v, info in index["versions"].items()],
                 described["fingerprints"]["signature"])
-            env = runtime_environment(device) | {
-                "seed": seed, "data_fingerprint": data_fingerprint,
-                "git_commit": git_commit(self.code_folder)}
             metadata = {
                 "name": name, "version": version, "parent": parent,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec="seconds"),
-                "architecture": {"module": type(model).__module__, **architecture},
-                "hyperparameters": hyperparameters,
+                "architecture": record, "hyperparameters": hyperparameters,
                 "history": history, "metrics": history[-1] if history else {},
                 "environment": env,
                 "module_versions": {k: v["version"] for k, v in
@@ -613,23 +963,26 @@ class ModelRegistry:
             versioned = VersionedModel(model, metadata)
             versioned.save(self.folder(name, version), card=self.card)  # adds fingerprints
             index["versions"][version] = {**versioned.metadata["fingerprints"], "parent": parent}
-            self._write_index(name, index)
+            store.write(index)
         return versioned
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         """Point ``alias`` (e.g. "production") at ``version``; it moves if it existed."""
-        plain_name(alias, "the alias", self.root / name)
-        with folder_lock(self._index_path(name).parent):
-            index = self._index(name)
+        store = self._store(name)
+        if not (isinstance(alias, str) and ALIAS_PATTERN.fullmatch(alias)):
+            raise IntegrityError(f"{store.path}: refuses the alias {alias!r:.80}: an alias is "
+                                 "an ASCII name (letter first; letters, digits, _ and -)")
+        with store.locked():
+            index = store.recover()
             if version not in index["versions"]:
                 raise KeyError(f"{name} has no version {version}; versions: "
                                f"{list(index['versions'])}")
             index["aliases"][alias] = version
-            self._write_index(name, index)
+            store.write(index)
 
-    def resolve(self, name: str, ref: str) -> str:
-        """A version number from a version number or an alias."""
-        index = self._index(name)
+    def resolve(self, name: str, ref: str, index: dict | None = None) -> str:
+        """A version number from a version number or an alias (looked up in ``index``)."""
+        index = index or self._store(name).current()
         if ref in index["versions"]:
             return ref
         if ref in index["aliases"]:
@@ -638,9 +991,15 @@ class ModelRegistry:
                        f"alias {list(index['aliases'])}")
 
     def load(self, name: str, ref: str, device: torch.device | str = "cpu") -> VersionedModel:
-        """Load version or alias ``ref`` of ``name``, verifying its integrity."""
-        return VersionedModel.load(self.folder(name, self.resolve(name, ref)), self.build,
-                                   device)
+        """Load version or alias ``ref`` of ``name``, verified against its folder's own
+        record AND against registry.json (a folder swapped for another version's copy)."""
+        store = self._store(name)
+        index = store.current()
+        version = self.resolve(name, ref, index)  # the same index read the check uses
+        folder = real_folder(self.folder(name, version))
+        expected = {"name": name, "version": version, "source": store.path,
+                    "content": index["versions"][version]["content"]}
+        return VersionedModel.load(folder, self.build, device, expected)
 
 
 def diff_versions(a: VersionedModel, b: VersionedModel) -> dict:
@@ -882,6 +1241,9 @@ if in_notebook():
 # a changed architecture starts a new major line (2.0), since old loading code would break.
 # Registering weights identical to an existing version returns that version: a registry
 # never holds two copies of one model under two numbers.
+# The versions are trained on the CPU whatever --device says: CPU training is bit-for-bit
+# repeatable, so section 6 can retrain from a record and get the recorded fingerprint back;
+# on a GPU, some kernels are not (section 6), and the model card would promise too much.
 
 
 def lesson_2_registry(run: Run, registry: ModelRegistry) -> tuple[dict, dict]:
@@ -902,7 +1264,8 @@ def lesson_2_registry(run: Run, registry: ModelRegistry) -> tuple[dict, dict]:
                                                   ("1.1", finetune, small, "1.0"),
                                                   ("2.0", BASE_CONFIG, wide, "1.1")):
         init = models[parent].model.state_dict() if config["init_from"] else None
-        model, history, data_fp = train_version(config, architecture, run.device, init)
+        model, history, data_fp = train_version(config, architecture, torch.device("cpu"),
+                                                init)
         models[version] = registry.register(
             NAME, model, architecture=architecture, hyperparameters=config, history=history,
             data_fingerprint=data_fp, seed=config["seed"], parent=parent)
@@ -970,14 +1333,19 @@ if in_notebook():
 # atomic and fsync'd, and each register() runs under a cross-process lock, so two jobs that
 # register at once get versions 1.0 and 1.1 instead of one erasing the other's folder.
 # The fingerprints in metadata.json are computed from the tensors actually written.
+# A whole folder replaced by a copy of another version is self-consistent; only registry.json,
+# which records each version's fingerprint, catches it, so registry.load checks that too.
+# A register killed between publishing its folder and updating registry.json leaves a folder
+# without an entry; the next read or register adopts it if it verifies, or sets it aside.
 
 
 def lesson_4_integrity(run: Run, registry: ModelRegistry) -> dict:
-    """Flip one bit in a copy of 1.1's weights; then swap in 1.0's weights. Both refused.
+    """Flip one bit in a copy of 1.1's weights; swap in 1.0's weights; swap whole folders.
 
     The flipped bit still loads with safetensors (the file is well-formed); only the
     recomputed fingerprint notices, and the per-tensor hashes name the tensor. The swapped
-    file is caught earlier, by the fingerprint its own header records.
+    file is caught earlier, by the fingerprint its own header records; the swapped folder
+    (a true copy of 1.1 under the name 1.0) only by registry.json's record for 1.0.
     """
     run.section("4. Integrity on every load")
     detected = []
@@ -995,7 +1363,17 @@ def lesson_4_integrity(run: Run, registry: ModelRegistry) -> dict:
             except IntegrityError as err:
                 detected.append(attempt)
                 print(f"  IntegrityError: {str(err).replace(str(run.out_dir) + os.sep, '')}")
-    return {"tampering_detected": detected == ["flipped bit", "another version's weights"]}
+    with run.scratch("swapped_registry") as copy:
+        shutil.copytree(registry.root, copy, dirs_exist_ok=True)
+        shutil.rmtree(copy / NAME / "1.0")
+        shutil.copytree(copy / NAME / "1.1", copy / NAME / "1.0")  # a real copy: nothing forged
+        try:
+            ModelRegistry(copy, build=build_model).load(NAME, "1.0")
+        except IntegrityError as err:
+            detected.append("swapped folder")
+            print(f"  IntegrityError: {str(err).replace(str(run.out_dir) + os.sep, '')}")
+    return {"tampering_detected": detected == ["flipped bit", "another version's weights",
+                                               "swapped folder"]}
 
 
 if in_notebook():
@@ -1040,7 +1418,7 @@ if in_notebook():
 # search); torch.use_deterministic_algorithms(True) plus torch.backends.cudnn.benchmark =
 # False make a rerun repeatable on the same GPU model, driver and torch build (ops with no
 # deterministic version then raise an error), but never across different GPUs or versions:
-# that is why this lesson retrains on the CPU.
+# that is why section 2 trains the versions, and this lesson retrains them, on the CPU.
 
 
 def lesson_6_reproduce(run: Run, registry: ModelRegistry) -> dict:
@@ -1126,18 +1504,38 @@ if in_notebook():
 # scripts, which should check the exact files they are about to ship.
 
 
+def index_entry(folder: Path) -> dict | None:
+    """What the registry.json beside ``folder`` records for it (None: no registry.json).
+
+    A version folder inside a registry is checked against the index as well: a folder
+    replaced by a copy of another version verifies on its own, and only the index says
+    which version belongs under this name.
+    """
+    store = RegistryStore(folder.parent, folder.parent.name)
+    if not os.path.lexists(store.path):
+        return None
+    info = store.read()["versions"].get(folder.name)
+    if info is None:
+        raise IntegrityError(f"{store.path}: has no version {folder.name!r:.40}")
+    return {"name": folder.parent.name, "version": folder.name, "content": info["content"],
+            "source": store.path}
+
+
 def verify_cli(path: str) -> int:
     """The --verify command: one line and an exit code, never a traceback."""
     try:
-        metadata, _ = verify_version(path)
+        folder = Path(path).parent if Path(path).suffix == ".safetensors" else Path(path)
+        expected = index_entry(folder)
+        metadata, _ = verify_version(path, expected)
     except IntegrityError as err:
-        print(f"FAILED: {err}")
+        print(f"FAILED: {' '.join(str(err).split())}")
         return 1
     except Exception as err:  # noqa: BLE001 - anything unexpected is still one line
-        print(f"FAILED: {path}: {type(err).__name__}: {err}")
+        print(f"FAILED: {path}: {type(err).__name__}: {' '.join(str(err).split())}")
         return 1
+    against = "registry.json and its own record" if expected else "its own record"
     print(f"OK: {path}: {metadata['name']} {metadata['version']}, content fingerprint "
-          f"{metadata['fingerprints']['content'][:16]} matches")
+          f"{metadata['fingerprints']['content'][:16]} matches {against}")
     return 0
 
 

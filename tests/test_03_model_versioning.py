@@ -43,9 +43,16 @@ def test_content_fingerprint_is_the_same_across_formats_order_and_devices(tmp_pa
     non_contiguous = {k: v.t().contiguous().t() if v.dim() == 2 else v
                       for k, v in state_dict.items()}
     assert lesson.content_fingerprint(non_contiguous) == expected
-    if torch.cuda.is_available():
-        on_gpu = {k: v.cuda() for k, v in state_dict.items()}
-        assert lesson.content_fingerprint(on_gpu) == expected
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: would show that "
+                    "tensors on the GPU give the CPU's content fingerprint")
+def test_content_fingerprint_is_the_same_on_the_gpu():
+    state_dict = MLP().state_dict()
+    on_gpu = {k: v.cuda() for k, v in state_dict.items()}
+    assert all(v.is_cuda for v in on_gpu.values())
+    assert lesson.content_fingerprint(on_gpu) == lesson.content_fingerprint(state_dict)
 
 
 @pytest.mark.parametrize("key", list(MLP().state_dict()))

@@ -272,13 +272,20 @@ def test_two_processes_registering_at_once_get_two_versions(tmp_path):
     assert not list(tmp_path.rglob("*.incoming")) and temporaries(tmp_path) == []
 
 
-@pytest.mark.parametrize("name", ["../escaped", "/tmp/absolute", "a/b", ".."])
+@pytest.mark.parametrize("name", ["../escaped", "ABSOLUTE", "a/b", ".."])
 def test_registry_names_with_paths_are_refused(tmp_path, name):
+    # A hostile absolute name points at a folder this test made under tmp_path, never at
+    # a fixed path such as /tmp/absolute: if the check breaks, the damage stays here.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("precious")
+    name = str(outside) if name == "ABSOLUTE" else name
     registry = registry_lesson.ModelRegistry(tmp_path / "registry")
     with pytest.raises(registry_lesson.IntegrityError, match="not a plain name"):
         register_named(registry, name)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["registry"] or not any(
-        tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["outside"], ["outside", "registry"])
+    assert [p.name for p in outside.iterdir()] == ["keep.txt"]  # it survives, untouched
+    assert (outside / "keep.txt").read_text() == "precious"
     assert not (tmp_path / "escaped").exists()
 
 
