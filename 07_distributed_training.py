@@ -22,7 +22,7 @@ Run it:   python 07_distributed_training.py [--device cpu|cuda] [--out-dir DIR] 
           (spawns its own process groups: 2 processes, then 3, with gloo on the CPU)
    or:    torchrun --standalone --nproc_per_node=N 07_distributed_training.py [...]
           (any N; then the torchrun processes are the training world)
-Takes:    about 16 s on a 2-core CPU (each of the 5 processes imports torch).
+Takes:    about 25 s on a 2-core CPU (each process of its worlds imports torch; S3: 6-13).
 Next:     you have the whole path; the README's "Common problems" maps errors to sections.
 
 Multi-GPU and multi-node notes:
@@ -947,7 +947,7 @@ url, source = sys.argv[1], sys.argv[2]
 filesystem = s3fs.S3FileSystem()  # endpoint and keys: the AWS_* variables
 with open(source, "rb") as src, filesystem.open(url, "wb", block_size=5 * 2**20) as dst:
     dst.write(src.read(6 * 2**20))
-    dst.flush()  # 5 MB: CreateMultipartUpload, then part 1 is uploaded
+    dst.flush()  # past the 5 MB block: CreateMultipartUpload, then part 1 is uploaded
     print("part 1 uploaded", flush=True)
     sys.stdin.read()  # the parent kills us here, mid-upload
     dst.write(src.read())

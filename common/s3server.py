@@ -4,9 +4,9 @@
 has about ten, several with fixed defaults such as 9333, 8888 and 23646, so two servers with
 only ``-s3.port`` chosen collide), keeps its data, logs and sockets in a temporary folder,
 waits until S3 answers an authenticated request, and stops the server and removes the folder
-at exit (also after Ctrl-C, and when the Python process dies: the child gets SIGKILL from the
-kernel). It is plumbing for the lessons, not the lesson: with ``--s3-endpoint`` the script uses
-an existing server or real S3 instead.
+at exit, also after Ctrl-C (if the Python process is killed outright, the kernel sends the
+server SIGTERM and it stops; the folder then stays). It is plumbing for the lessons, not the
+lesson: with ``--s3-endpoint`` the script uses an existing server or real S3 instead.
 
 The server accepts one generated access key (``S3Server.key`` / ``.secret``) and nothing else,
 so the lessons really authenticate. Nothing here reaches beyond 127.0.0.1.
@@ -67,9 +67,10 @@ def free_ports(count: int) -> list[int]:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGKILL it when the process that started it dies."""
+    """In the child before exec (Linux): SIGTERM it when the process that started it dies
+    (weed then stops cleanly and removes its sockets; the temporary folder stays)."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -106,14 +107,19 @@ class S3Server:
 
 
 def _answers(server: S3Server) -> bool:
-    """True once an authenticated ListObjects on the bucket succeeds."""
+    """True once an authenticated ListObjects on the bucket succeeds (first a cheap TCP
+    connect: s3fs retries a refused connection with back-off, seconds each time)."""
     import s3fs
 
+    try:
+        socket.create_connection(("127.0.0.1", server.ports["s3.port"]), timeout=1).close()
+    except OSError:
+        return False
     filesystem = s3fs.S3FileSystem(**server.storage_options(), skip_instance_cache=True)
     try:
         filesystem.ls(server.bucket, refresh=True)
         return True
-    except (OSError, PermissionError, ValueError):
+    except Exception:  # not ready yet: botocore's and s3fs's errors vary  # noqa: BLE001
         return False
 
 
