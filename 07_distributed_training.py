@@ -62,7 +62,6 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +91,7 @@ from common.data import make_image_classification
 from common.distributed import call_in_script
 from common.models import SmallCNN
 from common.run import Run, first_line, format_bytes, in_notebook, make_parser, script_file
+from common.s3server import S3Target, open_s3_target
 from common.timing import benchmark_interleaved
 
 HERE = script_file(globals(), "07_distributed_training.py")  # a notebook kernel has no __file__
@@ -749,61 +749,15 @@ if in_notebook():
 S3_PREFIX = "07_distributed_training"  # everything this run writes goes under this key prefix
 
 
-@dataclass
-class S3Target:
-    """Where the S3 lessons write: ``url`` (s3://bucket/prefix) and the s3fs ``options``."""
-
-    url: str
-    options: dict
-    server: Any = None  # the local server this run started, or None with --s3-endpoint
-
-    def filesystem(self):
-        """An s3fs.S3FileSystem with this target's endpoint and credentials."""
-        import s3fs
-
-        return s3fs.S3FileSystem(**self.options)
-
-    def child_env(self) -> dict[str, str]:
-        """The standard AWS_* variables for a child process (botocore reads them itself)."""
-        env = dict(os.environ)
-        env["AWS_ENDPOINT_URL"] = self.options["endpoint_url"]
-        if "key" in self.options:
-            env |= {"AWS_ACCESS_KEY_ID": self.options["key"],
-                    "AWS_SECRET_ACCESS_KEY": self.options["secret"]}
-        return env
-
-
-def s3_target(run: Run) -> S3Target | None:
-    """The server to use (started here unless --s3-endpoint), its prefix emptied; None and a
-    SKIPPED line when s3fs or the weed binary is missing."""
-    from common.s3server import missing_requirement, start_s3_server
-
-    endpoint, bucket = run.args.s3_endpoint, run.args.s3_bucket
-    problem = missing_requirement() if endpoint is None else None
-    try:
-        import s3fs  # noqa: F401
-    except ImportError:
-        problem = "s3fs cannot be imported; pip install s3fs"
-    if problem:
-        print(f"  SKIPPED (no S3): {problem}. Sections 6-13 would write the FSDP2 checkpoint "
-              "to S3, reshard it from there, and kill an upload midway")
-        return None
-    if endpoint is None:
-        server = start_s3_server(bucket)
-        target = S3Target(f"s3://{bucket}/{S3_PREFIX}", server.storage_options(), server)
-        print(f"  started SeaweedFS on {server.endpoint} (bucket {bucket!r}, 10 free ports, "
-              "stopped and removed at exit)")
-    else:
-        target = S3Target(f"s3://{bucket}/{S3_PREFIX}", {"endpoint_url": endpoint})
-        print(f"  using {endpoint}, bucket {bucket!r}, credentials from AWS_* variables")
-    filesystem = target.filesystem()
-    if filesystem.exists(target.url):
-        filesystem.rm(target.url, recursive=True)  # a previous run's objects, under OUR prefix
-    # The worlds of sections 7-8 read where to write from here (their processes were forked
-    # before the server existed); removed when the S3 sections end.
-    (run.out_dir / "s3_target.json").write_text(json.dumps({"url": target.url,
-                                                            "options": target.options}))
-    return target
+def s3_setup(run: Run) -> S3Target | None:
+    """This run's S3 target (common.s3server: our own server unless --s3-endpoint), its
+    prefix emptied; None after one SKIPPED line when s3fs or the weed binary is missing."""
+    s3 = open_s3_target(run.args.s3_endpoint, run.args.s3_bucket, S3_PREFIX)
+    if s3 is not None:  # the worlds of sections 7-8 read it here: their processes were
+        # forked before the server existed. Removed when the S3 sections end.
+        (run.out_dir / "s3_target.json").write_text(json.dumps({"url": s3.url,
+                                                                "options": s3.options}))
+    return s3
 
 
 def s3_in_world(out_dir: Path) -> tuple[str, dict]:
@@ -821,7 +775,7 @@ def single_process():
 
 
 if in_notebook():
-    s3 = s3_target(run)
+    s3 = s3_setup(run)
 
 
 # %% 6. One file through fsspec: torch.save and torch.load on S3
@@ -852,8 +806,8 @@ def lesson_6_s3_one_file(run: Run, s3: S3Target) -> dict:
     return {"s3_one_file_max_abs_diff": diff}
 
 
-if in_notebook() and s3 is not None:
-    run.record_all(lesson_6_s3_one_file(run, s3))
+if in_notebook():
+    run.record_all(lesson_6_s3_one_file(run, s3) if s3 else None)
 
 
 # %% 7. The sharded checkpoint in S3: every rank writes its own objects
@@ -895,8 +849,8 @@ TITLES |= {"lesson_7_s3_sharded_save": "7. The sharded checkpoint in S3: every r
                                        "its own objects",
            "lesson_8_s3_reshard": "8. Resharding from S3: another world size reads it"}
 
-if in_notebook() and s3 is not None:
-    run.record_all(in_world(run, SAVE_WORLD, lesson_7_s3_sharded_save))
+if in_notebook():
+    run.record_all(in_world(run, SAVE_WORLD, lesson_7_s3_sharded_save) if s3 else None)
 
 
 # %% 8. Resharding from S3: another world size reads it
@@ -930,8 +884,8 @@ def lesson_8_s3_reshard(out_dir: Path, device: torch.device, seed: int) -> dict:
     return result
 
 
-if in_notebook() and s3 is not None:
-    run.record_all(in_world(run, reshard_world(SAVE_WORLD), lesson_8_s3_reshard))
+if in_notebook():
+    run.record_all(in_world(run, reshard_world(SAVE_WORLD), lesson_8_s3_reshard) if s3 else None)
 
 
 # %% 9. What atomic means on S3: a killed upload
@@ -991,8 +945,8 @@ def lesson_9_killed_upload(run: Run, s3: S3Target) -> dict:
             "s3_pending_uploads_after_abort": len(left)}
 
 
-if in_notebook() and s3 is not None:
-    run.record_all(lesson_9_killed_upload(run, s3))
+if in_notebook():
+    run.record_all(lesson_9_killed_upload(run, s3) if s3 else None)
 
 
 # %% 10. A checkpoint is complete when its marker exists: written last, read first
@@ -1091,8 +1045,8 @@ def lesson_10_complete_marker(run: Run, s3: S3Target) -> dict:
             "s3_killed_save_objects_left": len(left)}
 
 
-if in_notebook() and s3 is not None:
-    run.record_all(lesson_10_complete_marker(run, s3))
+if in_notebook():
+    run.record_all(lesson_10_complete_marker(run, s3) if s3 else None)
 
 
 # %% 11. Two writers on one key: conditional writes
@@ -1135,8 +1089,8 @@ def lesson_11_two_writers(run: Run, s3: S3Target) -> dict:
     return {"s3_conditional_write_honoured": honoured}
 
 
-if in_notebook() and s3 is not None:
-    run.record_all(lesson_11_two_writers(run, s3))
+if in_notebook():
+    run.record_all(lesson_11_two_writers(run, s3) if s3 else None)
 
 
 # %% 12. Trust: a DCP checkpoint's .metadata is a pickle
@@ -1209,8 +1163,8 @@ def lesson_12_trust(run: Run, s3: S3Target) -> dict:
     return {"s3_restricted_load_max_abs_diff": diff, "s3_hostile_metadata_refused": refused}
 
 
-if in_notebook() and s3 is not None:
-    run.record_all(lesson_12_trust(run, s3))
+if in_notebook():
+    run.record_all(lesson_12_trust(run, s3) if s3 else None)
 
 
 # %% 13. Speed: DCP to S3 against a raw put and get of the same bytes, and local disk
@@ -1219,6 +1173,20 @@ if in_notebook() and s3 is not None:
 # s3fs call each, in interleaved rounds (as 02 section 8 does), so a slowdown that drifts hits
 # every operation alike. DCP adds a few small requests per save (.metadata, written then
 # renamed: on S3 a copy and a delete) and reads with ranged GETs.
+
+
+def speed_chart(run: Run, rates: Mapping[str, float], size: int) -> None:
+    """A bar per operation, in MB/s, saved as s3_speed.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    axes.barh(list(rates), list(rates.values()), color="tab:blue")
+    axes.set_xlabel("MB/s (median of 3 interleaved rounds; higher is faster)")
+    axes.set_title(f"{format_bytes(size)} state: DCP on S3 vs raw s3fs vs local disk")
+    run.save_figure(figure, "s3_speed.png", "s3_speed_chart")
 
 
 def lesson_13_speed(run: Run, s3: S3Target) -> dict:
@@ -1260,16 +1228,7 @@ def lesson_13_speed(run: Run, s3: S3Target) -> dict:
     print(f"  DCP save runs at {save_ratio:.0%} of a raw put ({verdict} the 80% aim), DCP load "
           f"at {load_ratio:.0%} of a raw get ({format_bytes(len(payload))}, "
           f"{torch.get_num_threads()} CPU threads, loopback server)")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 3.5))
-    axes.barh(list(rates), list(rates.values()), color="tab:blue")
-    axes.set_xlabel("MB/s (median of 3 interleaved rounds; higher is faster)")
-    axes.set_title(f"{format_bytes(len(payload))} state: DCP on S3 vs raw s3fs vs local disk")
-    run.save_figure(figure, "s3_speed.png", "s3_speed_chart")
+    speed_chart(run, rates, len(payload))
     return {"s3_save_vs_raw_put": round(save_ratio, 3), "s3_load_vs_raw_get": round(load_ratio, 3),
             "s3_dcp_save_ms": round(timings["S3 DCP save"].median_ms, 2),
             "s3_raw_put_ms": round(timings["S3 raw put"].median_ms, 2),
@@ -1277,13 +1236,13 @@ def lesson_13_speed(run: Run, s3: S3Target) -> dict:
             "s3_raw_get_ms": round(timings["S3 raw get"].median_ms, 2)}
 
 
-if in_notebook() and s3 is not None:
-    run.record_all(lesson_13_speed(run, s3))
+if in_notebook():
+    run.record_all(lesson_13_speed(run, s3) if s3 else None)
 
 
 def s3_lessons(run: Run) -> None:
     """Sections 6-13 against this run's S3 target (or one SKIPPED line)."""
-    s3 = s3_target(run)
+    s3 = s3_setup(run)
     if s3 is None:
         return
     try:
@@ -1306,7 +1265,7 @@ def close_s3(run: Run, s3: S3Target) -> None:
         s3.server.stop()  # with --s3-endpoint the checkpoint stays where it is
 
 
-if in_notebook() and s3 is not None:
+if in_notebook() and s3:
     close_s3(run, s3)
 
 

@@ -171,3 +171,54 @@ def start_s3_server(bucket: str = "ckpt", root: str | None = None, timeout: floa
         server.stop()
         atexit.unregister(server.stop)
     raise RuntimeError(f"weed mini did not answer S3 within {timeout:.0f} s; its log ends:\n{log}")
+
+
+@dataclass
+class S3Target:
+    """Where the S3 lessons write: ``url`` (s3://bucket/prefix) and the s3fs ``options``."""
+
+    url: str
+    options: dict
+    server: S3Server | None = None  # the server started for this run, None with an endpoint
+
+    def filesystem(self):
+        """An s3fs.S3FileSystem with this target's endpoint and credentials."""
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.options)
+
+    def child_env(self) -> dict[str, str]:
+        """The standard AWS_* variables for a child process (botocore reads them itself)."""
+        env = dict(os.environ)
+        env["AWS_ENDPOINT_URL"] = self.options["endpoint_url"]
+        if "key" in self.options:
+            env |= {"AWS_ACCESS_KEY_ID": self.options["key"],
+                    "AWS_SECRET_ACCESS_KEY": self.options["secret"]}
+        return env
+
+
+def open_s3_target(endpoint: str | None, bucket: str, prefix: str) -> S3Target | None:
+    """s3://bucket/prefix on ``endpoint`` (credentials: the AWS_* variables), or on a server
+    started here when ``endpoint`` is None; the prefix is emptied. Where s3fs or weed is
+    missing: one SKIPPED line, and None."""
+    problem = missing_requirement() if endpoint is None else None
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        problem = f"s3fs cannot be imported; {INSTALL_HINT}"
+    if problem:
+        print(f"  SKIPPED (no S3): {problem}. Sections 6-13 would write the FSDP2 checkpoint "
+              "to S3, reshard it from there, and kill an upload midway")
+        return None
+    if endpoint is None:
+        server = start_s3_server(bucket)
+        target = S3Target(f"s3://{bucket}/{prefix}", server.storage_options(), server)
+        print(f"  started SeaweedFS on {server.endpoint} (bucket {bucket!r}, "
+              f"{len(server.ports)} free ports, stopped and removed at exit)")
+    else:
+        target = S3Target(f"s3://{bucket}/{prefix}", {"endpoint_url": endpoint})
+        print(f"  using {endpoint}, bucket {bucket!r}, credentials from AWS_* variables")
+    filesystem = target.filesystem()
+    if filesystem.exists(target.url):
+        filesystem.rm(target.url, recursive=True)  # a previous run's objects, under OUR prefix
+    return target

@@ -141,5 +141,5 @@ def test_missing_binary_prints_skipped(monkeypatch, capsys, tmp_path):
 
     monkeypatch.setattr(common.s3server.shutil, "which", lambda name: None)
     run = lesson.setup(["--device", "cpu", "--out-dir", str(tmp_path / "out")])
-    assert lesson.s3_target(run) is None
+    assert lesson.s3_setup(run) is None
     assert "SKIPPED (no S3): the SeaweedFS `weed` binary is not on PATH" in capsys.readouterr().out
