@@ -746,6 +746,13 @@ if in_notebook():
 # with the standard AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables, in --s3-bucket, and
 # leaves the checkpoint there. The client is s3fs (fsspec): s3fs.S3FileSystem(endpoint_url=...,
 # key=..., secret=...), and every fsspec call takes the same options (storage_options).
+# What changes from a disk: there is no rename (s3fs "moves" by copy + delete), no fsync (an
+# object exists once its upload returns), no lock (two writers race: section 11), and every
+# call is a network request with latency, so a checkpoint of many small objects is slow. What
+# holds: AWS S3 is strongly read-after-write consistent (since December 2020), for reads and
+# listings; S3-compatible servers say what they promise in their own documentation.
+# This run's objects live under s3://BUCKET/07_distributed_training/, emptied at the start;
+# nothing is written outside that prefix.
 S3_PREFIX = "07_distributed_training"  # everything this run writes goes under this key prefix
 
 
@@ -761,7 +768,11 @@ def s3_setup(run: Run) -> S3Target | None:
 
 
 def s3_in_world(out_dir: Path) -> tuple[str, dict]:
-    """In a world's process: the URL and s3fs options the parent wrote for it."""
+    """In a world's process: the URL and s3fs options the parent wrote for it.
+
+    (A world's processes are forked from a server process started before the S3 server,
+    so they cannot inherit its address through the environment.)
+    """
     saved = json.loads((out_dir / "s3_target.json").read_text())
     return saved["url"], saved["options"]
 
@@ -785,6 +796,10 @@ if in_notebook():
 # "wb", **storage_options) gives one for an s3:// URL: the bytes are buffered and uploaded
 # when the file closes (in 5 MB+ parts when large). Load with weights_only=True and
 # map_location, as from a disk: the bytes came from a server, which is no more trusted.
+# fsspec buffers what torch.save writes and uploads on close: a process that dies before the
+# close leaves nothing (section 9 shows why that is safe). torch.load needs a seekable file,
+# which fsspec's S3 file is (it fetches byte ranges on demand). For a state larger than one
+# process's memory, use DCP (section 7), which reads only the slices each rank needs.
 
 
 def lesson_6_s3_one_file(run: Run, s3: S3Target) -> dict:
@@ -818,6 +833,12 @@ if in_notebook():
 # object exists once its upload completes); with True, DCP warns once per file and flushes.
 # Here the FSDP2 world of section 3 saves the model's sharded state_dict (the same keys as
 # portable_model.pt) with get_model_state_dict.
+# One object per rank, not one per tensor: each PUT costs a round trip, and AWS throttles per
+# key prefix (about 3,500 writes and 5,500 reads per second), so thousands of small objects
+# per checkpoint slow every save. The checkpoint's URL is a prefix: DCP calls it a folder.
+# FsspecWriter(url, **storage_options) passes the options on to fsspec.url_to_fs, so
+# endpoint_url, key and secret go there (or come from the AWS_* variables when omitted); the
+# same for FsspecReader. Every rank needs the credentials: set them in the job's environment.
 
 
 def lesson_7_s3_sharded_save(out_dir: Path, device: torch.device, seed: int) -> dict:
@@ -858,6 +879,12 @@ if in_notebook():
 # new world size, take its sharded state_dict as the target, dcp.load fills each rank's slices
 # with ranged reads of the objects, set_model_state_dict applies. Compared in full with
 # portable_model.pt (section 3b's gathered weights): equal.
+# Every rank reads only the slices it needs: ranged GETs of the same objects, in parallel,
+# so a larger world reads no more bytes in total than a smaller one. Any process that can
+# reach the bucket can load it: a different cluster, a laptop, a job with another GPU count.
+# The .metadata maps every tensor's chunks to (object, offset, length): that is all a reader
+# needs. Saved on GPUs and loaded on CPUs (or the reverse), the target tensors' devices win:
+# dcp.load copies into the state_dict you pass.
 
 
 def lesson_8_s3_reshard(out_dir: Path, device: torch.device, seed: int) -> dict:
@@ -895,6 +922,11 @@ if in_notebook():
 # upload it began is still pending, and its parts hold storage (and are billed) until someone
 # aborts it: list_multipart_uploads shows it, abort_multipart_upload frees it. In production a
 # bucket lifecycle rule does this: AbortIncompleteMultipartUpload with DaysAfterInitiation.
+# Sizes: s3fs uploads in parts of its block_size (5 MiB at least, S3's minimum part size except
+# the last; at most 5 GiB each, and 10,000 parts per object), so a 100 GB shard needs a block
+# size of 10 MB or more. A file smaller than one block is a single PUT when it is closed.
+# The same holds for every object a checkpoint has: each is wholly there or absent, never
+# truncated. What a kill CAN leave is a checkpoint with only some of its objects: section 10.
 KILLED_UPLOADER = """
 import os, sys, s3fs
 url, source = sys.argv[1], sys.argv[2]
@@ -958,6 +990,12 @@ if in_notebook():
 # is either the old name or the new one. A resume reads "latest" FIRST and loads what it
 # names, never the newest-looking folder. Below, the save of step 2 is killed after its data
 # objects were uploaded, before .metadata and the marker: resume gets step 1, bit-exactly.
+# Old checkpoints are deleted only after the marker has moved on; a half-written folder (no
+# .metadata, never named by the marker) is garbage, safe to delete by whoever finds it.
+# Never take "the folder with the highest step number" as the latest: that is exactly the
+# folder a killed save leaves. With a process group every rank calls save_checkpoint_s3 and
+# rank 0 writes the marker: dcp.save ends with a collective, so when it returns on rank 0,
+# every rank's objects and the .metadata are uploaded.
 CHECKPOINT_NAME = re.compile(r"step_\d{6}")
 
 
@@ -1056,6 +1094,11 @@ if in_notebook():
 # absent"): the second writer gets 412 Precondition Failed. s3fs sends it for mode "xb".
 # Whether YOUR server honours it must be measured, as below; where it does not, give each
 # writer a key of its own (its job id in the name) and let the marker of section 10 decide.
+# The marker itself has the same race: two jobs writing "latest" is last-writer-wins too, so
+# make sure one job owns a prefix (a run id in the prefix), or claim it with "xb" first.
+# Measured, not assumed: the same code against another store may print the other branch.
+# S3 also has If-Match: <ETag> (replace only the version you read, a compare-and-swap) for a
+# marker that moves forward; support for it varies even more between S3-compatible servers.
 
 
 def lesson_11_two_writers(run: Run, s3: S3Target) -> dict:
@@ -1099,6 +1142,11 @@ if in_notebook():
 # from it. weights_only does not apply here. Keep to buckets you control; for any other, read
 # .metadata with a restricted unpickler that allows only DCP's metadata classes, as the reader
 # below does (01's --inspect does the same check for a local DCP folder).
+# The data objects are safe to read: DCP loads tensors from them with torch.load's
+# weights_only unpickler or as raw bytes; the unrestricted pickle is the .metadata file
+# alone. "Control" includes the write permission of every job and person on that bucket.
+# The allow-list below was read off real .metadata files (DCP's dataclasses, torch dtypes,
+# torch.Size, a layout, a pathlib path); a newer torch may need one more: the error names it.
 METADATA_MODULES = ("torch.distributed.checkpoint.metadata",
                     "torch.distributed.checkpoint.filesystem", "torch.distributed.tensor")
 METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
@@ -1173,6 +1221,30 @@ if in_notebook():
 # s3fs call each, in interleaved rounds (as 02 section 8 does), so a slowdown that drifts hits
 # every operation alike. DCP adds a few small requests per save (.metadata, written then
 # renamed: on S3 a copy and a delete) and reads with ranged GETs.
+# Here the server shares this machine's cores with the script, so the absolute rates say
+# little; the ratio to the raw put and get is what carries over. On a real store, more ranks
+# write more objects in parallel, and thread_count=N in FsspecWriter uploads N files at once.
+# A ratio below 1 is the fixed cost of DCP's extra requests; it shrinks as checkpoints grow,
+# since the requests stay the same few while the bytes grow.
+
+
+def speed_operations(state: dict, target: dict, payload: bytes, url: str, local: Path,
+                     options: dict) -> dict[str, Callable[[], object]]:
+    """The six timed operations: DCP to S3 and to disk, and raw s3fs put/get of ``payload``."""
+    import s3fs
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+    filesystem = s3fs.S3FileSystem(**options)
+    return {
+        "S3 DCP save": lambda: dcp.save(state, storage_writer=FsspecWriter(
+            f"{url}/dcp", sync_files=False, **options), no_dist=True),
+        "S3 raw put": lambda: filesystem.pipe(f"{url}/raw.pt", payload),
+        "S3 DCP load": lambda: dcp.load(target, storage_reader=FsspecReader(
+            f"{url}/dcp", **options), no_dist=True),
+        "S3 raw get": lambda: filesystem.cat(f"{url}/raw.pt"),
+        "disk DCP save": lambda: dcp.save(state, checkpoint_id=local, no_dist=True),
+        "disk DCP load": lambda: dcp.load(target, checkpoint_id=local, no_dist=True),
+    }
 
 
 def speed_chart(run: Run, rates: Mapping[str, float], size: int) -> None:
@@ -1191,7 +1263,6 @@ def speed_chart(run: Run, rates: Mapping[str, float], size: int) -> None:
 
 def lesson_13_speed(run: Run, s3: S3Target) -> dict:
     """Time DCP save/load to S3 and to disk against a raw put/get; chart the rates."""
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
     run.section("13. Speed: DCP to S3 against a raw put and get of the same bytes, "
                 "and local disk")
@@ -1202,16 +1273,7 @@ def lesson_13_speed(run: Run, s3: S3Target) -> dict:
     torch.save(state, buffer)
     payload, filesystem = buffer.getvalue(), s3.filesystem()
     url, local = f"{s3.url}/speed", run.out_dir / "s3_speed_local_dcp"
-    operations = {
-        "S3 DCP save": lambda: dcp.save(state, storage_writer=FsspecWriter(
-            f"{url}/dcp", sync_files=False, **s3.options), no_dist=True),
-        "S3 raw put": lambda: filesystem.pipe(f"{url}/raw.pt", payload),
-        "S3 DCP load": lambda: dcp.load(target, storage_reader=FsspecReader(
-            f"{url}/dcp", **s3.options), no_dist=True),
-        "S3 raw get": lambda: filesystem.cat(f"{url}/raw.pt"),
-        "disk DCP save": lambda: dcp.save(state, checkpoint_id=local, no_dist=True),
-        "disk DCP load": lambda: dcp.load(target, checkpoint_id=local, no_dist=True),
-    }
+    operations = speed_operations(state, target, payload, url, local, s3.options)
     fresh = {"S3 DCP save": lambda: filesystem.rm(f"{url}/dcp", recursive=True)
              if filesystem.exists(f"{url}/dcp") else None,  # each save starts empty, untimed
              "disk DCP save": lambda: shutil.rmtree(local, ignore_errors=True)}
@@ -1241,7 +1303,12 @@ if in_notebook():
 
 
 def s3_lessons(run: Run) -> None:
-    """Sections 6-13 against this run's S3 target (or one SKIPPED line)."""
+    """Sections 6-13 against this run's S3 target (or one SKIPPED line).
+
+    Two more worlds (sections 7 and 8), the rest in this process; the server this run
+    started is stopped at the end, also when a section fails. With --s3-endpoint the
+    checkpoint of section 7 stays in the bucket for other clients (s3_dcp_checkpoint).
+    """
     s3 = s3_setup(run)
     if s3 is None:
         return
