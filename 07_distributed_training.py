@@ -955,6 +955,8 @@ def lesson_9_killed_upload(run: Run, s3: S3Target) -> dict:
         said = child.stdout.readline().strip()
         child.kill()  # SIGKILL: no handler, no cleanup, like a preempted node
         child.wait()
+    if said != "part 1 uploaded":  # it failed before the point this lesson is about
+        raise RuntimeError(f"the uploading child exited early (code {child.returncode})")
     filesystem.invalidate_cache()
     visible = filesystem.exists(url)
     prefix = url[len(f"s3://{bucket}/"):]
@@ -1075,8 +1077,10 @@ def lesson_10_complete_marker(run: Run, s3: S3Target) -> dict:
                  "step": torch.tensor(0)}
         resumed = load_latest_s3(state, url, s3.options)
     exact = bit_identical(state["model"], saved)
+    complete = ".metadata" in left
     print(f"  step 2's save: child said {said!r}, then SIGKILL; step_000002/ holds {left} "
-          f"(no .metadata); latest = {filesystem.cat(f'{url}/latest').decode()!r}")
+          f"({'with' if complete else 'no'} .metadata); latest = "
+          f"{filesystem.cat(f'{url}/latest').decode()!r}")
     print(f"  resumed {resumed} (step {int(state['step'])}): bit-identical to the saved "
           f"weights: {exact}, max |diff| = {max_abs_diff(state['model'], saved)}")
     return {"s3_resumed_step": int(state["step"]), "s3_resume_bit_identical": exact,
