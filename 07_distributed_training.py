@@ -1120,7 +1120,7 @@ def lesson_11_two_writers(run: Run, s3: S3Target) -> dict:
                 stream.write(writer.encode())
             outcomes.append(f"{writer}: written")
         except OSError as err:
-            outcomes.append(f"{writer}: refused ({first_line(err)[:60]})")
+            outcomes.append(f"{writer}: refused ({first_line(err)[:90]})")
     kept = filesystem.cat(f"{url}/claimed.txt").decode()
     honoured = kept == "job-a" and "refused" in outcomes[1]
     print(f"  open(..., 'xb') = If-None-Match: * -> {'; '.join(outcomes)}; object holds "
