@@ -1323,20 +1323,20 @@ def s3_lessons(run: Run) -> None:
         for lesson in (lesson_9_killed_upload, lesson_10_complete_marker, lesson_11_two_writers,
                        lesson_12_trust, lesson_13_speed):
             run.record_all(lesson(run, s3))
+        run.remote_artifact("s3_dcp_checkpoint", f"{s3.url}/dcp_model")  # section 7's
     finally:
         close_s3(run, s3)
 
 
 def close_s3(run: Run, s3: S3Target) -> None:
-    """Record the checkpoint's URL, drop the worlds' target file, stop our own server."""
-    if run.out_dir.joinpath("s3_target.json").exists():
-        run.remote_artifact("s3_dcp_checkpoint", f"{s3.url}/dcp_model")
+    """Drop the worlds' target file, stop our own server (also after a failed section)."""
     (run.out_dir / "s3_target.json").unlink(missing_ok=True)
     if s3.server is not None:
         s3.server.stop()  # with --s3-endpoint the checkpoint stays where it is
 
 
 if in_notebook() and s3:
+    run.remote_artifact("s3_dcp_checkpoint", f"{s3.url}/dcp_model")  # section 7's
     close_s3(run, s3)
 
 
