@@ -75,6 +75,7 @@ def test_s3_sections_hold_against_a_given_endpoint(s3_run, server):
     assert server.process.poll() is None  # --s3-endpoint: the script did not stop OUR server
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_a_second_client_reads_the_s3_checkpoint(s3_run, server):
     """A plain FsspecReader, not the script, reads s3_dcp_checkpoint: 07's weights."""
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
