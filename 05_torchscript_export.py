@@ -915,16 +915,16 @@ if in_notebook():
 
 
 # %% 5b. Quantized weights: int8 with torchao
-# The most asked checkpoint question of the last two years: how do I save and load a
-# quantized model? torch.ao.quantization is deprecated (its own warning: "will be removed in
-# 2.10"); its successor is torchao. quantize_(model, config) swaps each nn.Linear's weight,
-# in place, for a tensor subclass: Int8WeightOnlyConfig stores an Int8Tensor (int8 `qdata`
-# plus one float `scale` per output row) and dequantizes it inside the matmul. SmallCNN's
-# only Linear has 128 weights, so int8 would save nothing there: this section trains a
-# Linear-heavy classifier (396k weights) on the same kind of images, noisier (noise 3.0, not
-# 0.8), so that its accuracy is not 100% and a change in it would show. set_inductor_config=False:
-# by default quantize_ also changes torch._inductor.config for the whole process
-# (coordinate-descent tuning and more), which would reach this script's torch.compile.
+# How do I save and load a quantized model? torch.ao.quantization is deprecated (its own
+# warning says "will be removed in 2.10"); its successor is torchao. quantize_(model, config)
+# swaps each nn.Linear's weight, in place, for a tensor subclass: Int8WeightOnlyConfig makes
+# an Int8Tensor (int8 `qdata`, and a float `scale` and an int8 `zero_point` per output row).
+# At each call it casts qdata to float32 for the matmul, then multiplies by the scales: it
+# saves bytes at rest, not arithmetic. SmallCNN's only Linear has 128 weights, so int8 would
+# save nothing there: this section trains a Linear-heavy classifier (396k weights) on the
+# same kind of images, noisier (noise 3.0, not 0.8), so that accuracy is not 100% and a
+# change would show. set_inductor_config=False: by default quantize_ also changes
+# torch._inductor.config for the whole process (coordinate-descent tuning and more).
 
 
 def linear_classifier() -> nn.Sequential:
@@ -934,7 +934,12 @@ def linear_classifier() -> nn.Sequential:
 
 
 def lesson_5b_quantize(run: Run) -> tuple:
-    """Train linear_classifier for an epoch; quantize a copy with int8 weight-only."""
+    """Train linear_classifier for an epoch; quantize a copy with int8 weight-only.
+
+    Returns the fp32 model, its int8 copy, the validation loader and the figures. The copy
+    matters: quantize_ replaces the weights of the model it is given, and the lessons after
+    this one compare the two.
+    """
     run.section("5b. Quantized weights: int8 with torchao")
     with quiet_torch_logs():  # torchao logs a pytree deprecation on import
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -975,7 +980,12 @@ OTHER_CONFIGS = {
 
 
 def lesson_5c_other_configs(run: Run, mlp: nn.Module, val_loader) -> dict:
-    """Quantize a copy of ``mlp`` with each config; print what ran and what could not."""
+    """Quantize a copy of ``mlp`` with each config; print what ran and what could not.
+
+    A config that fails raises at quantize_ time or at the first forward (a missing kernel
+    package, a GPU capability check); either way the error is printed, not hidden, and the
+    next config runs. On a GPU the same loop shows the CUDA-only ones.
+    """
     run.section("5c. Which torchao configs run here?")
     import torchao.quantization as torchao_quantization
 
@@ -1012,7 +1022,11 @@ if in_notebook():
 
 
 def lesson_5d_cost(run: Run, mlp: nn.Module, int8_mlp: nn.Module, val_loader) -> dict:
-    """Save both state_dicts; compare sizes, accuracy and predictions on the validation set."""
+    """Save both state_dicts; compare sizes, accuracy and predictions on the validation set.
+
+    A logit that moves by 0.02 changes nothing unless it changes which class is on top:
+    "predictions that changed" counts exactly that, over every validation image.
+    """
     run.section("5d. What int8 costs: file size and accuracy")
     fp32_path, int8_path = run.path("mlp_fp32_state_dict.pt"), run.path("int8_state_dict.pt")
     torch.save(mlp.state_dict(), fp32_path)
@@ -1053,7 +1067,11 @@ if in_notebook():
 
 
 def lesson_5e_export(run: Run, int8_mlp: nn.Module, val_loader) -> dict:
-    """Export the int8 model, save and load the .pt2, compare; count its pickled weights."""
+    """Export the int8 model, save and load the .pt2, compare; count its pickled weights.
+
+    The pickled weights are read from the archive's model_weights_config.json, without
+    loading the file: what a careful consumer checks before calling torch.export.load.
+    """
     run.section("5e. Export a quantized model (.pt2)")
     cpu_model = copy.deepcopy(int8_mlp).cpu()
     inputs = next(iter(val_loader))[0][:8]
@@ -1101,7 +1119,11 @@ print(json.dumps(results))
 
 
 def start_child(args: list[str], cwd: Path) -> subprocess.Popen:
-    """Start ``python *args`` now; whoever needs its output calls ``.communicate()`` later."""
+    """Start ``python *args`` now; whoever needs its output calls ``.communicate()`` later.
+
+    For a child whose output is short (a pipe holds 64 KiB before the child would block):
+    its imports then run on another core while this process goes on.
+    """
     return subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -1182,28 +1204,33 @@ if in_notebook():
 
 
 def lesson_5h_safetensors(run: Run, int8_mlp: nn.Module, reference: Path) -> dict:
-    """save_file fails on Int8Tensor; flatten/unflatten round-trips it exactly."""
+    """save_file fails on Int8Tensor; flatten/unflatten round-trips it exactly.
+
+    The file is an ordinary safetensors file: any safetensors reader lists its plain tensors
+    (qdata int8, scale and zero point per row, the fp32 biases) and its metadata, and only
+    a reader that wants Int8Tensor back needs torchao.
+    """
     run.section("5h. Quantized weights in safetensors")
     from safetensors import safe_open
-    from safetensors.torch import load_file, save, save_file
-    from torchao.prototype.safetensors.safetensors_support import (
-        flatten_tensor_state_dict,
-        unflatten_tensor_state_dict,
-    )
+    from safetensors.torch import load_file, save_file
+    with quiet_torch_logs():  # it imports torchao's MX formats, which log a pytree deprecation
+        from torchao.prototype.safetensors import safetensors_support as torchao_safetensors
 
+    path = run.path("int8_state_dict.safetensors")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
-            save(int8_mlp.state_dict())  # to bytes: a failed save_file could leave a file
+            save_file(int8_mlp.state_dict(), path)  # fails before it creates the file
         plain_error = ""
     except RuntimeError as err:
         plain_error = first_line(err)
-    print(f"  safetensors save of the Int8Tensor state_dict: {plain_error or 'saved'}")
-    tensors, metadata = flatten_tensor_state_dict(int8_mlp.state_dict())
-    path = run.path("int8_state_dict.safetensors")
+    print(f"  save_file(int8 state_dict): {plain_error or 'saved'}")
+    tensors, metadata = torchao_safetensors.flatten_tensor_state_dict(int8_mlp.state_dict())
     save_file(tensors, path, metadata=metadata)
     with safe_open(path, framework="pt") as file:
-        state_dict, leftover = unflatten_tensor_state_dict(load_file(path), file.metadata())
+        tensors = load_file(path, device=str(run.device))
+        state_dict, leftover = torchao_safetensors.unflatten_tensor_state_dict(
+            tensors, file.metadata())
     fresh = linear_classifier().to(run.device).eval()
     fresh.load_state_dict(state_dict, assign=True)
     batch = torch.load(reference, map_location=run.device, weights_only=True)["inputs"]
@@ -1225,8 +1252,8 @@ if in_notebook():
 # %% 5i. What 01 --inspect says about a quantized file
 # `python 01_basic_save_load.py --inspect FILE` reads a checkpoint's pickle without running
 # it and names every global it references. On int8_state_dict.pt it names torchao's class:
-# the import a loader needs, found before anything is loaded. Its exit code is 0 only for a
-# file that loads with weights_only=True as it is. main() starts it with 5f's child.
+# the import a loader needs, found before anything is loaded; it exits with its verdict (01
+# §13 explains the codes). main() starts it with 5f's child, so its imports overlap 5e.
 INSPECTOR = HERE.with_name("01_basic_save_load.py")
 
 
@@ -1336,7 +1363,11 @@ def candidates(run: Run, model: nn.Module, torchscript: dict, aoti, executorch_m
 
 
 def quantized_candidates(run: Run, mlp: nn.Module, int8_mlp: nn.Module) -> dict:
-    """Section 6's rows for 5b's model: name -> (callable, file, the model to compare with)."""
+    """Section 6's rows for 5b's model: name -> (callable, file, the model to compare with).
+
+    The files are the state_dicts 5d saved: what a deployment of each would ship. Their
+    parity is against the fp32 MLP, not SmallCNN: the third element says which model.
+    """
     return {"mlp_fp32 (5b, fp32)": (mlp, run.out_dir / "mlp_fp32_state_dict.pt", mlp),
             "mlp_int8 (5b, torchao)": (int8_mlp, run.out_dir / "int8_state_dict.pt", mlp)}
 
