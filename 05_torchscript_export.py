@@ -10,11 +10,14 @@ What you will learn (each section runs real code and prints the measured figure)
   4b. C++ without Python: a program built here loads TorchScript and the AOTInductor package
   4c. Phones and microcontrollers: ExecuTorch (.pte), its runtime, and its memory plan
   5.  torch.compile: a speed-up inside the same process, not a file to deploy
-  5b. Quantized weights with torchao: int8 weight-only; 5c which other configs run here
-  5d. What int8 costs: file size and validation accuracy against fp32 (latency: section 6)
+  5b. Quantized weights with torchao: int8 weight-only (Int8WeightOnlyConfig)
+  5c. What int8 costs: file size and validation accuracy against fp32 (latency: section 6)
+  5d. Which other torchao configs run here, and the error of each one that does not
   5e. Exporting the quantized model (.pt2), whose quantized weights are pickles
-  5f. Loading it: weights_only=True needs torchao imported; 5g load_state_dict(assign=True)
-  5h. Quantized weights in safetensors (torchao's flatten/unflatten); 5i 01 --inspect on it
+  5f. Loading it with weights_only=True: import torchao first
+  5g. load_state_dict(..., assign=True), and why a plain load_state_dict fails
+  5h. Quantized weights in safetensors (torchao's flatten/unflatten)
+  5i. What 01 --inspect says about a quantized file
   6.  Side by side: parity, file size and latency of all seven, and of 5b's fp32/int8 model
 
 Run it:   python 05_torchscript_export.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
@@ -965,55 +968,7 @@ if in_notebook():
     run.record_all(figures)
 
 
-# %% 5c. Which torchao configs run here?
-# Each config makes its own tensor subclass and needs its own kernels. We try four more on
-# this device: a line for each that runs (its weight type, file size, accuracy), and for each
-# that does not, SKIPPED with the error measured here. Int4WeightOnlyConfig's default
-# ("plain" packing) needs the mslk kernels; Float8DynamicActivationFloat8WeightConfig needs a
-# GPU of compute capability 8.9 or newer (its own assertion says so).
-OTHER_CONFIGS = {
-    "Int8DynamicActivationInt8WeightConfig": "int8 weights and int8 activations",
-    "Float8WeightOnlyConfig": "float8 weights",
-    "Int4WeightOnlyConfig": "int4 weights in groups of 128 (1/8 of the fp32 bytes, plus scales)",
-    "Float8DynamicActivationFloat8WeightConfig": "float8 weights and float8 activations",
-}
-
-
-def lesson_5c_other_configs(run: Run, mlp: nn.Module, val_loader) -> dict:
-    """Quantize a copy of ``mlp`` with each config; print what ran and what could not.
-
-    A config that fails raises at quantize_ time or at the first forward (a missing kernel
-    package, a GPU capability check); either way the error is printed, not hidden, and the
-    next config runs. On a GPU the same loop shows the CUDA-only ones.
-    """
-    run.section("5c. Which torchao configs run here?")
-    import torchao.quantization as torchao_quantization
-
-    ran = []
-    for name, what in OTHER_CONFIGS.items():
-        candidate = copy.deepcopy(mlp)
-        try:
-            config = getattr(torchao_quantization, name)(set_inductor_config=False)
-            torchao_quantization.quantize_(candidate, config)
-            accuracy = evaluate(candidate, val_loader, run.device)["accuracy"]
-        except Exception as err:  # each config fails in its own way: ImportError, Assertion...
-            reason = "no CUDA" if run.device.type == "cpu" else f"fails on {run.device}"
-            print(f"  SKIPPED ({reason}): {name} would show {what}; here it raised "
-                  f"{type(err).__name__}: {first_line(err)[:90]}")
-            continue
-        buffer = io.BytesIO()
-        torch.save(candidate.state_dict(), buffer)
-        ran.append(name)
-        print(f"  {name:<42} {type(candidate[1].weight).__name__:<13} "
-              f"{format_bytes(buffer.tell()):>9}  validation accuracy {accuracy:.3f}")
-    return {"torchao_other_configs_ran": ",".join(ran)}
-
-
-if in_notebook():
-    run.record_all(lesson_5c_other_configs(run, mlp, val_loader))
-
-
-# %% 5d. What int8 costs: file size and accuracy
+# %% 5c. What int8 costs: file size and accuracy
 # The file: torch.save(model.state_dict(), path), exactly as for fp32. The weights shrink to
 # a quarter (int8 instead of float32) plus the per-row scales; the biases stay fp32. The
 # accuracy is measured on the whole validation set, not only as max |diff|: what matters is
@@ -1021,13 +976,13 @@ if in_notebook():
 # int8_reference.pt keeps a batch and the int8 outputs, so another process can check a load.
 
 
-def lesson_5d_cost(run: Run, mlp: nn.Module, int8_mlp: nn.Module, val_loader) -> dict:
+def lesson_5c_cost(run: Run, mlp: nn.Module, int8_mlp: nn.Module, val_loader) -> dict:
     """Save both state_dicts; compare sizes, accuracy and predictions on the validation set.
 
     A logit that moves by 0.02 changes nothing unless it changes which class is on top:
     "predictions that changed" counts exactly that, over every validation image.
     """
-    run.section("5d. What int8 costs: file size and accuracy")
+    run.section("5c. What int8 costs: file size and accuracy")
     fp32_path, int8_path = run.path("mlp_fp32_state_dict.pt"), run.path("int8_state_dict.pt")
     torch.save(mlp.state_dict(), fp32_path)
     torch.save(int8_mlp.state_dict(), int8_path)
@@ -1054,7 +1009,55 @@ def lesson_5d_cost(run: Run, mlp: nn.Module, int8_mlp: nn.Module, val_loader) ->
 
 
 if in_notebook():
-    run.record_all(lesson_5d_cost(run, mlp, int8_mlp, val_loader))
+    run.record_all(lesson_5c_cost(run, mlp, int8_mlp, val_loader))
+
+
+# %% 5d. Which other torchao configs run here?
+# Each config makes its own tensor subclass and needs its own kernels. We try four more on
+# this device: a line for each that runs (its weight type, file size, accuracy), and for each
+# that does not, SKIPPED with the error measured here. Int4WeightOnlyConfig's default
+# ("plain" packing) needs the mslk kernels; Float8DynamicActivationFloat8WeightConfig needs a
+# GPU of compute capability 8.9 or newer (its own assertion says so).
+OTHER_CONFIGS = {  # name: (what it would show, made for CUDA)
+    "Int8DynamicActivationInt8WeightConfig": ("int8 weights and int8 activations", False),
+    "Float8WeightOnlyConfig": ("float8 weights", False),
+    "Int4WeightOnlyConfig": ("int4 weights in groups of 128 (1/8 of fp32's bytes)", True),
+    "Float8DynamicActivationFloat8WeightConfig": ("float8 weights and activations", True),
+}
+
+
+def lesson_5d_other_configs(run: Run, mlp: nn.Module, val_loader) -> dict:
+    """Quantize a copy of ``mlp`` with each config; print what ran and what could not.
+
+    A config that fails raises at quantize_ time or at the first forward (a missing kernel
+    package, a GPU capability check); either way the error is printed, not hidden, and the
+    next config runs. On a GPU the same loop shows the CUDA-only ones.
+    """
+    run.section("5d. Which other torchao configs run here?")
+    import torchao.quantization as torchao_quantization
+
+    ran = []
+    for name, (what, for_cuda) in OTHER_CONFIGS.items():
+        candidate = copy.deepcopy(mlp)
+        try:
+            config = getattr(torchao_quantization, name)(set_inductor_config=False)
+            torchao_quantization.quantize_(candidate, config)
+            accuracy = evaluate(candidate, val_loader, run.device)["accuracy"]
+        except Exception as err:  # each config fails in its own way: ImportError, Assertion...
+            reason = "no CUDA" if for_cuda and run.device.type != "cuda" else "fails here"
+            print(f"  SKIPPED ({reason}): {name} would show {what}; here it raised "
+                  f"{type(err).__name__}: {first_line(err)[:90]}")
+            continue
+        buffer = io.BytesIO()
+        torch.save(candidate.state_dict(), buffer)
+        ran.append(name)
+        print(f"  {name:<42} {type(candidate[1].weight).__name__:<13} "
+              f"{format_bytes(buffer.tell()):>9}  validation accuracy {accuracy:.3f}")
+    return {"torchao_other_configs_ran": ",".join(ran)}
+
+
+if in_notebook():
+    run.record_all(lesson_5d_other_configs(run, mlp, val_loader))
 
 
 # %% 5e. Export a quantized model (.pt2)
@@ -1102,8 +1105,8 @@ if in_notebook():
 # torch.serialization.add_safe_globals([Int8Tensor, ...]). So: import torchao, then load,
 # still with weights_only=True. A process that never imports torchao is refused ("Unsupported
 # global: GLOBAL torchao.quantization.Int8Tensor"): measured below in a child that imports
-# only torch. main() starts that child right after 5d wrote the file, so that its `import
-# torch` (seconds) runs while 5e exports; the lesson then reads what it printed.
+# only torch. main() starts that child right after 5c wrote the file, so that its `import
+# torch` (seconds) runs during 5d and 5e; the lesson then reads what it printed.
 
 WITHOUT_TORCHAO = r"""
 import json, sys, torch
@@ -1253,7 +1256,7 @@ if in_notebook():
 # `python 01_basic_save_load.py --inspect FILE` reads a checkpoint's pickle without running
 # it and names every global it references. On int8_state_dict.pt it names torchao's class:
 # the import a loader needs, found before anything is loaded; it exits with its verdict (01
-# §13 explains the codes). main() starts it with 5f's child, so its imports overlap 5e.
+# §13 explains the codes). main() starts it with 5f's child, so its imports overlap 5d-5h.
 INSPECTOR = HERE.with_name("01_basic_save_load.py")
 
 
@@ -1294,7 +1297,8 @@ SIDE_BY_SIDE_BATCH = 8
 def lesson_6_side_by_side(run: Run, model: nn.Module, candidates: dict) -> dict:
     """Parity, file size and batch-8 latency of every variant that was built; a bar chart.
 
-    ``candidates`` maps a name to (callable, file or None). Freezing and the compilers fold
+    ``candidates`` maps a name to (callable, file or None[, the model its parity is measured
+    against, if not ``model``]). Freezing and the compilers fold
     BatchNorm and fuse operators, which is where their speed comes from; plain scripting and
     the .pt2 module run the same operators as eager. ExecuTorch runs on the CPU: on a CUDA
     run its time includes the copies of the batch and the result.
@@ -1365,7 +1369,7 @@ def candidates(run: Run, model: nn.Module, torchscript: dict, aoti, executorch_m
 def quantized_candidates(run: Run, mlp: nn.Module, int8_mlp: nn.Module) -> dict:
     """Section 6's rows for 5b's model: name -> (callable, file, the model to compare with).
 
-    The files are the state_dicts 5d saved: what a deployment of each would ship. Their
+    The files are the state_dicts 5c saved: what a deployment of each would ship. Their
     parity is against the fp32 MLP, not SmallCNN: the third element says which model.
     """
     return {"mlp_fp32 (5b, fp32)": (mlp, run.out_dir / "mlp_fp32_state_dict.pt", mlp),
@@ -1419,11 +1423,11 @@ def main(argv: list[str] | None = None) -> dict:
     run.record_all(figures)
     mlp, int8_mlp, val_loader, figures = lesson_5b_quantize(run)
     run.record_all(figures)
-    run.record_all(lesson_5c_other_configs(run, mlp, val_loader))
-    run.record_all(lesson_5d_cost(run, mlp, int8_mlp, val_loader))
+    run.record_all(lesson_5c_cost(run, mlp, int8_mlp, val_loader))
     int8_path = run.out_dir / "int8_state_dict.pt"  # 5f's and 5i's children start now
     without_torchao = start_child(["-I", "-c", WITHOUT_TORCHAO, str(int8_path)], run.out_dir)
     inspector = start_child([str(INSPECTOR), "--inspect", str(int8_path)], run.out_dir)
+    run.record_all(lesson_5d_other_configs(run, mlp, val_loader))
     run.record_all(lesson_5e_export(run, int8_mlp, val_loader))
     run.record_all(lesson_5f_weights_only(run, without_torchao))
     reference = run.out_dir / "int8_reference.pt"
