@@ -1394,7 +1394,7 @@ RECAP = [
     "(AOTIModelPackageLoader): build it with -std=c++20 against the wheel's own libtorch",
     "ExecuTorch (.pte) is the on-device path; read its memory plan's largest input",
     "torch.compile speeds up the same process; it is not a deployment format",
-    "torchao int8 weights: torch.save the state_dict (0.26x here); import torchao before "
+    "torchao int8 weights: torch.save the state_dict as usual; import torchao before "
     "torch.load(weights_only=True), load with assign=True; safetensors via torchao's flatten",
 ]
 TRY_IT = ("run outputs/05_torchscript_export/cpp/load_model on your own input (usage: run it "
