@@ -10,7 +10,15 @@ What you will learn (each section runs real code and prints the measured figure)
   4b. C++ without Python: a program built here loads TorchScript and the AOTInductor package
   4c. Phones and microcontrollers: ExecuTorch (.pte), its runtime, and its memory plan
   5.  torch.compile: a speed-up inside the same process, not a file to deploy
-  6.  Side by side: parity, file size and latency of all seven; which one should I use?
+  5b. Quantized weights with torchao: int8 weight-only (Int8WeightOnlyConfig)
+  5c. What int8 costs: file size and validation accuracy against fp32 (latency: section 6)
+  5d. Which other torchao configs run here, and the error of each one that does not
+  5e. Exporting the quantized model (.pt2), whose quantized weights are pickles
+  5f. Loading it with weights_only=True: import torchao first
+  5g. load_state_dict(..., assign=True), and why a plain load_state_dict fails
+  5h. Quantized weights in safetensors (torchao's flatten/unflatten)
+  5i. What 01 --inspect says about a quantized file
+  6.  Side by side: parity, file size and latency of all seven, and of 5b's fp32/int8 model
 
 Run it:   python 05_torchscript_export.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
           As a notebook: run the cells top to bottom from the project folder (jupytext,
@@ -24,8 +32,10 @@ Files it writes (in --out-dir): example_input.pt (the batch every export traced 
 torchscript_model.pt and torchscript_frozen.pt (TorchScript, as scripted and frozen),
 exported_program.pt2 (torch.export, CPU weights), model_aoti.pt2 (the AOTInductor package),
 cpp/ (load_model.cpp, its CMakeLists.txt and the built load_model program), model.pte (the
-ExecuTorch program), inductor_cache/ (Inductor's compiled kernels and a copy of the built C++
-program: deleting it only costs a recompile), latency.png and summary.json.
+ExecuTorch program), mlp_fp32_state_dict.pt and int8_state_dict.pt (5b's model, fp32 and
+int8), int8_reference.pt (a batch and its int8 outputs), int8_exported_program.pt2,
+int8_state_dict.safetensors, inductor_cache/ (Inductor's compiled kernels and a copy of the
+built C++ program: deleting it only costs a recompile), latency.png and summary.json.
 
 TorchScript (torch.jit.trace / torch.jit.script) is deprecated: torch 2.10+ warns on every
 call and the official tutorial was removed. Many deployed systems still load TorchScript .pt
@@ -65,10 +75,11 @@ from torch.export import Dim
 from torch.export.passes import move_to_device_pass
 
 from common.compare import max_abs_diff
+from common.data import make_image_classification, make_loaders
 from common.models import SignGate, SignGateCond
 from common.run import Run, first_line, format_bytes, in_notebook, make_parser, script_file
 from common.timing import benchmark
-from common.training import train_demo_model
+from common.training import evaluate, fit, train_demo_model
 
 matplotlib.use("Agg")  # write PNG files, never open a window
 HERE = script_file(globals(), "05_torchscript_export.py")  # a notebook kernel has no __file__
@@ -956,6 +967,367 @@ if in_notebook():
     run.record_all(figures)
 
 
+# %% 5b. Quantized weights: int8 with torchao
+# How do I save and load a quantized model? torch.ao.quantization is deprecated (its own
+# warning says "will be removed in 2.10"); its successor is torchao. quantize_(model, config)
+# swaps each nn.Linear's weight, in place, for a tensor subclass: Int8WeightOnlyConfig makes
+# an Int8Tensor (int8 `qdata`, and a float `scale` and an int8 `zero_point` per output row).
+# At each call it casts qdata to float32 for the matmul, then multiplies by the scales: it
+# saves bytes at rest, not arithmetic. SmallCNN's only Linear has 128 weights, so int8 would
+# save nothing there: this section trains a Linear-heavy classifier (396k weights) on the
+# same kind of images, noisier (noise 3.0, not 0.8), so that accuracy is not 100% and a
+# change would show. set_inductor_config=False: by default quantize_ also changes
+# torch._inductor.config for the whole process (coordinate-descent tuning and more).
+
+
+def linear_classifier() -> nn.Sequential:
+    """Sections 5b-5i's model: Flatten, then three Linear layers (256 -> 512 -> 512 -> 4)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512),
+                         nn.ReLU(), nn.Linear(512, 4))
+
+
+def lesson_5b_quantize(run: Run) -> tuple:
+    """Train linear_classifier for an epoch; quantize a copy with int8 weight-only.
+
+    Returns the fp32 model, its int8 copy, the validation loader and the figures. The copy
+    matters: quantize_ replaces the weights of the model it is given, and the lessons after
+    this one compare the two.
+    """
+    run.section("5b. Quantized weights: int8 with torchao")
+    with quiet_torch_logs():  # torchao logs a pytree deprecation on import
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    images = make_image_classification(768, noise=3.0, seed=run.seed)
+    _, val_loader = loaders = make_loaders(images, seed=run.seed)
+    mlp = linear_classifier().to(run.device)
+    fit(mlp, *loaders, run.device, epochs=1)
+    mlp.eval()
+    int8_mlp = copy.deepcopy(mlp)  # quantize_ changes the model it is given
+    quantize_(int8_mlp, Int8WeightOnlyConfig(set_inductor_config=False))
+    weight = int8_mlp[1].weight
+    inputs = next(iter(val_loader))[0].to(run.device)
+    with torch.no_grad():
+        diff = max_abs_diff(int8_mlp(inputs), mlp(inputs))
+    print(f"  layer 1 weight is now {type(weight).__module__}.{type(weight).__name__}: qdata "
+          f"{weight.qdata.dtype} {tuple(weight.qdata.shape)}, scale {tuple(weight.scale.shape)}")
+    print(f"  outputs against fp32 on {len(inputs)} validation images: max |diff| = {diff:.3g}")
+    return mlp, int8_mlp, val_loader, {"int8_max_abs_diff": diff}
+
+
+if in_notebook():
+    mlp, int8_mlp, val_loader, figures = lesson_5b_quantize(run)
+    run.record_all(figures)
+
+
+# %% 5c. What int8 costs: file size and accuracy
+# The file: torch.save(model.state_dict(), path), exactly as for fp32. The weights shrink to
+# a quarter (int8 instead of float32) plus the per-row scales; the biases stay fp32. The
+# accuracy is measured on the whole validation set, not only as max |diff|: what matters is
+# whether a prediction changes. Latency: section 6's table (rows mlp_fp32 and mlp_int8).
+# int8_reference.pt keeps a batch and the int8 outputs, so another process can check a load.
+
+
+def lesson_5c_cost(run: Run, mlp: nn.Module, int8_mlp: nn.Module, val_loader) -> dict:
+    """Save both state_dicts; compare sizes, accuracy and predictions on the validation set.
+
+    A logit that moves by 0.02 changes nothing unless it changes which class is on top:
+    "predictions that changed" counts exactly that, over every validation image.
+    """
+    run.section("5c. What int8 costs: file size and accuracy")
+    fp32_path, int8_path = run.path("mlp_fp32_state_dict.pt"), run.path("int8_state_dict.pt")
+    torch.save(mlp.state_dict(), fp32_path)
+    torch.save(int8_mlp.state_dict(), int8_path)
+    ratio = int8_path.stat().st_size / fp32_path.stat().st_size
+    print(f"  state_dict file: fp32 {format_bytes(fp32_path.stat().st_size)} -> int8 "
+          f"{format_bytes(int8_path.stat().st_size)} ({ratio:.2f}x)")
+    inputs = torch.cat([batch for batch, _ in val_loader]).to(run.device)
+    with torch.no_grad():
+        fp32_out, int8_out = mlp(inputs), int8_mlp(inputs)
+    accuracy = {name: evaluate(model, val_loader, run.device)["accuracy"]
+                for name, model in (("fp32", mlp), ("int8", int8_mlp))}
+    changed = int((fp32_out.argmax(1) != int8_out.argmax(1)).sum())
+    print(f"  validation accuracy ({len(inputs)} images): fp32 {accuracy['fp32']:.4f}, int8 "
+          f"{accuracy['int8']:.4f}; predictions that changed: {changed}")
+    reference = run.path("int8_reference.pt")
+    torch.save({"inputs": inputs[:16].cpu(), "outputs": int8_out[:16].cpu()}, reference)
+    for name, path in (("mlp_fp32_state_dict", fp32_path), ("int8_state_dict", int8_path),
+                       ("int8_reference", reference)):
+        run.artifact(name, path)
+    return {"int8_size_ratio": round(ratio, 4), "int8_state_dict_bytes": int8_path.stat().st_size,
+            "fp32_state_dict_bytes": fp32_path.stat().st_size,
+            "fp32_accuracy": accuracy["fp32"], "int8_accuracy": accuracy["int8"],
+            "int8_predictions_changed": changed}
+
+
+if in_notebook():
+    run.record_all(lesson_5c_cost(run, mlp, int8_mlp, val_loader))
+
+
+# %% 5d. Which other torchao configs run here?
+# Each config makes its own tensor subclass and needs its own kernels. We try four more on
+# this device: a line for each that runs (its weight type, file size, accuracy), and for each
+# that does not, SKIPPED with the error measured here. Int4WeightOnlyConfig's default
+# ("plain" packing) needs the mslk kernels; Float8DynamicActivationFloat8WeightConfig needs a
+# GPU of compute capability 8.9 or newer (its own assertion says so).
+OTHER_CONFIGS = {  # name: (what it would show, made for CUDA)
+    "Int8DynamicActivationInt8WeightConfig": ("int8 weights and int8 activations", False),
+    "Float8WeightOnlyConfig": ("float8 weights", False),
+    "Int4WeightOnlyConfig": ("int4 weights in groups of 128 (1/8 of fp32's bytes)", True),
+    "Float8DynamicActivationFloat8WeightConfig": ("float8 weights and activations", True),
+}
+
+
+def lesson_5d_other_configs(run: Run, mlp: nn.Module, val_loader) -> dict:
+    """Quantize a copy of ``mlp`` with each config; print what ran and what could not.
+
+    A config that fails raises at quantize_ time or at the first forward (a missing kernel
+    package, a GPU capability check); either way the error is printed, not hidden, and the
+    next config runs. On a GPU the same loop shows the CUDA-only ones.
+    """
+    run.section("5d. Which other torchao configs run here?")
+    import torchao.quantization as torchao_quantization
+
+    ran = []
+    for name, (what, for_cuda) in OTHER_CONFIGS.items():
+        candidate = copy.deepcopy(mlp)
+        try:
+            config = getattr(torchao_quantization, name)(set_inductor_config=False)
+            torchao_quantization.quantize_(candidate, config)
+            accuracy = evaluate(candidate, val_loader, run.device)["accuracy"]
+        except Exception as err:  # each config fails in its own way: ImportError, Assertion...
+            reason = "no CUDA" if for_cuda and run.device.type != "cuda" else "fails here"
+            print(f"  SKIPPED ({reason}): {name} would show {what}; here it raised "
+                  f"{type(err).__name__}: {first_line(err)[:90]}")
+            continue
+        buffer = io.BytesIO()
+        torch.save(candidate.state_dict(), buffer)
+        ran.append(name)
+        print(f"  {name:<42} {type(candidate[1].weight).__name__:<13} "
+              f"{format_bytes(buffer.tell()):>9}  validation accuracy {accuracy:.3f}")
+    return {"torchao_other_configs_ran": ",".join(ran)}
+
+
+if in_notebook():
+    run.record_all(lesson_5d_other_configs(run, mlp, val_loader))
+
+
+# %% 5e. Export a quantized model (.pt2)
+# torch.export traces through the tensor subclass: the graph reads each weight's qdata and
+# scale and does the int8 -> float32 cast and the matmul in plain ATen operations. The file,
+# though, keeps the Int8Tensor weights as pickles ("use_pickle": true in its
+# model_weights_config.json), and torch.export.load reads those with
+# torch.load(weights_only=False) (torch/export/pt2_archive/_package.py): a .pt2 with
+# quantized weights is only as safe to load as a pickle. Export it on the CPU, as in section 3.
+
+
+def lesson_5e_export(run: Run, int8_mlp: nn.Module, val_loader) -> dict:
+    """Export the int8 model, save and load the .pt2, compare; count its pickled weights.
+
+    The pickled weights are read from the archive's model_weights_config.json, without
+    loading the file: what a careful consumer checks before calling torch.export.load.
+    """
+    run.section("5e. Export a quantized model (.pt2)")
+    cpu_model = copy.deepcopy(int8_mlp).cpu()
+    inputs = next(iter(val_loader))[0][:8]
+    program = torch.export.export(cpu_model, (inputs,))
+    path = run.path("int8_exported_program.pt2")
+    torch.export.save(program, path)
+    with zipfile.ZipFile(path) as archive:
+        config = next(name for name in archive.namelist()
+                      if name.endswith("model_weights_config.json"))
+        weights = json.loads(archive.read(config))["config"]
+    pickled = sorted(name for name, entry in weights.items() if entry.get("use_pickle"))
+    with torch.no_grad():
+        diff = max_abs_diff(torch.export.load(path).module()(inputs), cpu_model(inputs))
+    print(f"  torch.export.export + save: {format_bytes(path.stat().st_size)}; loaded back, "
+          f"max |diff| = {diff:.3g}")
+    print(f"  weights stored as pickles (loaded with weights_only=False): {pickled}")
+    run.artifact("int8_exported_program", path)
+    return {"int8_export_max_abs_diff": diff, "int8_pt2_pickled_weights": len(pickled)}
+
+
+if in_notebook():
+    run.record_all(lesson_5e_export(run, int8_mlp, val_loader))
+
+
+# %% 5f. weights_only=True: import torchao first
+# torch.load(weights_only=True) accepts a tensor subclass only if its class is allow-listed.
+# torchao does that itself: importing torchao.quantization (which `import torchao` does) runs
+# torch.serialization.add_safe_globals([Int8Tensor, ...]). So: import torchao, then load,
+# still with weights_only=True. A process that never imports torchao is refused ("Unsupported
+# global: GLOBAL torchao.quantization.Int8Tensor"): measured below in a child that imports
+# only torch. main() starts that child right after 5c wrote the file, so that its `import
+# torch` (seconds) runs during 5d and 5e; the lesson then reads what it printed.
+
+WITHOUT_TORCHAO = r"""
+import json, sys, torch
+results = {"torchao_imported": "torchao" in sys.modules}
+try:
+    torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+    results["error"] = ""
+except Exception as err:
+    results["error"] = next((line.strip() for line in str(err).splitlines()
+                             if "Unsupported global" in line), str(err).splitlines()[0])
+print(json.dumps(results))
+"""
+
+
+def start_child(args: list[str], cwd: Path) -> subprocess.Popen:
+    """Start ``python *args`` now; whoever needs its output calls ``.communicate()`` later.
+
+    For a child whose output is short (a pipe holds 64 KiB before the child would block):
+    its imports then run on another core while this process goes on.
+    """
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def lesson_5f_weights_only(run: Run, without_torchao: subprocess.Popen) -> dict:
+    """Load int8_state_dict.pt here (torchao imported); read the child's attempt without it.
+
+    ``without_torchao``: WITHOUT_TORCHAO started on the same file (start_child, ``-I``).
+    """
+    run.section("5f. weights_only=True: import torchao first")
+    state_dict = torch.load(run.out_dir / "int8_state_dict.pt", map_location=run.device,
+                            weights_only=True)
+    kinds = sorted({type(tensor).__name__ for tensor in state_dict.values()})
+    print(f"  torchao imported: weights_only=True loads it; tensor types {kinds}")
+    stdout, stderr = without_torchao.communicate(timeout=300)
+    if without_torchao.returncode != 0:
+        raise RuntimeError(f"the child without torchao failed:\n{stderr[-2000:]}")
+    child = json.loads(stdout.strip().splitlines()[-1])
+    print(f"  a process that imports only torch (torchao in sys.modules: "
+          f"{child['torchao_imported']}):\n    {child['error'].split('. Please')[0] or 'loaded'}")
+    return {"int8_load_without_torchao_refused": "Unsupported global" in child["error"]}
+
+
+if in_notebook():
+    run.record_all(lesson_5f_weights_only(run, start_child(
+        ["-I", "-c", WITHOUT_TORCHAO, str(run.out_dir / "int8_state_dict.pt")], run.out_dir)))
+
+
+# %% 5g. load_state_dict needs assign=True
+# Without assign=True, load_state_dict copies each loaded tensor INTO the fresh model's fp32
+# Parameter (param.copy_(loaded)), and torchao's copy_ only copies between two tensors of the
+# same subclass and layout: the error below. assign=True puts the loaded Int8Tensor in place
+# of the Parameter instead. The other way: quantize_ the fresh model first, then a plain
+# load_state_dict copies Int8Tensor into Int8Tensor. Both reproduce the outputs exactly.
+
+
+def lesson_5g_assign(run: Run, int8_mlp: nn.Module, reference: Path) -> dict:
+    """Load int8_state_dict.pt into a fresh fp32 model without and with assign=True."""
+    run.section("5g. load_state_dict needs assign=True")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    state_dict = torch.load(run.out_dir / "int8_state_dict.pt", map_location=run.device,
+                            weights_only=True)
+    batch = torch.load(reference, map_location=run.device, weights_only=True)["inputs"]
+    fresh = linear_classifier().to(run.device).eval()
+    try:
+        fresh.load_state_dict(state_dict)
+        without_assign = "loaded"
+    except RuntimeError as err:
+        without_assign = first_line(err, "'Parameter' object").rstrip("\",).")
+    print(f"  load_state_dict(state_dict): {without_assign}")
+    fresh.load_state_dict(state_dict, assign=True)
+    quantized_first = linear_classifier().to(run.device).eval()
+    quantize_(quantized_first, Int8WeightOnlyConfig(set_inductor_config=False))
+    quantized_first.load_state_dict(state_dict)
+    with torch.no_grad():
+        expected = int8_mlp(batch)
+        diff, first_diff = (max_abs_diff(model(batch), expected)
+                            for model in (fresh, quantized_first))
+    print(f"  load_state_dict(state_dict, assign=True): weight {type(fresh[1].weight).__name__}"
+          f", max |diff| = {diff}; quantize_ first, then load: max |diff| = {first_diff}")
+    return {"int8_reload_max_abs_diff": diff, "int8_quantize_first_max_abs_diff": first_diff,
+            "int8_load_without_assign_fails": without_assign != "loaded"}
+
+
+if in_notebook():
+    run.record_all(lesson_5g_assign(run, int8_mlp, run.out_dir / "int8_reference.pt"))
+
+
+# %% 5h. Quantized weights in safetensors
+# safetensors stores plain tensors only. Given an Int8Tensor, save_file fails with
+# "Attempted to access the data pointer on an invalid python storage" (after a TypedStorage
+# deprecation warning from the same call, filtered here). torchao 0.18 has its own route, in
+# torchao.prototype.safetensors (a prototype: its names may change): flatten_tensor_state_dict
+# splits each subclass into plain tensors ("1._weight_qdata", "1._weight_scale", ...) plus
+# JSON metadata naming its class and attributes; unflatten_tensor_state_dict rebuilds them,
+# and builds only the classes on its allow-list (ALLOWED_CLASSES in safetensors_utils.py).
+
+
+def lesson_5h_safetensors(run: Run, int8_mlp: nn.Module, reference: Path) -> dict:
+    """save_file fails on Int8Tensor; flatten/unflatten round-trips it exactly.
+
+    The file is an ordinary safetensors file: any safetensors reader lists its plain tensors
+    (qdata int8, scale and zero point per row, the fp32 biases) and its metadata, and only
+    a reader that wants Int8Tensor back needs torchao.
+    """
+    run.section("5h. Quantized weights in safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with quiet_torch_logs():  # it imports torchao's MX formats, which log a pytree deprecation
+        from torchao.prototype.safetensors import safetensors_support as torchao_safetensors
+
+    path = run.path("int8_state_dict.safetensors")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+            save_file(int8_mlp.state_dict(), path)  # fails before it creates the file
+        plain_error = ""
+    except RuntimeError as err:
+        plain_error = first_line(err)
+    print(f"  save_file(int8 state_dict): {plain_error or 'saved'}")
+    tensors, metadata = torchao_safetensors.flatten_tensor_state_dict(int8_mlp.state_dict())
+    save_file(tensors, path, metadata=metadata)
+    with safe_open(path, framework="pt") as file:
+        tensors = load_file(path, device=str(run.device))
+        state_dict, leftover = torchao_safetensors.unflatten_tensor_state_dict(
+            tensors, file.metadata())
+    fresh = linear_classifier().to(run.device).eval()
+    fresh.load_state_dict(state_dict, assign=True)
+    batch = torch.load(reference, map_location=run.device, weights_only=True)["inputs"]
+    with torch.no_grad():
+        diff = max_abs_diff(fresh(batch), int8_mlp(batch))
+    print(f"  flatten_tensor_state_dict -> save_file: {format_bytes(path.stat().st_size)}, "
+          f"keys like {sorted(tensors)[:2]}; unflatten + assign=True: max |diff| = {diff}")
+    run.artifact("int8_safetensors", path)
+    return {"int8_safetensors_plain_fails": bool(plain_error),
+            "int8_safetensors_bytes": path.stat().st_size,
+            "int8_safetensors_reload_max_abs_diff": diff,
+            "int8_safetensors_leftover_keys": len(leftover)}
+
+
+if in_notebook():
+    run.record_all(lesson_5h_safetensors(run, int8_mlp, run.out_dir / "int8_reference.pt"))
+
+
+# %% 5i. What 01 --inspect says about a quantized file
+# `python 01_basic_save_load.py --inspect FILE` reads a checkpoint's pickle without running
+# it and names every global it references. On int8_state_dict.pt it names torchao's class:
+# the import a loader needs, found before anything is loaded; it exits with its verdict (01
+# §13 explains the codes). main() starts it with 5f's child, so its imports overlap 5d-5h.
+INSPECTOR = HERE.with_name("01_basic_save_load.py")
+
+
+def lesson_5i_inspect(run: Run, inspector: subprocess.Popen) -> dict:
+    """Print what 01's inspector (started on int8_state_dict.pt) found: exit code, globals."""
+    run.section("5i. What 01 --inspect says about a quantized file")
+    stdout, _ = inspector.communicate(timeout=300)
+    named = sorted(set(re.findall(r"torchao(?:\.\w+)+", stdout)))
+    print(f"  exit code {inspector.returncode}; torchao globals it names: {named}")
+    for line in stdout.splitlines():
+        if line.lower().startswith("verdict"):
+            print(f"  01 says: {line.strip()}")
+    return {"int8_inspect_exit_code": inspector.returncode,
+            "int8_inspect_torchao_globals": ",".join(named)}
+
+
+if in_notebook():
+    run.record_all(lesson_5i_inspect(run, start_child(
+        [str(INSPECTOR), "--inspect", str(run.out_dir / "int8_state_dict.pt")], run.out_dir)))
+
+
 # %% 6. Side by side, and which one should I use?
 # Same trained model, same inputs, parity with eager (max |diff|), the file each variant
 # deploys, and latency with common.timing.benchmark on one device and thread count. The batch
@@ -975,7 +1347,8 @@ SIDE_BY_SIDE_BATCH = 8
 def lesson_6_side_by_side(run: Run, model: nn.Module, candidates: dict) -> dict:
     """Parity, file size and batch-8 latency of every variant that was built; a bar chart.
 
-    ``candidates`` maps a name to (callable, file or None). Freezing and the compilers fold
+    ``candidates`` maps a name to (callable, file or None[, the model its parity is measured
+    against, if not ``model``]). Freezing and the compilers fold
     BatchNorm and fuse operators, which is where their speed comes from; plain scripting and
     the .pt2 module run the same operators as eager. ExecuTorch runs on the CPU: on a CUDA
     run its time includes the copies of the batch and the result.
@@ -987,7 +1360,7 @@ def lesson_6_side_by_side(run: Run, model: nn.Module, candidates: dict) -> dict:
     rows, figures = [], {}
     print(f"  batch {SIDE_BY_SIDE_BATCH} on {run.device}, {torch.get_num_threads()} threads")
     print(f"  {'variant':<22} {'file':>10}  {'max |diff|':>11}  {'median ms':>10}  {'p90 ms':>8}")
-    for name, (module, file) in candidates.items():
+    for name, (module, file, *against) in candidates.items():  # against: 5b's fp32 MLP
         if module is None:
             print(f"  {name:<22} {'':>10}  {'SKIPPED':>11}")
             continue
@@ -996,7 +1369,7 @@ def lesson_6_side_by_side(run: Run, model: nn.Module, candidates: dict) -> dict:
             with torch.no_grad():
                 return module(batch)
 
-        diff = max_abs_diff(call(), expected)
+        diff = max_abs_diff(call(), against[0](batch) if against else expected)
         timing = benchmark(call, warmup=5, repeats=30, device=run.device)
         rows.append((name, timing))
         size = format_bytes(file.stat().st_size) if file else "-"
@@ -1043,10 +1416,21 @@ def candidates(run: Run, model: nn.Module, torchscript: dict, aoti, executorch_m
     }
 
 
+def quantized_candidates(run: Run, mlp: nn.Module, int8_mlp: nn.Module) -> dict:
+    """Section 6's rows for 5b's model: name -> (callable, file, the model to compare with).
+
+    The files are the state_dicts 5c saved: what a deployment of each would ship. Their
+    parity is against the fp32 MLP, not SmallCNN: the third element says which model.
+    """
+    return {"mlp_fp32 (5b, fp32)": (mlp, run.out_dir / "mlp_fp32_state_dict.pt", mlp),
+            "mlp_int8 (5b, torchao)": (int8_mlp, run.out_dir / "int8_state_dict.pt", mlp)}
+
+
 if in_notebook():
     with jit_deprecation_filtered():
         run.record_all(lesson_6_side_by_side(
-            run, model, candidates(run, model, torchscript, aoti, executorch_method, compiled)))
+            run, model, candidates(run, model, torchscript, aoti, executorch_method, compiled)
+            | quantized_candidates(run, mlp, int8_mlp)))
 
 
 # %% Summary
@@ -1060,6 +1444,8 @@ RECAP = [
     "(AOTIModelPackageLoader): build it with -std=c++20 against the wheel's own libtorch",
     "ExecuTorch (.pte) is the on-device path; read its memory plan's largest input",
     "torch.compile speeds up the same process; it is not a deployment format",
+    "torchao int8 weights: torch.save the state_dict as usual; import torchao before "
+    "torch.load(weights_only=True), load with assign=True; safetensors via torchao's flatten",
 ]
 TRY_IT = ("run outputs/05_torchscript_export/cpp/load_model on your own input (usage: run it "
           "without arguments); then run 06_transfer_learning.py")
@@ -1085,9 +1471,23 @@ def main(argv: list[str] | None = None) -> dict:
     run.record_all(figures)
     compiled, figures = lesson_5_compile(run, model, example)
     run.record_all(figures)
+    mlp, int8_mlp, val_loader, figures = lesson_5b_quantize(run)
+    run.record_all(figures)
+    run.record_all(lesson_5c_cost(run, mlp, int8_mlp, val_loader))
+    int8_path = run.out_dir / "int8_state_dict.pt"  # 5f's and 5i's children start now
+    without_torchao = start_child(["-I", "-c", WITHOUT_TORCHAO, str(int8_path)], run.out_dir)
+    inspector = start_child([str(INSPECTOR), "--inspect", str(int8_path)], run.out_dir)
+    run.record_all(lesson_5d_other_configs(run, mlp, val_loader))
+    run.record_all(lesson_5e_export(run, int8_mlp, val_loader))
+    run.record_all(lesson_5f_weights_only(run, without_torchao))
+    reference = run.out_dir / "int8_reference.pt"
+    run.record_all(lesson_5g_assign(run, int8_mlp, reference))
+    run.record_all(lesson_5h_safetensors(run, int8_mlp, reference))
+    run.record_all(lesson_5i_inspect(run, inspector))
     with jit_deprecation_filtered():
         run.record_all(lesson_6_side_by_side(
-            run, model, candidates(run, model, torchscript, aoti, executorch_method, compiled)))
+            run, model, candidates(run, model, torchscript, aoti, executorch_method, compiled)
+            | quantized_candidates(run, mlp, int8_mlp)))
     return run.finish(RECAP, TRY_IT)
 
 
