@@ -522,6 +522,24 @@ def descriptor_checksum(descriptor: int, algorithm: str, size: int) -> str:
     return f"crc32:{crc:08x}" if algorithm == "crc32" else f"sha256:{digest.hexdigest()}"
 
 
+def verify_file(path: Path, entry: CheckpointEntry, check_hash: bool = True) -> str | None:
+    """``None`` if ``path`` matches ``entry`` (size, then checksum), else what is wrong."""
+    try:
+        descriptor = open_regular(path)
+    except FileNotFoundError:
+        return "the file is missing"
+    try:
+        size = os.fstat(descriptor).st_size
+        if size != entry.bytes:
+            return f"size {size} bytes, the manifest says {entry.bytes}"
+        algorithm = entry.checksum.partition(":")[0]
+        if check_hash and descriptor_checksum(descriptor, algorithm, size) != entry.checksum:
+            return MISMATCH
+        return None
+    finally:
+        os.close(descriptor)
+
+
 def load_verified(path: Path, entry: CheckpointEntry, map_location: Any) -> tuple[Any, str]:
     """Load one checkpoint and check it; return ``(state, "")`` or ``(None, problem)``.
 
@@ -670,6 +688,37 @@ class Manifest:
         plain_file_name(item["file"], self.path.parent, self.path)
         return CheckpointEntry(**item)
 
+    def finish_deletions(self) -> list[CheckpointEntry]:
+        """Under the writer lock: delete the files journaled as "deleting" (re-read: under
+        the lock the file is the truth), write the manifest without them; the entries."""
+        entries, pending = self.read()
+        self.delete(pending)
+        if pending:
+            self.write(entries)
+        return entries
+
+    def recover(self, checkpoint_name: re.Pattern) -> list[CheckpointEntry]:
+        """Under the writer lock (no save is running): finish journaled deletions, then
+        remove temporaries and files named like checkpoints that no entry names (a crash
+        came between the file's rename and the manifest's). Unlinking a symlink removes the
+        link, never what it points to."""
+        entries = self.finish_deletions()
+        named = {e.file for e in entries}
+        self.delete([name for name in os.listdir(self.path.parent)
+                     if name.endswith(TEMPORARY_SUFFIX)
+                     or (checkpoint_name.fullmatch(name) and name not in named)], check=False)
+        return entries
+
+    def delete(self, names: list[str], check: bool = True) -> None:
+        """Unlink files of this folder (names checked again), then make that durable."""
+        for name in names:
+            if check:
+                plain_file_name(name, self.path.parent, self.path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path.parent / name)
+        if names:
+            fsync_directory(self.path.parent)
+
     def write(self, entries: list[CheckpointEntry], deleting: list[str] = ()) -> None:
         """Replace the manifest atomically; ``deleting`` journals files about to go."""
         data = {"monitor": self.monitor, "mode": self.mode,
@@ -762,6 +811,18 @@ class BackgroundWriter:
             self._executor.shutdown(wait=True)
 
 
+def manifest_table(entries: list[CheckpointEntry], monitor: str, best: CheckpointEntry | None,
+                   latest: CheckpointEntry | None) -> str:
+    """The manifest as a table, one row per checkpoint, with best and latest marked."""
+    rows = [f"  {'file':<50} {'step':>6} {'epoch':>5} {monitor:>9} "
+            f"{'size':>10}  checksum        flags"]
+    for e in entries:
+        flags = " ".join(f for f, on in (("best", e == best), ("latest", e == latest)) if on)
+        rows.append(f"  {e.file:<50} {e.step:>6} {e.epoch:>5} {e.metrics[monitor]:>9.4f} "
+                    f"{e.bytes / 1e6:>7.2f} MB  {e.checksum[:14]}  {flags}")
+    return "\n".join(rows)
+
+
 def with_sequence(name: str, seq: int) -> str:
     """``"epoch003-step000042-val_loss0.2500.pt"`` -> ``"...-val_loss0.2500-seq7.pt"``."""
     suffix = Path(name).suffix if re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]*", Path(name).suffix) \
@@ -772,7 +833,91 @@ def with_sequence(name: str, seq: int) -> str:
 SEQUENCED_NAME = re.compile(r".+-seq[0-9]+(\.[A-Za-z][A-Za-z0-9]*)?")
 
 
-class CheckpointManager:
+class CheckpointReader:
+    """The reading half of :class:`CheckpointManager`: list, best, latest, verify, load.
+
+    It reads ``directory``, ``manifest``, ``retention`` and ``entries`` and calls ``wait()``,
+    which the manager sets up; every load verifies the file against the manifest first.
+    """
+
+    directory: Path
+    manifest: Manifest
+    retention: Retention
+    monitor: str
+    entries: list[CheckpointEntry]
+
+    def wait(self) -> None:
+        """Nothing is ever in flight for a reader (the manager waits for its save)."""
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.manifest.path
+
+    def list(self) -> list[CheckpointEntry]:
+        """The checkpoints the manifest records, oldest write first (after this manager's
+        save in flight; re-read, so it shows what other processes wrote too)."""
+        self.wait()
+        self.entries = self.manifest.read()[0]
+        return list(self.entries)
+
+    @property
+    def best(self) -> CheckpointEntry | None:
+        """The best checkpoint with a finite metric, or None if there is none."""
+        finite = self.retention.finite_ranked(self.list())
+        return finite[0] if finite else None
+
+    @property
+    def latest(self) -> CheckpointEntry | None:
+        """The most recently written checkpoint (highest ``seq``), whatever its step."""
+        entries = self.list()
+        return entries[-1] if entries else None
+
+    def inspect(self) -> str:
+        """A table of the manifest, one row per checkpoint, with best and latest marked."""
+        return manifest_table(self.list(), self.monitor, self.best, self.latest)
+
+    def verify(self, entry: CheckpointEntry, check_hash: bool = True) -> str | None:
+        """``None`` if the file matches its manifest entry, else what is wrong with it
+        (``check_hash=False``: only the cheap checks, that it exists and its size)."""
+        plain_file_name(entry.file, self.directory, self.manifest_path)
+        return verify_file(self.directory / entry.file, entry, check_hash)
+
+    def _load_first_good(self, candidates: list[CheckpointEntry],
+                         map_location: Any) -> LoadedCheckpoint | None:
+        for entry in candidates:
+            path = self.directory / entry.file
+            state, problem = load_verified(path, entry, map_location)
+            if not problem:
+                return LoadedCheckpoint(state=state, entry=entry, path=path)
+            warnings.warn(f"skipping damaged checkpoint {path}: {problem}", CheckpointWarning,
+                          stacklevel=3)
+        return None
+
+    def load_latest(self, map_location: Any = "cpu") -> LoadedCheckpoint | None:
+        """The most recently written checkpoint that verifies, or ``None`` if there is none."""
+        return self._load_first_good(self.list()[::-1], map_location)
+
+    def load_best(self, map_location: Any = "cpu") -> LoadedCheckpoint | None:
+        """The best checkpoint (by ``monitor``/``mode``, finite metrics only) that verifies."""
+        return self._load_first_good(self.retention.finite_ranked(self.list()), map_location)
+
+    def load(self, which: int | str, map_location: Any = "cpu") -> LoadedCheckpoint:
+        """The checkpoint saved at step ``which`` (an int) or in file ``which`` (a name from
+        the manifest); an error if there is none or it is damaged."""
+        entries = self.list()
+        matches = [e for e in entries if (e.file == which if isinstance(which, str)
+                                          else e.step == which)]
+        if not matches:
+            raise KeyError(f"{self.directory}: no checkpoint {which!r} in the manifest; kept: "
+                           f"steps {[e.step for e in entries]}, files {[e.file for e in entries]}")
+        loaded = self._load_first_good(matches, map_location)
+        if loaded is None:
+            raise CheckpointError(f"{self.directory / matches[0].file}: damaged (see the "
+                                  "warning)")
+        return loaded
+
+
+class CheckpointManager(CheckpointReader):
     """Keep the last N and the best K checkpoints of a run, atomically, with a verified manifest.
 
     ``manager.save(state, step=..., epoch=..., metrics={...})`` writes ``state`` (a checkpoint
@@ -825,24 +970,9 @@ class CheckpointManager:
         self.entries: list[CheckpointEntry] = self.manifest.read()[0]
         if self._writer_lock.acquire(blocking=False):  # nobody is writing: recover now
             try:
-                self._recover()
+                self.entries = self.manifest.recover(SEQUENCED_NAME)
             finally:
                 self._writer_lock.release()
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.manifest.path
-
-    def _recover(self) -> None:
-        """Under the writer lock (no save is running): finish journaled deletions, then
-        remove temporaries and checkpoint files that no entry names (a crash came between
-        the file's rename and the manifest's). Only names in this folder are unlinked;
-        unlinking a symlink removes the link, never what it points to."""
-        self._finish_deletions()
-        named = {e.file for e in self.entries}
-        self._delete([name for name in os.listdir(self.directory)
-                      if name.endswith(TEMPORARY_SUFFIX)
-                      or (SEQUENCED_NAME.fullmatch(name) and name not in named)], check=False)
 
     def _name(self, fields: dict, seq: int) -> str:
         value = float(fields["metrics"][self.monitor])
@@ -909,118 +1039,14 @@ class CheckpointManager:
             self.manifest.write(kept, deleting=dropped)  # the switch, and the journal
             self.entries = kept
             if dropped and self.async_save:  # already in the background thread
-                self._finish_deletions()
+                self.entries = self.manifest.finish_deletions()
             elif dropped:  # freeing a big file's blocks takes time (~20 ms per 100 MB)
-                self._background.submit(self._locked, self._finish_deletions)
+                self._background.submit(self._finish_deletions)
             return path
 
-    def _locked(self, work: Callable[[], None]) -> None:
-        with self._lock, self._writer_lock:
-            work()
-
     def _finish_deletions(self) -> None:
-        """Delete what the manifest journals as "deleting" (re-read: under the lock it is
-        the truth), then write it without them."""
-        entries, pending = self.manifest.read()
-        self._delete(pending)
-        if pending:
-            self.manifest.write(entries)
-        self.entries = entries
-
-    def _delete(self, names: list[str], check: bool = True) -> None:
-        for name in names:
-            if check:
-                plain_file_name(name, self.directory, self.manifest_path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.directory / name)
-        if names:
-            fsync_directory(self.directory)
-
-    # ---- reading ------------------------------------------------------------------------
-
-    def list(self) -> list[CheckpointEntry]:
-        """The checkpoints the manifest records, oldest write first (after this manager's
-        save in flight; re-read, so it shows what other processes wrote too)."""
-        self.wait()
-        self.entries = self.manifest.read()[0]
-        return list(self.entries)
-
-    @property
-    def best(self) -> CheckpointEntry | None:
-        """The best checkpoint with a finite metric, or None if there is none."""
-        finite = self.retention.finite_ranked(self.list())
-        return finite[0] if finite else None
-
-    @property
-    def latest(self) -> CheckpointEntry | None:
-        """The most recently written checkpoint (highest ``seq``), whatever its step."""
-        entries = self.list()
-        return entries[-1] if entries else None
-
-    def inspect(self) -> str:
-        """A table of the manifest, one row per checkpoint, with best and latest marked."""
-        best, latest = self.best, self.latest
-        rows = [f"  {'file':<50} {'step':>6} {'epoch':>5} {self.monitor:>9} "
-                f"{'size':>10}  checksum        flags"]
-        for e in self.list():
-            flags = " ".join(f for f, on in (("best", e == best), ("latest", e == latest)) if on)
-            rows.append(f"  {e.file:<50} {e.step:>6} {e.epoch:>5} "
-                        f"{e.metrics[self.monitor]:>9.4f} {e.bytes / 1e6:>7.2f} MB  "
-                        f"{e.checksum[:14]}  {flags}")
-        return "\n".join(rows)
-
-    def verify(self, entry: CheckpointEntry, check_hash: bool = True) -> str | None:
-        """``None`` if the file matches its manifest entry, else what is wrong with it
-        (``check_hash=False``: only the cheap checks, that it exists and its size)."""
-        path = self.directory / plain_file_name(entry.file, self.directory, self.manifest_path)
-        try:
-            descriptor = open_regular(path)
-        except FileNotFoundError:
-            return "the file is missing"
-        try:
-            size = os.fstat(descriptor).st_size
-            if size != entry.bytes:
-                return f"size {size} bytes, the manifest says {entry.bytes}"
-            algorithm = entry.checksum.partition(":")[0]
-            if check_hash and descriptor_checksum(descriptor, algorithm, size) != entry.checksum:
-                return MISMATCH
-            return None
-        finally:
-            os.close(descriptor)
-
-    def _load_first_good(self, candidates: list[CheckpointEntry],
-                         map_location: Any) -> LoadedCheckpoint | None:
-        for entry in candidates:
-            path = self.directory / entry.file
-            state, problem = load_verified(path, entry, map_location)
-            if not problem:
-                return LoadedCheckpoint(state=state, entry=entry, path=path)
-            warnings.warn(f"skipping damaged checkpoint {path}: {problem}", CheckpointWarning,
-                          stacklevel=3)
-        return None
-
-    def load_latest(self, map_location: Any = "cpu") -> LoadedCheckpoint | None:
-        """The most recently written checkpoint that verifies, or ``None`` if there is none."""
-        return self._load_first_good(self.list()[::-1], map_location)
-
-    def load_best(self, map_location: Any = "cpu") -> LoadedCheckpoint | None:
-        """The best checkpoint (by ``monitor``/``mode``, finite metrics only) that verifies."""
-        return self._load_first_good(self.retention.finite_ranked(self.list()), map_location)
-
-    def load(self, which: int | str, map_location: Any = "cpu") -> LoadedCheckpoint:
-        """The checkpoint saved at step ``which`` (an int) or in file ``which`` (a name from
-        the manifest); an error if there is none or it is damaged."""
-        entries = self.list()
-        matches = [e for e in entries if (e.file == which if isinstance(which, str)
-                                          else e.step == which)]
-        if not matches:
-            raise KeyError(f"{self.directory}: no checkpoint {which!r} in the manifest; kept: "
-                           f"steps {[e.step for e in entries]}, files {[e.file for e in entries]}")
-        loaded = self._load_first_good(matches, map_location)
-        if loaded is None:
-            raise CheckpointError(f"{self.directory / matches[0].file}: damaged (see the "
-                                  "warning)")
-        return loaded
+        with self._lock, self._writer_lock:
+            self.entries = self.manifest.finish_deletions()
 
 
 # ############################################################################################
@@ -1532,7 +1558,10 @@ if in_notebook():
 # os.replace()s it over the target: the switch is atomic, so readers see the old file or the
 # new one, never half. The manifest is written the same way. Retention deletes old files only
 # AFTER the new one is durable, through a "deleting" journal in the manifest that a restart
-# finishes.
+# finishes. Each save also gets a name no earlier save used (the write's number ends it,
+# "-seq7.pt"): a crash between the file's rename and the manifest's can then never leave the
+# manifest vouching for bytes that changed, and the file no entry names yet is removed by
+# the next writer (tests/test_02_crash_points.py kills a save at every filesystem step).
 # A second process on the same folder is the other everyday hazard (an evaluation job opening
 # the folder while training writes, two jobs launched with one --out-dir). Each save takes a
 # cross-process writer lock (fcntl.flock on writer.lock) and re-reads the manifest under it,

@@ -542,3 +542,17 @@ def test_bad_flag_values_are_refused_before_anything_runs(tmp_path, flags, capsy
         lesson.setup(["--device", "cpu", "--out-dir", str(tmp_path / "out"), *flags])
     assert exited.value.code == 2 and "must be" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before the out-dir was created
+
+
+def test_deterministic_kernels_are_scoped_to_cuda_runs_and_restored():
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic,
+              cudnn.benchmark)
+    with lesson.deterministic_kernels(torch.device("cpu")):
+        assert (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic,
+                cudnn.benchmark) == before  # the CPU kernels used here are deterministic
+    with lesson.deterministic_kernels(torch.device("cuda")):  # sets flags only: no GPU needed
+        assert torch.are_deterministic_algorithms_enabled() and cudnn.deterministic
+        assert not cudnn.benchmark
+    assert (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic,
+            cudnn.benchmark) == before
