@@ -49,6 +49,12 @@ and data-order state for a bit-exact resume, and one save in flight in a backgro
 Orbax's CheckpointManager has the retention and async parts, for JAX). And what none of
 them promise for a folder that other processes touch: a writer lock, plain-file-name checks
 on everything read from the manifest, and NaN metrics that can never become "best".
+The class is a few small pieces, each readable on its own: WriterLock (the lock, never
+following a link), Manifest (the index, its journal and the recovery after a crash, every
+record validated), Retention (which files to keep), BackgroundWriter (the async save and
+its staging buffer), CheckpointReader (list and verified loads) and CheckpointManager,
+which puts them together. A save is killed at every one of its filesystem calls in
+tests/test_02_crash_points.py: a new process then loads the previous or the new state.
 """
 
 from __future__ import annotations
@@ -300,6 +306,8 @@ class WriterLock:
         return True
 
     def _flock(self, descriptor: int, blocking: bool) -> bool:
+        """flock with a deadline: True when taken, False (non-blocking) when held, else an
+        error after ``timeout`` seconds naming the holder's pid."""
         deadline = time.monotonic() + (self.timeout if blocking else 0.0)
         while True:
             try:
@@ -508,7 +516,12 @@ class LoadedCheckpoint:
 
 def descriptor_checksum(descriptor: int, algorithm: str, size: int) -> str:
     """:func:`file_checksum` of the first ``size`` bytes of an OPEN file, read with
-    ``os.pread`` (which leaves the file offset alone, so another reader can share it)."""
+    ``os.pread`` (which leaves the file offset alone, so another reader can share it).
+
+    Checksumming the open descriptor rather than the path is what ties the check to the
+    bytes that torch.load reads from the same descriptor: a rename in between cannot
+    substitute another file.
+    """
     digest, crc, offset = hashlib.sha256(), 0, 0
     while offset < size:
         block = os.pread(descriptor, min(1 << 20, size - offset), offset)
@@ -554,6 +567,10 @@ def load_verified(path: Path, entry: CheckpointEntry, map_location: Any) -> tupl
         descriptor = open_regular(path)
     except FileNotFoundError:
         return None, "the file is missing"
+    # Reading the bytes into memory first and loading from there would also load what was
+    # verified, at the price of a second copy of the file in memory; the shared descriptor
+    # costs nothing (the checksum reads with pread, at its own offset; section 8 prints the
+    # verified load's speed next to torch.load's).
     with os.fdopen(descriptor, "rb") as handle, ThreadPoolExecutor(max_workers=1) as pool:
         size = os.fstat(descriptor).st_size
         if size != entry.bytes:
@@ -580,6 +597,9 @@ def load_verified(path: Path, entry: CheckpointEntry, map_location: Any) -> tupl
 
 def json_nesting(text: str) -> int:
     """How deeply ``text``'s JSON arrays and objects nest, counted WITHOUT parsing it.
+
+    Strings are skipped whole (a bracket inside a string does not count); an unterminated
+    string only makes the count larger, and such a file is not valid JSON anyway.
 
     ``json.loads`` recurses once per level: 100,000 nested brackets raise RecursionError
     (or worse). Counting first lets a reader refuse such a file with its own error.
@@ -623,8 +643,12 @@ class Manifest:
 
     def read(self) -> tuple[list[CheckpointEntry], list[str]]:
         """The entries (sorted by write order) and the pending deletions."""
+        # lexists, not exists: a dangling symlink in its place must be refused below, not
+        # taken for "no manifest yet" (the next write would then replace the link).
         if not os.path.lexists(self.path):
             return [], []
+        # One bounded read of a regular file: a FIFO, a directory or a 50 GB file planted
+        # in its place is refused before json sees a byte.
         with os.fdopen(open_regular(self.path), "rb") as handle:
             raw = handle.read(self.MAX_BYTES + 1)
         if len(raw) > self.MAX_BYTES:
@@ -675,6 +699,9 @@ class Manifest:
             if kind is not int and not isinstance(value, kind):
                 raise self.fail(f"{where}.{field}", f"{reprlib.repr(value)} is not a "
                                 f"{kind.__name__}")
+        # Types first, one field at a time, so the error names it: an int where a string is
+        # expected would otherwise fail later as a TypeError deep in a format string or a
+        # sort, and bytes=10**400 as an OverflowError. bool is an int in Python: refused.
         for key, value in item["metrics"].items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise self.fail(f"{where}.metrics.{key}", f"{reprlib.repr(value)} is not a "
@@ -720,7 +747,13 @@ class Manifest:
             fsync_directory(self.path.parent)
 
     def write(self, entries: list[CheckpointEntry], deleting: list[str] = ()) -> None:
-        """Replace the manifest atomically; ``deleting`` journals files about to go."""
+        """Replace the manifest atomically; ``deleting`` journals files about to go.
+
+        Indented, so ``cat manifest.json`` is readable. A NaN metric (a mid-epoch save has
+        no validation loss) is written as the bare word ``NaN``: not strict JSON, but what
+        Python's json module writes and reads back, so it round-trips here; a tool that
+        insists on strict JSON needs ``parse_constant``.
+        """
         data = {"monitor": self.monitor, "mode": self.mode,
                 "checkpoints": [dataclasses.asdict(entry) for entry in entries],
                 "deleting": list(deleting)}  # re-tried by the next writer after a crash
@@ -756,6 +789,7 @@ class Retention:
         return sorted(entries, key=key)
 
     def finite_ranked(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
+        """The candidates for "best": finite metrics only, best first."""
         return [e for e in self.ranked(entries) if math.isfinite(e.metrics[self.monitor])]
 
     def split(self, entries: list[CheckpointEntry]) -> tuple[list[CheckpointEntry], list[str]]:
@@ -780,6 +814,7 @@ class BackgroundWriter:
         self.staging: Any = None  # the last snapshot; its memory is reused by the next one
 
     def submit(self, work: Callable[..., Any], *args: Any) -> None:
+        """Run ``work(*args)`` in the thread, after the job before it (one in flight)."""
         self.wait()
         self._in_flight = self._executor.submit(work, *args)
 
@@ -791,6 +826,7 @@ class BackgroundWriter:
 
     @property
     def busy(self) -> bool:
+        """Whether a job may still run (``wait()`` has not seen it finish)."""
         return self._in_flight is not None
 
     def wait(self) -> None:
@@ -805,6 +841,7 @@ class BackgroundWriter:
                 self._in_flight = None
 
     def close(self) -> None:
+        """Wait for the job in flight, then stop the thread (also if the job failed)."""
         try:
             self.wait()
         finally:
@@ -830,11 +867,19 @@ def with_sequence(name: str, seq: int) -> str:
     return f"{name[: len(name) - len(suffix)]}-seq{seq}{suffix}"
 
 
+# The names with_sequence() makes: recovery removes such a file when no entry names it (a
+# crash came before the manifest did). Other files in the folder are never touched.
 SEQUENCED_NAME = re.compile(r".+-seq[0-9]+(\.[A-Za-z][A-Za-z0-9]*)?")
 
 
 class CheckpointReader:
     """The reading half of :class:`CheckpointManager`: list, best, latest, verify, load.
+
+    Every method re-reads the manifest (cheap: a few kB of JSON), so a job that only
+    evaluates sees what the trainer wrote since it opened the folder, and never caches a
+    list that another process's retention has since changed. A candidate that fails its
+    check (missing, wrong size, wrong checksum) is skipped with a CheckpointWarning and the
+    next one is tried; a file that verifies but does not load raises.
 
     It reads ``directory``, ``manifest``, ``retention`` and ``entries`` and calls ``wait()``,
     which the manager sets up; every load verifies the file against the manifest first.
@@ -968,6 +1013,8 @@ class CheckpointManager(CheckpointReader):
         self._lock = threading.Lock()  # this manager's caller against its background thread
         self._writer_lock = WriterLock(self.directory / self.LOCK, lock_timeout)
         self.entries: list[CheckpointEntry] = self.manifest.read()[0]
+        # Recovery needs the lock (a temporary may belong to a save running right now in
+        # another process); try once, without waiting: a reader must never hang here.
         if self._writer_lock.acquire(blocking=False):  # nobody is writing: recover now
             try:
                 self.entries = self.manifest.recover(SEQUENCED_NAME)
@@ -975,6 +1022,8 @@ class CheckpointManager(CheckpointReader):
                 self._writer_lock.release()
 
     def _name(self, fields: dict, seq: int) -> str:
+        """The file name for a save: the template, made safe, then "-seq<N>" before the
+        suffix; checked to be a plain name in the folder."""
         value = float(fields["metrics"][self.monitor])
         name = with_sequence(safe_file_part(self.filename.format(
             epoch=fields["epoch"], step=fields["step"], monitor=self.monitor, value=value)), seq)
@@ -996,6 +1045,8 @@ class CheckpointManager(CheckpointReader):
         fields = {"step": step, "epoch": epoch, "position": position,
                   "metrics": {key: float(value) for key, value in metrics.items()}}
         self._background.wait()
+        # The write number this save will most likely get (the manifest decides under the
+        # lock); building the name now also refuses a bad template before anything runs.
         seq = max((e.seq for e in self.entries), default=0) + 1
         name = self._name(fields, seq)
         if not self.async_save:
@@ -1020,8 +1071,20 @@ class CheckpointManager(CheckpointReader):
     def _write(self, state: dict, fields: dict, seq: int) -> Path:
         """Under both locks: re-read the manifest (another writer's entries are kept), write
         the file under a name no entry uses, switch the manifest, retire the replaced."""
+        # Where a crash can land, and why each place is safe:
+        # - before os.replace: only a "*.partial" temporary exists; recovery removes it.
+        # - after the replace, before the manifest's: a complete file that no entry names
+        #   (an orphan). The manifest still vouches for the old files, whose bytes nothing
+        #   touched, because the new name is new; recovery removes the orphan.
+        # - after the manifest's replace: the new entry is live and the files to retire are
+        #   journaled in "deleting"; recovery (or the background thread) deletes them and
+        #   writes the manifest once more without the journal.
+        # So a reader finds the previous state or the new one, never a mix: the test suite
+        # checks it by killing a save at every one of its filesystem calls.
         with self._lock, self._writer_lock:
             entries, pending = self.manifest.read()
+            # The next write number, also when another writer saved since save() guessed it;
+            # a hostile or old manifest could already name that file: then count on.
             seq = max([seq] + [e.seq + 1 for e in entries])
             while (name := self._name(fields, seq)) in {e.file for e in entries}:
                 seq += 1
@@ -1125,6 +1188,10 @@ class Training:
 
     def resume(self, which: bool | int | str) -> LoadedCheckpoint | None:
         """Load the latest good checkpoint (``True``), or the one at step/file ``which``.
+
+        A checksum only proves that the bytes are the ones saved: a checkpoint from another
+        model, another device, or a hand-edited one verifies just as well, and half-restoring
+        it would leave a run that is neither the old one nor a fresh one.
 
         The state is checked (check_resume_state) BEFORE anything is changed, and every
         load_state_dict call that still refuses it becomes one CheckpointError naming the
@@ -1298,6 +1365,11 @@ def check_resume_state(state: object, path: Path, training: Training) -> None:
         if type(value) is not int or not low <= value <= high:
             raise fail(field, f"{reprlib.repr(value)} is not an integer in [{low}, {high}]")
 
+    # The checks go from the outside in: the container, each key's type, the numbers that
+    # drive the loop (epoch, step), the mode the run was saved in, then what the objects
+    # would load (the model's tensor shapes, the generators, the data position). Each one
+    # names the field, so "error: state vector is the wrong size" becomes "field
+    # 'rng.python': not random.getstate()'s ...", which says what to look at.
     if not isinstance(state, dict):
         raise fail("(the checkpoint)", f"a {type(state).__name__}, not a dict")
     for key, kind in (("model", dict), ("optimizer", dict), ("scheduler", dict),
@@ -1316,6 +1388,8 @@ def check_resume_state(state: object, path: Path, training: Training) -> None:
                    f"{'on' if amp else 'off'}, this run is on {training.device.type} with it "
                    f"{'on' if training.scaler.is_enabled() else 'off'}; resume with "
                    f"--device {saved_on} (a switch changes the numerics of every step)")
+    # Shapes and dtypes before load_state_dict: its error lists every mismatch over many
+    # lines, and a wrong dtype would load silently (it is cast on copy).
     expected = training.model.state_dict()
     if set(state["model"]) != set(expected):
         raise fail("model", f"keys differ: {sorted(set(state['model']) ^ set(expected))[:3]}")
@@ -1325,6 +1399,8 @@ def check_resume_state(state: object, path: Path, training: Training) -> None:
             raise fail(f"model.{key}", f"{reprlib.repr(tensor)} is not a {expected[key].dtype} "
                        f"tensor of shape {tuple(expected[key].shape)}")
     check_rng_state(state["rng"], fail, training.train_loader.generator)
+    # Mid-epoch, the position says how many batches of the epoch are done: 0 or the whole
+    # epoch would be an epoch-end checkpoint (saved without "data"), more is impossible.
     data = state.get("data")
     if data is not None:
         if not isinstance(data, dict) or not isinstance(data.get("loader"), dict):
@@ -1340,6 +1416,9 @@ def check_rng_state(rng: dict, fail: Callable[[str, str], Exception],
     """The generator states of :func:`capture_rng_state`, checked for type and size (a
     wrong size would otherwise fail inside setstate with "state vector is the wrong
     size", naming neither the file nor the generator)."""
+    # Python's Mersenne Twister state is 624 words plus its index (625 ints), NumPy's the
+    # same 624 words with the index apart; torch's generators are uint8 tensors whose size
+    # is fixed per generator type, so the live generators give the expected shapes.
     python, numpy_state = rng.get("python"), rng.get("numpy")
     if not (isinstance(python, (tuple, list)) and len(python) == 3
             and isinstance(python[1], (tuple, list)) and len(python[1]) == 625
