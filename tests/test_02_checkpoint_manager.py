@@ -464,7 +464,8 @@ def test_kill_9_at_random_steps_then_resume_is_bit_identical(default_run, tmp_pa
         if kill < 2:
             time.sleep(chance.uniform(0.0, 0.06))  # anywhere in the next steps
         else:  # the last kill waits for a save in flight: its temporary file exists
-            while time.monotonic() < deadline and not list(manifest.parent.glob("*.partial")):
+            while (time.monotonic() < deadline and process.poll() is None
+                   and not list(manifest.parent.glob("*.partial"))):
                 pass
         process.send_signal(signal.SIGKILL)
         outputs.append(process.communicate(timeout=60)[0])

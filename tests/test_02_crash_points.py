@@ -199,7 +199,10 @@ def test_a_kill_at_every_filesystem_step_loses_nothing(tmp_path, scenario, async
     assert steps >= 20 and "before" in outcomes and "after" in outcomes
 
 
-@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+# Sync only: a real KeyboardInterrupt lands in the main thread, and an async save's steps run
+# in the background thread (its main-thread case, an interrupt inside wait(), has its own
+# test below).
+@pytest.mark.parametrize("async_save", [False], ids=["sync"])
 def test_a_keyboard_interrupt_at_every_step_then_going_on_loses_nothing(tmp_path, async_save):
     template = tmp_path / "template"
     before, after, known = prepare(template, "same name")
