@@ -49,14 +49,22 @@ and data-order state for a bit-exact resume, and one save in flight in a backgro
 Orbax's CheckpointManager has the retention and async parts, for JAX). And what none of
 them promise for a folder that other processes touch: a writer lock, plain-file-name checks
 on everything read from the manifest, and NaN metrics that can never become "best".
+The class is a few small pieces, each readable on its own: WriterLock (the lock, never
+following a link), Manifest (the index, its journal and the recovery after a crash, every
+record validated), Retention (which files to keep), BackgroundWriter (the async save and
+its staging buffer), CheckpointReader (list and verified loads) and CheckpointManager,
+which puts them together. A save is killed at every one of its filesystem calls in
+tests/test_02_crash_points.py: a new process then loads the previous or the new state.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
+import errno
 import fcntl
 import hashlib
 import json
@@ -64,8 +72,10 @@ import math
 import os
 import random
 import re
+import reprlib
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -88,7 +98,7 @@ from common.compare import bit_identical, max_abs_diff
 from common.data import make_image_classification, make_loaders
 from common.devices import seed_everything
 from common.models import MLP, SmallCNN
-from common.run import Run, format_bytes, in_notebook, make_parser, script_file
+from common.run import Run, first_line, format_bytes, in_notebook, make_parser, script_file
 from common.timing import benchmark, benchmark_interleaved
 from common.training import evaluate
 from common.verdict import speed_word
@@ -228,62 +238,100 @@ def safe_file_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", text).strip(".") or "metric"
 
 
+def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
+    """``os.open`` that never follows a symlink, never blocks, and accepts only a plain file.
+
+    A hostile folder can hold a symlink where a file is expected (``writer.lock`` pointing
+    at a file elsewhere, which a write would change), a directory, or a FIFO (an ordinary
+    open of a FIFO waits forever for a writer). ``O_NOFOLLOW`` refuses the symlink,
+    ``O_NONBLOCK`` returns at once for a FIFO, and ``fstat`` on the OPEN descriptor (not on
+    the name, which could be swapped in between) refuses anything but a regular file with one
+    link: a hard link is another name of an outside file. Raises ``CheckpointError``.
+    """
+    try:
+        descriptor = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise CheckpointError(f"{path}: is a symlink; refusing to follow it (nothing was "
+                                  "read or written)") from None
+        if err.errno in (errno.EISDIR, errno.ENXIO):
+            raise CheckpointError(f"{path}: not a regular file; nothing was read") from None
+        raise
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
+        os.close(descriptor)
+        kind = "has another name (a hard link)" if stat.S_ISREG(status.st_mode) else (
+            "is not a regular file (a directory, a FIFO or a device)")
+        raise CheckpointError(f"{path}: {kind}; refusing to use it, nothing was read or written")
+    return descriptor
+
+
 class WriterLock:
     """A cross-process lock on a folder (``fcntl.flock`` on a lock file inside it).
 
     flock locks belong to an open file, so they also separate two managers in ONE process,
     and the kernel releases them when a process dies: a SIGKILLed writer never leaves the
-    folder locked. ``timeout`` seconds of waiting, then a clear error.
+    folder locked. ``timeout`` seconds of waiting, then a clear error. The lock file is
+    opened with :func:`open_regular`: a symlink or a hard link planted in its place is
+    refused, so taking the lock never writes outside the folder.
     """
 
     def __init__(self, path: Path, timeout: float = 60.0) -> None:
         self.path, self.timeout = Path(path), timeout
-        self._handle: Any = None
+        self._descriptor: int | None = None
 
     def acquire(self, blocking: bool = True) -> bool:
         """Take the lock; return False (non-blocking) or raise (after ``timeout``) if held.
 
-        The lock file is opened in append mode, so opening it never truncates what the holder
-        wrote into it (its pid, which the error message shows). We poll with LOCK_NB instead
-        of a blocking flock() so that the wait has a deadline: a hung writer on a network file
-        system must not hang every job that opens the folder.
+        Opening never truncates what the holder wrote into the file (its pid, which the
+        error message shows). We poll with LOCK_NB instead of a blocking flock() so that the
+        wait has a deadline: a hung writer on a network file system must not hang every job
+        that opens the folder.
         """
         try:
-            handle = open(self.path, "a+")  # noqa: SIM115 - kept open while the lock is held
+            descriptor = open_regular(self.path, os.O_RDWR | os.O_CREAT)
         except OSError:  # a read-only folder: a reader may still load from it
             if blocking:
                 raise
             return False
+        try:  # whatever interrupts us (Ctrl-C included) closes the file: no lock leaks
+            if not self._flock(descriptor, blocking):
+                os.close(descriptor)
+                return False
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"pid {os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(descriptor)
+            raise
+        self._descriptor = descriptor
+        return True
+
+    def _flock(self, descriptor: int, blocking: bool) -> bool:
+        """flock with a deadline: True when taken, False (non-blocking) when held, else an
+        error after ``timeout`` seconds naming the holder's pid."""
         deadline = time.monotonic() + (self.timeout if blocking else 0.0)
         while True:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
             except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    handle.seek(0)
-                    holder = handle.read().strip() or "unknown"
-                    handle.close()
-                    if not blocking:
-                        return False
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                elif not blocking:
+                    return False
+                else:
+                    holder = os.pread(descriptor, 100, 0).decode(errors="replace").strip()
                     raise CheckpointError(
-                        f"{self.path}: another process ({holder}) holds this folder's writer "
-                        f"lock; waited {self.timeout:.0f} s. Use another folder, or stop it"
-                    ) from None
-                time.sleep(0.01)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}\n")
-        handle.flush()
-        self._handle = handle
-        return True
+                        f"{self.path}: another process ({holder or 'unknown'}) holds this "
+                        f"folder's writer lock; waited {self.timeout:.0f} s. Use another "
+                        "folder, or stop it") from None
 
     def release(self) -> None:
         """Drop the lock (closing the file would drop it too; explicit is clearer)."""
-        if self._handle is not None:
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
+        if self._descriptor is not None:
+            fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+            os.close(self._descriptor)
+            self._descriptor = None
 
     def __enter__(self) -> WriterLock:
         self.acquire()
@@ -446,6 +494,7 @@ class CheckpointEntry:
 
     ``seq`` numbers the writes of the folder: the highest is the LATEST checkpoint, whatever
     its step, so a run resumed from an older step is not overtaken by the branch it abandoned.
+    It is also part of the file name, so a save never reuses the name of an earlier one.
     """
 
     file: str
@@ -468,229 +517,272 @@ class LoadedCheckpoint:
     path: Path
 
 
-class CheckpointManager:
-    """Keep the last N and the best K checkpoints of a run, atomically, with a verified manifest.
+def descriptor_checksum(descriptor: int, algorithm: str, size: int) -> str:
+    """:func:`file_checksum` of the first ``size`` bytes of an OPEN file, read with
+    ``os.pread`` (which leaves the file offset alone, so another reader can share it).
 
-    ``manager.save(state, step=..., epoch=..., metrics={...})`` writes ``state`` (a checkpoint
-    dict, see common/__init__.py for the keys) and applies the retention policy;
-    ``load_latest()`` / ``load_best()`` / ``load(step)`` return the newest good match.
+    Checksumming the open descriptor rather than the path is what ties the check to the
+    bytes that torch.load reads from the same descriptor: a rename in between cannot
+    substitute another file.
+    """
+    digest, crc, offset = hashlib.sha256(), 0, 0
+    while offset < size:
+        block = os.pread(descriptor, min(1 << 20, size - offset), offset)
+        if not block:
+            break
+        offset += len(block)
+        if algorithm == "crc32":
+            crc = zlib.crc32(block, crc)
+        else:
+            digest.update(block)
+    return f"crc32:{crc:08x}" if algorithm == "crc32" else f"sha256:{digest.hexdigest()}"
 
-    Guarantees, and what each one prevents:
-    - Every write is atomic (unique temporary file, fsync, ``os.replace``): a crash leaves the
-      old files and manifest intact, never half a checkpoint.
-    - Writers take a cross-process lock (``writer.lock``) around each save and re-read the
-      manifest under it: two processes saving into one folder lose no entry and delete none
-      of each other's files; a second writer waits (``lock_timeout`` s, then a clear error).
-      Readers never take it, and leftover temporaries are removed only by a lock holder, so
-      opening a folder to evaluate never breaks a trainer's save in flight.
-    - Names in the manifest must be plain file names in the folder: a hostile manifest
-      (``"../../x"``, an absolute path, a symlink out) is refused before anything is read or
-      deleted. File names built from metrics are sanitised (``val/loss`` -> ``val-loss``).
-    - A non-finite monitored metric (NaN, inf) ranks LAST, never best: a diverged step cannot
-      push out the best finite checkpoint.
-    - Only DAMAGE (missing file, size or checksum different from the manifest) is skipped, with
-      a ``CheckpointWarning``; a file whose hash matches but does not load (a weights_only
-      refusal, out of memory) raises ``CheckpointError``: it is your problem, not rot.
-    - "Latest" is the most recent write (``seq``), not the highest step.
 
-    With ``async_save=True``, ``save`` snapshots the state to the CPU and writes in a background
-    thread; at most one save is in flight; ``wait()`` (or leaving a ``with`` block) waits for it.
-    The snapshot's memory (one CPU copy of the state) is kept and reused by the next save.
+def verify_file(path: Path, entry: CheckpointEntry, check_hash: bool = True) -> str | None:
+    """``None`` if ``path`` matches ``entry`` (size, then checksum), else what is wrong."""
+    try:
+        descriptor = open_regular(path)
+    except FileNotFoundError:
+        return "the file is missing"
+    try:
+        size = os.fstat(descriptor).st_size
+        if size != entry.bytes:
+            return f"size {size} bytes, the manifest says {entry.bytes}"
+        algorithm = entry.checksum.partition(":")[0]
+        if check_hash and descriptor_checksum(descriptor, algorithm, size) != entry.checksum:
+            return MISMATCH
+        return None
+    finally:
+        os.close(descriptor)
+
+
+def load_verified(path: Path, entry: CheckpointEntry, map_location: Any) -> tuple[Any, str]:
+    """Load one checkpoint and check it; return ``(state, "")`` or ``(None, problem)``.
+
+    The file is opened ONCE and both the checksum and ``torch.load`` read that descriptor: a
+    name can be swapped for another file between two opens, an open descriptor cannot, so
+    what was verified is what was loaded. The checksum runs in a second thread WHILE
+    torch.load deserialises (zlib and hashlib release the GIL), so verifying costs about the
+    slower of the two, not their sum. A load error on a file whose checksum matches is not
+    damage: it is raised as ``CheckpointError``.
+    """
+    try:
+        descriptor = open_regular(path)
+    except FileNotFoundError:
+        return None, "the file is missing"
+    # Reading the bytes into memory first and loading from there would also load what was
+    # verified, at the price of a second copy of the file in memory; the shared descriptor
+    # costs nothing (the checksum reads with pread, at its own offset; section 8 prints the
+    # verified load's speed next to torch.load's).
+    with os.fdopen(descriptor, "rb") as handle, ThreadPoolExecutor(max_workers=1) as pool:
+        size = os.fstat(descriptor).st_size
+        if size != entry.bytes:
+            return None, f"size {size} bytes, the manifest says {entry.bytes}"
+        algorithm = entry.checksum.partition(":")[0]
+        checksum = pool.submit(descriptor_checksum, descriptor, algorithm, size)
+        try:
+            state, error = torch.load(handle, map_location=map_location,
+                                      weights_only=True), None
+        except Exception as err:  # judged below, once the checksum is known
+            state, error = None, err
+        if checksum.result() != entry.checksum:
+            return None, MISMATCH
+    if error is not None:  # the bytes are exactly those saved: not damage, say so loudly
+        lines = [line.strip() for line in
+                 re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported global" in line),
+                      lines[0] if lines else "")
+        raise CheckpointError(
+            f"{path}: intact (its checksum matches the manifest) but torch.load failed: "
+            f"{type(error).__name__}: {reason}") from error
+    return state, ""
+
+
+def json_nesting(text: str) -> int:
+    """How deeply ``text``'s JSON arrays and objects nest, counted WITHOUT parsing it.
+
+    Strings are skipped whole (a bracket inside a string does not count); an unterminated
+    string only makes the count larger, and such a file is not valid JSON anyway.
+
+    ``json.loads`` recurses once per level: 100,000 nested brackets raise RecursionError
+    (or worse). Counting first lets a reader refuse such a file with its own error.
+    """
+    depth = deepest = 0
+    for match in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', text):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in ("]", "}"):
+            depth -= 1
+    return deepest
+
+
+ENTRY_FIELDS = {"file": str, "step": int, "epoch": int, "metrics": dict, "timestamp": str,
+                "bytes": int, "checksum": str, "seq": int, "position": int}
+CHECKSUM_TEXT = re.compile(r"crc32:[0-9a-f]{8}|sha256:[0-9a-f]{64}")
+
+
+class Manifest:
+    """``manifest.json``: the index of a checkpoint folder, and its journal of deletions.
+
+    Reading needs no lock: the file is only ever replaced atomically, so a reader sees one
+    complete version. It is data from disk, so it is checked before use: a regular file
+    (not a symlink, directory or FIFO), at most ``MAX_BYTES``, JSON nested at most
+    ``MAX_DEPTH`` deep, written for this monitor and mode, and every record has exactly its
+    fields with their types and ranges, and plain file names. Any failure is ONE
+    ``CheckpointError`` naming the file and the field (the monitor mismatch: ``ValueError``).
     """
 
-    MANIFEST = "manifest.json"
-    LOCK = "writer.lock"
+    MAX_BYTES, MAX_DEPTH = 64 << 20, 8
 
-    def __init__(
-        self,
-        directory: str | Path,
-        *,
-        monitor: str = "val_loss",
-        mode: str = "min",
-        save_top_k: int = 2,
-        keep_last: int = 2,
-        filename: str = "epoch{epoch:03d}-step{step:06d}-{monitor}{value:.4f}.pt",
-        async_save: bool = False,
-        serialize: Callable[[Any, Any], None] = torch.save,
-        lock_timeout: float = 60.0,
-        checksum: str = "crc32",
-    ) -> None:
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
-        if save_top_k < 0 or keep_last < 1:
-            raise ValueError("save_top_k must be >= 0 and keep_last >= 1 (the latest is kept)")
-        if checksum not in CHECKSUMS:
-            raise ValueError(f"checksum must be one of {CHECKSUMS}, not {checksum!r}")
-        self.checksum = checksum
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.monitor, self.mode = monitor, mode
-        self.save_top_k, self.keep_last = save_top_k, keep_last
-        self.filename, self.async_save = filename, async_save
-        self.serialize = serialize  # torch.save; tests pass a writer that fails half-way
-        # One background thread: async saves run in it, and so does the deletion of files
-        # that retention dropped (after a sync save, which returns once the new file and the
-        # manifest are durable: nothing waits for old files to go).
-        self._executor = ThreadPoolExecutor(max_workers=1)
-        self._in_flight: Future | None = None
-        self._staging: Any = None  # the last async snapshot, reused by the next one
-        self._lock = threading.Lock()
-        self._writer_lock = WriterLock(self.directory / self.LOCK, lock_timeout)
-        self.entries: list[CheckpointEntry] = self._read_manifest()[0]
-        # Housekeeping only if no other process is writing here right now (non-blocking).
-        if self._writer_lock.acquire(blocking=False):
-            try:
-                self._recover()
-            finally:
-                self._writer_lock.release()
+    def __init__(self, path: Path, monitor: str, mode: str) -> None:
+        self.path, self.monitor, self.mode = Path(path), monitor, mode
 
-    # ---- the manifest -------------------------------------------------------------------
+    def fail(self, field: str, problem: str) -> CheckpointError:
+        """The error for ``field`` ("" for the whole file)."""
+        return CheckpointError(f"{self.path}: {field + ': ' if field else ''}{problem}; it was "
+                               "left untouched, and so were the checkpoints beside it")
 
-    @property
-    def manifest_path(self) -> Path:
-        return self.directory / self.MANIFEST
-
-    def _read_manifest(self) -> tuple[list[CheckpointEntry], list[str]]:
-        """The manifest's entries (sorted by write order) and its pending deletions.
-
-        Reading needs no lock: the manifest is only ever replaced atomically, so a reader
-        sees one complete version. Everything in it is checked before use: JSON shape, the
-        monitor it was written for, and that every file name is a plain name in the folder.
-        A manifest from before write sequence numbers existed gets them from its order.
-        """
-        if not self.manifest_path.exists():
+    def read(self) -> tuple[list[CheckpointEntry], list[str]]:
+        """The entries (sorted by write order) and the pending deletions."""
+        # lexists, not exists: a dangling symlink in its place must be refused below, not
+        # taken for "no manifest yet" (the next write would then replace the link).
+        if not os.path.lexists(self.path):
             return [], []
+        # One bounded read of a regular file: a FIFO, a directory or a 50 GB file planted
+        # in its place is refused before json sees a byte.
+        with os.fdopen(open_regular(self.path), "rb") as handle:
+            raw = handle.read(self.MAX_BYTES + 1)
+        if len(raw) > self.MAX_BYTES:
+            raise self.fail("", f"larger than {self.MAX_BYTES} bytes")
         try:
-            data = json.loads(self.manifest_path.read_text())
-            entries = [CheckpointEntry(**self._upgraded(item)) for item in data["checkpoints"]]
-            pending = list(data.get("deleting", []))
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(
-                f"{self.manifest_path}: not a valid manifest ({type(err).__name__}: {err}); it "
-                "was left untouched, and so were the checkpoints beside it"
-            ) from err
+            text = raw.decode()
+            if json_nesting(text) > self.MAX_DEPTH:
+                raise self.fail("", f"JSON nested deeper than {self.MAX_DEPTH}")
+            data = json.loads(text)
+        except ValueError as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise self.fail("", f"not a valid manifest ({type(err).__name__}: "
+                            f"{err})") from None
+        if not isinstance(data, dict):
+            raise self.fail("(top level)", f"a JSON {type(data).__name__}, not an object")
         if (data.get("monitor"), data.get("mode")) != (self.monitor, self.mode):
             raise ValueError(
-                f"{self.manifest_path}: this run monitors {data.get('monitor')!r} "
-                f"({data.get('mode')}), not {self.monitor!r} ({self.mode}); open it with the "
-                "same monitor and mode, or use another directory")
-        for name in [e.file for e in entries] + pending:
-            plain_file_name(name, self.directory, self.manifest_path)
+                f"{self.path}: this run monitors {reprlib.repr(data.get('monitor'))} "
+                f"({reprlib.repr(data.get('mode'))}), not {self.monitor!r} ({self.mode}); "
+                "open it with the same monitor and mode, or use another directory")
+        records, pending = data.get("checkpoints"), data.get("deleting", [])
+        if not isinstance(records, list):
+            raise self.fail("checkpoints", f"{reprlib.repr(records)} is not a list")
+        if not isinstance(pending, list):
+            raise self.fail("deleting", f"{reprlib.repr(pending)} is not a list")
+        for name in pending:  # names first: a hostile path is the first thing to refuse
+            plain_file_name(name, self.path.parent, self.path)
+        entries = [self.entry(index, item) for index, item in enumerate(records)]
         if len({e.seq for e in entries}) < len(entries):  # a manifest written before "seq"
             entries = [dataclasses.replace(e, seq=i) for i, e in enumerate(entries, start=1)]
-        return sorted(entries, key=lambda e: e.seq), pending
+        return sorted(entries, key=lambda e: e.seq), list(pending)
 
-    @staticmethod
-    def _upgraded(item: dict) -> dict:
-        """A manifest line as this version writes it: older ones had a bare "sha256"."""
-        if isinstance(item, dict) and "sha256" in item and "checksum" not in item:
-            item = {**item, "checksum": f"sha256:{item['sha256']}"}
-            del item["sha256"]
-        return item
+    def entry(self, index: int, item: object) -> CheckpointEntry:
+        """One record, checked field by field (older ones had a bare "sha256": upgraded)."""
+        where = f"checkpoints[{index}]"
+        if not isinstance(item, dict):
+            raise self.fail(where, f"{reprlib.repr(item)} is not an object")
+        if "sha256" in item and "checksum" not in item and isinstance(item["sha256"], str):
+            item = {key: value for key, value in item.items() if key != "sha256"} | {
+                "checksum": f"sha256:{item['sha256']}"}
+        required = {"file", "step", "epoch", "metrics", "timestamp", "bytes", "checksum"}
+        for field in sorted((required - set(item)) | (set(item) - set(ENTRY_FIELDS))):
+            raise self.fail(f"{where}.{field}", "missing" if field in required else "unknown")
+        for field, value in item.items():
+            kind = ENTRY_FIELDS[field]
+            if kind is int and not (type(value) is int and 0 <= value < 2**63):
+                raise self.fail(f"{where}.{field}", f"{reprlib.repr(value)} is not an "
+                                "integer in [0, 2**63)")
+            if kind is not int and not isinstance(value, kind):
+                raise self.fail(f"{where}.{field}", f"{reprlib.repr(value)} is not a "
+                                f"{kind.__name__}")
+        # Types first, one field at a time, so the error names it: an int where a string is
+        # expected would otherwise fail later as a TypeError deep in a format string or a
+        # sort, and bytes=10**400 as an OverflowError. bool is an int in Python: refused.
+        for key, value in item["metrics"].items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise self.fail(f"{where}.metrics.{key}", f"{reprlib.repr(value)} is not a "
+                                "number")
+        if self.monitor not in item["metrics"]:
+            raise self.fail(f"{where}.metrics", f"has no {self.monitor!r}")
+        if not CHECKSUM_TEXT.fullmatch(item["checksum"]):
+            raise self.fail(f"{where}.checksum", f"unknown checksum "
+                            f"{reprlib.repr(item['checksum'])} (crc32:<8 hex> or "
+                            "sha256:<64 hex> expected)")
+        plain_file_name(item["file"], self.path.parent, self.path)
+        return CheckpointEntry(**item)
 
-    def _recover(self) -> None:
-        """Under the writer lock: finish interrupted deletions, remove crashed temporaries.
+    def finish_deletions(self) -> list[CheckpointEntry]:
+        """Under the writer lock: delete the files journaled as "deleting" (re-read: under
+        the lock the file is the truth), write the manifest without them; the entries."""
+        entries, pending = self.read()
+        self.delete(pending)
+        if pending:
+            self.write(entries)
+        return entries
 
-        Only a lock holder may do this: a temporary file in the folder may belong to a save
-        that is running right now in another process, and deleting it would break that save.
-        Holding the lock proves no save is running.
+    def recover(self, checkpoint_name: re.Pattern) -> list[CheckpointEntry]:
+        """Under the writer lock (no save is running): finish journaled deletions, then
+        remove temporaries and files named like checkpoints that no entry names (a crash
+        came between the file's rename and the manifest's). Unlinking a symlink removes the
+        link, never what it points to."""
+        entries = self.finish_deletions()
+        named = {e.file for e in entries}
+        self.delete([name for name in os.listdir(self.path.parent)
+                     if name.endswith(TEMPORARY_SUFFIX)
+                     or (checkpoint_name.fullmatch(name) and name not in named)], check=False)
+        return entries
+
+    def delete(self, names: list[str], check: bool = True) -> None:
+        """Unlink files of this folder (names checked again), then make that durable."""
+        for name in names:
+            if check:
+                plain_file_name(name, self.path.parent, self.path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path.parent / name)
+        if names:
+            fsync_directory(self.path.parent)
+
+    def write(self, entries: list[CheckpointEntry], deleting: list[str] = ()) -> None:
+        """Replace the manifest atomically; ``deleting`` journals files about to go.
+
+        Indented, so ``cat manifest.json`` is readable. A NaN metric (a mid-epoch save has
+        no validation loss) is written as the bare word ``NaN``: not strict JSON, but what
+        Python's json module writes and reads back, so it round-trips here; a tool that
+        insists on strict JSON needs ``parse_constant``.
         """
-        self._finish_deletions()  # those a crash interrupted (see _apply_retention)
-        for leftover in self.directory.glob(f"*{TEMPORARY_SUFFIX}"):  # from a crash mid-write
-            leftover.unlink(missing_ok=True)
-
-    def _write_manifest(self, entries: list[CheckpointEntry], deleting: list[str] = ()) -> None:
-        data = {
-            "monitor": self.monitor, "mode": self.mode,
-            "checkpoints": [dataclasses.asdict(entry) for entry in entries],
-            "deleting": list(deleting),  # a journal: files to delete, re-tried after a crash
-        }
+        data = {"monitor": self.monitor, "mode": self.mode,
+                "checkpoints": [dataclasses.asdict(entry) for entry in entries],
+                "deleting": list(deleting)}  # re-tried by the next writer after a crash
         text = json.dumps(data, indent=2) + "\n"
-        atomic_write(self.manifest_path, lambda handle: handle.write(text.encode()))
+        atomic_write(self.path, lambda handle: handle.write(text.encode()))
 
-    # ---- saving -------------------------------------------------------------------------
 
-    def save(self, state: dict, *, step: int, epoch: int, metrics: dict[str, float],
-             position: int = 0) -> Path:
-        """Write a checkpoint and apply the retention policy; return the file's path.
+@dataclasses.dataclass
+class Retention:
+    """Which checkpoints to keep: the newest ``keep_last`` writes (the latest among them)
+    and the ``save_top_k`` best FINITE ones by ``monitor``/``mode``; the best is always
+    kept, even with ``save_top_k=0``. A NaN or inf metric ranks last, never best."""
 
-        ``epoch`` counts the epochs completed, ``position`` the batches done in the next one
-        (a checkpoint saved mid-epoch); the manifest records both, and ``step``.
+    monitor: str
+    mode: str = "min"
+    save_top_k: int = 2
+    keep_last: int = 2
 
-        In async mode the previous save is waited for first (one in flight at most, and any
-        error it raised surfaces here), the state is copied to the CPU, and the write runs in
-        the background. The file name is built from ``filename`` and made safe (a metric
-        called "val/loss" would otherwise name a sub-folder).
-        """
-        if self.monitor not in metrics:
-            raise KeyError(f"metrics must include the monitored {self.monitor!r}: got "
-                           f"{sorted(metrics)}")
-        name = safe_file_part(self.filename.format(
-            epoch=epoch, step=step, monitor=self.monitor, value=float(metrics[self.monitor])))
-        plain_file_name(name, self.directory, self.directory)
-        fields = {"step": step, "epoch": epoch, "position": position,
-                  "metrics": {key: float(value) for key, value in metrics.items()}}
-        self.wait()
-        if not self.async_save:
-            self._write(state, name, fields)
-        else:
-            # The previous snapshot's write has finished (wait() above): reuse its memory.
-            snapshot = self._staging = snapshot_to_cpu(state, reuse=self._staging)
-            self._in_flight = self._executor.submit(self._write, snapshot, name, fields)
-        return self.directory / name
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', not {self.mode!r}")
+        if self.save_top_k < 0 or self.keep_last < 1:
+            raise ValueError("save_top_k must be >= 0 and keep_last >= 1 (the latest is kept)")
 
-    def wait(self) -> None:
-        """Block until the save in flight (if any) is on disk; re-raise its error, if any."""
-        in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None:
-            in_flight.result()
-
-    def close(self) -> None:
-        """Wait for the last save, then stop the background thread."""
-        try:
-            self.wait()
-        finally:
-            self._executor.shutdown(wait=True)
-
-    def __enter__(self) -> CheckpointManager:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _write(self, state: dict, name: str, fields: dict) -> None:
-        """Write one checkpoint and update the manifest, all under the writer lock.
-
-        The threading lock orders this manager's own background write against its caller;
-        the writer lock orders it against other processes. Under both, the manifest is READ
-        AGAIN from disk, so entries another writer added since we last looked are kept, and
-        the new entry gets the next write sequence number.
-        """
-        with self._lock, self._writer_lock:
-            path = self.directory / name
-            checksum = atomic_write(path, lambda handle: self.serialize(state, handle),
-                                    self.checksum)
-            # Another writer may have saved meanwhile, and its deletions may still be pending
-            # in the journal: they are carried over, or this manifest would forget them.
-            entries, pending = self._read_manifest()
-            entry = CheckpointEntry(
-                file=name, **fields,
-                timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(
-                    timespec="seconds"),
-                bytes=path.stat().st_size, checksum=checksum,
-                seq=max((e.seq for e in entries), default=0) + 1,
-            )
-            # A re-saved step (a resumed run repeating one) replaces its old entry; if the
-            # metric, and so the file name, changed, the old file goes too.
-            replaced = [e.file for e in entries if e.step == entry.step and e.file != name]
-            entries = [e for e in entries if e.file != name and e.step != entry.step] + [entry]
-            self._apply_retention(entries, also_delete=replaced + pending)
-
-    def _ranked(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
-        """Entries from best to worst by the monitored metric; NaN/inf always last.
-
-        Ties keep write order (the earlier first).
-        """
+    def ranked(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
+        """Best to worst, non-finite last; ties keep write order (the earlier first)."""
         sign = -1.0 if self.mode == "max" else 1.0
 
         def key(entry: CheckpointEntry) -> tuple[bool, float]:
@@ -699,70 +791,127 @@ class CheckpointManager:
 
         return sorted(entries, key=key)
 
-    def _apply_retention(self, entries: list[CheckpointEntry],
-                         also_delete: list[str] = ()) -> None:
-        """Keep the newest ``keep_last`` writes and the ``save_top_k`` best finite ones.
+    def finite_ranked(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
+        """The candidates for "best": finite metrics only, best first."""
+        return [e for e in self.ranked(entries) if math.isfinite(e.metrics[self.monitor])]
 
-        At least one best is always kept (so ``save_top_k=0`` still keeps the best), and the
-        latest always is, because it is among the newest. Deletion is journaled: the files
-        to delete are named in the manifest before they go, so a crash half-way through
-        leaves a list that the next writer finishes, never an orphan or a dangling entry.
-        """
-        keep = {e.file for e in entries[-self.keep_last:]}  # the newest N, the latest included
-        finite = [e for e in self._ranked(entries) if math.isfinite(e.metrics[self.monitor])]
-        keep |= {e.file for e in finite[: max(self.save_top_k, 1)]}  # the best K, finite only
-        kept = [e for e in entries if e.file in keep]
-        dropped = list(dict.fromkeys(  # in order, once each
-            [e.file for e in entries if e.file not in keep] + list(also_delete)))
-        # Durable order: the new file is already on disk; now the manifest (which names the
-        # files about to go in "deleting"), then the deletions, then a clean manifest.
-        self._write_manifest(kept, deleting=dropped)
-        self.entries = kept
-        if dropped and self.async_save:  # already in the background thread
-            self._finish_deletions()
-        elif dropped:  # freeing a big file's blocks takes time (~20 ms per 100 MB): defer it
-            self._in_flight = self._executor.submit(self._locked, self._finish_deletions)
+    def split(self, entries: list[CheckpointEntry]) -> tuple[list[CheckpointEntry], list[str]]:
+        """``(entries kept, in write order; names of the files to delete)``."""
+        keep = {e.file for e in entries[-self.keep_last:]}
+        keep |= {e.file for e in self.finite_ranked(entries)[: max(self.save_top_k, 1)]}
+        return ([e for e in entries if e.file in keep],
+                [e.file for e in entries if e.file not in keep])
 
-    def _locked(self, work: Callable[[], None]) -> None:
-        with self._lock, self._writer_lock:
-            work()
 
-    def _finish_deletions(self) -> None:
-        """Delete the files the manifest journals as "deleting", then write it without them.
+class BackgroundWriter:
+    """One background thread with at most one job in flight, and the async snapshot buffer.
 
-        The manifest is read again: under the lock it is the truth, even if another writer
-        saved since the journal was written.
-        """
-        entries, pending = self._read_manifest()
-        self._delete(pending)
-        if pending:
-            self._write_manifest(entries)
-        self.entries = entries
+    ``wait()`` forgets the job only once it is DONE: a KeyboardInterrupt that lands while
+    waiting leaves it in flight, so the next ``snapshot_and_submit`` waits again instead of
+    copying into the buffer the thread is still writing to disk.
+    """
 
-    def _delete(self, names: list[str]) -> None:
-        """Delete files of this folder (names checked again), then make that durable."""
-        for name in names:
-            (self.directory / plain_file_name(name, self.directory, self.manifest_path)
-             ).unlink(missing_ok=True)
-        if names:
-            fsync_directory(self.directory)
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1)
+        self._in_flight: Future | None = None
+        self.staging: Any = None  # the last snapshot; its memory is reused by the next one
 
-    # ---- reading ------------------------------------------------------------------------
+    def submit(self, work: Callable[..., Any], *args: Any) -> None:
+        """Run ``work(*args)`` in the thread, after the job before it (one in flight)."""
+        self.wait()
+        self._in_flight = self._executor.submit(work, *args)
+
+    def snapshot_and_submit(self, state: Any, work: Callable[..., Any], *args: Any) -> None:
+        """Copy ``state`` to the CPU (into the previous snapshot's memory), then write it."""
+        self.wait()  # the buffer is free only once the write of its last copy has finished
+        self.staging = snapshot_to_cpu(state, reuse=self.staging)
+        self._in_flight = self._executor.submit(work, self.staging, *args)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job may still run (``wait()`` has not seen it finish)."""
+        return self._in_flight is not None
+
+    def wait(self) -> None:
+        """Block until the job in flight is finished; re-raise its error, if any."""
+        in_flight = self._in_flight
+        if in_flight is None:
+            return
+        try:
+            in_flight.result()
+        finally:
+            if in_flight.done():
+                self._in_flight = None
+
+    def close(self) -> None:
+        """Wait for the job in flight, then stop the thread (also if the job failed)."""
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
+
+
+def manifest_table(entries: list[CheckpointEntry], monitor: str, best: CheckpointEntry | None,
+                   latest: CheckpointEntry | None) -> str:
+    """The manifest as a table, one row per checkpoint, with best and latest marked."""
+    rows = [f"  {'file':<50} {'step':>6} {'epoch':>5} {monitor:>9} "
+            f"{'size':>10}  checksum        flags"]
+    for e in entries:
+        flags = " ".join(f for f, on in (("best", e == best), ("latest", e == latest)) if on)
+        rows.append(f"  {e.file:<50} {e.step:>6} {e.epoch:>5} {e.metrics[monitor]:>9.4f} "
+                    f"{e.bytes / 1e6:>7.2f} MB  {e.checksum[:14]}  {flags}")
+    return "\n".join(rows)
+
+
+def with_sequence(name: str, seq: int) -> str:
+    """``"epoch003-step000042-val_loss0.2500.pt"`` -> ``"...-val_loss0.2500-seq7.pt"``."""
+    suffix = Path(name).suffix if re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]*", Path(name).suffix) \
+        else ""
+    return f"{name[: len(name) - len(suffix)]}-seq{seq}{suffix}"
+
+
+# The names with_sequence() makes: recovery removes such a file when no entry names it (a
+# crash came before the manifest did). Other files in the folder are never touched.
+SEQUENCED_NAME = re.compile(r".+-seq[0-9]+(\.[A-Za-z][A-Za-z0-9]*)?")
+
+
+class CheckpointReader:
+    """The reading half of :class:`CheckpointManager`: list, best, latest, verify, load.
+
+    Every method re-reads the manifest (cheap: a few kB of JSON), so a job that only
+    evaluates sees what the trainer wrote since it opened the folder, and never caches a
+    list that another process's retention has since changed. A candidate that fails its
+    check (missing, wrong size, wrong checksum) is skipped with a CheckpointWarning and the
+    next one is tried; a file that verifies but does not load raises.
+
+    It reads ``directory``, ``manifest``, ``retention`` and ``entries`` and calls ``wait()``,
+    which the manager sets up; every load verifies the file against the manifest first.
+    """
+
+    directory: Path
+    manifest: Manifest
+    retention: Retention
+    monitor: str
+    entries: list[CheckpointEntry]
+
+    def wait(self) -> None:
+        """Nothing is ever in flight for a reader (the manager waits for its save)."""
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.manifest.path
 
     def list(self) -> list[CheckpointEntry]:
-        """The checkpoints the manifest records, oldest write first.
-
-        Waits for this manager's save in flight, then re-reads the manifest, so a reader sees
-        what other processes wrote since it opened the folder.
-        """
+        """The checkpoints the manifest records, oldest write first (after this manager's
+        save in flight; re-read, so it shows what other processes wrote too)."""
         self.wait()
-        self.entries = self._read_manifest()[0]
+        self.entries = self.manifest.read()[0]
         return list(self.entries)
 
     @property
     def best(self) -> CheckpointEntry | None:
         """The best checkpoint with a finite metric, or None if there is none."""
-        finite = [e for e in self._ranked(self.list()) if math.isfinite(e.metrics[self.monitor])]
+        finite = self.retention.finite_ranked(self.list())
         return finite[0] if finite else None
 
     @property
@@ -773,77 +922,19 @@ class CheckpointManager:
 
     def inspect(self) -> str:
         """A table of the manifest, one row per checkpoint, with best and latest marked."""
-        entries = self.list()
-        best, latest = self.best, self.latest
-        rows = [f"  {'file':<44} {'step':>6} {'epoch':>5} {self.monitor:>9} "
-                f"{'size':>10}  checksum        flags"]
-        for e in entries:
-            flags = " ".join(f for f, on in (("best", e == best), ("latest", e == latest)) if on)
-            rows.append(f"  {e.file:<44} {e.step:>6} {e.epoch:>5} "
-                        f"{e.metrics[self.monitor]:>9.4f} {e.bytes / 1e6:>7.2f} MB  "
-                        f"{e.checksum[:14]}  {flags}")
-        return "\n".join(rows)
+        return manifest_table(self.list(), self.monitor, self.best, self.latest)
 
     def verify(self, entry: CheckpointEntry, check_hash: bool = True) -> str | None:
-        """``None`` if the file matches its manifest entry, else what is wrong with it.
+        """``None`` if the file matches its manifest entry, else what is wrong with it
+        (``check_hash=False``: only the cheap checks, that it exists and its size)."""
+        plain_file_name(entry.file, self.directory, self.manifest_path)
+        return verify_file(self.directory / entry.file, entry, check_hash)
 
-        ``check_hash=False`` checks only what is cheap: the name, that it exists, its size.
-        """
-        path = self.directory / plain_file_name(entry.file, self.directory, self.manifest_path)
-        if not path.exists():
-            return "the file is missing"
-        if path.stat().st_size != entry.bytes:
-            return f"size {path.stat().st_size} bytes, the manifest says {entry.bytes}"
-        if check_hash and file_checksum(path, self._algorithm(entry)) != entry.checksum:
-            return MISMATCH
-        return None
-
-    def _algorithm(self, entry: CheckpointEntry) -> str:
-        """The checksum algorithm an entry was written with (its prefix), checked."""
-        algorithm = entry.checksum.partition(":")[0]
-        if algorithm not in CHECKSUMS:
-            raise CheckpointError(f"{self.manifest_path}: {entry.file} has an unknown checksum "
-                                  f"{entry.checksum[:20]!r}; nothing was read")
-        return algorithm
-
-    def _load_verified(self, entry: CheckpointEntry, map_location: Any) -> tuple[Any, str]:
-        """Read one checkpoint and check it; return ``(state, "")`` or ``(None, problem)``.
-
-        The checksum runs in a second thread WHILE torch.load deserialises (zlib and hashlib
-        release the GIL; both read the file from the page cache), so verifying costs about as
-        much as the slower of the two instead of their sum. The state is returned only if the
-        checksum matches; a load error on a file that matches is not damage, and is raised.
-        """
-        path = self.directory / entry.file
-        problem = self.verify(entry, check_hash=False)  # missing file, wrong size: cheap
-        if problem is not None:
-            return None, problem
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            checksum = pool.submit(file_checksum, path, self._algorithm(entry))
-            try:
-                state, error = torch.load(path, map_location=map_location,
-                                          weights_only=True), None
-            except Exception as err:  # judged below, once the hash is known
-                state, error = None, err
-            if checksum.result() != entry.checksum:
-                return None, MISMATCH
-        if error is not None:
-            # The bytes are exactly those saved, so this is not damage: say so, loudly.
-            lines = [line.strip() for line in
-                     re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
-            reason = next((line for line in lines if "Unsupported global" in line),
-                          lines[0] if lines else "")
-            raise CheckpointError(
-                f"{path}: intact (its checksum matches the manifest) but torch.load failed: "
-                f"{type(error).__name__}: {reason}") from error
-        return state, ""
-
-    def _load_first_good(
-        self, candidates: list[CheckpointEntry], map_location: Any
-    ) -> LoadedCheckpoint | None:
+    def _load_first_good(self, candidates: list[CheckpointEntry],
+                         map_location: Any) -> LoadedCheckpoint | None:
         for entry in candidates:
             path = self.directory / entry.file
-            state, problem = self._load_verified(entry, map_location)
+            state, problem = load_verified(path, entry, map_location)
             if not problem:
                 return LoadedCheckpoint(state=state, entry=entry, path=path)
             warnings.warn(f"skipping damaged checkpoint {path}: {problem}", CheckpointWarning,
@@ -856,8 +947,7 @@ class CheckpointManager:
 
     def load_best(self, map_location: Any = "cpu") -> LoadedCheckpoint | None:
         """The best checkpoint (by ``monitor``/``mode``, finite metrics only) that verifies."""
-        finite = [e for e in self._ranked(self.list()) if math.isfinite(e.metrics[self.monitor])]
-        return self._load_first_good(finite, map_location)
+        return self._load_first_good(self.retention.finite_ranked(self.list()), map_location)
 
     def load(self, which: int | str, map_location: Any = "cpu") -> LoadedCheckpoint:
         """The checkpoint saved at step ``which`` (an int) or in file ``which`` (a name from
@@ -873,6 +963,156 @@ class CheckpointManager:
             raise CheckpointError(f"{self.directory / matches[0].file}: damaged (see the "
                                   "warning)")
         return loaded
+
+
+class CheckpointManager(CheckpointReader):
+    """Keep the last N and the best K checkpoints of a run, atomically, with a verified manifest.
+
+    ``manager.save(state, step=..., epoch=..., metrics={...})`` writes ``state`` (a checkpoint
+    dict, see common/__init__.py for the keys) and applies the :class:`Retention` policy;
+    ``load_latest()`` / ``load_best()`` / ``load(step)`` return the newest good match.
+
+    Guarantees, and what each one prevents:
+    - A crash at any instant loses nothing. Each save writes a NEW file name (the write's
+      ``seq`` is in it) atomically, then switches the :class:`Manifest` to it, and only then
+      retires old files through the manifest's journal: no file the manifest vouches for is
+      ever overwritten, and whatever a crash leaves (a temporary, a file no entry names yet,
+      a journaled deletion) the next writer's recovery removes or finishes.
+    - One :class:`WriterLock` (``writer.lock``) per folder: each save holds it and re-reads
+      the manifest under it, so two processes lose no entry and delete none of each other's
+      files. EVERY manager, a reader's too, takes it once in ``__init__`` WITHOUT waiting,
+      to finish what a crashed writer left; if a writer holds it, that step is skipped, so
+      opening a folder to evaluate never waits for, nor breaks, a save in flight.
+    - A hostile folder is refused with one ``CheckpointError``: names outside the folder,
+      symlinked or hard-linked lock and manifest files, FIFOs, malformed records.
+    - A non-finite monitored metric never ranks best; only DAMAGE (missing file, wrong size
+      or checksum) is skipped, with a ``CheckpointWarning``; an intact file that does not
+      load raises. "Latest" is the most recent write (``seq``), not the highest step.
+
+    With ``async_save=True``, ``save`` snapshots the state to the CPU and writes it in a
+    :class:`BackgroundWriter`; ``wait()`` (or leaving a ``with`` block) waits for it.
+    """
+
+    MANIFEST = "manifest.json"
+    LOCK = "writer.lock"
+
+    def __init__(
+        self, directory: str | Path, *, monitor: str = "val_loss", mode: str = "min",
+        save_top_k: int = 2, keep_last: int = 2,
+        filename: str = "epoch{epoch:03d}-step{step:06d}-{monitor}{value:.4f}.pt",
+        async_save: bool = False, serialize: Callable[[Any, Any], None] = torch.save,
+        lock_timeout: float = 60.0, checksum: str = "crc32",
+    ) -> None:
+        self.retention = Retention(monitor, mode, save_top_k, keep_last)
+        if checksum not in CHECKSUMS:
+            raise ValueError(f"checksum must be one of {CHECKSUMS}, not {checksum!r}")
+        self.monitor, self.mode, self.checksum = monitor, mode, checksum
+        self.filename, self.async_save = filename, async_save
+        self.serialize = serialize  # torch.save; tests pass a writer that fails half-way
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.manifest = Manifest(self.directory / self.MANIFEST, monitor, mode)
+        self._background = BackgroundWriter()  # async saves, and deletions after sync ones
+        self._lock = threading.Lock()  # this manager's caller against its background thread
+        self._writer_lock = WriterLock(self.directory / self.LOCK, lock_timeout)
+        self.entries: list[CheckpointEntry] = self.manifest.read()[0]
+        # Recovery needs the lock (a temporary may belong to a save running right now in
+        # another process); try once, without waiting: a reader must never hang here.
+        if self._writer_lock.acquire(blocking=False):  # nobody is writing: recover now
+            try:
+                self.entries = self.manifest.recover(SEQUENCED_NAME)
+            finally:
+                self._writer_lock.release()
+
+    def _name(self, fields: dict, seq: int) -> str:
+        """The file name for a save: the template, made safe, then "-seq<N>" before the
+        suffix; checked to be a plain name in the folder."""
+        value = float(fields["metrics"][self.monitor])
+        name = with_sequence(safe_file_part(self.filename.format(
+            epoch=fields["epoch"], step=fields["step"], monitor=self.monitor, value=value)), seq)
+        return plain_file_name(name, self.directory, self.directory)
+
+    def save(self, state: dict, *, step: int, epoch: int, metrics: dict[str, float],
+             position: int = 0) -> Path:
+        """Write a checkpoint and apply the retention policy; return the file's path.
+
+        ``epoch`` counts the epochs completed, ``position`` the batches done in the next one
+        (a checkpoint saved mid-epoch); the manifest records both, and ``step``. In async
+        mode the previous save is waited for first (its error surfaces here), the state is
+        copied to the CPU and written in the background; the path returned is the one the
+        write will use unless another process saves into the folder meanwhile.
+        """
+        if self.monitor not in metrics:
+            raise KeyError(f"metrics must include the monitored {self.monitor!r}: got "
+                           f"{sorted(metrics)}")
+        fields = {"step": step, "epoch": epoch, "position": position,
+                  "metrics": {key: float(value) for key, value in metrics.items()}}
+        self._background.wait()
+        # The write number this save will most likely get (the manifest decides under the
+        # lock); building the name now also refuses a bad template before anything runs.
+        seq = max((e.seq for e in self.entries), default=0) + 1
+        name = self._name(fields, seq)
+        if not self.async_save:
+            return self._write(state, fields, seq)
+        self._background.snapshot_and_submit(state, self._write, fields, seq)
+        return self.directory / name
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is on disk; re-raise its error, if any."""
+        self._background.wait()
+
+    def close(self) -> None:
+        """Wait for the last save, then stop the background thread."""
+        self._background.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _write(self, state: dict, fields: dict, seq: int) -> Path:
+        """Under both locks: re-read the manifest (another writer's entries are kept), write
+        the file under a name no entry uses, switch the manifest, retire the replaced."""
+        # Where a crash can land, and why each place is safe:
+        # - before os.replace: only a "*.partial" temporary exists; recovery removes it.
+        # - after the replace, before the manifest's: a complete file that no entry names
+        #   (an orphan). The manifest still vouches for the old files, whose bytes nothing
+        #   touched, because the new name is new; recovery removes the orphan.
+        # - after the manifest's replace: the new entry is live and the files to retire are
+        #   journaled in "deleting"; recovery (or the background thread) deletes them and
+        #   writes the manifest once more without the journal.
+        # So a reader finds the previous state or the new one, never a mix: the test suite
+        # checks it by killing a save at every one of its filesystem calls.
+        with self._lock, self._writer_lock:
+            entries, pending = self.manifest.read()
+            # The next write number, also when another writer saved since save() guessed it;
+            # a hostile or old manifest could already name that file: then count on.
+            seq = max([seq] + [e.seq + 1 for e in entries])
+            while (name := self._name(fields, seq)) in {e.file for e in entries}:
+                seq += 1
+            path = self.directory / name
+            checksum = atomic_write(path, lambda handle: self.serialize(state, handle),
+                                    self.checksum)
+            entry = CheckpointEntry(
+                file=name, **fields, bytes=path.stat().st_size, checksum=checksum, seq=seq,
+                timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+            # A re-saved step (a resumed run repeating one) replaces its old entry.
+            replaced = [e.file for e in entries if e.step == entry.step]
+            kept, dropped = self.retention.split(
+                [e for e in entries if e.step != entry.step] + [entry])
+            dropped = list(dict.fromkeys(dropped + replaced + pending))
+            self.manifest.write(kept, deleting=dropped)  # the switch, and the journal
+            self.entries = kept
+            if dropped and self.async_save:  # already in the background thread
+                self.entries = self.manifest.finish_deletions()
+            elif dropped:  # freeing a big file's blocks takes time (~20 ms per 100 MB)
+                self._background.submit(self._finish_deletions)
+            return path
+
+    def _finish_deletions(self) -> None:
+        with self._lock, self._writer_lock:
+            self.entries = self.manifest.finish_deletions()
 
 
 # ############################################################################################
@@ -943,28 +1183,45 @@ class Training:
         self.data: dict = self.fresh_epoch()
         self.resumed_loader_state: torch.Tensor | None = None
         self.resumed_from: CheckpointEntry | None = None
+        self.resumed_path: Path | None = None
 
     @staticmethod
     def fresh_epoch() -> dict:
         return {"position": 0, "loss_sum": 0.0, "seen": 0, "step_losses": [], "loader": None}
 
     def resume(self, which: bool | int | str) -> LoadedCheckpoint | None:
-        """Load the latest good checkpoint (``True``), or the one at step/file ``which``."""
+        """Load the latest good checkpoint (``True``), or the one at step/file ``which``.
+
+        A checksum only proves that the bytes are the ones saved: a checkpoint from another
+        model, another device, or a hand-edited one verifies just as well, and half-restoring
+        it would leave a run that is neither the old one nor a fresh one.
+
+        The state is checked (check_resume_state) BEFORE anything is changed, and every
+        load_state_dict call that still refuses it becomes one CheckpointError naming the
+        file and the field, never a traceback halfway through restoring.
+        """
         loaded = load_for_resume(self.manager, which, self.log)
         if loaded is None:
             return None
-        state = loaded.state
+        state, path = loaded.state, loaded.path
+        check_resume_state(state, path, self)
         # The order matters for the optimizer only: its state is cast to the device of the
         # parameters it manages NOW, so the model is already on its device.
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"])  # the loader's generator: see run()
+        for field, restore in (
+                ("model", self.model.load_state_dict),
+                ("optimizer", self.optimizer.load_state_dict),
+                ("scheduler", self.scheduler.load_state_dict),
+                ("scaler", self.scaler.load_state_dict),
+                ("rng", restore_rng_state)):  # the loader's generator: see run()
+            try:
+                restore(state[field])
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+                raise CheckpointError(f"{path}: field {field!r} does not fit this run: "
+                                      f"{first_line(err)}") from None
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.data = state.get("data") or self.fresh_epoch()  # absent: saved at an epoch end
         self.resumed_loader_state = state["rng"]["loader"]
-        self.resumed_from = loaded.entry
+        self.resumed_from, self.resumed_path = loaded.entry, path
         self.log(f"  resumed from {loaded.path.name}: epoch {self.epoch + 1}, "
                  f"{self.data['position']} batch(es) of it done, step {self.step}")
         return loaded
@@ -993,8 +1250,12 @@ class Training:
         last_save = time.monotonic()
         while self.epoch < self.epochs:
             if self.resumed_loader_state is not None:  # the first epoch after a resume
-                batches = resume_data_stream(self.train_loader, self.data["loader"],
-                                             self.resumed_loader_state)
+                try:
+                    batches = resume_data_stream(self.train_loader, self.data["loader"],
+                                                 self.resumed_loader_state)
+                except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+                    raise CheckpointError(f"{self.resumed_path}: field 'data.loader' does not "
+                                          f"fit this loader: {first_line(err)}") from None
                 self.resumed_loader_state = None
             else:
                 batches = iter(self.train_loader)
@@ -1083,7 +1344,8 @@ class Training:
             "epoch": epoch, "step": self.step, "history": self.history,
             "metrics": {"step": self.step, **metrics},
             "rng": capture_rng_state(self.train_loader.generator),
-            "config": {"model": "SmallCNN", "epochs": self.epochs, "seed": self.seed},
+            "config": {"model": "SmallCNN", "epochs": self.epochs, "seed": self.seed,
+                       "device": self.device.type, "amp": self.scaler.is_enabled()},
         }
         if data is not None:
             state["data"] = copy.deepcopy(data)  # the live dict goes on changing
@@ -1093,6 +1355,93 @@ class Training:
     def preempted_message(self, stop: PreemptionFlag) -> str:
         return (f"preempted by {signal.Signals(stop.received).name}: checkpoint saved after "
                 f"step {self.step} in {self.manager.directory}; re-run with --resume")
+
+
+def check_resume_state(state: object, path: Path, training: Training) -> None:
+    """Refuse a checkpoint that does not fit ``training`` with ONE CheckpointError naming
+    the file and the field: its type, keys, tensor shapes, generator sizes, data position,
+    and the device and mixed-precision mode it was saved with (a CPU checkpoint holds an
+    empty scaler state that a CUDA run cannot load; a CUDA one resumed on the CPU would
+    silently drop mixed precision). The checksum proved the bytes are the ones saved, not
+    that they make sense for this run."""
+    def fail(field: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: field {field!r}: {problem}; nothing was changed")
+
+    def integer(field: str, value: object, low: int, high: int) -> None:
+        if type(value) is not int or not low <= value <= high:
+            raise fail(field, f"{reprlib.repr(value)} is not an integer in [{low}, {high}]")
+
+    # The checks go from the outside in: the container, each key's type, the numbers that
+    # drive the loop (epoch, step), the mode the run was saved in, then what the objects
+    # would load (the model's tensor shapes, the generators, the data position). Each one
+    # names the field, so "error: state vector is the wrong size" becomes "field
+    # 'rng.python': not random.getstate()'s ...", which says what to look at.
+    if not isinstance(state, dict):
+        raise fail("(the checkpoint)", f"a {type(state).__name__}, not a dict")
+    for key, kind in (("model", dict), ("optimizer", dict), ("scheduler", dict),
+                      ("scaler", dict), ("epoch", int), ("step", int), ("history", list),
+                      ("rng", dict), ("config", dict)):
+        if not isinstance(state.get(key), kind):
+            raise fail(key, f"{reprlib.repr(state.get(key))} is not a {kind.__name__}")
+    integer("epoch", state["epoch"], 0, 10**6)
+    integer("step", state["step"], 0, 2**62)
+    if not all(isinstance(epoch, dict) for epoch in state["history"]):
+        raise fail("history", "not a list of dicts, one per finished epoch")
+    amp = state["config"].get("amp", bool(state["scaler"]))  # older: a non-empty scaler
+    saved_on = state["config"].get("device", "cuda" if amp else "cpu")
+    if (saved_on, amp) != (training.device.type, training.scaler.is_enabled()):
+        raise fail("config.device/amp", f"saved on {saved_on} with mixed precision "
+                   f"{'on' if amp else 'off'}, this run is on {training.device.type} with it "
+                   f"{'on' if training.scaler.is_enabled() else 'off'}; resume with "
+                   f"--device {saved_on} (a switch changes the numerics of every step)")
+    # Shapes and dtypes before load_state_dict: its error lists every mismatch over many
+    # lines, and a wrong dtype would load silently (it is cast on copy).
+    expected = training.model.state_dict()
+    if set(state["model"]) != set(expected):
+        raise fail("model", f"keys differ: {sorted(set(state['model']) ^ set(expected))[:3]}")
+    for key, tensor in state["model"].items():
+        if not (isinstance(tensor, torch.Tensor) and tensor.shape == expected[key].shape
+                and tensor.dtype == expected[key].dtype):
+            raise fail(f"model.{key}", f"{reprlib.repr(tensor)} is not a {expected[key].dtype} "
+                       f"tensor of shape {tuple(expected[key].shape)}")
+    check_rng_state(state["rng"], fail, training.train_loader.generator)
+    # Mid-epoch, the position says how many batches of the epoch are done: 0 or the whole
+    # epoch would be an epoch-end checkpoint (saved without "data"), more is impossible.
+    data = state.get("data")
+    if data is not None:
+        if not isinstance(data, dict) or not isinstance(data.get("loader"), dict):
+            raise fail("data", "not a dict with the loader's state")
+        integer("data.position", data.get("position"), 1, len(training.train_loader) - 1)
+        if not isinstance(data.get("step_losses"), list) or type(data.get("seen")) is not int \
+                or not isinstance(data.get("loss_sum"), float):
+            raise fail("data", "step_losses, seen or loss_sum missing or of the wrong type")
+
+
+def check_rng_state(rng: dict, fail: Callable[[str, str], Exception],
+                    loader_generator: torch.Generator) -> None:
+    """The generator states of :func:`capture_rng_state`, checked for type and size (a
+    wrong size would otherwise fail inside setstate with "state vector is the wrong
+    size", naming neither the file nor the generator)."""
+    # Python's Mersenne Twister state is 624 words plus its index (625 ints), NumPy's the
+    # same 624 words with the index apart; torch's generators are uint8 tensors whose size
+    # is fixed per generator type, so the live generators give the expected shapes.
+    python, numpy_state = rng.get("python"), rng.get("numpy")
+    if not (isinstance(python, (tuple, list)) and len(python) == 3
+            and isinstance(python[1], (tuple, list)) and len(python[1]) == 625
+            and all(type(v) is int and 0 <= v < 2**32 for v in python[1])):
+        raise fail("rng.python", "not random.getstate()'s (version, 625 ints, gauss)")
+    if not (isinstance(numpy_state, (tuple, list)) and len(numpy_state) == 5
+            and isinstance(numpy_state[1], list) and len(numpy_state[1]) == 624
+            and all(type(v) is int and 0 <= v < 2**32 for v in numpy_state[1])
+            and type(numpy_state[2]) is int and 0 <= numpy_state[2] <= 624):
+        raise fail("rng.numpy", "not NumPy's (name, 624 ints, position, has_gauss, gauss)")
+    for key, reference in (("torch", torch.get_rng_state()),
+                           ("loader", loader_generator.get_state())):
+        value = rng.get(key)
+        if not (isinstance(value, torch.Tensor) and value.dtype == reference.dtype
+                and value.shape == reference.shape):
+            raise fail(f"rng.{key}", f"{reprlib.repr(value)} is not a {reference.dtype} "
+                       f"tensor of shape {tuple(reference.shape)}")
 
 
 def load_for_resume(manager: CheckpointManager, which: bool | int | str,
@@ -1113,6 +1462,32 @@ def load_for_resume(manager: CheckpointManager, which: bool | int | str,
     return loaded
 
 
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device) -> Any:
+    """On CUDA, deterministic kernels for the block (restored after); nothing on the CPU.
+
+    cuDNN picks the fastest convolution algorithm by timing them (benchmark mode), and some
+    CUDA kernels add with atomics in whatever order threads finish: two runs then differ in
+    the last bits, and "bit-exact resume" is false. cudnn.deterministic, benchmark off and
+    torch.use_deterministic_algorithms fix that (warn_only: an op with no deterministic
+    kernel warns instead of failing). CPU kernels here are deterministic already.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                cudnn.deterministic, cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        cudnn.deterministic, cudnn.benchmark = previous[2], previous[3]
+
+
 def train(directory: Path, *, epochs: int, seed: int, device: torch.device,
           resume: bool | int | str = False, saves: SaveSchedule | None = None,
           stop: PreemptionFlag | None = None, crash_at_step: int | None = None,
@@ -1120,14 +1495,15 @@ def train(directory: Path, *, epochs: int, seed: int, device: torch.device,
           log: Callable[[str], None] = print) -> Training:
     """Build a Training, resume it if asked, run it, and return it (model, manager, history,
     ``resumed_from``). The manager is closed when this returns or raises."""
-    training = Training(directory, epochs=epochs, seed=seed, device=device, saves=saves,
-                        async_save=async_save, num_workers=num_workers, log=log)
-    try:
-        if resume is not False:
-            training.resume(resume)
-        training.run(stop=stop, crash_at_step=crash_at_step, step_delay=step_delay)
-    finally:
-        training.manager.close()
+    with deterministic_kernels(device):
+        training = Training(directory, epochs=epochs, seed=seed, device=device, saves=saves,
+                            async_save=async_save, num_workers=num_workers, log=log)
+        try:
+            if resume is not False:
+                training.resume(resume)
+            training.run(stop=stop, crash_at_step=crash_at_step, step_delay=step_delay)
+        finally:
+            training.manager.close()
     return training
 
 
@@ -1267,7 +1643,10 @@ if in_notebook():
 # os.replace()s it over the target: the switch is atomic, so readers see the old file or the
 # new one, never half. The manifest is written the same way. Retention deletes old files only
 # AFTER the new one is durable, through a "deleting" journal in the manifest that a restart
-# finishes.
+# finishes. Each save also gets a name no earlier save used (the write's number ends it,
+# "-seq7.pt"): a crash between the file's rename and the manifest's can then never leave the
+# manifest vouching for bytes that changed, and the file no entry names yet is removed by
+# the next writer (tests/test_02_crash_points.py kills a save at every filesystem step).
 # A second process on the same folder is the other everyday hazard (an evaluation job opening
 # the folder while training writes, two jobs launched with one --out-dir). Each save takes a
 # cross-process writer lock (fcntl.flock on writer.lock) and re-reads the manifest under it,
@@ -1948,7 +2327,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         manager, history, figures = lesson_1_train(run)
     except (CheckpointError, ValueError, KeyError) as err:  # one line for the CLI, no traceback
-        raise SystemExit(f"error: {err.args[0] if err.args else err}") from None
+        message = str(err.args[0]) if err.args else type(err).__name__
+        raise SystemExit(f"error: {(message.splitlines() or [''])[0]}") from None
     except Preempted as preempted:  # the checkpoint is on disk; say so, exit 128 + signal
         print(f"{HERE}: {preempted}", file=sys.stderr, flush=True)
         raise SystemExit(128 + preempted.signal_number) from None

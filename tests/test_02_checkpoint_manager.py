@@ -66,7 +66,7 @@ def test_best_is_tracked_and_always_kept(tmp_path):
 def test_file_names_carry_step_and_metric(tmp_path):
     manager = CheckpointManager(tmp_path)
     path = manager.save({"w": torch.ones(1)}, step=42, epoch=3, metrics={"val_loss": 0.25})
-    assert path.name == "epoch003-step000042-val_loss0.2500.pt"
+    assert path.name == "epoch003-step000042-val_loss0.2500-seq1.pt"  # seq: never reused
 
 
 def test_manifest_round_trip(tmp_path):
@@ -127,6 +127,10 @@ def test_a_process_killed_mid_write_leaves_everything_intact(tmp_path):
     assert all(reopened.verify(e) is None for e in reopened.list())  # so are the files,
     assert not list(tmp_path.glob("*.partial"))  # and the next manager cleans up
     assert reopened.load_latest().state["w"][0] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [e.file for e in reopened.list()] + ["manifest.json", "writer.lock"])
+    # tests/test_02_crash_points.py kills a save at EVERY filesystem step (os.replace and the
+    # manifest write included), sync and async.
 
 
 def test_truncated_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
@@ -256,7 +260,7 @@ def test_async_snapshots_reuse_their_memory_and_every_file_holds_its_own_step(tm
             weights.fill_(step)  # the live tensor changes after every save
             manager.save({"w": weights, "extra": [torch.ones(2) * step], "step": step},
                          step=step, epoch=step, metrics={"val_loss": 1.0 / step})
-            staged = manager._staging["w"]
+            staged = manager._background.staging["w"]
             if step == 1:
                 first_buffer = staged.data_ptr()
             assert staged.data_ptr() == first_buffer  # copied into, not re-allocated
@@ -304,7 +308,10 @@ def test_mid_epoch_resume_is_bit_exact_and_history_seamless(tmp_path, crash, eve
                      crash_at_step=crash, log=QUIET)
     entry = CheckpointManager(tmp_path / "b").latest
     assert entry.step == crash // every * every and entry.position == entry.step % 6 != 0
-    assert math.isnan(entry.metrics["val_loss"])  # mid-epoch: never "best"
+    assert math.isnan(entry.metrics["val_loss"])  # mid-epoch: no validation loss...
+    best = CheckpointManager(tmp_path / "b").best
+    assert best is None or math.isfinite(best.metrics["val_loss"])  # ...so never "best"
+    assert best is None or best.step != entry.step
     resumed = lesson.train(tmp_path / "b", epochs=3, seed=2, device=CPU, saves=schedule,
                            resume=True, log=QUIET)
     assert bit_identical(straight.model.state_dict(), resumed.model.state_dict())
@@ -373,6 +380,7 @@ def test_a_signal_saves_after_the_step_and_resume_is_exact(tmp_path):
 
 def test_preemption_flag_only_records_and_restores_the_handlers():
     before = signal.getsignal(signal.SIGTERM)
+    before_usr1 = signal.getsignal(signal.SIGUSR1)
     with lesson.PreemptionFlag() as flag:
         assert not flag.requested
         os.kill(os.getpid(), signal.SIGTERM)  # a real signal to this process
@@ -381,6 +389,7 @@ def test_preemption_flag_only_records_and_restores_the_handlers():
         time.sleep(0.05)
         assert flag.requested and flag.received == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before
+    assert signal.getsignal(signal.SIGUSR1) == before_usr1  # both handlers come back
 
 
 def test_resume_from_an_older_step_and_the_new_branch_becomes_latest(tmp_path):
@@ -424,6 +433,13 @@ def final_weights(out_dir):
     return torch.load(out_dir / "final_model.pt", map_location="cpu", weights_only=True)
 
 
+def unfinished_saves(manifest):
+    """What a killed save left: temporaries, and checkpoint files the manifest does not name."""
+    named = {e["file"] for e in json.loads(manifest.read_text())["checkpoints"]}
+    return [p.name for p in manifest.parent.iterdir() if p.name.endswith(".partial")
+            or (p.suffix == ".pt" and p.name not in named)]
+
+
 def test_kill_9_at_random_steps_then_resume_is_bit_identical(default_run, tmp_path):
     """SIGKILL at random instants, mid-epoch and mid-save, with step saves; then finish
     with another K: the final weights equal the uninterrupted default run's."""
@@ -432,8 +448,8 @@ def test_kill_9_at_random_steps_then_resume_is_bit_identical(default_run, tmp_pa
     out_dir = tmp_path / "killed"
     manifest = out_dir / "checkpoints" / "manifest.json"
     chance = random.Random(1234)
-    outputs = []
-    for target in sorted(chance.sample(range(4, 44), 3)):
+    outputs, mid_save = [], 0
+    for kill, target in enumerate(sorted(chance.sample(range(4, 44), 3))):
         process = run_cli(out_dir, "--resume", "--save-every-steps", "3",
                           "--step-delay", "0.01")
         deadline = time.monotonic() + 120
@@ -445,10 +461,17 @@ def test_kill_9_at_random_steps_then_resume_is_bit_identical(default_run, tmp_pa
             if latest >= target:
                 break
             time.sleep(0.005)
-        time.sleep(chance.uniform(0.0, 0.06))  # anywhere in the next steps, saves included
+        if kill < 2:
+            time.sleep(chance.uniform(0.0, 0.06))  # anywhere in the next steps
+        else:  # the last kill waits for a save in flight: its temporary file exists
+            while (time.monotonic() < deadline and process.poll() is None
+                   and not list(manifest.parent.glob("*.partial"))):
+                pass
         process.send_signal(signal.SIGKILL)
         outputs.append(process.communicate(timeout=60)[0])
         assert process.returncode == -signal.SIGKILL, outputs[-1][-2000:]
+        mid_save += bool(unfinished_saves(manifest))
+    assert mid_save >= 1  # at least one kill landed inside a save
     assert "starting from scratch" in outputs[0]
     assert all("resumed from" in output for output in outputs[1:])
     final = run_cli(out_dir, "--resume", "--save-every-steps", "5")
@@ -490,8 +513,9 @@ def test_resume_from_errors_are_one_line(tmp_path):
     with pytest.raises(SystemExit) as exited:
         lesson.main(["--device", "cpu", "--out-dir", str(tmp_path), "--train-only",
                      "--resume-from", "999"])
-    assert str(exited.value.code).startswith("error: ") and "no checkpoint 999" in str(
-        exited.value.code)
+    message = str(exited.value.code)
+    assert message.startswith("error: ") and "no checkpoint 999" in message
+    assert "\n" not in message and "Traceback" not in message  # one line
     both = run_cli(tmp_path, "--resume", "--resume-from", "6")
     _, stderr = both.communicate(timeout=120)
     assert both.returncode == 2 and "not allowed with argument" in stderr
@@ -519,3 +543,17 @@ def test_bad_flag_values_are_refused_before_anything_runs(tmp_path, flags, capsy
         lesson.setup(["--device", "cpu", "--out-dir", str(tmp_path / "out"), *flags])
     assert exited.value.code == 2 and "must be" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before the out-dir was created
+
+
+def test_deterministic_kernels_are_scoped_to_cuda_runs_and_restored():
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic,
+              cudnn.benchmark)
+    with lesson.deterministic_kernels(torch.device("cpu")):
+        assert (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic,
+                cudnn.benchmark) == before  # the CPU kernels used here are deterministic
+    with lesson.deterministic_kernels(torch.device("cuda")):  # sets flags only: no GPU needed
+        assert torch.are_deterministic_algorithms_enabled() and cudnn.deterministic
+        assert not cudnn.benchmark
+    assert (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic,
+            cudnn.benchmark) == before

@@ -187,6 +187,7 @@ def resume_error(out_dir) -> str:
     with pytest.raises(SystemExit) as exited:
         manager_lesson.main(["--device", "cpu", "--out-dir", str(out_dir), "--resume"])
     assert isinstance(exited.value.code, str)  # a message, so the exit status is 1
+    assert "\n" not in exited.value.code and "Traceback" not in exited.value.code  # one line
     return exited.value.code
 
 
@@ -217,7 +218,7 @@ def test_latest_is_the_most_recent_write_not_the_highest_step(tmp_path):
 def test_a_slash_in_the_monitored_metric_is_sanitised(tmp_path):
     manager = CheckpointManager(tmp_path, monitor="val/loss")
     path = manager.save({"w": torch.ones(1)}, step=1, epoch=1, metrics={"val/loss": 0.25})
-    assert path.parent == tmp_path and path.name == "epoch001-step000001-val-loss0.2500.pt"
+    assert path.parent == tmp_path and path.name == "epoch001-step000001-val-loss0.2500-seq1.pt"
     assert manager.load_latest().entry.metrics["val/loss"] == 0.25
 
 
@@ -385,9 +386,12 @@ def test_resume_into_a_folder_of_another_monitor_or_a_hostile_manifest_is_one_li
     folder = tmp_path / "checkpoints"
     save_steps(CheckpointManager(folder, monitor="accuracy", mode="max"), [0.5])
     assert resume_error(tmp_path).startswith(f"error: {folder}")
+    outside = tmp_path / "precious.txt"  # a hostile absolute path, to a file of this test
+    outside.write_text("precious")
     tamper_manifest(folder, lambda data: data.update(monitor="val_loss", mode="min",
-                                                     deleting=["/etc/passwd"]))
-    assert "refuses the file name '/etc/passwd'" in resume_error(tmp_path)
+                                                     deleting=[str(outside)]))
+    assert f"refuses the file name '{outside}'" in resume_error(tmp_path)
+    assert outside.read_text() == "precious"
 
 
 def test_written_files_follow_the_umask_and_a_read_only_folder_still_loads(tmp_path):

@@ -1,0 +1,439 @@
+"""02's CheckpointManager killed at EVERY filesystem step of a save, as SQLite tests crash safety.
+
+A child process (os.fork: no interpreter start-up) wraps the calls a save makes that change
+the disk (open, write, pwrite, ftruncate, fsync, close, replace, rename, unlink, mkdir,
+sendfile, copy_file_range, and the write/flush of every file object it writes through) and
+kills itself with SIGKILL just before call number N; N runs over every step in turn (an open
+to read changes nothing on disk, so it is not a step). After
+each kill a new manager, in this process, runs the next writer's recovery and must load the
+state from before the save or the one it wrote, bit for bit, never anything else, with the
+files on disk equal to the manifest's entries. A KeyboardInterrupt at each step is injected
+too, and the run goes on in-process: then nothing torn may verify either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import shutil
+import signal
+import threading
+import warnings
+
+import pytest
+import torch
+
+from tests.conftest import load_script
+
+lesson = load_script("02_checkpoint_manager")
+CheckpointManager = lesson.CheckpointManager
+STEP_CALLS = ("open", "write", "pwrite", "ftruncate", "fsync", "replace", "rename", "unlink",
+              "mkdir", "rmdir", "link", "symlink", "sendfile", "copy_file_range")
+CHANGING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
+FIXED_FILES = {"manifest.json", "writer.lock"}
+
+
+class CountingFile:
+    """A file object whose write() and flush() count as steps (torch.save writes via it)."""
+
+    def __init__(self, handle, step):
+        self._handle, self._step = handle, step
+
+    def write(self, data):
+        self._step("file.write")
+        return self._handle.write(data)
+
+    def flush(self):
+        self._step("file.flush")
+        return self._handle.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return self._handle.__exit__(*exc_info)
+
+
+@contextlib.contextmanager
+def faults(at, action):
+    """Count every filesystem step; call ``action()`` just before step number ``at``."""
+    originals = {name: getattr(os, name) for name in STEP_CALLS + ("fdopen",) if
+                 hasattr(os, name)}
+    count = [0]
+    counting = threading.Lock()
+
+    def step(name):
+        with counting:
+            count[0] += 1
+            hit = count[0] == at
+        if hit:
+            action()
+
+    def wrap(name):
+        def wrapper(*args, **kwargs):
+            if name != "open" or (args[1] if len(args) > 1 else kwargs["flags"]) & CHANGING:
+                step(name)  # opening to read changes nothing on disk: not a step
+            return originals[name](*args, **kwargs)
+        return wrapper
+
+    for name in originals:
+        if name != "fdopen":
+            setattr(os, name, wrap(name))
+
+    def fdopen(descriptor, mode="r", *args, **kwargs):
+        handle = originals["fdopen"](descriptor, mode, *args, **kwargs)
+        return CountingFile(handle, step) if "w" in mode or "a" in mode else handle
+
+    os.fdopen = fdopen
+    try:
+        yield count
+    finally:
+        for name, original in originals.items():
+            setattr(os, name, original)
+
+
+def state(tag, step):
+    """A tiny checkpoint whose bytes say which save wrote it."""
+    return {"tag": tag, "step": step,
+            "w": torch.randn(64, generator=torch.Generator().manual_seed(tag))}
+
+
+def same(loaded, expected):
+    """Bit-exact: the same tag and step, and the same bytes of the same dtype."""
+    return (loaded["tag"] == expected["tag"] and loaded["step"] == expected["step"]
+            and loaded["w"].dtype == expected["w"].dtype
+            and loaded["w"].view(torch.int32).equal(expected["w"].view(torch.int32)))
+
+
+# The save to enumerate: step 3 saved again under the SAME name (a mid-epoch save has
+# val_loss NaN; a resumed run repeats the step), which must not overwrite the bytes the
+# manifest vouches for; with keep_last=1 and save_top_k=1 it also retires two files, the
+# old step 3 (replaced) and step 1 (dropped by retention), so a kill lands between them too.
+SCENARIOS = {
+    "same name": ([(1, 0.5, 1), (2, 0.4, 2), (3, math.nan, 3)], (3, math.nan, 4)),
+}
+
+
+def prepare(folder, scenario):
+    saved, new = SCENARIOS[scenario]
+    manager = CheckpointManager(folder, save_top_k=2, keep_last=2)
+    for step, value, tag in saved:
+        manager.save(state(tag, step), step=step, epoch=1, metrics={"val_loss": value})
+    manager.close()
+    step, value, tag = new
+    return state(saved[-1][2], saved[-1][0]), state(tag, step), {
+        tag: state(tag, step) for step, _, tag in saved + [new]}
+
+
+def save_new(folder, scenario, async_save):
+    step, value, tag = SCENARIOS[scenario][1]
+    manager = CheckpointManager(folder, save_top_k=1, keep_last=1, async_save=async_save)
+    try:
+        manager.save(state(tag, step), step=step, epoch=1, metrics={"val_loss": value})
+    finally:
+        manager.close()
+
+
+def check(folder, before, after, known):
+    """The next writer's view: previous or new state, exactly; every entry intact; no
+    file on disk that the manifest does not name. Returns "before" or "after"."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lesson.CheckpointWarning)  # nothing torn is listed
+        manager = CheckpointManager(folder, save_top_k=1, keep_last=1)
+        entries = manager.list()
+        for entry in entries:
+            loaded = manager.load(entry.file).state
+            assert same(loaded, known[loaded["tag"]]) and loaded["step"] == entry.step
+        latest = manager.load_latest().state
+    manager.close()
+    assert sorted(os.listdir(folder)) == sorted({e.file for e in entries} | FIXED_FILES)
+    assert same(latest, before) or same(latest, after), latest["tag"]
+    return "after" if same(latest, after) else "before"
+
+
+def count_steps(template, work, scenario, async_save):
+    folder = work / "count"
+    shutil.copytree(template, folder)
+    with faults(0, lambda: None) as count:
+        save_new(folder, scenario, async_save)
+    shutil.rmtree(folder)
+    return count[0]
+
+
+def killed_child(folder, scenario, async_save, at):
+    """Fork; the child saves and SIGKILLs itself before step ``at``. Returns its status."""
+    gc.freeze()  # the child's garbage collector then leaves the parent's objects alone:
+    pid = os.fork()  # far fewer copy-on-write page faults, a much cheaper child
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            kill = os.kill
+            with faults(at, lambda: kill(os.getpid(), signal.SIGKILL)):
+                save_new(folder, scenario, async_save)
+            os._exit(0)
+        except BaseException:  # noqa: BLE001 - any escape from the child is a failure
+            os._exit(3)
+    gc.unfreeze()
+    return os.waitpid(pid, 0)[1]
+
+
+@pytest.mark.parametrize(("scenario", "async_save"), [
+    ("same name", False), ("same name", True)], ids=["sync", "async"])
+def test_a_kill_at_every_filesystem_step_loses_nothing(tmp_path, scenario, async_save):
+    template = tmp_path / "template"
+    before, after, known = prepare(template, scenario)
+    steps = count_steps(template, tmp_path, scenario, async_save)
+    outcomes = []
+    for at in range(1, steps + 1):
+        folder = tmp_path / f"kill{at}"
+        shutil.copytree(template, folder)
+        status = killed_child(folder, scenario, async_save, at)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (at, status)
+        outcomes.append(check(folder, before, after, known))
+        shutil.rmtree(folder)
+    print(f"\n  {scenario}, {'async' if async_save else 'sync'}: SIGKILL at each of {steps} "
+          f"filesystem steps: {outcomes.count('before')} left the previous state, "
+          f"{outcomes.count('after')} the new one, 0 anything else")
+    assert steps >= 20 and "before" in outcomes and "after" in outcomes
+
+
+# Sync only: a real KeyboardInterrupt lands in the main thread, and an async save's steps run
+# in the background thread (its main-thread case, an interrupt inside wait(), has its own
+# test below).
+@pytest.mark.parametrize("async_save", [False], ids=["sync"])
+def test_a_keyboard_interrupt_at_every_step_then_going_on_loses_nothing(tmp_path, async_save):
+    template = tmp_path / "template"
+    before, after, known = prepare(template, "same name")
+    steps = count_steps(template, tmp_path, "same name", async_save)
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    for at in range(1, steps + 1):
+        folder = tmp_path / f"interrupt{at}"
+        shutil.copytree(template, folder)
+        try:
+            with faults(at, interrupt):
+                save_new(folder, "same name", async_save)
+        except BaseException as err:  # noqa: BLE001 - torch.save's __exit__ may replace it
+            assert isinstance(err, KeyboardInterrupt) or isinstance(
+                err.__context__, KeyboardInterrupt), repr(err)
+        check(folder, before, after, known)
+        # ...and the run goes on: the next save in this process lands and verifies.
+        with CheckpointManager(folder, save_top_k=1, keep_last=1) as manager:
+            manager.save(state(9, 5), step=5, epoch=1, metrics={"val_loss": 0.1})
+        assert check(folder, state(9, 5), state(9, 5), {**known, 9: state(9, 5)}) == "after"
+        shutil.rmtree(folder)
+    print(f"\n  {'async' if async_save else 'sync'}: KeyboardInterrupt at each of {steps} "
+          "steps, then one more save: all intact")
+
+
+def test_an_interrupt_inside_wait_never_lets_the_next_save_reuse_the_buffer(tmp_path):
+    """The torn-checkpoint case: Ctrl-C while wait() blocks on an async write, then save()."""
+    release = threading.Event()
+
+    def slow_writer(obj, handle):
+        release.wait(10)
+        torch.save(obj, handle)
+
+    weights = torch.full((4096,), 1.0)
+    manager = CheckpointManager(tmp_path, async_save=True, keep_last=3, serialize=slow_writer)
+    manager.save({"w": weights}, step=1, epoch=1, metrics={"val_loss": 0.5})
+    threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        manager.wait()
+    assert manager._background.busy  # the write of step 1 is still in flight
+    weights.fill_(2.0)
+    threading.Timer(0.1, release.set).start()
+    manager.save({"w": weights}, step=2, epoch=2, metrics={"val_loss": 0.4})
+    manager.close()
+    assert torch.equal(manager.load(1).state["w"], torch.full((4096,), 1.0))
+    assert torch.equal(manager.load(2).state["w"], torch.full((4096,), 2.0))
+
+
+def test_atomic_write_switches_inodes_instead_of_rewriting_the_file(tmp_path):
+    """os.replace gives the name a NEW file; a reader holding the old one keeps its bytes.
+    Copying into place (or writing in place) would change the bytes under the reader."""
+    path = tmp_path / "data.bin"
+    lesson.atomic_write(path, lambda handle: handle.write(b"old" * 1000))
+    with path.open("rb") as reader:
+        inode = os.fstat(reader.fileno()).st_ino
+        lesson.atomic_write(path, lambda handle: handle.write(b"new" * 1000))
+        assert reader.read() == b"old" * 1000
+    assert path.stat().st_ino != inode and path.read_bytes() == b"new" * 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
+
+
+# ---- a hostile folder: every odd value is one CheckpointError, nothing outside changes -----
+
+def outside_snapshot(root, folder):
+    """Every file under ``root`` outside ``folder``, with its bytes (symlinks as targets)."""
+    return {str(p): (os.readlink(p) if p.is_symlink() else p.read_bytes())
+            for p in root.rglob("*") if folder not in p.parents and p != folder
+            and (p.is_symlink() or p.is_file())}
+
+
+@pytest.mark.parametrize("plant", ["lock symlink", "lock hard link", "manifest symlink",
+                                   "partial symlink", "orphan symlink"])
+def test_nothing_outside_the_folder_is_created_written_or_deleted(tmp_path, plant):
+    folder = tmp_path / "run" / "checkpoints"
+    with CheckpointManager(folder) as manager:
+        manager.save(state(1, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+    sentinel = tmp_path / "sentinel.txt"
+    sentinel.write_text("precious")
+    missing = tmp_path / "not-there.txt"  # a link to a missing file must not create it
+    target = {"lock symlink": missing, "lock hard link": sentinel}.get(plant, sentinel)
+    name = {"lock symlink": "writer.lock", "lock hard link": "writer.lock",
+            "manifest symlink": "manifest.json", "partial symlink": "x.pt.0a1b.partial",
+            "orphan symlink": "epoch009-step000009-val_loss0.1000-seq9.pt"}[plant]
+    (folder / name).unlink(missing_ok=True)
+    if plant == "lock hard link":
+        os.link(sentinel, folder / name)
+    else:
+        (folder / name).symlink_to(target)
+    before = outside_snapshot(tmp_path, folder)
+    try:
+        with CheckpointManager(folder) as manager:  # recovery runs here...
+            manager.save(state(2, 2), step=2, epoch=1, metrics={"val_loss": 0.4})  # ...a save
+            assert same(manager.load_latest().state, state(2, 2))
+        refused = ""
+    except lesson.CheckpointError as err:
+        refused = str(err)
+    assert outside_snapshot(tmp_path, folder) == before and not missing.exists()
+    if plant.startswith(("lock", "manifest")):  # refused, with one line naming the file
+        assert refused.startswith(str(folder / name)) and "\n" not in refused
+    else:  # recovery removed the link itself, never what it points to
+        assert refused == "" and not (folder / name).is_symlink()
+
+
+def deep(depth):
+    return "[" * depth + "]" * depth
+
+
+HOSTILE_RECORDS = {
+    "checksum an int": ("checkpoints[0].checksum", lambda d: d["checkpoints"][0].update(
+        checksum=12345)),
+    "seq a string": ("checkpoints[0].seq", lambda d: d["checkpoints"][0].update(seq="7")),
+    "metrics a list": ("checkpoints[0].metrics", lambda d: d["checkpoints"][0].update(
+        metrics=[1.0])),
+    "bytes 10**400": ("checkpoints[0].bytes", lambda d: d["checkpoints"][0].update(
+        bytes=10**400)),
+    "step a bool": ("checkpoints[0].step", lambda d: d["checkpoints"][0].update(step=True)),
+    "step negative": ("checkpoints[0].step", lambda d: d["checkpoints"][0].update(step=-1)),
+    "file None": ("checkpoints[0].file", lambda d: d["checkpoints"][0].update(file=None)),
+    "metric a string": ("checkpoints[0].metrics.val_loss", lambda d: d["checkpoints"][0][
+        "metrics"].update(val_loss="0.5")),
+    "no monitored metric": ("checkpoints[0].metrics", lambda d: d["checkpoints"][0].update(
+        metrics={})),
+    "an unknown field": ("checkpoints[0].extra", lambda d: d["checkpoints"][0].update(
+        extra=1)),
+    "a missing field": ("checkpoints[0].checksum", lambda d: d["checkpoints"][0].pop(
+        "checksum")),
+    "entry a string": ("checkpoints[0]", lambda d: d.update(checkpoints=["x"])),
+    "checkpoints a dict": ("checkpoints", lambda d: d.update(checkpoints={})),
+    "deleting a string": ("deleting", lambda d: d.update(deleting="x.pt")),
+    "nested 100,000 deep": ("nested deeper", lambda d: d.update(checkpoints=deep(100_000))),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_RECORDS))
+def test_every_hostile_manifest_value_is_one_error_naming_file_and_field(tmp_path, case):
+    import json
+
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(state(1, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+    field, change = HOSTILE_RECORDS[case]
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    change(data)
+    text = json.dumps(data)
+    if case.startswith("nested"):
+        text = text.replace(json.dumps(deep(100_000)), deep(100_000))
+    (tmp_path / "manifest.json").write_text(text)
+    files = sorted(os.listdir(tmp_path))
+    with pytest.raises(lesson.CheckpointError) as refused:
+        CheckpointManager(tmp_path)
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'manifest.json'}: ") and field in message
+    assert "\n" not in message and sorted(os.listdir(tmp_path)) == files
+
+
+@pytest.mark.parametrize("kind", ["directory", "FIFO", "binary"])
+def test_a_manifest_that_is_not_a_json_file_is_refused_without_blocking(tmp_path, kind):
+    manifest = tmp_path / "manifest.json"
+    if kind == "directory":
+        manifest.mkdir()
+    elif kind == "FIFO":
+        os.mkfifo(manifest)
+    else:
+        manifest.write_bytes(b"\xff\xfe{")
+    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+    signal.alarm(20)  # a blocking open() would hang here: fail instead
+    try:
+        with pytest.raises(lesson.CheckpointError, match="manifest.json: "):
+            CheckpointManager(tmp_path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ---- --resume checks the state it loaded before using it --------------------------------
+
+@pytest.fixture(scope="module")
+def mid_epoch_state(tmp_path_factory):
+    """A real mid-epoch checkpoint of the lesson's training loop (after step 3 of 6)."""
+    folder = tmp_path_factory.mktemp("good") / "checkpoints"
+    with pytest.raises(lesson.SimulatedCrash):
+        lesson.train(folder, epochs=1, seed=0, device=torch.device("cpu"),
+                     saves=lesson.SaveSchedule(steps=3), crash_at_step=3, log=lambda _: None)
+    return CheckpointManager(folder).load_latest().state
+
+
+def forge(state, case):
+    import copy
+
+    state = copy.deepcopy(state)
+    if case == "a list":
+        return "(the checkpoint)", [state]
+    changes = {
+        "epoch a string": ("epoch", lambda s: s.update(epoch="1")),
+        "a tensor of the wrong shape": ("model.head.1.weight", lambda s: s["model"].update(
+            {"head.1.weight": torch.zeros(3, 3)})),
+        "a missing key": ("optimizer", lambda s: s.pop("optimizer")),
+        "torch RNG state too short": ("rng.torch", lambda s: s["rng"].update(
+            torch=s["rng"]["torch"][:-8])),
+        "NumPy state too short": ("rng.numpy", lambda s: s["rng"]["numpy"][1].pop()),
+        "python state wrong": ("rng.python", lambda s: s["rng"].update(python=[3, [1], None])),
+        "data position past the epoch": ("data.position", lambda s: s["data"].update(
+            position=99)),
+        "data position a string": ("data.position", lambda s: s["data"].update(position="3")),
+        "saved with CUDA mixed precision": ("config.device/amp", lambda s: s["config"].update(
+            device="cuda", amp=True)),
+        "optimizer groups wrong": ("optimizer", lambda s: s["optimizer"].update(
+            param_groups=[])),
+    }
+    field, change = changes[case]
+    change(state)
+    return field, state
+
+
+@pytest.mark.parametrize("case", [
+    "a list", "epoch a string", "a tensor of the wrong shape", "a missing key",
+    "torch RNG state too short", "NumPy state too short", "python state wrong",
+    "data position past the epoch", "data position a string",
+    "saved with CUDA mixed precision", "optimizer groups wrong"])
+def test_resume_refuses_a_state_that_does_not_fit_with_one_line(tmp_path, mid_epoch_state,
+                                                                 case):
+    field, forged = forge(mid_epoch_state, case)
+    folder = tmp_path / "checkpoints"
+    with CheckpointManager(folder) as manager:  # CRC-matching: the manifest vouches for it
+        path = manager.save(forged, step=3, epoch=0, metrics={"val_loss": math.nan},
+                            position=3)
+    with pytest.raises(SystemExit) as exited:
+        lesson.main(["--device", "cpu", "--out-dir", str(tmp_path), "--resume", "--train-only"])
+    message = exited.value.code
+    assert isinstance(message, str) and message.startswith(f"error: {path}: field ")
+    assert f"'{field}'" in message and "\n" not in message and "Traceback" not in message
