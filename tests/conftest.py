@@ -80,6 +80,15 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: any(f in getattr(item, "fixturenames", ()) for f in RUN_FIXTURES))
 
 
+def pytest_itemcollected(item):
+    """A test marked ``@pytest.mark.cuda("what it checks")`` is skipped without CUDA, and
+    ``pytest -rs`` lists it as "needs CUDA: what it checks" (a GPU machine runs it)."""
+    marker = item.get_closest_marker("cuda")
+    if marker is not None and not torch.cuda.is_available():
+        what = marker.args[0] if marker.args else item.name
+        item.add_marker(pytest.mark.skip(reason=f"needs CUDA: {what}"))
+
+
 def load_script(stem: str) -> ModuleType:
     """Import ``NN_name.py`` as a module (its name starts with a digit, so ``import`` cannot)."""
     name = f"lesson_{stem}"
