@@ -17,6 +17,8 @@ import nbformat
 import pytest
 import torch
 
+from tests.confinement import confined
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -89,6 +91,23 @@ def pytest_itemcollected(item):
         item.add_marker(pytest.mark.skip(reason=f"needs CUDA: {what}"))
 
 
+# Test modules whose tests cannot write or delete outside their tmp_path (tests/confinement.py):
+# they feed the code under test paths that point at the machine's files.
+CONFINED_MODULES = {"test_hostile_inputs.py"}
+
+
+@pytest.fixture(autouse=True)
+def confined_writes(request):
+    """In a CONFINED_MODULES test: refuse, and fail on, any write outside its tmp_path."""
+    if Path(str(request.node.fspath)).name not in CONFINED_MODULES:
+        yield None
+        return
+    session_caches = [os.environ[name] for name in ("TORCHINDUCTOR_CACHE_DIR",)
+                      if name in os.environ]  # shared_compiler_cache's, under pytest's tmp
+    yield from confined(request.getfixturevalue("tmp_path"),
+                        request.getfixturevalue("monkeypatch"), tuple(session_caches))
+
+
 def load_script(stem: str) -> ModuleType:
     """Import ``NN_name.py`` as a module (its name starts with a digit, so ``import`` cannot)."""
     name = f"lesson_{stem}"
@@ -159,7 +178,8 @@ class ScriptRuns:
 
     def __init__(self, tmp_path_factory) -> None:
         self.tmp_path_factory = tmp_path_factory
-        self.pool = concurrent.futures.ThreadPoolExecutor(PARALLEL_RUNS)
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            PARALLEL_RUNS, thread_name_prefix="script-runs")  # tests/confinement.py skips them
         self.futures: dict[tuple[str, str, str], concurrent.futures.Future] = {}
 
     def submit(self, fixture: str, stem: str, device: str = "cpu") -> concurrent.futures.Future:
