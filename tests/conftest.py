@@ -76,6 +76,7 @@ def stems_needed(items, fixture: str) -> set[tuple[str, str]]:
 NEEDED = pytest.StashKey[dict]()
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: start only the runs still needed
 def pytest_collection_modifyitems(session, config, items):
     """Remember which whole-script runs the session needs; run their tests last."""
     config.stash[NEEDED] = {fixture: stems_needed(items, fixture) for fixture in RUN_FIXTURES}
