@@ -251,14 +251,18 @@ def main() -> int:
                 continue
             started = time.perf_counter()
             baseline = run_tests(project, target.tests, args.timeout)
+            print(f"   baseline (no mutant): {baseline} in {time.perf_counter() - started:.0f} s",
+                  flush=True)
             if baseline != "passed":
-                print(f"   baseline {baseline}: fix the tests first; target skipped")
+                print("   fix the tests first; target skipped")
                 continue
             killed, survivors = 0, []
             for which in range(sites):
                 source, _, applied = mutant_source(original, target.function, which)
                 path.write_text(source)
                 outcome = run_tests(project, target.tests, args.timeout)
+                print(f"   {'SURVIVED' if outcome == 'passed' else 'killed  '} {applied}"
+                      f" ({outcome})", flush=True)
                 if outcome == "passed":
                     survivors.append(applied)
                 else:
@@ -267,8 +271,6 @@ def main() -> int:
             totals["killed"] += killed
             totals["survived"] += len(survivors)
             print(f"   killed {killed}/{sites} in {time.perf_counter() - started:.0f} s")
-            for survivor in survivors:
-                print(f"   SURVIVED {survivor}")
     total = totals["killed"] + totals["survived"]
     if total:
         print(f"kill ratio {totals['killed']}/{total} = {totals['killed'] / total:.0%}")
