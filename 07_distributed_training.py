@@ -117,12 +117,14 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 def portable_state_dict(state_dict: Mapping[str, torch.Tensor]) -> OrderedDict:
     """A state_dict any plain model can load: wrapper prefixes stripped, tensors on the CPU.
 
+    Every tensor is a copy, on a GPU and on the CPU alike (``.cpu()`` alone returns the SAME
+    tensor when it is already on the CPU, so the "snapshot" would change as training goes on).
     A prefix is stripped only when EVERY key has it (a model may legitimately own a submodule
     called "module"), repeatedly, so nested wrappers ("_orig_mod.module.") go too. It uses
     torch's own consume_prefix_in_state_dict_if_present, which also fixes the _metadata
     (module versions, see 03) that load_state_dict reads.
     """
-    result = OrderedDict((k, v.detach().cpu()) for k, v in state_dict.items())
+    result = OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in state_dict.items())
     result._metadata = getattr(state_dict, "_metadata", OrderedDict()).copy()
     stripped = True
     while stripped and result:

@@ -17,6 +17,8 @@ import nbformat
 import pytest
 import torch
 
+from tests.confinement import confined
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -74,10 +76,37 @@ def stems_needed(items, fixture: str) -> set[tuple[str, str]]:
 NEEDED = pytest.StashKey[dict]()
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: start only the runs still needed
 def pytest_collection_modifyitems(session, config, items):
     """Remember which whole-script runs the session needs; run their tests last."""
     config.stash[NEEDED] = {fixture: stems_needed(items, fixture) for fixture in RUN_FIXTURES}
     items.sort(key=lambda item: any(f in getattr(item, "fixturenames", ()) for f in RUN_FIXTURES))
+
+
+def pytest_itemcollected(item):
+    """A test marked ``@pytest.mark.cuda("what it checks")`` is skipped without CUDA, and
+    ``pytest -rs`` lists it as "needs CUDA: what it checks" (a GPU machine runs it)."""
+    marker = item.get_closest_marker("cuda")
+    if marker is not None and not torch.cuda.is_available():
+        what = marker.args[0] if marker.args else item.name
+        item.add_marker(pytest.mark.skip(reason=f"needs CUDA: {what}"))
+
+
+# Test modules whose tests cannot write or delete outside their tmp_path (tests/confinement.py):
+# they feed the code under test paths that point at the machine's files.
+CONFINED_MODULES = {"test_hostile_inputs.py"}
+
+
+@pytest.fixture(autouse=True)
+def confined_writes(request):
+    """In a CONFINED_MODULES test: refuse, and fail on, any write outside its tmp_path."""
+    if Path(str(request.node.fspath)).name not in CONFINED_MODULES:
+        yield None
+        return
+    session_caches = [os.environ[name] for name in ("TORCHINDUCTOR_CACHE_DIR",)
+                      if name in os.environ]  # shared_compiler_cache's, under pytest's tmp
+    yield from confined(request.getfixturevalue("tmp_path"),
+                        request.getfixturevalue("monkeypatch"), tuple(session_caches))
 
 
 def load_script(stem: str) -> ModuleType:
@@ -150,7 +179,8 @@ class ScriptRuns:
 
     def __init__(self, tmp_path_factory) -> None:
         self.tmp_path_factory = tmp_path_factory
-        self.pool = concurrent.futures.ThreadPoolExecutor(PARALLEL_RUNS)
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            PARALLEL_RUNS, thread_name_prefix="script-runs")  # tests/confinement.py skips them
         self.futures: dict[tuple[str, str, str], concurrent.futures.Future] = {}
 
     def submit(self, fixture: str, stem: str, device: str = "cpu") -> concurrent.futures.Future:

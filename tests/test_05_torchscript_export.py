@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import os
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -95,12 +97,25 @@ def test_cpp_loader_reports_a_truncated_file_by_name(default_run, tmp_path):
     out = default_run("05_torchscript_export").out_dir
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes((out / "torchscript_frozen.pt").read_bytes()[:5000])
+    given = [truncated, out / "model_aoti.pt2", out / "torchscript_frozen.pt"]
+    before = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in given}
     # The program's own one-line message: the step, the file, the cause; no C++ stack trace.
     with pytest.raises(RuntimeError, match=r"exited with 1: load_model: running the "
                        r"TorchScript file \S*truncated\.pt: PytorchStreamReader failed"):
         lesson.run_cpp_loader(out / "cpp" / "load_model", truncated, out / "model_aoti.pt2",
                               inputs_at(out, 2), "cpu", tmp_path)
-    assert (out / "torchscript_frozen.pt").stat().st_size > 5000  # the original is untouched
+    # run_cpp_loader keeps the first line only: run the program again and read ALL its stderr.
+    completed = subprocess.run(
+        [str(out / "cpp" / "load_model"), str(truncated), str(out / "model_aoti.pt2"),
+         str(tmp_path / "input.pt"), str(tmp_path / "output.pt"), "cpu"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 1 and completed.stdout == ""
+    assert completed.stderr.startswith("load_model: running the TorchScript file ")
+    assert completed.stderr.count("\n") == 1 and completed.stderr.endswith("\n"), \
+        completed.stderr[:3000]  # one line: no "Exception raised from", no "frame #0"
+    assert not (tmp_path / "output.pt").exists()
+    after = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in given}
+    assert after == before  # the files it was given, and the original, are untouched
 
 
 def test_cpp_build_failure_names_the_source_and_leaves_no_binary(tmp_path):

@@ -46,14 +46,22 @@ def test_a_submodule_called_module_is_not_stripped():
     assert list(lesson.portable_state_dict(state_dict)) == list(state_dict)
 
 
-def test_portable_state_dict_moves_tensors_to_cpu_and_copies():
+def test_portable_state_dict_copies_cpu_tensors():
     state_dict = OrderedDict({"module.w": torch.ones(2)})
     portable = lesson.portable_state_dict(state_dict)
     assert list(portable) == ["w"] and portable["w"].device.type == "cpu"
     assert list(state_dict) == ["module.w"]  # the input is left alone
-    if torch.cuda.is_available():
-        on_gpu = lesson.portable_state_dict({"module.w": torch.ones(2, device="cuda")})
-        assert on_gpu["w"].device.type == "cpu"
+    assert portable["w"].data_ptr() != state_dict["module.w"].data_ptr()  # a copy, not a view
+    state_dict["module.w"].add_(1)  # training goes on: the snapshot does not follow
+    assert torch.equal(portable["w"], torch.ones(2))
+
+
+@pytest.mark.cuda("portable_state_dict moves tensors from a GPU to the CPU")
+def test_portable_state_dict_moves_gpu_tensors_to_the_cpu():
+    on_gpu = OrderedDict({"module.w": torch.arange(3.0, device="cuda")})
+    portable = lesson.portable_state_dict(on_gpu)
+    assert list(portable) == ["w"] and portable["w"].device.type == "cpu"
+    assert torch.equal(portable["w"], torch.arange(3.0)) and on_gpu["module.w"].is_cuda
 
 
 def test_the_backend_is_decided_once_and_too_few_gpus_is_a_clear_error():
@@ -85,6 +93,7 @@ def test_runs_under_torchrun(tmp_path):
     assert metrics["save_world_size"] == 3 and metrics["reshard_world_size"] == 2
     assert metrics["dcp_files"] == 3
     assert metrics["reshard_max_abs_diff"] == 0.0
+    assert metrics["reshard_optimizer_max_abs_diff"] == 0.0  # Adam's state resharded too
     assert metrics["ddp_ranks_max_abs_diff"] == 0.0
     assert metrics["dcp_no_dist_max_abs_diff"] == 0.0
 

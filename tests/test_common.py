@@ -40,10 +40,33 @@ def test_seed_everything_makes_torch_reproducible():
     assert torch.equal(first, torch.randn(5))
 
 
-def test_environment_reports_versions():
-    facts = environment("cpu")
-    assert facts["torch"] == torch.__version__
-    assert facts["device"] == "cpu"
+def test_environment_reports_the_facts_of_this_machine():
+    import os
+    import platform
+    import sys
+
+    import numpy as np
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads((os.cpu_count() or 1) + 1)  # tells torch_threads from cpu_count
+    try:
+        facts = environment("cpu")
+        assert facts["torch_threads"] == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert facts == {
+        "torch": torch.__version__, "python": sys.version.split()[0],
+        "numpy": np.__version__, "platform": platform.platform(), "device": "cpu",
+        "cpu_count": os.cpu_count() or 1, "torch_threads": facts["torch_threads"],
+        "cuda_available": torch.cuda.is_available()}  # no "gpu"/"cuda" facts for the CPU
+
+
+@pytest.mark.cuda("environment('cuda') names the GPU and the CUDA version")
+def test_environment_on_a_gpu_names_it():
+    facts = environment("cuda")
+    assert facts["device"] == "cuda" and facts["cuda_available"] is True
+    assert facts["gpu"] == torch.cuda.get_device_name(0) and facts["gpu"]
+    assert facts["cuda"] == str(torch.version.cuda) and facts["cuda"] != "None"
 
 
 def test_datasets_are_deterministic_and_tasks_differ():
@@ -142,6 +165,26 @@ def test_rng_state_round_trip_restores_every_generator():
              loader_generator))
     assert first[:2] == again[:2] and torch.equal(first[2], again[2])
     assert torch.equal(first[3], again[3])
+    assert ("cuda" in state) == torch.cuda.is_available()
+
+
+@pytest.mark.cuda("the rng state holds a 'cuda' entry that restores GPU Dropout's generator")
+def test_rng_state_round_trip_restores_the_cuda_generators():
+    state = capture_rng_state()
+    assert len(state["cuda"]) == torch.cuda.device_count()
+    first = torch.rand(4, device="cuda")
+    restore_rng_state(torch.load(_round_trip(state), map_location="cpu", weights_only=True))
+    assert torch.equal(first, torch.rand(4, device="cuda"))
+
+
+def _round_trip(state: dict):
+    """``state`` through torch.save into memory: what a checkpoint holds and loads back."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def test_format_bytes():

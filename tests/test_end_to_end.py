@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import onnx
 import pytest
 import torch
 
@@ -155,6 +156,9 @@ def test_04_claims(default_run, tmp_path):
     run = default_run("04_onnx_export")
     metrics, artifacts = run.metrics, run.summary["artifacts"]
     assert metrics["onnx_checker_passed"] is True
+    # The recorded True is the script's word: check the files it wrote against the spec here.
+    for name in ("onnx_model", "onnx_optimized_model"):
+        onnx.checker.check_model(str(run.out_dir / artifacts[name]), full_check=True)
     assert metrics["onnx_input_dims"] == "['batch', 1, 'height', 'width']"
     assert 0 <= metrics["onnx_max_abs_diff"] < 1e-4
     assert metrics["onnx_runs_without_project_code"] is True

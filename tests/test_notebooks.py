@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from tests.conftest import ROOT, SCRIPTS
+from tests.conftest import SCRIPTS
 
 NUMBERED = re.compile(r"^\d+[a-z]?\. ")
 
@@ -37,4 +37,5 @@ def test_script_runs_as_a_notebook(notebook_run, stem):
     summary = json.loads((run.out_dir / "summary.json").read_text())
     assert summary["script"] == stem and summary["metrics"]
     assert summary["environment"]["device"] == "cpu"
-    assert not list(ROOT.glob("outputs/*/summary.json.partial"))
+    # The run wrote its files into run.out_dir: no temporary (*.partial) may be left there.
+    assert sorted(str(p.relative_to(run.out_dir)) for p in run.out_dir.rglob("*.partial")) == []
