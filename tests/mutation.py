@@ -1,8 +1,8 @@
 """Mutation testing of the copyable safety-critical functions: do the tests notice a bug?
 
-    python tools/mutation.py                      # every target below (tens of minutes)
-    python tools/mutation.py --only atomic_write  # targets whose name contains a word
-    python tools/mutation.py --list               # the mutants, without running anything
+    python tests/mutation.py                      # every target below (tens of minutes)
+    python tests/mutation.py --only atomic_write  # targets whose name contains a word
+    python tests/mutation.py --list               # the mutants, without running anything
 
 Why not mutmut? mutmut 3 imports the code it mutates by module name, and its trampolines
 record which tests reach a function under that name; our scripts' names start with a digit
