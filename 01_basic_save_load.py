@@ -48,14 +48,16 @@ in scratch folders that are removed when their section ends.
 
 The reusable pieces below (load_checkpoint, check_state_dict_fits, load_weights) are what a
 reader copies into a project: a loader whose every failure is one line naming the file and
-the cause, and that never changes the model unless the whole checkpoint fits. Then
-save/load_sharded_safetensors, and inspect_checkpoint with its InspectingUnpickler: the
---inspect command, for files whose origin you do not control.
+the cause, and that never changes the model unless the whole checkpoint fits. Two larger
+tools live beside the lesson that teaches them: inspect_checkpoint with its StubUnpickler
+(the --inspect command, for files whose origin you do not control) before section 13, and
+save/load_sharded_safetensors in section 13d.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import copy
 import dataclasses
@@ -63,12 +65,15 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import re
+import stat
+import struct
 import subprocess
 import sys
 import types
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +82,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+from torch._utils import IMPORT_MAPPING, NAME_MAPPING  # Python 2 names torch.load maps
 
 from common.compare import max_abs_diff
 from common.data import make_image_classification, make_loaders
@@ -220,591 +226,6 @@ def first_line(err: BaseException) -> str:
     """
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def save_sharded_safetensors(state_dict: Mapping[str, torch.Tensor], folder: str | Path,
-                             max_shard_bytes: int = 5_000_000_000) -> Path:
-    """Write ``state_dict`` as Hugging Face's sharded layout; return the index file's path.
-
-    Shards ``model-00001-of-0000N.safetensors`` (a new one when the next tensor would pass
-    ``max_shard_bytes``) and ``model.safetensors.index.json``:
-    ``{"metadata": {"total_size": bytes}, "weight_map": {tensor name: shard file}}``.
-    """
-    # Tensors go into shards in state_dict order, so a layer's weights stay together and a
-    # loader that streams shards sees them in the order the model declares them.
-    folder = Path(folder)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    for name, tensor in state_dict.items():
-        size = tensor.numel() * tensor.element_size()
-        if shards[-1] and sum(t.numel() * t.element_size() for t in shards[-1].values()
-                              ) + size > max_shard_bytes:
-            shards.append({})
-        shards[-1][name] = tensor.detach().cpu().contiguous()
-    weight_map = {}
-    for number, shard in enumerate(shards, start=1):
-        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / file)
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in state_dict.values())
-    index = folder / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                indent=2) + "\n")
-    return index
-
-
-def load_sharded_safetensors(index: str | Path) -> dict[str, torch.Tensor]:
-    """Read a sharded safetensors checkpoint through its index file, checked.
-
-    Every shard the index names must be a plain file name in the index's folder (an index is
-    data, and "../x" would reach elsewhere), and every tensor it lists must be in its shard.
-    """
-    index = Path(index)
-    weight_map = json.loads(index.read_text())["weight_map"]
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(set(weight_map.values())):
-        if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
-            raise CheckpointLoadError(f"{index}: refuses the shard name {file!r}: only plain "
-                                      "file names in the index's folder")
-        state.update(load_file(index.parent / file))
-    missing = sorted(set(weight_map) - set(state))
-    if missing:
-        raise CheckpointLoadError(f"{index}: {len(missing)} tensors are missing from their "
-                                  f"shards: {', '.join(missing[:4])}")
-    return {name: state[name] for name in weight_map}
-
-
-# ---- Inspecting a file you did not write (`python 01_basic_save_load.py --inspect PATH`) ----
-
-# Why an inspector at all: torch.load(weights_only=True) refuses a file at the FIRST global
-# it does not allow, so fixing a download one "Unsupported global" at a time, by allowing
-# whatever the error names next, ends with an allow-list nobody reviewed. Listing every
-# global up front, and flagging the dangerous ones, lets a person decide once.
-# Globals that hand a pickle the power to run code or touch the system: allowing one of
-# them in safe_globals is allowing the file to do anything.
-CAN_RUN_CODE = re.compile(
-    r"^(builtins\.(exec|eval|compile|__import__|getattr|setattr|open|breakpoint|input)"
-    r"|(os|posix|nt|subprocess|shutil|sys|runpy|importlib|pickle|marshal|ctypes|socket|"
-    r"code|pty|webbrowser|multiprocessing)(\.|$))")
-
-
-class _Stub:
-    """What the inspecting unpickler builds instead of calling a global: a record of the
-    global's name and the arguments and state the pickle gave it. Nothing is imported."""
-
-    global_name = "?"
-
-    def __new__(cls, *args: Any) -> _Stub:  # REDUCE calls cls(*args), NEWOBJ cls.__new__
-        stub = super().__new__(cls)
-        stub.args, stub.state, stub.items = args, None, {}
-        return stub
-
-    def __setstate__(self, state: Any) -> None:  # pickle's BUILD
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"<{self.global_name}>"
-
-    def __setitem__(self, key: Any, value: Any) -> None:  # SETITEM(S) on a dict subclass
-        self.items[key] = value
-
-    def append(self, value: Any) -> None:  # APPEND(S) on a list subclass
-        self.items[len(self.items)] = value
-
-    def extend(self, values: Any) -> None:
-        for value in values:
-            self.append(value)
-
-
-class _DtypeStub(_Stub):
-    """The stub of ``numpy.dtype``: also notes the dtype code it was called with."""
-
-    codes: set[str] = set()
-
-    def __new__(cls, *args: Any) -> _Stub:
-        if args and isinstance(args[0], str):
-            cls.codes.add(args[0])
-        return super().__new__(cls, *args)
-
-
-class InspectingUnpickler(pickle.Unpickler):
-    """Reads a torch.save pickle without running anything from it.
-
-    ``find_class`` (the only way a pickle reaches code) returns a fresh _Stub subclass named
-    after the global instead of importing it, and records the name; storages (torch.save's
-    "persistent ids") become plain tuples. So the structure, the tensors' shapes and dtypes
-    and every global the file references come out, and no code of the file ever runs.
-    """
-
-    def __init__(self, handle: Any) -> None:
-        super().__init__(handle)
-        self.globals: list[str] = []
-        self.dtype_codes: set[str] = set()  # arguments of numpy.dtype(...), see below
-
-    def find_class(self, module: str, name: str) -> type:
-        # Protocol 2 pickles (torch.save's) may use Python 2's module names.
-        module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)
-        full = f"{module}.{name}"
-        if full not in self.globals:
-            self.globals.append(full)
-        if full == "numpy.dtype":  # records its argument ("f8"): see numpy_dtype_classes
-            return type(name, (_DtypeStub,), {"global_name": full, "codes": self.dtype_codes})
-        return type(name, (_Stub,), {"global_name": full})
-
-    def persistent_load(self, pid: Any) -> Any:
-        if isinstance(pid, tuple) and pid and pid[0] == "module":  # legacy: a module class
-            return pid[1]
-        return ("storage", *pid[1:]) if isinstance(pid, tuple) else ("storage", pid)
-
-
-def numpy_dtype_classes(unpickler: InspectingUnpickler) -> list[str]:
-    """The NumPy 2 dtype classes a file needs besides ``numpy.dtype`` itself.
-
-    ``numpy.dtype("f8")`` returns an instance of ``numpy.dtypes.Float64DType``, and
-    weights_only=True refuses to build it unless that class is allowed too; the class never
-    appears in the pickle, so get_unsafe_globals_in_checkpoint cannot list it. (Parsing the
-    dtype string is data parsing: nothing of the file runs.)
-    """
-    import numpy as np
-
-    return sorted({f"numpy.dtypes.{type(np.dtype(code)).__name__}"
-                   for code in unpickler.dtype_codes if re.fullmatch(r"[<>|=]?[a-zA-Z]\d*", code)})
-
-
-def _tensor_info(stub: _Stub) -> tuple[tuple, str] | None:
-    """(shape, dtype) of a stub that torch.load would turn into a tensor, else None.
-
-    How torch.save pickles a tensor: a call ``torch._utils._rebuild_tensor_v2(storage,
-    offset, size, stride, requires_grad, hooks)``, where ``storage`` is a persistent id
-    ``("storage", torch.FloatStorage, key, location, numel)`` naming a separate record (the
-    file ``archive/data/<key>`` in the zip). A Parameter wraps that in
-    ``torch._utils._rebuild_parameter(tensor, requires_grad, hooks)``. So the shape is the
-    third argument, and the dtype is in the storage class's name: no byte of data is read.
-    """
-    if stub.global_name.endswith("_rebuild_parameter") and stub.args:
-        inner = stub.args[0]
-        return _tensor_info(inner) if isinstance(inner, _Stub) else None
-    if not stub.global_name.startswith("torch._utils._rebuild_tensor") or len(stub.args) < 3:
-        return None
-    storage, shape = stub.args[0], stub.args[2]
-    kind = storage[1] if isinstance(storage, tuple) and len(storage) > 1 else None
-    name = kind.global_name.rsplit(".", 1)[-1] if isinstance(kind, type) else "?"
-    return tuple(shape), STORAGE_DTYPES.get(name.removesuffix("Storage"), name)
-
-
-def _walk(obj: Any, prefix: str, tensors: list, entries: list) -> None:
-    """Collect ``(name, shape, dtype)`` of tensors and ``(name, summary)`` of other values.
-
-    Names are the dotted paths a reader would type: ``state_dict.backbone.0.weight`` for a
-    tensor inside a Lightning checkpoint's "state_dict". A pickled module keeps its tensors
-    in ``_parameters`` / ``_buffers`` of each sub-module; those levels are left out of the
-    names, so they read like the module's own state_dict keys.
-    """
-    if isinstance(obj, _Stub):
-        info = _tensor_info(obj)
-        if info is not None:
-            tensors.append((prefix, *info))
-            return
-        if obj.items:  # an OrderedDict or another dict/list subclass
-            for key, value in obj.items.items():
-                _walk(value, f"{prefix}.{key}" if prefix else str(key), tensors, entries)
-            return
-        if isinstance(obj.state, dict) and "_parameters" in obj.state:  # a pickled nn.Module
-            if "." not in prefix:  # the top module only, not each sub-module
-                entries.append((prefix, f"a pickled {obj.global_name}"))
-            for part in ("_parameters", "_buffers", "_modules"):
-                _walk(obj.state.get(part) or {}, prefix, tensors, entries)
-            return
-        detail = obj.state if obj.state is not None else obj.args
-        entries.append((prefix, f"{obj.global_name} {_short(detail)}"))
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            _walk(value, f"{prefix}.{key}" if prefix else str(key), tensors, entries)
-    elif isinstance(obj, (list, tuple)) and any(isinstance(v, (_Stub, dict)) for v in obj):
-        for index, value in enumerate(obj):
-            _walk(value, f"{prefix}.{index}" if prefix else str(index), tensors, entries)
-    else:
-        entries.append((prefix, _short(obj)))
-
-
-def _short(value: Any) -> str:
-    """A value as one short line: a stub as ``<its global>``, class reprs as their names,
-    anything longer than 70 characters cut (a pickle can carry megabytes of text)."""
-    text = repr(value) if not isinstance(value, _Stub) else f"<{value.global_name}>"
-    text = re.sub(r"<class '[^']*\.(\w+)'>", r"\1", text)
-    return text if len(text) <= 70 else text[:67] + "..."
-
-
-@dataclasses.dataclass
-class Inspection:
-    """What --inspect found: the format, tensors, other entries, globals, and a verdict.
-
-    ``status``: 0 = loads with ``weights_only=True`` as it is; 1 = needs globals allowed
-    (``needs``; ``dangerous`` are those that can run code); 2 = not readable (``problem``).
-    """
-
-    path: Path
-    kind: str = "unknown"
-    reader: str = "torch.load(path, map_location=\"cpu\", weights_only=True)"
-    tensors: list = dataclasses.field(default_factory=list)
-    entries: list = dataclasses.field(default_factory=list)
-    globals: list = dataclasses.field(default_factory=list)
-    needs: list = dataclasses.field(default_factory=list)
-    dangerous: list = dataclasses.field(default_factory=list)
-    problem: str = ""
-    status: int = 0
-
-
-def inspect_checkpoint(path: str | Path) -> Inspection:
-    """Describe any checkpoint file or folder WITHOUT running code from it (see Inspection).
-
-    torch.save zip files and legacy (pre-1.6, non-zip) torch.save files, .safetensors
-    files, a sharded safetensors folder or its model.safetensors.index.json, and a DCP
-    folder (.metadata). Never raises for a bad input: the problem goes in the result.
-    """
-    report = Inspection(Path(path))
-    try:
-        _inspect_into(report)
-    except Exception as err:  # any unreadable input: one line, never a traceback
-        report.status, report.problem = 2, report.problem or f"{type(err).__name__}: " \
-                                                              f"{first_line(err)}"
-    report.dangerous = [name for name in report.needs if CAN_RUN_CODE.match(name)]
-    return report
-
-
-def _inspect_into(report: Inspection) -> None:
-    """Tell the format by its first bytes (never by the file name, which anyone can choose).
-
-    ``PK\x03\x04`` starts a zip archive (torch.save since 1.6); a safetensors file starts
-    with the length of its JSON header as 8 little-endian bytes (a small number, less than
-    the file's size); ``\x80`` starts a pickle of protocol 2 or more (legacy torch.save).
-    """
-    path = report.path
-    if path.is_dir():
-        if (path / ".metadata").is_file():
-            return _inspect_dcp(report)
-        index = sorted(path.glob("*.safetensors.index.json"))
-        if index:
-            report.path = index[0]
-            return _inspect_sharded(report)
-        raise ValueError("a folder with neither a DCP .metadata file nor a "
-                         "*.safetensors.index.json")
-    if not path.is_file():
-        raise FileNotFoundError("no such file or folder")
-    if path.name.endswith(".index.json"):
-        return _inspect_sharded(report)
-    size = path.stat().st_size
-    if size == 0:
-        raise ValueError("the file is empty (0 bytes); was the save interrupted?")
-    with path.open("rb") as handle:
-        head = handle.read(8)
-    if head[:4] == b"PK\x03\x04":
-        return _inspect_torch_zip(report)
-    if int.from_bytes(head, "little") + 8 < size and head[:1] != b"\x80":
-        return _inspect_safetensors(report)  # an 8-byte header length, then JSON
-    if head[:1] == b"\x80":  # a pickle (protocol 2+): the legacy torch.save format
-        return _inspect_legacy(report)
-    hint = "; the name says ONNX: read it with onnx.load (04)" if path.suffix == ".onnx" else ""
-    raise ValueError(f"not a checkpoint format this knows (starts with {head[:4]!r}){hint}")
-
-
-def _inspect_torch_zip(report: Inspection) -> None:
-    """A torch.save archive: ``<name>/data.pkl`` holds the pickle, ``<name>/data/<key>``
-    the raw storages. The pickle is read with the inspecting unpickler; the verdict comes
-    from torch's own get_unsafe_globals_in_checkpoint, and a file that passes it is opened
-    once with weights_only=True (mmap: the data is mapped, not read) to prove it loads."""
-    report.kind = "torch.save zip archive"
-    if not zipfile.is_zipfile(report.path):
-        raise ValueError("truncated or corrupted: it starts like a torch.save archive but its "
-                         "end (the zip directory) is missing")
-    with zipfile.ZipFile(report.path) as archive:
-        names = archive.namelist()
-        # Three kinds of zip end in .pt or .pt2, and only one is a checkpoint. A TorchScript
-        # archive (constants.pkl, code/) and a torch.export / AOTInductor package
-        # (archive_format) hold programs: say which loader opens them, instead of the
-        # obscure error torch.load would give. Decided by the members, never by the name.
-        if any(n.endswith("/archive_format") for n in names):
-            raise ValueError("a .pt2 package (torch.export.save or AOTInductor), not a "
-                             "checkpoint: open it with torch.export.load or "
-                             "torch._inductor.aoti_load_package (05 sections 3-4)")
-        if any(n.endswith("/constants.pkl") for n in names):
-            raise ValueError("a TorchScript archive (torch.jit.save), not a torch.save "
-                             "checkpoint: open it with torch.jit.load (05 section 2)")
-        pickles = [n for n in names if n.endswith("/data.pkl")]
-        if not pickles:
-            raise ValueError("a zip file, but not a torch.save archive (no data.pkl)")
-        with archive.open(min(pickles, key=len)) as handle:
-            unpickler = InspectingUnpickler(handle)
-            _walk(unpickler.load(), "", report.tensors, report.entries)
-    report.globals = unpickler.globals
-    # The library's own check: the globals weights_only=True would refuse.
-    report.needs = torch.serialization.get_unsafe_globals_in_checkpoint(report.path)
-    if report.needs:
-        report.needs += numpy_dtype_classes(unpickler)
-        report.status = 1
-        return
-    torch.load(report.path, map_location="cpu", weights_only=True, mmap=True)  # no data read
-
-
-def _inspect_legacy(report: Inspection) -> None:
-    """The pre-zip format: magic number, protocol, system info, then the object's pickle.
-
-    get_unsafe_globals_in_checkpoint only takes zip files (a ValueError here), so the
-    globals come from the inspecting unpickler and are compared with weights_only's list.
-    """
-    report.kind = "legacy torch.save file (pre-zip, before torch 1.6)"
-    with report.path.open("rb") as handle:
-        unpickler = InspectingUnpickler(handle)
-        if unpickler.load() != 0x1950A86A20F9469CFC6C:  # torch's legacy magic number
-            raise ValueError("a pickle, but not a torch.save file (no torch magic number)")
-        unpickler.load(), unpickler.load()  # protocol version, system info
-        _walk(unpickler.load(), "", report.tensors, report.entries)
-    report.globals = unpickler.globals
-    from torch._weights_only_unpickler import _get_allowed_globals  # its allow-list
-
-    # weights_only's allow-list (torch keeps it in a private module: there is no public
-    # function for it) plus whatever this process has allowed with add_safe_globals.
-    allowed = set(_get_allowed_globals()) | {
-        f"{obj.__module__}.{obj.__qualname__}" for obj in
-        torch.serialization.get_safe_globals() if hasattr(obj, "__qualname__")}
-    report.needs = [name for name in report.globals if name not in allowed]
-    if report.needs:
-        report.needs += numpy_dtype_classes(unpickler)
-        report.status = 1
-        return
-    torch.load(report.path, map_location="cpu", weights_only=True)
-
-
-def _inspect_safetensors(report: Inspection) -> None:
-    report.kind = "safetensors (no code possible: a JSON header and raw tensor bytes)"
-    report.reader = "safetensors.torch.load_file(path)"
-    with safe_open(report.path, framework="pt") as handle:
-        for name in handle.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
-            view = handle.get_slice(name)
-            code = view.get_dtype()
-            report.tensors.append((name, tuple(view.get_shape()),
-                                   SAFETENSORS_DTYPES.get(code, code.lower())))
-        report.entries = sorted((handle.metadata() or {}).items())
-
-
-def _inspect_sharded(report: Inspection) -> None:
-    """A model.safetensors.index.json and the shard files it names (in its folder)."""
-    # The index and the shard names come from whoever published the files: each shard must
-    # be a plain name in the index's folder, and the shards must hold exactly the tensors
-    # the index lists (a tensor in no shard is a broken download, not a smaller model).
-    report.kind = "sharded safetensors (an index file and its shards)"
-    report.reader = "each shard with safetensors.torch.load_file (see 01 section 13d)"
-    index = json.loads(report.path.read_text())
-    weight_map = index["weight_map"]
-    folder = report.path.parent
-    for shard in sorted(set(weight_map.values())):
-        if Path(shard).name != shard or shard in (".", ".."):
-            raise ValueError(f"the index names {shard!r}, not a plain file name in {folder}")
-        if not (folder / shard).is_file():
-            raise ValueError(f"the index names {shard}, which is missing")
-        part = Inspection(folder / shard)
-        _inspect_safetensors(part)
-        report.tensors += part.tensors
-    listed = {name for name, *_ in report.tensors}
-    if listed != set(weight_map):
-        raise ValueError(f"the index and the shards disagree on {len(listed ^ set(weight_map))}"
-                         " tensor names")
-    report.entries = sorted((index.get("metadata") or {}).items())
-
-
-def _inspect_dcp(report: Inspection) -> None:
-    """A torch.distributed.checkpoint folder. Its .metadata file is a PLAIN pickle, which
-    DCP's own reader loads with pickle.load: a hostile folder runs code there. So the
-    inspecting unpickler reads it first; only DCP's, torch's and pathlib's names pass."""
-    report.kind = "torch.distributed.checkpoint (DCP) folder"
-    report.reader = ("torch.distributed.checkpoint.load (its .metadata references only "
-                     "DCP's, torch's and pathlib's names)")
-    with (report.path / ".metadata").open("rb") as handle:
-        unpickler = InspectingUnpickler(handle)
-        unpickler.load()
-    report.globals = unpickler.globals
-    report.needs = [name for name in report.globals if not (
-        name.startswith("torch.distributed.checkpoint.") or name in DCP_GLOBALS
-        or isinstance(getattr(torch, name.removeprefix("torch."), None), torch.dtype))]
-    if report.needs:
-        report.status = 1
-        return
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    # Only now, with every name the pickle uses checked, is DCP's own reader called: it
-    # unpickles .metadata with the plain pickle module (no weights_only there).
-    for name, item in FileSystemReader(report.path).read_metadata().state_dict_metadata.items():
-        if isinstance(item, TensorStorageMetadata):
-            dtype = str(item.properties.dtype).removeprefix("torch.")
-            report.tensors.append((name, tuple(item.size), dtype))
-        else:
-            report.entries.append((name, "a non-tensor value (pickled bytes)"))
-
-
-DCP_GLOBALS = {"torch.Size", "torch.serialization._get_layout", "pathlib.PosixPath",
-               "pathlib.WindowsPath", "collections.OrderedDict"}
-
-
-def safe_globals_line(names: list[str]) -> str:
-    # torch.serialization.safe_globals([...]) takes the objects themselves (an import is
-    # needed) or (object, "name as the file spells it") pairs: the pair form is how a file
-    # that names a module which has since moved (numpy.core -> numpy._core) is allowed.
-    """The line that allows exactly ``names`` for one load (NumPy 1's numpy.core.* names
-    need the tuple form under NumPy 2, which renamed the module numpy._core)."""
-    items = []
-    for name in names:
-        module, _, attribute = name.rpartition(".")
-        if module.startswith("numpy.core"):
-            items.append(f"({module.replace('numpy.core', 'numpy._core')}.{attribute}, "
-                         f"{name!r})")
-        else:
-            items.append(name)
-    modules = sorted({name.split(".")[0] for name in names})
-    return (f"import {', '.join(modules)}\n"
-            "with torch.serialization.safe_globals([" + ", ".join(items) + "]):\n"
-            "    torch.load(path, map_location=\"cpu\", weights_only=True)")
-
-
-def print_inspection(report: Inspection, limit: int = 40) -> None:
-    """The report, as --inspect prints it (one line when the input is not readable).
-
-    Read it top down: what the file is, its tensors (name, shape, dtype) and their total
-    size, the other entries (an epoch, hyper-parameters, library versions: what a pickle
-    can carry besides tensors), every global the pickle references, and the verdict. A
-    global in the verdict is a function or class that torch.load would CALL while loading;
-    the question for each is "can calling it with arguments of the file's choosing do harm?"
-    For a class that only stores values (argparse.Namespace, NumPy's dtype) the answer is
-    no; for os.system, exec or getattr it is yes, and then no allow-list makes it safe.
-    """
-    if report.status == 2:
-        print(f"{report.path}: not readable as a checkpoint: {report.problem}")
-        return
-    print(f"{report.path}: {report.kind}")
-    for name, shape, dtype in report.tensors[:limit]:
-        print(f"  tensor {name:<40} {str(list(shape)):<18} {dtype}")
-    total = sum(math.prod(shape) * getattr(getattr(torch, dtype, None), "itemsize", 0)
-                for _, shape, dtype in report.tensors)
-    if len(report.tensors) > limit:
-        print(f"  ... and {len(report.tensors) - limit} more tensors")
-    print(f"  {len(report.tensors)} tensors, {total / 1e6:.2f} MB")
-    for name, summary in report.entries[:limit]:
-        print(f"  entry  {name:<40} {summary}")
-    if report.globals:
-        print(f"  globals the pickle references: {', '.join(report.globals)}")
-    if report.status == 0:
-        print(f"verdict: loads as it is with {report.reader}")
-    elif report.status == 1:
-        print(f"verdict: weights_only=True refuses it; it needs {', '.join(report.needs)}")
-        if report.dangerous:
-            print(f"WARNING: {', '.join(report.dangerous)} can run code: do NOT allow them; "
-                  "this file may be malicious. Load it only if you trust where it came from")
-        else:
-            print("to allow exactly these, for this one load:\n" + safe_globals_line(report.needs))
-
-
-
-# Storage class names (legacy and zip pickles) and safetensors' dtype codes -> torch names.
-STORAGE_DTYPES = {"Float": "float32", "Double": "float64", "Half": "float16",
-                  "BFloat16": "bfloat16", "Long": "int64", "Int": "int32", "Short": "int16",
-                  "Char": "int8", "Byte": "uint8", "Bool": "bool", "ComplexFloat": "complex64",
-                  "ComplexDouble": "complex128"}
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-                      "U8": "uint8", "BOOL": "bool"}
-
-
-class MaliciousPayload:
-    """A pickle payload that runs code on ``torch.load(..., weights_only=False)``.
-
-    ``__reduce__`` tells pickle "to rebuild me, call ``exec(source)``". Here the code only writes
-    a marker file, so you can see that it ran; a real attacker's code would do anything you can.
-    """
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('the payload ran')",))
-
-
-@dataclasses.dataclass
-class TrainingConfig:
-    """A custom type inside a checkpoint: weights_only=True refuses it until allow-listed."""
-
-    learning_rate: float = 1e-3
-    epochs: int = 3
-
-
-_SAVE_AS_CUDA = False
-
-
-@contextlib.contextmanager
-def saved_as_if_on_cuda() -> Iterator[None]:
-    """Inside this block, ``torch.save`` labels every storage ``cuda:0`` as a GPU run would.
-
-    torch.save records each storage's device as a string tag chosen by the "location taggers"
-    of ``torch.serialization.register_package``. A checkpoint written on a GPU differs from a CPU
-    one only in that tag, so this lets a CPU-only machine produce the exact file a reader gets
-    from a GPU box. Only for the demonstration; real GPU runs need no such thing.
-    """
-    global _SAVE_AS_CUDA
-    if not getattr(saved_as_if_on_cuda, "registered", False):
-        torch.serialization.register_package(
-            1, lambda storage: "cuda:0" if _SAVE_AS_CUDA else None, lambda storage, loc: None
-        )
-        saved_as_if_on_cuda.registered = True  # type: ignore[attr-defined]
-    _SAVE_AS_CUDA = True
-    try:
-        yield
-    finally:
-        _SAVE_AS_CUDA = False
-
-
-# Child-process code for section 9. It builds the model itself, so it needs only torch.
-BIG_LOAD_CHILD = r"""
-import json, sys, time
-import torch
-from torch import nn
-
-mode, path, width, depth = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-
-
-def reset_peak():
-    # Linux: writing "5" to clear_refs resets the peak (VmHWM) to the current RSS, so the
-    # peak that `import torch` itself reached does not hide the load's.
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-
-
-def peak_bytes():
-    with open("/proc/self/status") as handle:
-        line = next(line for line in handle if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-
-
-def build():
-    return nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
-
-reset_peak()
-baseline = peak_bytes()
-start = time.perf_counter()
-if mode == "naive":
-    model = build()  # 1st copy: freshly initialised weights
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)  # 2nd copy, in RAM
-    model.load_state_dict(state_dict)  # copies the 2nd into the 1st
-else:
-    with torch.device("meta"):  # shapes only: no memory, no random init
-        model = build()
-    state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    model.load_state_dict(state_dict, assign=True)  # the parameters ARE the mapped tensors
-load_seconds = time.perf_counter() - start
-with torch.no_grad():  # use every weight, so the mmap path really reads the whole file
-    output = model(torch.ones(1, width))
-print(json.dumps({"load_seconds": load_seconds,
-                  "load_and_forward_seconds": time.perf_counter() - start,
-                  "peak_bytes": peak_bytes(), "baseline_bytes": baseline,
-                  "output_sum": float(output.double().sum())}))
-"""
 
 
 # ############################################################################################
@@ -1207,6 +628,31 @@ if in_notebook():
 # GPU run would, see saved_as_if_on_cuda) goes through each form.
 
 
+_SAVE_AS_CUDA = False
+
+
+@contextlib.contextmanager
+def saved_as_if_on_cuda() -> Iterator[None]:
+    """Inside this block, ``torch.save`` labels every storage ``cuda:0`` as a GPU run would.
+
+    torch.save records each storage's device as a string tag chosen by the "location taggers"
+    of ``torch.serialization.register_package``. A checkpoint written on a GPU differs from a CPU
+    one only in that tag, so this lets a CPU-only machine produce the exact file a reader gets
+    from a GPU box. Only for the demonstration; real GPU runs need no such thing.
+    """
+    global _SAVE_AS_CUDA
+    if not getattr(saved_as_if_on_cuda, "registered", False):
+        torch.serialization.register_package(
+            1, lambda storage: "cuda:0" if _SAVE_AS_CUDA else None, lambda storage, loc: None
+        )
+        saved_as_if_on_cuda.registered = True  # type: ignore[attr-defined]
+    _SAVE_AS_CUDA = True
+    try:
+        yield
+    finally:
+        _SAVE_AS_CUDA = False
+
+
 def lesson_6_devices(run: Run) -> dict:
     """Write a cuda:0 checkpoint; load it without and with each form of map_location.
 
@@ -1304,6 +750,28 @@ if in_notebook():
 # January 2026: the weights_only unpickler could corrupt memory, torch <= 2.9.1, fixed in
 # 2.10.0). So: torch >= 2.10 (this collection's requirements.txt refuses older), and for
 # files from people you do not trust, safetensors (section 8), which has no code path at all.
+
+
+class MaliciousPayload:
+    """A pickle payload that runs code on ``torch.load(..., weights_only=False)``.
+
+    ``__reduce__`` tells pickle "to rebuild me, call ``exec(source)``". Here the code only writes
+    a marker file, so you can see that it ran; a real attacker's code would do anything you can.
+    """
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('the payload ran')",))
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """A custom type inside a checkpoint: weights_only=True refuses it until allow-listed."""
+
+    learning_rate: float = 1e-3
+    epochs: int = 3
 
 
 def lesson_7_security(run: Run) -> dict:
@@ -1428,6 +896,53 @@ if in_notebook():
 # copying into meta tensors (which have no memory to copy into).
 # Peak memory is per process, so each path runs in its own fresh Python process (BIG_LOAD_CHILD
 # above), which reports its peak resident memory above what importing torch cost.
+
+
+# Child-process code for section 9. It builds the model itself, so it needs only torch.
+BIG_LOAD_CHILD = r"""
+import json, sys, time
+import torch
+from torch import nn
+
+mode, path, width, depth = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+
+def reset_peak():
+    # Linux: writing "5" to clear_refs resets the peak (VmHWM) to the current RSS, so the
+    # peak that `import torch` itself reached does not hide the load's.
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def peak_bytes():
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def build():
+    return nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
+
+reset_peak()
+baseline = peak_bytes()
+start = time.perf_counter()
+if mode == "naive":
+    model = build()  # 1st copy: freshly initialised weights
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)  # 2nd copy, in RAM
+    model.load_state_dict(state_dict)  # copies the 2nd into the 1st
+else:
+    with torch.device("meta"):  # shapes only: no memory, no random init
+        model = build()
+    state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    model.load_state_dict(state_dict, assign=True)  # the parameters ARE the mapped tensors
+load_seconds = time.perf_counter() - start
+with torch.no_grad():  # use every weight, so the mmap path really reads the whole file
+    output = model(torch.ones(1, width))
+print(json.dumps({"load_seconds": load_seconds,
+                  "load_and_forward_seconds": time.perf_counter() - start,
+                  "peak_bytes": peak_bytes(), "baseline_bytes": baseline,
+                  "output_sum": float(output.double().sum())}))
+"""
 
 
 def load_in_child(mode: str, path: Path, width: int, depth: int) -> dict:
@@ -1690,6 +1205,970 @@ if in_notebook():
     run.record_all(lesson_12_bad_input(run, run.out_dir / "model_state_dict.pt"))
 
 
+# %% The inspector behind --inspect (lesson 13 teaches it)
+# `python 01_basic_save_load.py --inspect PATH` describes a checkpoint whose origin you do not
+# control WITHOUT running anything from it. Why an inspector at all: weights_only=True refuses
+# a file at the FIRST global it does not allow, so fixing a download one "Unsupported global"
+# at a time ends with an allow-list nobody reviewed; listing every global up front lets a
+# person decide once. How it reads: every pickle (a zip's data.pkl, a legacy file, a DCP
+# folder's .metadata) goes through StubUnpickler, a small pickle machine of its own that
+# never imports a module, never resolves a name, never calls anything: a global becomes a
+# record of its (module, name), a call becomes a record of what would be called with what.
+# Names are compared with an exact allow-list of (module, name) pairs. Every input is
+# bounded: each limit below is a named constant, and passing one stops with exit status 2.
+
+MAX_PICKLE_BYTES = 64 * 2**20  # a pickle holds names, shapes and small values; tensor bytes
+# live in separate records (real data.pkl files are KBs to a few MB)
+MAX_OPCODES = 5_000_000  # pickle instructions read (~2 M for a 100,000-tensor state_dict)
+MAX_OBJECTS = 1_000_000  # objects the reader builds: about 100 MB of Python objects at most
+MAX_MEMO = 1_000_000  # memo entries; a dict, so LONG_BINPUT 2**26 is one entry, not 2**26
+MAX_DEPTH = 100  # nesting of containers and calls; a checkpoint nests a few levels
+MAX_GLOBALS = 10_000  # distinct globals (a whole pickled model names ~50), kept in a dict
+MAX_LISTED = 10_000  # tensors and entries kept for the report (all are counted)
+MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors' own reader refuses more ("header too large")
+MAX_INDEX_BYTES = 64 * 2**20  # a model.safetensors.index.json: ~100 bytes per tensor name
+MAX_ZIP_DIRECTORY_BYTES = 16 * 2**20  # a zip's central directory: ~100 bytes per member
+MAX_TENSOR_DIMENSIONS = 64  # more than any real tensor has
+
+# Storage class names (legacy and zip pickles) and safetensors' dtype codes -> torch names.
+STORAGE_DTYPES = {"Float": "float32", "Double": "float64", "Half": "float16",
+                  "BFloat16": "bfloat16", "Long": "int64", "Int": "int32", "Short": "int16",
+                  "Char": "int8", "Byte": "uint8", "Bool": "bool", "ComplexFloat": "complex64",
+                  "ComplexDouble": "complex128"}
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+                      "U8": "uint8", "BOOL": "bool"}
+
+DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8,
+               "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8,
+               "complex128": 16}
+
+# A HEURISTIC of globals known to hand a pickle the power to run code or touch the system.
+# It is a deny-list and cannot be complete (cProfile.run, timeit.timeit and many more run code
+# too): it only adds a warning. A global missing from it is not harmless, only not on it.
+KNOWN_DANGEROUS = re.compile(
+    r"^(builtins\.(exec|eval|compile|__import__|getattr|setattr|delattr|open|breakpoint|"
+    r"input|globals|locals|vars)$|(os|posix|nt|subprocess|shutil|sys|runpy|importlib|pickle|"
+    r"_pickle|marshal|ctypes|socket|code|codeop|pty|webbrowser|multiprocessing|cProfile|"
+    r"profile|timeit|pdb|bdb|trace|doctest|torch\.utils\.collect_env|torch\.hub|"
+    r"numpy\.testing|torch\.distributed\.checkpoint\.format_utils|torch\.serialization|"
+    r"torch\.load|torch\.jit|torch\.package|functools|operator|types|inspect)(\.|$))")
+
+
+def checked_regular_file(path: str | Path, folder: str | Path | None = None) -> Path:
+    """``path`` if it is a regular file (inside ``folder``, symlinks resolved, when given).
+
+    For files you did not write: a FIFO named like a checkpoint blocks a reader forever, a
+    device file never ends, and a symlink in a downloaded folder can point at any file of
+    yours. ``os.stat`` answers without opening (a FIFO does not block it); raises
+    ``CheckpointLoadError`` naming the file and the cause.
+    """
+    path = Path(path)
+    if folder is not None:
+        real, root = os.path.realpath(path), os.path.realpath(folder)
+        if os.path.commonpath([real, root]) != root:
+            raise CheckpointLoadError(f"{path}: resolves to {real}, outside {root}: refused")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise CheckpointLoadError(f"{path}: {err.strerror or err}") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointLoadError(f"{path}: not a regular file (a folder, FIFO, socket or "
+                                  "device): refused")
+    return path
+
+
+def read_regular_file(path: str | Path, limit: int, folder: str | Path | None = None,
+                      part: bool = False) -> bytes:
+    """The bytes of a regular file (see checked_regular_file), at most ``limit`` of them.
+
+    Opened with O_NONBLOCK and checked again on the open handle, so a file swapped for a
+    FIFO after the check cannot block either. A longer file is an error, or with
+    ``part=True`` its first ``limit`` bytes.
+    """
+    path = checked_regular_file(path, folder)
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise CheckpointLoadError(f"{path}: not a regular file: refused")
+        data = handle.read(limit if part else limit + 1)
+    if len(data) > limit:
+        raise CheckpointLoadError(f"{path}: larger than the {limit} bytes allowed here")
+    return data
+
+
+class InspectionLimit(ValueError):
+    """An input went past one of the MAX_* limits; the message names the limit."""
+
+
+class Global:
+    """A name a pickle references, as (module, name): never imported, never resolved."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    @property
+    def full(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+class Call:
+    """What a pickle asks to be called (REDUCE, NEWOBJ, NEWOBJ_EX, INST, OBJ), never called:
+    ``func`` (a Global, or another Call when the pickle calls a call's result), ``args``,
+    and what BUILD, SETITEM(S) and APPEND(S) later give the result."""
+
+    __slots__ = ("func", "args", "state", "items", "opcode")
+
+    def __init__(self, func: Any, args: Any, opcode: str) -> None:
+        self.func, self.args, self.opcode = func, args, opcode
+        self.state: Any = None
+        self.items: dict = {}
+
+    @property
+    def name(self) -> str:
+        return self.func.full if isinstance(self.func, Global) else "<a call's result>"
+
+
+class Storage:
+    """A persistent id (torch.save's reference to a tensor's bytes in another record)."""
+
+    __slots__ = ("pid",)
+
+    def __init__(self, pid: Any) -> None:
+        self.pid = pid
+
+
+# The opcodes torch's weights_only unpickler executes (torch/_weights_only_unpickler.py,
+# load()); any other opcode makes torch.load(weights_only=True) refuse the file outright.
+WEIGHTS_ONLY_OPCODES = frozenset(b"c\x81Rbaesu(t\x85\x86\x87N\x88\x89)]}\x8fJKMGXUQhjqr\x8a\x80.")
+
+
+class StubUnpickler:
+    """Reads a pickle (protocols 0 to 5) into Global/Call/Storage records; runs nothing.
+
+    A pickle is a program for a small stack machine: push values, look up a global, call it,
+    store into the memo. This machine does every step except the dangerous ones: a global
+    is recorded, never imported; a call is recorded, never made. Every resource is bounded
+    (MAX_OPCODES, MAX_OBJECTS, MAX_MEMO, MAX_DEPTH, MAX_GLOBALS). ``load(data, start)``
+    reads one pickle from ``data`` at ``start`` and returns its object; ``end`` is where
+    it stopped. ``globals`` maps each (module, name) to its record, first seen first;
+    ``unfollowable`` describes constructs it cannot follow (a call of a call's result, an
+    extension code); ``opcodes`` is the set of opcodes seen.
+    """
+
+    def __init__(self) -> None:
+        self.globals: dict[tuple[str, str], Global] = {}
+        self.unfollowable: list[str] = []
+        self.opcodes: set[int] = set()
+        self.dtype_codes: set[str] = set()  # arguments of numpy.dtype(...), see below
+        self.count = self.objects = 0
+        self.depth: dict[int, int] = {}  # id -> nesting depth of tuples, kept alive in `keep`
+        self.keep: list[Any] = []
+        self.end = 0
+
+    def _global(self, module: Any, name: Any) -> Global:
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise ValueError("a global whose module or name is not text")
+        # Protocol 2 pickles (torch.save's) use Python 2's names; torch maps them back.
+        module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module),
+                                                         name))
+        record = self.globals.get((module, name))
+        if record is None:
+            if len(self.globals) >= MAX_GLOBALS:
+                raise InspectionLimit(f"more than MAX_GLOBALS = {MAX_GLOBALS} distinct globals")
+            record = self.globals[(module, name)] = Global(module, name)
+        return record
+
+    def _new(self, value: Any, items: Any = ()) -> Any:
+        """Count a built object; a tuple's depth is tracked (hashing nests as deep)."""
+        self.objects += 1
+        if self.objects > MAX_OBJECTS:
+            raise InspectionLimit(f"more than MAX_OBJECTS = {MAX_OBJECTS} objects")
+        if items:
+            depth = 1 + max((self.depth.get(id(item), 0) for item in items), default=0)
+            if depth > MAX_DEPTH:
+                raise InspectionLimit(f"nested deeper than MAX_DEPTH = {MAX_DEPTH}")
+            if isinstance(value, (tuple, frozenset)):
+                self.depth[id(value)] = depth
+                self.keep.append(value)
+        return value
+
+    def _call(self, func: Any, args: Any, opcode: str) -> Call:
+        if not isinstance(func, Global):
+            self.unfollowable.append(f"{opcode} calls something that is not a plain global "
+                                     f"(a call's result or a value): {_short(func)}")
+        elif func.full == "numpy.dtype" and isinstance(args, tuple) and args \
+                and isinstance(args[0], str):
+            self.dtype_codes.add(args[0][:8])
+        return self._new(Call(func, args, opcode))
+
+    def load(self, data: bytes, start: int = 0) -> Any:  # noqa: C901 - one branch per opcode
+        stack: list[Any] = []
+        marks: list[list[Any]] = []
+        memo: dict[int, Any] = {}
+        view, pos, size = memoryview(data), start, len(data)
+
+        def take(count: int) -> bytes:
+            nonlocal pos
+            if count < 0 or pos + count > size:
+                raise ValueError("the pickle ends early (truncated?)")
+            pos += count
+            return bytes(view[pos - count:pos])
+
+        def line() -> bytes:
+            nonlocal pos
+            end = data.find(b"\n", pos, min(size, pos + 1_000_000))
+            if end < 0:
+                raise ValueError("a text opcode without its newline (truncated?)")
+            text, pos = bytes(view[pos:end]), end + 1
+            return text
+
+        def pop_mark() -> list[Any]:
+            nonlocal stack
+            if not marks:
+                raise ValueError("an opcode that needs a MARK without one")
+            items, stack = stack, marks.pop()
+            return items
+
+        def push(value: Any) -> None:
+            stack.append(value)
+            if len(stack) > MAX_OBJECTS:
+                raise InspectionLimit(f"more than MAX_OBJECTS = {MAX_OBJECTS} on the stack")
+
+        def number(fmt: str, width: int) -> int:
+            return int.from_bytes(take(width), "little", signed=fmt == "s")
+
+        while True:
+            if pos >= size:
+                raise ValueError("the pickle ends early (no STOP opcode; truncated?)")
+            op = data[pos]
+            pos += 1
+            self.count += 1
+            if self.count > MAX_OPCODES:
+                raise InspectionLimit(f"more than MAX_OPCODES = {MAX_OPCODES} instructions")
+            self.opcodes.add(op)
+            char = chr(op)
+            if op == 0x80:  # PROTO
+                take(1)
+            elif op == 0x95:  # FRAME: a length hint only
+                take(8)
+            elif char == ".":  # STOP
+                self.end = pos
+                if not stack:
+                    raise ValueError("STOP with an empty stack")
+                return stack.pop()
+            elif char == "(":  # MARK
+                if len(marks) >= MAX_DEPTH:
+                    raise InspectionLimit(f"MARKs nested deeper than MAX_DEPTH = {MAX_DEPTH}")
+                marks.append(stack)
+                stack = []
+            elif char == "0":  # POP
+                if stack:
+                    stack.pop()
+                else:
+                    pop_mark()
+            elif char == "1":  # POP_MARK
+                pop_mark()
+            elif char == "2":  # DUP
+                push(stack[-1])
+            elif char in "NK":  # NONE, BININT1
+                push(None if char == "N" else take(1)[0])
+            elif op in (0x88, 0x89):  # NEWTRUE, NEWFALSE
+                push(op == 0x88)
+            elif char == "J":  # BININT
+                push(number("s", 4))
+            elif char == "M":  # BININT2
+                push(number("u", 2))
+            elif op in (0x8A, 0x8B):  # LONG1, LONG4
+                length = number("u", 1) if op == 0x8A else number("s", 4)
+                push(int.from_bytes(take(length), "little", signed=True))
+            elif char == "G":  # BINFLOAT
+                push(struct.unpack(">d", take(8))[0])
+            elif char in "IL":  # INT, LONG (text)
+                text = line().rstrip(b"L")
+                push({b"00": False, b"01": True}.get(text) if text in (b"00", b"01")
+                     else int(text))
+            elif char == "F":  # FLOAT (text)
+                push(float(line()))
+            elif char in "XUTCB" or op in (0x8C, 0x8D, 0x8E, 0x96):  # text and bytes
+                width = {"X": 4, "U": 1, "T": 4, "C": 1, "B": 4, "\x8c": 1}.get(char, 8)
+                raw = take(number("u", width))
+                if char == "X" or op in (0x8C, 0x8D):  # BINUNICODE, SHORT_/BINUNICODE8
+                    push(self._new(raw.decode("utf-8", "surrogatepass")))
+                elif char in "UT":  # SHORT_BINSTRING, BINSTRING: Python 2 str (latin-1)
+                    push(self._new(raw.decode("latin-1")))
+                else:  # SHORT_BINBYTES, BINBYTES, BINBYTES8, BYTEARRAY8
+                    push(self._new(raw))
+            elif char == "S":  # STRING (text, quoted)
+                text = line()
+                if len(text) < 2 or text[:1] != text[-1:] or text[:1] not in b"'\"":
+                    raise ValueError("a STRING opcode without quotes")
+                push(self._new(codecs.escape_decode(text[1:-1])[0].decode("latin-1")))
+            elif char == "V":  # UNICODE (text)
+                push(self._new(line().decode("raw-unicode-escape")))
+            elif char in ")]}" or op == 0x8F:  # EMPTY_TUPLE / LIST / DICT / SET
+                push(self._new({")": (), "]": [], "}": {}}.get(char, set())
+                               if op != 0x8F else set()))
+            elif char in "tld" or op == 0x91:  # TUPLE, LIST, DICT, FROZENSET (from a MARK)
+                items = pop_mark()
+                if char == "d":
+                    push(self._new(dict(zip(items[::2], items[1::2], strict=False)), items))
+                else:
+                    kind = {"t": tuple, "l": list}.get(char, frozenset)
+                    push(self._new(kind(items), items))
+            elif op in (0x85, 0x86, 0x87):  # TUPLE1, TUPLE2, TUPLE3
+                count = op - 0x84
+                if len(stack) < count:
+                    raise ValueError("a TUPLE opcode with too few values")
+                items = tuple(stack[-count:])
+                del stack[-count:]
+                push(self._new(items, items))
+            elif char in "ae" or op == 0x90:  # APPEND, APPENDS, ADDITEMS
+                items = [stack.pop()] if char == "a" else pop_mark()
+                target = stack[-1]
+                if isinstance(target, list) and op != 0x90:
+                    target.extend(items)
+                elif isinstance(target, set) and op == 0x90:
+                    target.update(items)
+                elif isinstance(target, Call):  # a list subclass, or .append of any object
+                    for item in items:
+                        target.items[len(target.items)] = item
+                else:
+                    raise ValueError(f"cannot append to {type(target).__name__}")
+            elif char in "su":  # SETITEM, SETITEMS
+                items = stack[-2:] if char == "s" else pop_mark()
+                if char == "s":
+                    del stack[-2:]
+                target = stack[-1]
+                if not isinstance(target, (dict, Call)):
+                    raise ValueError(f"cannot set items on {type(target).__name__}")
+                for key, value in zip(items[::2], items[1::2], strict=False):
+                    (target if isinstance(target, dict) else target.items)[key] = value
+            elif char in "cio" or op == 0x93:  # GLOBAL, INST, OBJ, STACK_GLOBAL
+                if char in "ci":
+                    module = line().decode("utf-8", "surrogateescape")
+                    found = self._global(module, line().decode("utf-8", "surrogateescape"))
+                elif char == "o":
+                    items = pop_mark()
+                    if not items:
+                        raise ValueError("OBJ without a class")
+                    self._new(None)
+                    push(self._call(items[0], tuple(items[1:]), "OBJ"))
+                    continue
+                else:
+                    if len(stack) < 2:
+                        raise ValueError("STACK_GLOBAL with too few values")
+                    name, module = stack.pop(), stack.pop()
+                    found = self._global(module, name)
+                push(self._call(found, tuple(pop_mark()), "INST") if char == "i" else found)
+            elif char == "R" or op in (0x81, 0x92):  # REDUCE, NEWOBJ, NEWOBJ_EX
+                kwargs = stack.pop() if op == 0x92 else None
+                args, func = stack.pop(), stack.pop()
+                call = self._call(func, args, {0x81: "NEWOBJ", 0x92: "NEWOBJ_EX"}.get(op,
+                                                                                     "REDUCE"))
+                if kwargs:
+                    call.state = {"kwargs": kwargs}
+                push(call)
+            elif char == "b":  # BUILD: __setstate__ or __dict__.update, recorded
+                state, target = stack.pop(), stack[-1]
+                if not isinstance(target, Call):
+                    self.unfollowable.append(f"BUILD on a {type(target).__name__}")
+                else:
+                    target.state = state
+            elif char in "PQ":  # PERSID, BINPERSID: torch.save's reference to a storage
+                pid = line().decode("ascii", "replace") if char == "P" else stack.pop()
+                push(self._new(Storage(pid)))
+            elif op in (0x82, 0x83, 0x84):  # EXT1, EXT2, EXT4: a global by registry code
+                code = number("u", {0x82: 1, 0x83: 2, 0x84: 4}[op])
+                self.unfollowable.append(f"extension code {code} (EXT{op - 0x81}): a global "
+                                         "the pickle names by a number from copyreg's registry")
+                push(self._global("copyreg-extension", str(code)))
+            elif char in "hjg":  # BINGET, LONG_BINGET, GET
+                key = take(1)[0] if char == "h" else number("u", 4) if char == "j" else int(
+                    line())
+                if key not in memo:
+                    raise ValueError(f"memo key {key} is read before it is written")
+                push(memo[key])
+            elif char in "qrp" or op == 0x94:  # BINPUT, LONG_BINPUT, PUT, MEMOIZE
+                key = (take(1)[0] if char == "q" else number("u", 4) if char == "r"
+                       else int(line()) if char == "p" else len(memo))
+                if key not in memo and len(memo) >= MAX_MEMO:
+                    raise InspectionLimit(f"more than MAX_MEMO = {MAX_MEMO} memo entries")
+                if not stack:
+                    raise ValueError("a memo store with an empty stack")
+                memo[key] = stack[-1]
+            elif op in (0x97, 0x98):  # NEXT_BUFFER, READONLY_BUFFER (protocol 5)
+                self.unfollowable.append("an out-of-band buffer (protocol 5), which a file "
+                                         "cannot provide")
+                if op == 0x97:
+                    push(None)
+            else:
+                raise ValueError(f"an unknown pickle opcode {bytes([op])!r} at byte {pos - 1}")
+
+
+OPCODE_NAMES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
+
+
+def _escape(text: str, limit: int = 120) -> str:
+    """Text from a file, printable on one line: control characters, newlines, ANSI escapes
+    and lone surrogates are written as repr escapes, so no file can forge a line."""
+    text = text[:limit]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _short(value: Any, limit: int = 70) -> str:
+    """A value from a pickle as one short escaped line, without ever calling its repr on a
+    structure (shared references make a 719-byte pickle a structure of 2**60 items)."""
+    parts: list[str] = []
+
+    def add(item: Any, depth: int) -> None:
+        if sum(map(len, parts)) > limit:
+            return
+        if isinstance(item, (list, tuple, set, frozenset, dict)):
+            if depth > 2:
+                parts.append("...")
+                return
+            opening, closing = {list: "[]", tuple: "()", dict: "{}"}.get(type(item), "{}")
+            parts.append(opening)
+            pairs = item.items() if isinstance(item, dict) else ((None, v) for v in item)
+            for index, (key, value) in enumerate(pairs):
+                if index and sum(map(len, parts)) > limit:
+                    parts.append(", ...")
+                    break
+                parts.append(", " if index else "")
+                if isinstance(item, dict):
+                    add(key, depth + 1)
+                    parts.append(": ")
+                add(value, depth + 1)
+            parts.append(closing)
+        elif isinstance(item, Global):
+            parts.append(_escape(item.full))
+        elif isinstance(item, Call):
+            parts.append(f"<{_escape(item.name)}(...)>")
+        elif isinstance(item, Storage):
+            parts.append("<storage>")
+        elif isinstance(item, int) and not isinstance(item, bool) and item.bit_length() > 64:
+            parts.append(f"<an int of {item.bit_length()} bits>")
+        elif isinstance(item, (str, bytes, bytearray)):
+            parts.append(_escape(repr(item[:limit]), limit + 10))
+        else:
+            parts.append(_escape(repr(item)))
+
+    add(value, 0)
+    text = "".join(parts)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _shape(value: Any, name: str) -> tuple[int, ...]:
+    """A tensor's shape as the pickle gives it, checked: a tuple of at most
+    MAX_TENSOR_DIMENSIONS non-negative ints (torch.Size(...) is a call with one)."""
+    if isinstance(value, Call) and value.name == "torch.Size" and value.args:
+        value = value.args[0]
+    if not isinstance(value, (tuple, list)) or len(value) > MAX_TENSOR_DIMENSIONS or not all(
+            type(size) is int and 0 <= size < 2**63 for size in value):
+        raise ValueError(f"tensor {_escape(name)} has an invalid shape {_short(value)}")
+    return tuple(value)
+
+
+@dataclasses.dataclass
+class Inspection:
+    """What --inspect found: the format, tensors, other entries, globals, and a verdict.
+
+    ``status``: 0 = loads with ``weights_only=True`` as it is (or, for DCP, its .metadata
+    names only DCP's own classes); 1 = refused as it is: ``needs`` the globals to review,
+    ``refused_opcodes`` that no allow-list admits, ``dangerous`` what is known or suspected
+    to run code; 2 = not readable, or over a limit (``problem``).
+    """
+
+    path: Path
+    kind: str = "unknown"
+    reader: str = "torch.load(path, map_location=\"cpu\", weights_only=True)"
+    tensors: list = dataclasses.field(default_factory=list)
+    entries: list = dataclasses.field(default_factory=list)
+    tensor_count: int = 0
+    tensor_bytes: int = 0
+    globals: list = dataclasses.field(default_factory=list)
+    needs: list = dataclasses.field(default_factory=list)
+    refused_opcodes: list = dataclasses.field(default_factory=list)
+    dangerous: list = dataclasses.field(default_factory=list)
+    problem: str = ""
+    status: int = 0
+    unpickler: StubUnpickler | None = None
+    allowed: frozenset = frozenset()
+
+    def add_tensor(self, name: str, shape: tuple, dtype: str) -> None:
+        self.tensor_count += 1
+        self.tensor_bytes += math.prod(shape) * DTYPE_BYTES.get(dtype, 0)
+        if len(self.tensors) < MAX_LISTED:
+            self.tensors.append((name, shape, dtype))
+
+    def add_entry(self, name: str, summary: str) -> None:
+        if len(self.entries) < MAX_LISTED:
+            self.entries.append((name, summary))
+
+
+def _tensor_info(call: Call, name: str) -> tuple[tuple, str] | None:
+    """(shape, dtype) of a call that torch.load would turn into a tensor, else None.
+
+    How torch.save pickles a tensor: a call ``torch._utils._rebuild_tensor_v2(storage,
+    offset, size, stride, requires_grad, hooks)``, where ``storage`` is a persistent id
+    ``("storage", torch.FloatStorage, key, location, numel)`` naming a separate record (the
+    file ``archive/data/<key>`` in the zip). A Parameter wraps that in
+    ``torch._utils._rebuild_parameter(tensor, requires_grad, hooks)``. So the shape is the
+    third argument, and the dtype is in the storage class's name: no byte of data is read.
+    """
+    args = call.args if isinstance(call.args, tuple) else ()
+    if call.name == "torch._utils._rebuild_parameter" and args and isinstance(args[0], Call):
+        return _tensor_info(args[0], name)
+    if call.name != "torch._utils._rebuild_tensor_v2" or len(args) < 3:
+        return None
+    pid = args[0].pid if isinstance(args[0], Storage) else None
+    kind = pid[1] if isinstance(pid, tuple) and len(pid) > 1 else None
+    storage = kind.name if isinstance(kind, Global) else "?"
+    dtype = STORAGE_DTYPES.get(storage.removesuffix("Storage"), _escape(storage, 30))
+    return _shape(args[2], name), dtype
+
+
+def _join(prefix: str, key: Any) -> str:
+    """The dotted name of a child: escaped, and cut (a key may be megabytes long)."""
+    text = _escape(key, 100) if isinstance(key, str) else _short(key, 40)
+    return (f"{prefix}.{text}" if prefix else text)[:300]
+
+
+def _walk(obj: Any, prefix: str, report: Inspection, seen: dict, depth: int = 0) -> None:
+    """Collect tensors ``(name, shape, dtype)`` and other entries ``(name, summary)``.
+
+    Names are the dotted paths a reader would type: ``state_dict.backbone.0.weight`` for a
+    tensor inside a Lightning checkpoint's "state_dict". A pickled module keeps its tensors
+    in ``_parameters`` / ``_buffers`` of each sub-module; those levels are left out of the
+    names, so they read like the module's own state_dict keys. A structure met a second time
+    (shared references) is named, not walked again: the walk is linear in the pickle.
+    """
+    if depth > MAX_DEPTH:
+        raise InspectionLimit(f"nested deeper than MAX_DEPTH = {MAX_DEPTH} at {prefix!r}")
+    if isinstance(obj, Call) and (info := _tensor_info(obj, prefix)) is not None:
+        report.add_tensor(prefix, *info)
+        return
+    if isinstance(obj, (Call, dict, list, tuple, set, frozenset)) and obj:
+        if id(obj) in seen:
+            report.add_entry(prefix, f"the same object as {seen[id(obj)] or 'the top'}")
+            return
+        seen[id(obj)] = prefix
+    if isinstance(obj, Call):
+        if isinstance(obj.state, dict) and "_parameters" in obj.state:  # a pickled nn.Module
+            if "." not in prefix:
+                report.add_entry(prefix, f"a pickled {_escape(obj.name)}")
+            for part in ("_parameters", "_buffers", "_modules"):
+                _walk(obj.state.get(part) or {}, prefix, report, seen, depth + 1)
+            return
+        if not obj.items:
+            detail = obj.state if obj.state is not None else obj.args
+            report.add_entry(prefix, f"{_escape(obj.name)} {_short(detail)}")
+            return
+        children = obj.items.items()
+    elif isinstance(obj, dict):
+        children = obj.items()
+    elif isinstance(obj, (list, tuple)) and any(isinstance(v, (Call, dict)) for v in obj):
+        children = enumerate(obj)
+    else:
+        report.add_entry(prefix, _short(obj))
+        return
+    for key, value in children:
+        _walk(value, _join(prefix, key), report, seen, depth + 1)
+
+
+def checked_member(folder: Path, name: Any) -> Path:
+    """``folder / name`` for a name that a file (an index) gave: a plain file name, a
+    regular file, resolving inside ``folder``; else ValueError."""
+    if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"the index names {_short(name)}, not a plain file name in {folder}")
+    try:
+        return checked_regular_file(folder / name, folder)
+    except CheckpointLoadError as err:
+        raise ValueError(_escape(str(err), 300)) from None
+
+
+def inspect_checkpoint(path: str | Path) -> Inspection:
+    """Describe any checkpoint file or folder WITHOUT running code from it (see Inspection).
+
+    torch.save zip files and legacy (pre-1.6, non-zip) torch.save files, .safetensors
+    files, a sharded safetensors folder or its model.safetensors.index.json, and a DCP
+    folder (.metadata). Never raises for a bad input: the problem goes in the result, and
+    what the reader saw before it stopped (a dangerous global) still goes in ``dangerous``.
+    """
+    report = Inspection(Path(path))
+    confirm = None
+    try:
+        confirm = _inspect_into(report)
+    except Exception as err:  # any unreadable input: one line, never a traceback
+        report.status = 2
+        report.problem = _escape(f"{type(err).__name__}: " if not isinstance(
+            err, (ValueError, CheckpointLoadError)) else "", 40) + _escape(str(err), 300)
+    _judge(report)
+    if report.status == 0 and (report.needs or report.refused_opcodes or report.dangerous):
+        report.status = 1
+    if report.status == 0 and confirm is not None:
+        try:  # every byte of the pickle was read above; now torch's own loader confirms
+            confirm()
+        except Exception as err:
+            report.status, report.problem = 2, _escape(first_line(err), 300)
+    return report
+
+
+def _judge(report: Inspection) -> None:
+    """Which globals need review (all outside the exact allow-list), which are known or
+    suspected to run code, which opcodes weights_only never executes."""
+    unpickler = report.unpickler
+    if unpickler is None:
+        return
+    report.globals = [record.full for record in unpickler.globals.values()]
+    report.needs = [record.full for key, record in unpickler.globals.items()
+                    if key not in report.allowed]
+    numpy_classes = numpy_dtype_classes(unpickler) if report.needs else []
+    report.needs += [name for name in numpy_classes if name not in report.needs]
+    report.dangerous = [
+        f"{_escape(record.full)} " + ("is a dotted name (an attribute path); no inspector "
+                                      "resolves it, and it can reach anything"
+                                      if "." in record.name else "can run code (it is on the "
+                                      "known-dangerous list)" if KNOWN_DANGEROUS.match(record.full)
+                                      else "is named by a registry code nobody can check")
+        for key, record in unpickler.globals.items() if key not in report.allowed and (
+            "." in record.name or KNOWN_DANGEROUS.match(record.full)
+            or record.module == "copyreg-extension")]
+    report.dangerous += [_escape(text, 200) for text in unpickler.unfollowable[:10]]
+    if report.kind.startswith(("torch.save", "legacy")):
+        report.refused_opcodes = sorted({OPCODE_NAMES.get(op, hex(op)) for op in
+                                         unpickler.opcodes - WEIGHTS_ONLY_OPCODES})
+
+
+def _inspect_into(report: Inspection) -> Callable[[], Any] | None:
+    """Tell the format by its first bytes (never by the file name, which anyone can choose).
+
+    ``PK\x03\x04`` starts a zip archive (torch.save since 1.6); a safetensors file starts
+    with the length of its JSON header as 8 little-endian bytes (a small number, at most
+    the file's size); ``\x80`` starts a pickle of protocol 2 or more (legacy torch.save).
+    Returns the torch.load that confirms a file judged loadable, if there is one.
+    """
+    path = report.path
+    if path.is_dir():
+        if os.path.lexists(path / ".metadata"):
+            return _inspect_dcp(report)
+        index = sorted(path.glob("*.safetensors.index.json"))
+        if index:
+            report.path = checked_regular_file(index[0], path)
+            return _inspect_sharded(report)
+        raise ValueError("a folder with neither a DCP .metadata file nor a "
+                         "*.safetensors.index.json")
+    if not os.path.lexists(path):
+        raise ValueError("no such file or folder")
+    checked_regular_file(path)
+    if path.name.endswith(".index.json"):
+        return _inspect_sharded(report)
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError("the file is empty (0 bytes); was the save interrupted?")
+    head = read_regular_file(path, 8, part=True)
+    if head[:4] == b"PK\x03\x04":
+        return _inspect_torch_zip(report)
+    if len(head) == 8 and int.from_bytes(head, "little") + 8 <= size and head[:1] != b"\x80":
+        return _inspect_safetensors(report)  # an 8-byte header length, then JSON
+    if head[:1] == b"\x80":  # a pickle (protocol 2+): the legacy torch.save format
+        return _inspect_legacy(report)
+    hint = "; the name says ONNX: read it with onnx.load (04)" if path.suffix == ".onnx" else ""
+    raise ValueError(f"not a checkpoint format this knows (starts with {head[:4]!r}){hint}")
+
+
+def _weights_only_allowed() -> frozenset:
+    """The exact (module, name) pairs torch.load(weights_only=True) accepts in this process:
+    its built-in allow-list (torch keeps it in a private module; there is no public function
+    for it) and whatever add_safe_globals / safe_globals allowed."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    names = set(_get_allowed_globals())
+    for item in torch.serialization.get_safe_globals():
+        names.add(item[1] if isinstance(item, tuple) else
+                  f"{getattr(item, '__module__', '')}.{getattr(item, '__qualname__', '')}")
+    return frozenset(tuple(name.rsplit(".", 1)) for name in names)
+
+
+def _zip_directory_bytes(path: Path) -> int:
+    """The size of a zip's central directory, read from its end record before zipfile
+    builds one object per member (zip64 included)."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        handle.seek(max(0, size - 65_557))
+        tail = handle.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < 22:
+            raise ValueError("truncated or corrupted: it starts like a torch.save archive but "
+                             "its end (the zip directory) is missing")
+        directory = struct.unpack_from("<I", tail, at + 12)[0]
+        locator = tail.rfind(b"PK\x06\x07", 0, at)
+        if directory == 0xFFFFFFFF and locator >= 0:  # zip64: the real size is elsewhere
+            handle.seek(struct.unpack_from("<Q", tail, locator + 8)[0] + 40)
+            directory = struct.unpack("<Q", handle.read(8))[0]
+    return directory
+
+
+def _inspect_torch_zip(report: Inspection) -> Callable[[], Any]:
+    """A torch.save archive: ``<name>/data.pkl`` holds the pickle, ``<name>/data/<key>``
+    the raw storages. The pickle is read with StubUnpickler, bounded before and while it is
+    decompressed; only a file judged loadable is then opened with weights_only=True (mmap:
+    the data is mapped, not read) to confirm it."""
+    report.kind = "torch.save zip archive"
+    if _zip_directory_bytes(report.path) > MAX_ZIP_DIRECTORY_BYTES:
+        raise InspectionLimit(f"a zip directory over MAX_ZIP_DIRECTORY_BYTES = "
+                              f"{MAX_ZIP_DIRECTORY_BYTES}")
+    with zipfile.ZipFile(report.path) as archive:
+        names = archive.namelist()
+        # Three kinds of zip end in .pt or .pt2, and only one is a checkpoint. A TorchScript
+        # archive (constants.pkl, code/) and a torch.export / AOTInductor package
+        # (archive_format) hold programs: say which loader opens them, instead of the
+        # obscure error torch.load would give. Decided by the members, never by the name.
+        if any(n.endswith("/archive_format") for n in names):
+            raise ValueError("a .pt2 package (torch.export.save or AOTInductor), not a "
+                             "checkpoint: open it with torch.export.load or "
+                             "torch._inductor.aoti_load_package (05 sections 3-4)")
+        if any(n.endswith("/constants.pkl") for n in names):
+            raise ValueError("a TorchScript archive (torch.jit.save), not a torch.save "
+                             "checkpoint: open it with torch.jit.load (05 section 2)")
+        pickles = [n for n in names if n.endswith("/data.pkl")]
+        if not pickles:
+            raise ValueError("a zip file, but not a torch.save archive (no data.pkl)")
+        info = archive.getinfo(min(pickles, key=len))
+        # torch.save stores members uncompressed. zipfile bounds a deflate stream's output
+        # per read, but decompresses a bzip2 or lzma chunk whole: refuse those unread.
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ValueError(f"data.pkl is compressed with zip method {info.compress_type}; "
+                             "torch.save never writes that")
+        if info.file_size > MAX_PICKLE_BYTES:  # the header's claim, before reading
+            raise InspectionLimit(f"data.pkl claims {info.file_size} bytes, over "
+                                  f"MAX_PICKLE_BYTES = {MAX_PICKLE_BYTES}")
+        chunks, total = [], 0
+        with archive.open(info) as handle:  # and the real size, while streaming
+            while chunk := handle.read(1 << 20):
+                total += len(chunk)
+                if total > MAX_PICKLE_BYTES:
+                    raise InspectionLimit(f"data.pkl decompresses past MAX_PICKLE_BYTES = "
+                                          f"{MAX_PICKLE_BYTES}")
+                chunks.append(chunk)
+    report.unpickler, report.allowed = StubUnpickler(), _weights_only_allowed()
+    _walk(report.unpickler.load(b"".join(chunks)), "", report, {})
+    return lambda: torch.load(report.path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _inspect_legacy(report: Inspection) -> Callable[[], Any]:
+    """The pre-zip format: magic number, protocol, system info, then the object's pickle,
+    then the storages' raw bytes. The four pickles are read with StubUnpickler."""
+    report.kind = "legacy torch.save file (pre-zip, before torch 1.6)"
+    data = read_regular_file(report.path, MAX_PICKLE_BYTES, part=True)
+    report.unpickler, report.allowed = StubUnpickler(), _weights_only_allowed()
+    unpickler, position = report.unpickler, 0
+    try:
+        for step in ("magic", "protocol", "system", "object"):
+            value = unpickler.load(data, position)
+            position = unpickler.end
+            if step == "magic" and value != 0x1950A86A20F9469CFC6C:  # torch's legacy magic
+                raise ValueError("a pickle, but not a torch.save file (no torch magic number)")
+    except ValueError as err:
+        if len(data) == MAX_PICKLE_BYTES and "ends early" in str(err):
+            raise InspectionLimit(f"pickles longer than MAX_PICKLE_BYTES = "
+                                  f"{MAX_PICKLE_BYTES}") from None
+        raise
+    _walk(value, "", report, {})
+    return lambda: torch.load(report.path, map_location="cpu", weights_only=True)
+
+
+def _inspect_safetensors(report: Inspection) -> None:
+    """A JSON header (its length first, as 8 little-endian bytes), then raw tensor bytes.
+    The length is checked against MAX_SAFETENSORS_HEADER before safetensors reads it."""
+    report.kind = "safetensors (no code possible: a JSON header and raw tensor bytes)"
+    report.reader = "safetensors.torch.load_file(path)"
+    header = int.from_bytes(read_regular_file(report.path, 8, part=True), "little")
+    if header > MAX_SAFETENSORS_HEADER:
+        raise InspectionLimit(f"a header of {header} bytes, over MAX_SAFETENSORS_HEADER = "
+                              f"{MAX_SAFETENSORS_HEADER}")
+    with safe_open(report.path, framework="pt") as handle:
+        for name in handle.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+            view = handle.get_slice(name)
+            code = view.get_dtype()
+            report.add_tensor(_escape(name), _shape(tuple(view.get_shape()), name),
+                              SAFETENSORS_DTYPES.get(code, _escape(code.lower(), 20)))
+        for key, value in sorted((handle.metadata() or {}).items())[:MAX_LISTED]:
+            report.add_entry(_escape(key), _short(value))
+
+
+def _inspect_sharded(report: Inspection) -> None:
+    """A model.safetensors.index.json and the shard files it names (in its folder)."""
+    # The index and the shard names come from whoever published the files: each shard must
+    # be a plain name of a regular file inside the index's folder, and the shards must hold
+    # exactly the tensors the index lists (a tensor in no shard is a broken download).
+    report.kind = "sharded safetensors (an index file and its shards)"
+    report.reader = "load_sharded_safetensors(index) (01 section 13d)"
+    index = json.loads(read_regular_file(report.path, MAX_INDEX_BYTES))
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError("an index without a \"weight_map\" object")
+    folder, names = report.path.parent, set()
+    for shard in sorted({_short(v) if not isinstance(v, str) else v
+                         for v in weight_map.values()}):
+        part = Inspection(checked_member(folder, shard))
+        _inspect_safetensors(part)
+        report.tensor_count += part.tensor_count
+        report.tensor_bytes += part.tensor_bytes
+        report.tensors += part.tensors[:MAX_LISTED - len(report.tensors)]
+        with safe_open(part.path, framework="pt") as handle:
+            names.update(handle.keys())
+    if names != set(weight_map):
+        raise ValueError(f"the index and the shards disagree on {len(names ^ set(weight_map))}"
+                         " tensor names")
+    metadata = index.get("metadata")
+    for key, value in sorted(metadata.items() if isinstance(metadata, dict) else [],
+                             key=lambda item: str(item[0]))[:MAX_LISTED]:
+        report.add_entry(_escape(str(key)), _short(value))
+
+
+# The exact (module, name) pairs a DCP .metadata written by torch's own dcp.save uses (read
+# from real ones): its dataclasses, torch.Size, the layout helper, dtypes, memory formats.
+DCP_GLOBALS = frozenset(
+    [("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")]
+    + [("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+       ("torch.distributed.checkpoint.planner", "LoadItemType"),
+       ("torch.distributed.checkpoint.planner", "WriteItemType"),
+       ("torch", "Size"), ("torch.serialization", "_get_layout"),
+       ("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")]
+    + [("torch", name) for name in ("contiguous_format", "channels_last", "preserve_format",
+                                    "channels_last_3d", *STORAGE_DTYPES.values())])
+
+
+def _inspect_dcp(report: Inspection) -> None:
+    """A torch.distributed.checkpoint folder. Its .metadata file is a PLAIN pickle, which
+    DCP's own reader (FileSystemReader.read_metadata) loads with pickle.load: a hostile
+    folder runs code there. So only StubUnpickler reads it; the keys, shapes and dtypes
+    come from the records, and no byte of it ever reaches DCP's reader."""
+    report.kind = "torch.distributed.checkpoint (DCP) folder"
+    report.reader = ("torch.distributed.checkpoint.load (its .metadata names only DCP's own "
+                     "classes)")
+    data = read_regular_file(report.path / ".metadata", MAX_PICKLE_BYTES, report.path)
+    report.unpickler, report.allowed = StubUnpickler(), DCP_GLOBALS
+    metadata = report.unpickler.load(data)
+    state = metadata.state if isinstance(metadata, Call) else None
+    items = state.get("state_dict_metadata") if isinstance(state, dict) else None
+    if not isinstance(items, dict):
+        raise ValueError(".metadata does not hold a DCP Metadata with a state_dict_metadata")
+    for name, item in list(items.items())[:MAX_OBJECTS]:
+        if not isinstance(name, str):
+            raise ValueError(f".metadata has a key that is not text: {_short(name)}")
+        fields = item.state if isinstance(item, Call) and isinstance(item.state, dict) else {}
+        if isinstance(item, Call) and item.name.endswith(".TensorStorageMetadata"):
+            properties = fields.get("properties")
+            state = properties.state if isinstance(properties, Call) else None
+            dtype = state.get("dtype") if isinstance(state, dict) else (  # __getstate__'s tuple
+                state[0] if isinstance(state, tuple) and state else None)
+            report.add_tensor(_escape(name), _shape(fields.get("size"), name),
+                              _escape(dtype.name, 30) if isinstance(dtype, Global) else "?")
+        else:
+            report.add_entry(_escape(name), "a non-tensor value (pickled bytes)")
+    if report.entries:  # default_planner.py, DefaultLoadPlanner.load_bytes
+        report.unpickler.unfollowable.append(
+            f"{len(report.entries)} non-tensor values, which dcp.load unpickles with "
+            "torch.load(weights_only=False); this inspector does not read them")
+
+
+def numpy_dtype_classes(unpickler: StubUnpickler) -> list[str]:
+    """The NumPy 2 dtype classes a file needs besides ``numpy.dtype`` itself.
+
+    ``numpy.dtype("f8")`` returns an instance of ``numpy.dtypes.Float64DType``, and
+    weights_only=True refuses to build it unless that class is allowed too; the class never
+    appears in the pickle, so get_unsafe_globals_in_checkpoint cannot list it. (Parsing a
+    dtype code like "f8" is data parsing: nothing of the file runs.)
+    """
+    return sorted({f"numpy.dtypes.{type(np.dtype(code)).__name__}"
+                   for code in unpickler.dtype_codes if re.fullmatch(r"[<>|=]?[a-zA-Z]\d*", code)})
+
+
+def safe_globals_line(names: list[str]) -> str:
+    """The lines that allow exactly ``names`` for one load: each full module path imported
+    (``import common.models``, not ``import common``), then ``safe_globals([...])``. NumPy
+    1's numpy.core.* names use the (object, "name as the file spells it") pair form, since
+    NumPy 2 renamed the module numpy._core."""
+    items, modules = [], {"torch"}
+    for name in names:
+        module, _, attribute = name.rpartition(".")
+        if module.startswith("numpy.core"):
+            module = module.replace("numpy.core", "numpy._core", 1)
+            items.append(f"({module}.{attribute}, {name!r})")
+        else:
+            items.append(name)
+        modules.add(module)
+    return (f"import {', '.join(sorted(modules))}\n"
+            "with torch.serialization.safe_globals([" + ", ".join(items) + "]):\n"
+            "    torch.load(path, map_location=\"cpu\", weights_only=True)")
+
+
+def say(text: str) -> None:
+    """Print a line whatever the console's encoding (a file name need not be UTF-8)."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
+
+
+def print_inspection(report: Inspection, limit: int = 40) -> None:
+    """The report, as --inspect prints it (one line when the input is not readable).
+
+    Read it top down: what the file is, its tensors (name, shape, dtype) and their total
+    size, the other entries (an epoch, hyper-parameters, library versions: what a pickle
+    can carry besides tensors), every global the pickle references, and the verdict. Every
+    name and value from the file is escaped, so only the inspector writes a "verdict:" line.
+    A global in the verdict is a function or class that the load would CALL with arguments
+    of the file's choosing: the question for each is "can that do harm?". For a class that
+    only stores values (argparse.Namespace) the answer is no; for os.system, exec, getattr,
+    cProfile.run it is yes, and no allow-list makes it safe. The WARNING list is a heuristic.
+    """
+    where = _escape(str(report.path), 300)
+    if report.status == 2:
+        seen = (f"; before it stopped, it saw: {'; '.join(report.dangerous)[:400]}"
+                if report.dangerous else "")
+        say(f"{where}: not readable as a checkpoint: {report.problem}{seen}")
+        return
+    say(f"{where}: {report.kind}")
+    for name, shape, dtype in report.tensors[:limit]:
+        say(f"  tensor {name:<40} {str(list(shape)):<18} {dtype}")
+    if report.tensor_count > limit:
+        say(f"  ... and {report.tensor_count - limit} more tensors")
+    say(f"  {report.tensor_count} tensors, {report.tensor_bytes / 1e6:.2f} MB")
+    for name, summary in report.entries[:limit]:
+        say(f"  entry  {name:<40} {summary}")
+    if report.globals:
+        more = f" ... and {len(report.globals) - limit} more" if len(report.globals) > limit \
+            else ""
+        say(f"  globals the pickle references: "
+            f"{', '.join(_escape(name) for name in report.globals[:limit])}{more}")
+    if report.status == 0:
+        say(f"verdict: loads as it is with {report.reader}")
+        return
+    needs = ", ".join(_escape(name) for name in report.needs[:limit]) or "no global"
+    if report.kind.startswith("torch.distributed"):
+        say(f"verdict: do not dcp.load this folder: its .metadata is a plain pickle (no "
+            f"allow-list applies) and names, besides DCP's own classes: {needs}")
+    else:
+        say(f"verdict: weights_only=True refuses it as it is; review each global it needs "
+            f"(the load would call it with arguments the file chooses): {needs}")
+    if report.refused_opcodes:
+        say(f"  it also uses opcodes weights_only=True never executes, whatever you allow: "
+            f"{', '.join(report.refused_opcodes)}")
+    for danger in report.dangerous:
+        say(f"WARNING: {danger}: do NOT allow it; this file may be malicious")
+    if report.dangerous:
+        say("(the WARNING list is a heuristic: a global without one may still run code)")
+    elif not report.refused_opcodes and not report.kind.startswith("torch.distributed"):
+        say("if, after reviewing each, you trust them, allow exactly these for this one "
+            "load:\n" + safe_globals_line(report.needs))
+
+
 # %% 13. Files you did not write: inspect first, allow exactly what is needed, convert once
 # Downloaded checkpoints hit weights_only=True (the default since torch 2.6) with errors like
 # "Unsupported global: GLOBAL argparse.Namespace" or "...numpy.core.multiarray._reconstruct".
@@ -1863,6 +2342,62 @@ if in_notebook():
 # transformers write it). save_sharded_safetensors / load_sharded_safetensors above do it
 # with the safetensors API alone. The index is data from the internet too: a shard name
 # like "../x" is refused, and a tensor missing from the shards is an error, not a silence.
+
+
+def save_sharded_safetensors(state_dict: Mapping[str, torch.Tensor], folder: str | Path,
+                             max_shard_bytes: int = 5_000_000_000) -> Path:
+    """Write ``state_dict`` as Hugging Face's sharded layout; return the index file's path.
+
+    Shards ``model-00001-of-0000N.safetensors`` (a new one when the next tensor would pass
+    ``max_shard_bytes``) and ``model.safetensors.index.json``:
+    ``{"metadata": {"total_size": bytes}, "weight_map": {tensor name: shard file}}``.
+    """
+    # Tensors go into shards in state_dict order, so a layer's weights stay together and a
+    # loader that streams shards sees them in the order the model declares them.
+    folder = Path(folder)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    for name, tensor in state_dict.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and sum(t.numel() * t.element_size() for t in shards[-1].values()
+                              ) + size > max_shard_bytes:
+            shards.append({})
+        shards[-1][name] = tensor.detach().cpu().contiguous()
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / file)
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                indent=2) + "\n")
+    return index
+
+
+def load_sharded_safetensors(index: str | Path) -> dict[str, torch.Tensor]:
+    """Read a sharded safetensors checkpoint through its index file, checked.
+
+    Every shard the index names must be a plain file name of a regular file inside the
+    index's folder, symlinks resolved (an index is data, and "../x" or a link would reach
+    elsewhere), and every tensor it lists must be in its shard.
+    """
+    index = Path(index)
+    try:
+        weight_map = json.loads(read_regular_file(index, 64 * 2**20))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
+        raise CheckpointLoadError(f"{index}: not an index file ({type(err).__name__})") from None
+    state: dict[str, torch.Tensor] = {}
+    for file in shards:
+        if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
+            raise CheckpointLoadError(f"{index}: refuses the shard name {file!r}: only plain "
+                                      "file names in the index's folder")
+        state.update(load_file(checked_regular_file(index.parent / file, index.parent)))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise CheckpointLoadError(f"{index}: {len(missing)} tensors are missing from their "
+                                  f"shards: {', '.join(missing[:4])}")
+    return {name: state[name] for name in weight_map}
 
 
 def lesson_13d_sharded(run: Run) -> dict:
