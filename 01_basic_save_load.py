@@ -1956,7 +1956,7 @@ def _inspect_torch_zip(report: Inspection) -> Callable[[], Any]:
                 chunks.append(chunk)
     report.unpickler, report.allowed = StubUnpickler(), _weights_only_allowed()
     _walk(report.unpickler.load(b"".join(chunks)), "", report, {})
-    return lambda: torch.load(report.path, map_location="cpu", weights_only=True, mmap=True)
+    return lambda: _confirm_load(report.path, mmap=True)
 
 
 def _inspect_legacy(report: Inspection) -> Callable[[], Any]:
@@ -1978,7 +1978,19 @@ def _inspect_legacy(report: Inspection) -> Callable[[], Any]:
                                   f"{MAX_PICKLE_BYTES}") from None
         raise
     _walk(value, "", report, {})
-    return lambda: torch.load(report.path, map_location="cpu", weights_only=True)
+    return lambda: _confirm_load(report.path, mmap=False)
+
+
+def _confirm_load(path: Path, mmap: bool) -> None:
+    """torch.load(weights_only=True) of a file StubUnpickler judged loadable. torch's file
+    reader needs a UTF-8 path: a name that is not (Linux allows any bytes) goes as a handle."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        with path.open("rb") as handle:
+            torch.load(handle, map_location="cpu", weights_only=True)
+        return
+    torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _inspect_safetensors(report: Inspection) -> None:
@@ -2056,6 +2068,8 @@ def _inspect_dcp(report: Inspection) -> None:
     data = read_regular_file(report.path / ".metadata", MAX_PICKLE_BYTES, report.path)
     report.unpickler, report.allowed = StubUnpickler(), DCP_GLOBALS
     metadata = report.unpickler.load(data)
+    if any(key not in DCP_GLOBALS for key in report.unpickler.globals):
+        return  # names outside DCP's own: the verdict lists them, whatever the structure
     state = metadata.state if isinstance(metadata, Call) else None
     items = state.get("state_dict_metadata") if isinstance(state, dict) else None
     if not isinstance(items, dict):
