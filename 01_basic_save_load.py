@@ -448,7 +448,9 @@ if in_notebook():
 # "rng" holds every generator (common.training.capture_rng_state: Python's, NumPy's, torch's,
 # each GPU's and the loader's; 02 shows it line by line).
 # Below: 3 epochs straight through, saving after epoch 2; then fresh objects (another seed,
-# to prove everything comes from the file) resume from that checkpoint and finish.
+# to prove everything comes from the file) resume from that checkpoint and finish. On CUDA a
+# bit-exact comparison also needs deterministic kernels (Conv2d's backward is not by
+# default): the lesson runs inside deterministic_algorithms(), which restores them after.
 
 
 def build_for_resume(run: Run, seed: int) -> tuple:
@@ -461,6 +463,32 @@ def build_for_resume(run: Run, seed: int) -> tuple:
     return model, optimizer, scheduler, train_loader
 
 
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Deterministic kernels inside the block, the previous settings restored after it.
+
+    On a CPU these lessons are bit-exact as they are. On CUDA, Conv2d's backward picks
+    cuDNN algorithms that add in a varying order (atomics), so two identical runs can
+    differ in the last bits: bit-exact resume there needs cudnn.deterministic=True,
+    cudnn.benchmark=False and torch.use_deterministic_algorithms(True), and cuBLAS needs
+    CUBLAS_WORKSPACE_CONFIG=":4096:8" (PyTorch's reproducibility notes).
+    """
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+                os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2:4]
+        if previous[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 def lesson_4_general_checkpoint(run: Run) -> dict:
     """Train 3 epochs saving at epoch 2; resume fresh objects from it; compare weights.
 
@@ -469,30 +497,32 @@ def lesson_4_general_checkpoint(run: Run) -> dict:
     learning rate (halved each epoch) and the shuffle order of the third epoch.
     """
     run.section("4. Method 3: a general checkpoint, and resuming from it")
-    epochs, save_after = 3, 2
-    model, optimizer, scheduler, loader = build_for_resume(run, run.seed)
-    path = run.path(f"checkpoint_epoch{save_after:03d}.pt")
-    for epoch in range(epochs):
-        loss = train_one_epoch(model, loader, optimizer, run.device, scheduler)
-        if epoch + 1 == save_after:
-            torch.save({"epoch": epoch + 1, "model": model.state_dict(),  # epoch: the NEXT one
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "metrics": {"train_loss": loss},
-                        "rng": capture_rng_state(loader.generator)}, path)
-            run.artifact("checkpoint", path)
-    resumed, optimizer2, scheduler2, loader2 = build_for_resume(run, run.seed + 100)
-    checkpoint = torch.load(path, map_location=run.device, weights_only=True)
-    resumed.load_state_dict(checkpoint["model"])
-    optimizer2.load_state_dict(checkpoint["optimizer"])
-    scheduler2.load_state_dict(checkpoint["scheduler"])
-    restore_rng_state(checkpoint["rng"], loader2.generator)
-    print(f"  resuming at epoch {checkpoint['epoch']} "
-          f"(saved train_loss {checkpoint['metrics']['train_loss']:.4f}, "
-          f"lr now {scheduler2.get_last_lr()[0]:.4f})")
-    for _ in range(checkpoint["epoch"], epochs):
-        train_one_epoch(resumed, loader2, optimizer2, run.device, scheduler2)
-    diff = max_abs_diff(model.state_dict(), resumed.state_dict())
-    print(f"  straight run vs save-at-epoch-2-then-resume, final weights: max |diff| = {diff}")
+    with deterministic_algorithms():  # Conv2d's CUDA backward is not, by default
+        epochs, save_after = 3, 2
+        model, optimizer, scheduler, loader = build_for_resume(run, run.seed)
+        path = run.path(f"checkpoint_epoch{save_after:03d}.pt")
+        for epoch in range(epochs):
+            loss = train_one_epoch(model, loader, optimizer, run.device, scheduler)
+            if epoch + 1 == save_after:
+                torch.save({"epoch": epoch + 1, "model": model.state_dict(),  # the NEXT epoch
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "metrics": {"train_loss": loss},
+                            "rng": capture_rng_state(loader.generator)}, path)
+                run.artifact("checkpoint", path)
+        resumed, optimizer2, scheduler2, loader2 = build_for_resume(run, run.seed + 100)
+        checkpoint = torch.load(path, map_location=run.device, weights_only=True)
+        resumed.load_state_dict(checkpoint["model"])
+        optimizer2.load_state_dict(checkpoint["optimizer"])
+        scheduler2.load_state_dict(checkpoint["scheduler"])
+        restore_rng_state(checkpoint["rng"], loader2.generator)
+        print(f"  resuming at epoch {checkpoint['epoch']} "
+              f"(saved train_loss {checkpoint['metrics']['train_loss']:.4f}, "
+              f"lr now {scheduler2.get_last_lr()[0]:.4f})")
+        for _ in range(checkpoint["epoch"], epochs):
+            train_one_epoch(resumed, loader2, optimizer2, run.device, scheduler2)
+        diff = max_abs_diff(model.state_dict(), resumed.state_dict())
+        print(f"  straight run vs save-at-epoch-2-then-resume, final weights: max |diff| = {diff}")
     return {"resume_max_abs_diff": diff}
 
 
@@ -849,11 +879,24 @@ if in_notebook():
 #      with safe_open(path, framework="pt") as f: f.metadata(), f.get_tensor(name)
 
 
+def timing_word(first_ms: float, second_ms: float, second_name: str) -> str:
+    """The comparison a sentence may make of two medians, chosen by the figures: within a
+    factor of 1.5 is "the same order"; otherwise which one is faster, and by how much."""
+    ratio = first_ms / second_ms if second_ms > 0 else math.inf
+    if 1 / 1.5 <= ratio <= 1.5:
+        return f"the same order (ratio {ratio:.2f})"
+    if ratio > 1.5:
+        return f"{second_name} is {ratio:.1f}x faster"
+    return f"{second_name} is {1 / ratio:.1f}x slower"
+
+
 def lesson_8_safetensors(run: Run) -> dict:
     """Save one state_dict both ways; compare content, metadata, size and load time.
 
-    The sizes are close (both are raw tensor bytes plus a small header); the load times are
-    of the same order here, and safetensors' real advantage is that loading it runs no code.
+    The sizes are close (both are raw tensor bytes plus a small header). load_file maps the
+    file and defers reading the bytes until a tensor is used, so the load is timed together
+    with a first use (a sum over every tensor); safetensors' real advantage is that loading
+    it runs no code.
     """
     run.section("8. safetensors: a format that cannot run code")
     state_dict = MLP(256, 1024, 10).state_dict()
@@ -868,11 +911,15 @@ def lesson_8_safetensors(run: Run) -> dict:
     print(f"  reloaded: max |diff| = {diff}; metadata = {metadata}")
     pt_bytes, st_bytes = pt_path.stat().st_size, st_path.stat().st_size
     print(f"  size: torch.save {format_bytes(pt_bytes)} vs safetensors {format_bytes(st_bytes)}")
-    torch_time = benchmark(lambda: torch.load(pt_path, map_location="cpu", weights_only=True),
-                           warmup=2, repeats=15)
-    st_time = benchmark(lambda: load_file(st_path, device="cpu"), warmup=2, repeats=15)
-    print(f"  load time ({torch.get_num_threads()} threads): torch.load {torch_time}  vs  "
-          f"safetensors load_file {st_time}")
+    def use(state: dict) -> float:  # touches every byte: the deferred reads happen here
+        return sum(float(tensor.sum()) for tensor in state.values())
+
+    torch_time = benchmark(lambda: use(torch.load(pt_path, map_location="cpu",
+                                                  weights_only=True)), warmup=2, repeats=15)
+    st_time = benchmark(lambda: use(load_file(st_path, device="cpu")), warmup=2, repeats=15)
+    print(f"  load + first use ({torch.get_num_threads()} threads): torch.load {torch_time}  "
+          f"vs  safetensors load_file {st_time}: "
+          f"{timing_word(torch_time.median_ms, st_time.median_ms, 'safetensors')}")
     return {"safetensors_max_abs_diff": diff, "torch_save_bytes": pt_bytes,
             "safetensors_bytes": st_bytes,
             "torch_load_median_ms": round(torch_time.median_ms, 3),
@@ -1104,7 +1151,30 @@ if in_notebook():
 # train() vs eval() differs through both.
 # Call model.eval() before validation, export or inference; model.train() before training.
 # torch.no_grad() and torch.inference_mode() switch off autograd (less memory, faster);
-# inference_mode goes further, and its tensors can never enter autograd later.
+# inference_mode goes further: its tensors carry no version counter, so autograd may use one
+# only where it need not save it for backward. `(frozen + w).sum().backward()` works (an
+# addition saves nothing); `frozen * w` (the product saves `frozen` for w's gradient) and an
+# in-place update of `frozen` outside inference_mode fail. Both are shown below.
+
+
+def inference_tensor_in_autograd(frozen: torch.Tensor) -> dict[str, str]:
+    """Three uses of a tensor made under inference_mode, each run: "works" or the error.
+
+    ``frozen + w`` saves nothing for backward and works; ``frozen * w`` must save ``frozen``
+    (w's gradient is ``frozen``) and fails; so does an in-place update outside the mode.
+    """
+    weight = torch.ones_like(frozen, requires_grad=True)
+    steps = {"add (t + w).sum().backward()": lambda: (frozen + weight).sum().backward(),
+             "multiply (t * w).sum().backward()": lambda: (frozen * weight).sum().backward(),
+             "in-place t.add_(1) outside inference_mode": lambda: frozen.add_(1)}
+    outcomes = {}
+    for label, step in steps.items():
+        try:
+            step()
+            outcomes[label] = "works"
+        except RuntimeError as err:
+            outcomes[label] = first_line(err)[:80]
+    return outcomes
 
 
 def lesson_11_train_vs_eval(run: Run, model: nn.Module, inputs: torch.Tensor) -> dict:
@@ -1135,12 +1205,13 @@ def lesson_11_train_vs_eval(run: Run, model: nn.Module, inputs: torch.Tensor) ->
     print(f"  requires_grad: no_grad {plain.requires_grad}, inference_mode "
           f"{frozen.requires_grad}; is_inference(): {plain.is_inference()}, "
           f"{frozen.is_inference()}")
-    try:
-        (frozen * torch.ones_like(frozen, requires_grad=True)).sum().backward()
-    except RuntimeError as err:
-        print(f"  an inference tensor used in autograd: {first_line(err)}")
+    autograd = inference_tensor_in_autograd(frozen)
+    for label, outcome in autograd.items():
+        print(f"  an inference tensor, {label}: {outcome}")
     return {"train_mode_repeat_diff": train_diff, "eval_mode_repeat_diff": eval_diff,
-            "train_vs_eval_diff": train_vs_eval, "batchnorm_running_mean_change": bn_changed}
+            "train_vs_eval_diff": train_vs_eval, "batchnorm_running_mean_change": bn_changed,
+            **{f"inference_{label.split()[0]}_works": outcome == "works"
+               for label, outcome in autograd.items()}}
 
 
 if in_notebook():
@@ -1151,7 +1222,9 @@ if in_notebook():
 # torch.load's own errors for bad files say little, and for a file that is not a checkpoint
 # they are arbitrary: the unpickler reads its first bytes as opcodes, so "hello" gives
 # "KeyError: 101", other texts IndexError, EOFError or UnpicklingError. An empty file gives a
-# bare EOFError, a truncated one "failed finding central directory", and
+# bare EOFError, a truncated one a zip-reader error that depends on where the cut falls
+# (measured on torch 2.14.1: "failed finding central directory" or "OSError: [Errno 22]
+# Invalid argument"; the lesson prints the one it meets), and
 # load_state_dict reports mismatches only after a long traceback. load_weights() above turns
 # each into one line naming the file and the cause, and checks keys and shapes BEFORE copying,
 # so a failed load leaves the model untouched. It only reads files, never writes or deletes.
@@ -1193,6 +1266,11 @@ def lesson_12_bad_input(run: Run, state_dict_path: Path) -> dict:
         except CheckpointLoadError as err:
             clear += str(path) in str(err)
             print(f"  CheckpointLoadError: {str(err).replace(str(folder) + os.sep, '')}")
+    try:  # what torch.load itself says about the half file, for comparison
+        torch.load(folder / "truncated.pt", map_location="cpu", weights_only=True)
+    except Exception as err:
+        print(f"  (torch.load's own error for truncated.pt: {type(err).__name__}: "
+              f"{first_line(err)[:70]})")
     unchanged = max_abs_diff(before, model.state_dict())
     print(f"  {clear}/{len(cases)} errors name the file; the model after all failed loads: "
           f"max |diff| = {unchanged}; payload ran: {(folder / 'PAYLOAD_RAN.txt').exists()}")
@@ -2254,8 +2332,10 @@ if in_notebook():
 # classes, so weights_only=True refuses it. If you trust the file, convert it ONCE, in a
 # separate process: the child unpickles it (weights_only=False, its classes importable) and
 # writes safetensors with safetensors.torch.save_model; your own process only ever reads
-# the safetensors file. If the pickle was hostile, the damage stays in a process you can
-# also sandbox (a container, a user without your credentials).
+# the safetensors file. A child process alone isolates nothing: it runs as you, with your
+# environment, files and credentials, so a hostile pickle can do there all it could do
+# here. What isolates it is running the child in a container or as an unprivileged user
+# without access to your files and network; trust the file first, or do that.
 
 
 CONVERT_CHILD = r"""

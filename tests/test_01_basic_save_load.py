@@ -36,9 +36,16 @@ def test_load_weights_round_trip_and_checkpoint_dict(saved, tmp_path):
     target = lesson.load_weights(SmallCNN(), path)
     assert all(torch.equal(a, b) for a, b in
                zip(model.state_dict().values(), target.state_dict().values(), strict=True))
+    # A {"model": ..., "epoch": 3} checkpoint: its weights (not the fresh model's) end up in it.
+    torch.manual_seed(1)
+    source = SmallCNN()
     wrapped = tmp_path / "checkpoint.pt"
-    torch.save({"model": model.state_dict(), "epoch": 3}, wrapped)
-    lesson.load_weights(SmallCNN(), wrapped)
+    torch.save({"model": source.state_dict(), "epoch": 3}, wrapped)
+    fresh = SmallCNN()
+    assert lesson.max_abs_diff(fresh.state_dict(), source.state_dict()) > 0
+    loaded = lesson.load_weights(fresh, wrapped)
+    assert loaded is fresh
+    assert lesson.max_abs_diff(fresh.state_dict(), source.state_dict()) == 0.0
 
 
 def test_missing_and_empty_files(tmp_path):
@@ -130,10 +137,14 @@ def test_cuda_tagged_checkpoint_needs_map_location_on_cpu(tmp_path):
 
 
 def inspect(path, capsys) -> tuple[int, str]:
-    """Run `01_basic_save_load.py --inspect PATH` in this process: (exit status, output)."""
+    """Run `01_basic_save_load.py --inspect PATH` in this process: (exit status, output).
+
+    Whatever the input, nothing goes to stderr and no traceback is printed."""
     with pytest.raises(SystemExit) as exited:
         lesson.main(["--inspect", str(path)])
-    return exited.value.code, capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.err == "" and "Traceback" not in captured.out, captured.err[-2000:]
+    return exited.value.code, captured.out
 
 
 class WritesAFile:
