@@ -32,7 +32,8 @@ Run it:   python 01_basic_save_load.py [--device cpu|cuda] [--out-dir DIR] [--se
           python 01_basic_save_load.py --inspect PATH   describes any checkpoint (torch.save
           zip or legacy, .safetensors, a sharded folder or its index.json, a DCP folder)
           without running code from it, writes nothing, and exits 0 (loads as it is),
-          1 (needs globals: it prints them and the safe_globals line) or 2 (unreadable).
+          1 (refused as it is: it lists every global to review) or 2 (unreadable, or
+          past a named limit).
           As a notebook: run the cells top to bottom from the project folder (jupytext,
           VS Code, PyCharm); flags go in the LESSON_ARGS environment variable.
 Takes:    about 11 s on a 2-core CPU (three child processes; two load a ~270 MB file).
@@ -147,7 +148,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Any:
         if unsafe:
             raise CheckpointLoadError(
                 f"{path}: refused by weights_only=True: it references {unsafe.group(1)}, which "
-                "can run code when unpickled; load it only if you trust where it came from"
+                "torch.load would call with arguments the file chooses; review what it does "
+                "before allowing it (01 --inspect lists every such global)"
             ) from err
         raise CheckpointLoadError(
             f"{path}: not a PyTorch checkpoint (torch.load failed with "
@@ -1423,17 +1425,80 @@ class Storage:
 WEIGHTS_ONLY_OPCODES = frozenset(b"c\x81Rbaesu(t\x85\x86\x87N\x88\x89)]}\x8fJKMGXUQhjqr\x8a\x80.")
 
 
-class StubUnpickler:
-    """Reads a pickle (protocols 0 to 5) into Global/Call/Storage records; runs nothing.
+_NOT_A_CONSTANT = object()
 
-    A pickle is a program for a small stack machine: push values, look up a global, call it,
-    store into the memo. This machine does every step except the dangerous ones: a global
-    is recorded, never imported; a call is recorded, never made. Every resource is bounded
-    (MAX_OPCODES, MAX_OBJECTS, MAX_MEMO, MAX_DEPTH, MAX_GLOBALS). ``load(data, start)``
-    reads one pickle from ``data`` at ``start`` and returns its object; ``end`` is where
-    it stopped. ``globals`` maps each (module, name) to its record, first seen first;
-    ``unfollowable`` describes constructs it cannot follow (a call of a call's result, an
-    extension code); ``opcodes`` is the set of opcodes seen.
+
+class _OpcodeReader:
+    """The byte side of StubUnpickler: reads opcodes and their arguments from ``data``,
+    never past its end, and decodes the opcodes that push a plain value (numbers, text,
+    bytes, None, booleans): no global, no call, nothing to stub."""
+
+    def __init__(self, data: bytes, start: int) -> None:
+        self.data, self.view, self.pos = data, memoryview(data), start
+
+    def opcode(self) -> int:
+        if self.pos >= len(self.data):
+            raise ValueError("the pickle ends early (no STOP opcode; truncated?)")
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def take(self, count: int) -> bytes:
+        if count < 0 or self.pos + count > len(self.data):
+            raise ValueError("the pickle ends early (truncated?)")
+        self.pos += count
+        return bytes(self.view[self.pos - count:self.pos])
+
+    def line(self) -> bytes:
+        """A protocol-0 argument: text up to a newline (at most 1 MB of it)."""
+        end = self.data.find(b"\n", self.pos, min(len(self.data), self.pos + 1_000_000))
+        if end < 0:
+            raise ValueError("a text opcode without its newline (truncated?)")
+        text, self.pos = bytes(self.view[self.pos:end]), end + 1
+        return text
+
+    def number(self, kind: str, width: int) -> int:
+        return int.from_bytes(self.take(width), "little", signed=kind == "s")
+
+    def constant(self, op: int) -> Any:  # noqa: C901 - one branch per opcode
+        """The value a constant opcode pushes, or _NOT_A_CONSTANT for any other opcode."""
+        char = chr(op)
+        if char in "NK":  # NONE, BININT1
+            return None if char == "N" else self.take(1)[0]
+        if op in (0x88, 0x89):  # NEWTRUE, NEWFALSE
+            return op == 0x88
+        if char in "JM":  # BININT (signed, 4 bytes), BININT2
+            return self.number("s", 4) if char == "J" else self.number("u", 2)
+        if op in (0x8A, 0x8B):  # LONG1, LONG4: the digits' length, then the digits
+            length = self.number("u", 1) if op == 0x8A else self.number("s", 4)
+            return int.from_bytes(self.take(length), "little", signed=True)
+        if char == "G":  # BINFLOAT
+            return struct.unpack(">d", self.take(8))[0]
+        if char in "IL":  # INT, LONG (text; int() refuses more than 4,300 digits)
+            text = self.line().rstrip(b"L")
+            return {b"00": False, b"01": True}[text] if text in (b"00", b"01") else int(text)
+        if char == "F":  # FLOAT (text)
+            return float(self.line())
+        if char in "XUTCB" or op in (0x8C, 0x8D, 0x8E, 0x96):  # text and bytes, sized
+            width = {"X": 4, "U": 1, "T": 4, "C": 1, "B": 4, "\x8c": 1}.get(char, 8)
+            raw = self.take(self.number("u", width))
+            if char == "X" or op in (0x8C, 0x8D):  # BINUNICODE, SHORT_/BINUNICODE8
+                return raw.decode("utf-8", "surrogatepass")
+            # SHORT_BINSTRING, BINSTRING are Python 2 str (latin-1); the rest are bytes
+            return raw.decode("latin-1") if char in "UT" else raw
+        if char == "S":  # STRING (text, quoted)
+            text = self.line()
+            if len(text) < 2 or text[:1] != text[-1:] or text[:1] not in b"'\"":
+                raise ValueError("a STRING opcode without quotes")
+            return codecs.escape_decode(text[1:-1])[0].decode("latin-1")
+        if char == "V":  # UNICODE (text)
+            return self.line().decode("raw-unicode-escape")
+        return _NOT_A_CONSTANT
+
+
+class PickleRecords:
+    """The records side of StubUnpickler: each global met, as a Global (linear time: a dict
+    keyed by (module, name)); each call, as a Call; every object counted against its limit;
+    constructs it cannot follow described in ``unfollowable``; opcodes seen in ``opcodes``.
     """
 
     def __init__(self) -> None:
@@ -1482,26 +1547,27 @@ class StubUnpickler:
             self.dtype_codes.add(args[0][:8])
         return self._new(Call(func, args, opcode))
 
+
+class StubUnpickler(PickleRecords):
+    """Reads a pickle (protocols 0 to 5) into Global/Call/Storage records; runs nothing.
+
+    A pickle is a program for a small stack machine: push values, look up a global, call it,
+    store into the memo. This machine does every step except the dangerous ones: a global
+    is recorded, never imported; a call is recorded, never made. Every resource is bounded
+    (MAX_OPCODES, MAX_OBJECTS, MAX_MEMO, MAX_DEPTH, MAX_GLOBALS). ``load(data, start)``
+    reads one pickle from ``data`` at ``start`` and returns its object; ``end`` is where
+    it stopped. ``globals`` maps each (module, name) to its record, first seen first;
+    ``unfollowable`` describes constructs it cannot follow (a call of a call's result, an
+    extension code); ``opcodes`` is the set of opcodes seen.
+    """
+
     def load(self, data: bytes, start: int = 0) -> Any:  # noqa: C901 - one branch per opcode
+        """Run the pickle that starts at ``data[start]`` up to its STOP; return its object."""
         stack: list[Any] = []
         marks: list[list[Any]] = []
         memo: dict[int, Any] = {}
-        view, pos, size = memoryview(data), start, len(data)
-
-        def take(count: int) -> bytes:
-            nonlocal pos
-            if count < 0 or pos + count > size:
-                raise ValueError("the pickle ends early (truncated?)")
-            pos += count
-            return bytes(view[pos - count:pos])
-
-        def line() -> bytes:
-            nonlocal pos
-            end = data.find(b"\n", pos, min(size, pos + 1_000_000))
-            if end < 0:
-                raise ValueError("a text opcode without its newline (truncated?)")
-            text, pos = bytes(view[pos:end]), end + 1
-            return text
+        reader = _OpcodeReader(data, start)
+        take, line, number = reader.take, reader.line, reader.number
 
         def pop_mark() -> list[Any]:
             nonlocal stack
@@ -1515,25 +1581,20 @@ class StubUnpickler:
             if len(stack) > MAX_OBJECTS:
                 raise InspectionLimit(f"more than MAX_OBJECTS = {MAX_OBJECTS} on the stack")
 
-        def number(fmt: str, width: int) -> int:
-            return int.from_bytes(take(width), "little", signed=fmt == "s")
-
         while True:
-            if pos >= size:
-                raise ValueError("the pickle ends early (no STOP opcode; truncated?)")
-            op = data[pos]
-            pos += 1
+            op = reader.opcode()
             self.count += 1
             if self.count > MAX_OPCODES:
                 raise InspectionLimit(f"more than MAX_OPCODES = {MAX_OPCODES} instructions")
             self.opcodes.add(op)
             char = chr(op)
-            if op == 0x80:  # PROTO
-                take(1)
-            elif op == 0x95:  # FRAME: a length hint only
-                take(8)
+            value = reader.constant(op)  # None, a number, a text, bytes: no stub needed
+            if value is not _NOT_A_CONSTANT:
+                push(self._new(value) if isinstance(value, (str, bytes)) else value)
+            elif op in (0x80, 0x95):  # PROTO, FRAME (a length hint only)
+                take(1 if op == 0x80 else 8)
             elif char == ".":  # STOP
-                self.end = pos
+                self.end = reader.pos
                 if not stack:
                     raise ValueError("STOP with an empty stack")
                 return stack.pop()
@@ -1551,41 +1612,6 @@ class StubUnpickler:
                 pop_mark()
             elif char == "2":  # DUP
                 push(stack[-1])
-            elif char in "NK":  # NONE, BININT1
-                push(None if char == "N" else take(1)[0])
-            elif op in (0x88, 0x89):  # NEWTRUE, NEWFALSE
-                push(op == 0x88)
-            elif char == "J":  # BININT
-                push(number("s", 4))
-            elif char == "M":  # BININT2
-                push(number("u", 2))
-            elif op in (0x8A, 0x8B):  # LONG1, LONG4
-                length = number("u", 1) if op == 0x8A else number("s", 4)
-                push(int.from_bytes(take(length), "little", signed=True))
-            elif char == "G":  # BINFLOAT
-                push(struct.unpack(">d", take(8))[0])
-            elif char in "IL":  # INT, LONG (text)
-                text = line().rstrip(b"L")
-                push({b"00": False, b"01": True}.get(text) if text in (b"00", b"01")
-                     else int(text))
-            elif char == "F":  # FLOAT (text)
-                push(float(line()))
-            elif char in "XUTCB" or op in (0x8C, 0x8D, 0x8E, 0x96):  # text and bytes
-                width = {"X": 4, "U": 1, "T": 4, "C": 1, "B": 4, "\x8c": 1}.get(char, 8)
-                raw = take(number("u", width))
-                if char == "X" or op in (0x8C, 0x8D):  # BINUNICODE, SHORT_/BINUNICODE8
-                    push(self._new(raw.decode("utf-8", "surrogatepass")))
-                elif char in "UT":  # SHORT_BINSTRING, BINSTRING: Python 2 str (latin-1)
-                    push(self._new(raw.decode("latin-1")))
-                else:  # SHORT_BINBYTES, BINBYTES, BINBYTES8, BYTEARRAY8
-                    push(self._new(raw))
-            elif char == "S":  # STRING (text, quoted)
-                text = line()
-                if len(text) < 2 or text[:1] != text[-1:] or text[:1] not in b"'\"":
-                    raise ValueError("a STRING opcode without quotes")
-                push(self._new(codecs.escape_decode(text[1:-1])[0].decode("latin-1")))
-            elif char == "V":  # UNICODE (text)
-                push(self._new(line().decode("raw-unicode-escape")))
             elif char in ")]}" or op == 0x8F:  # EMPTY_TUPLE / LIST / DICT / SET
                 push(self._new({")": (), "]": [], "}": {}}.get(char, set())
                                if op != 0x8F else set()))
@@ -1683,7 +1709,8 @@ class StubUnpickler:
                 if op == 0x97:
                     push(None)
             else:
-                raise ValueError(f"an unknown pickle opcode {bytes([op])!r} at byte {pos - 1}")
+                raise ValueError(f"an unknown pickle opcode {bytes([op])!r} at byte "
+                                 f"{reader.pos - 1}")
 
 
 OPCODE_NAMES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
@@ -2242,13 +2269,15 @@ def print_inspection(report: Inspection, limit: int = 40) -> None:
     if report.status == 0:
         say(f"verdict: loads as it is with {report.reader}")
         return
-    needs = ", ".join(_escape(name) for name in report.needs[:limit]) or "no global"
+    shown = max(limit, 40)  # the verdict lists what needs review, even in a short report
+    needs = ", ".join(_escape(name) for name in report.needs[:shown]) + (
+        f" ... and {len(report.needs) - shown} more" if len(report.needs) > shown else "")
     if report.kind.startswith("torch.distributed"):
         say(f"verdict: do not dcp.load this folder: its .metadata is a plain pickle (no "
-            f"allow-list applies) and names, besides DCP's own classes: {needs}")
+            f"allow-list applies) and names, besides DCP's own classes: {needs or 'none'}")
     else:
         say(f"verdict: weights_only=True refuses it as it is; review each global it needs "
-            f"(the load would call it with arguments the file chooses): {needs}")
+            f"(the load would call it with arguments the file chooses): {needs or 'none'}")
     if report.refused_opcodes:
         say(f"  it also uses opcodes weights_only=True never executes, whatever you allow: "
             f"{', '.join(report.refused_opcodes)}")
@@ -2266,10 +2295,14 @@ def print_inspection(report: Inspection, limit: int = 40) -> None:
 # "Unsupported global: GLOBAL argparse.Namespace" or "...numpy.core.multiarray._reconstruct".
 # Do not answer with weights_only=False: first LOOK at the file without running it:
 #   python 01_basic_save_load.py --inspect PATH
-# prints every tensor, the other entries, every global the pickle references (reading it
-# with an unpickler whose find_class never imports anything) and a verdict; its exit status
-# is 0 (loads as it is), 1 (needs globals: it prints the safe_globals line that allows
-# exactly those, or a WARNING when one can run code, like os.system) or 2 (unreadable).
+# prints every tensor, the other entries, every global the pickle references (read by
+# StubUnpickler, the cell above: its own bounded pickle machine, which never imports or
+# calls anything) and a verdict; its exit status is 0 (loads as it is), 1 (weights_only
+# refuses it: every global it needs is listed for review, with a WARNING on those known to
+# run code, like os.system, and the safe_globals line only when none is) or 2 (unreadable,
+# or past one of the MAX_* limits). The WARNING list is a heuristic: no list of dangerous
+# names is complete, so a global without a WARNING is unreviewed, not harmless. The same
+# command checks a DCP folder before dcp.load runs its .metadata pickle.
 # Below, a Lightning-style checkpoint: hyper-parameters as an argparse.Namespace, a NumPy
 # scalar and array beside the state_dict. We inspect it, load it once with exactly the
 # globals it needs, and convert it into a clean state_dict (safetensors) + a JSON config,

@@ -241,8 +241,8 @@ def test_a_hostile_index_or_dcp_metadata_is_refused_and_runs_nothing(tmp_path, c
     (tmp_path / "dcp").mkdir()
     with (tmp_path / "dcp" / ".metadata").open("wb") as handle:
         pickle.dump(WritesAFile(marker), handle)  # DCP's own reader would run this
-    status, out = inspect(tmp_path / "dcp", capsys)  # not a Metadata: unreadable, danger named
-    assert status == 2 and "posix.system can run code" in out and not marker.exists()
+    status, out = inspect(tmp_path / "dcp", capsys)
+    assert status == 1 and "WARNING: posix.system can run code" in out and not marker.exists()
 
 
 @pytest.mark.parametrize(("content", "cause"), [
@@ -283,3 +283,18 @@ def test_inspect_from_the_command_line_writes_nothing(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "loads as it is" in done.stdout and not out_dir.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_the_timing_word_turns_with_the_figures():
+    assert lesson.timing_word(0.84, 0.09, "safetensors").startswith("safetensors is 9.3x faster")
+    assert lesson.timing_word(0.09, 0.84, "safetensors").startswith("safetensors is 9.3x slower")
+    assert lesson.timing_word(1.0, 1.2, "safetensors").startswith("the same order")
+
+
+def test_an_inference_tensor_enters_autograd_only_where_nothing_is_saved():
+    with torch.inference_mode():
+        frozen = torch.randn(3)
+    outcomes = list(lesson.inference_tensor_in_autograd(frozen).values())
+    assert outcomes[0] == "works"
+    assert "cannot be saved for backward" in outcomes[1]
+    assert "Inplace update to inference tensor" in outcomes[2]
