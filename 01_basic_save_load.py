@@ -73,6 +73,7 @@ import struct
 import subprocess
 import sys
 import types
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -879,6 +880,11 @@ if in_notebook():
 # save_file (use safetensors.torch.save_model for tied weights).
 # API: save_file(state_dict, path, metadata={...}); load_file(path, device="cpu");
 #      with safe_open(path, framework="pt") as f: f.metadata(), f.get_tensor(name)
+# Timing it fairly: load_file maps the file and defers reading the bytes until a tensor is
+# used, while torch.load (without mmap=True) reads them all at once. Timing the two calls
+# alone compares a promise with a delivery, so the lesson times each load together with a
+# first use that touches every byte (a sum over every tensor), and the sentence's
+# comparison word comes from timing_word, which turns with the figures.
 
 
 def timing_word(first_ms: float, second_ms: float, second_name: str) -> str:
@@ -1296,6 +1302,29 @@ if in_notebook():
 # record of its (module, name), a call becomes a record of what would be called with what.
 # Names are compared with an exact allow-list of (module, name) pairs. Every input is
 # bounded: each limit below is a named constant, and passing one stops with exit status 2.
+#
+# What an attacker tries, and the answer to each (tests/test_inspect_fuzz.py has them all):
+# - Make the inspector itself run the payload. Python's pickle.Unpickler, even with a
+#   find_class that returns stand-ins, still resolves dotted names attribute by attribute
+#   (module "torch.distributed.checkpoint.filesystem", name "os.system" reaches os.system
+#   through the module's own import), and DCP's FileSystemReader.read_metadata is a plain
+#   pickle.load. So no byte of the file reaches either: only StubUnpickler reads pickles,
+#   and a name is a pair of strings compared for equality, never a path to follow.
+# - Hide the call. getattr(__import__("os"), "system")(...) calls the RESULT of a call; INST,
+#   OBJ and NEWOBJ_EX are calls that weights_only never executes; EXT codes name globals
+#   by a number. Each is recorded and reported as dangerous or unknown, never as harmless.
+# - Exhaust memory or time. A 13-byte LONG_BINPUT 2**26 makes the C unpickler allocate a
+#   memo of 2**26 slots; shared references make a 719-byte pickle a tree of 2**60 nodes to
+#   anyone who walks it naively; a few hundred bytes of bzip2 decompress to gigabytes;
+#   160,000 distinct globals cost quadratic time in a list. Here the memo is a dict, a
+#   structure met twice is named instead of walked again, zip members are checked against
+#   MAX_PICKLE_BYTES from the header and again while decompressing, globals live in a dict.
+# - Block the reader or read elsewhere. A FIFO named model.safetensors.index.json blocks
+#   an open() forever; a symlink in a downloaded folder can point at any file you own.
+#   Only regular files are opened (checked by stat, then again on the O_NONBLOCK handle),
+#   and a file of a folder must resolve inside that folder.
+# - Forge the report. A tensor named "\nverdict: loads as it is" or holding an ANSI escape
+#   would print a line of its own; every name and value is escaped (repr-style) first.
 
 MAX_PICKLE_BYTES = 64 * 2**20  # a pickle holds names, shapes and small values; tensor bytes
 # live in separate records (real data.pkl files are KBs to a few MB)
@@ -1391,6 +1420,7 @@ class Global:
 
     @property
     def full(self) -> str:
+        """The dotted spelling torch uses in its allow-list and its error messages."""
         return f"{self.module}.{self.name}"
 
 
@@ -1408,6 +1438,7 @@ class Call:
 
     @property
     def name(self) -> str:
+        """The called global's full name, or a placeholder when the pickle calls a value."""
         return self.func.full if isinstance(self.func, Global) else "<a call's result>"
 
 
@@ -1437,12 +1468,15 @@ class _OpcodeReader:
         self.data, self.view, self.pos = data, memoryview(data), start
 
     def opcode(self) -> int:
+        """The next opcode byte (a pickle that ends before its STOP is truncated)."""
         if self.pos >= len(self.data):
             raise ValueError("the pickle ends early (no STOP opcode; truncated?)")
         self.pos += 1
         return self.data[self.pos - 1]
 
     def take(self, count: int) -> bytes:
+        """``count`` bytes of argument; a length that points past the end is refused before
+        anything is allocated (a BINBYTES8 may claim 2**63 bytes)."""
         if count < 0 or self.pos + count > len(self.data):
             raise ValueError("the pickle ends early (truncated?)")
         self.pos += count
@@ -1457,6 +1491,7 @@ class _OpcodeReader:
         return text
 
     def number(self, kind: str, width: int) -> int:
+        """A little-endian integer argument, ``"s"`` signed or ``"u"`` unsigned."""
         return int.from_bytes(self.take(width), "little", signed=kind == "s")
 
     def constant(self, op: int) -> Any:  # noqa: C901 - one branch per opcode
@@ -1512,6 +1547,12 @@ class PickleRecords:
         self.end = 0
 
     def _global(self, module: Any, name: Any) -> Global:
+        """The one Global record of (module, name), created on first sight.
+
+        Both must be text (STACK_GLOBAL takes them from the stack, where a pickle can put
+        anything). Python 2 names (``__builtin__``, ``copy_reg``) are mapped the way torch's
+        own weights_only unpickler maps them, so the pairs compare with its allow-list.
+        """
         if not isinstance(module, str) or not isinstance(name, str):
             raise ValueError("a global whose module or name is not text")
         # Protocol 2 pickles (torch.save's) use Python 2's names; torch maps them back.
@@ -1539,6 +1580,9 @@ class PickleRecords:
         return value
 
     def _call(self, func: Any, args: Any, opcode: str) -> Call:
+        """Record a call instead of making it. A call of anything but a plain Global (the
+        result of another call, a value) is a construct no allow-list can judge: it goes
+        to ``unfollowable``, and the report calls the file dangerous or unknown."""
         if not isinstance(func, Global):
             self.unfollowable.append(f"{opcode} calls something that is not a plain global "
                                      f"(a call's result or a value): {_short(func)}")
@@ -1570,6 +1614,7 @@ class StubUnpickler(PickleRecords):
         take, line, number = reader.take, reader.line, reader.number
 
         def pop_mark() -> list[Any]:
+            """The values pushed since the last MARK; the stack below it becomes current."""
             nonlocal stack
             if not marks:
                 raise ValueError("an opcode that needs a MARK without one")
@@ -1577,6 +1622,7 @@ class StubUnpickler(PickleRecords):
             return items
 
         def push(value: Any) -> None:
+            """Push a value; DUP and GET push without building, so the stack is bounded too."""
             stack.append(value)
             if len(stack) > MAX_OBJECTS:
                 raise InspectionLimit(f"more than MAX_OBJECTS = {MAX_OBJECTS} on the stack")
@@ -1588,6 +1634,8 @@ class StubUnpickler(PickleRecords):
                 raise InspectionLimit(f"more than MAX_OPCODES = {MAX_OPCODES} instructions")
             self.opcodes.add(op)
             char = chr(op)
+            # Constants first (most opcodes of a real pickle): they push a plain value and
+            # touch nothing. Then the stack, the structures, the calls and the memo.
             value = reader.constant(op)  # None, a number, a text, bytes: no stub needed
             if value is not _NOT_A_CONSTANT:
                 push(self._new(value) if isinstance(value, (str, bytes)) else value)
@@ -1598,6 +1646,8 @@ class StubUnpickler(PickleRecords):
                 if not stack:
                     raise ValueError("STOP with an empty stack")
                 return stack.pop()
+            # MARK opens a group (the arguments of TUPLE, LIST, DICT, APPENDS, SETITEMS,
+            # INST, OBJ); groups nest at most MAX_DEPTH deep.
             elif char == "(":  # MARK
                 if len(marks) >= MAX_DEPTH:
                     raise InspectionLimit(f"MARKs nested deeper than MAX_DEPTH = {MAX_DEPTH}")
@@ -1615,6 +1665,9 @@ class StubUnpickler(PickleRecords):
             elif char in ")]}" or op == 0x8F:  # EMPTY_TUPLE / LIST / DICT / SET
                 push(self._new({")": (), "]": [], "}": {}}.get(char, set())
                                if op != 0x8F else set()))
+            # Structures: built from the values above a MARK, or from the top 1 to 3 values.
+            # A tuple's nesting depth is checked as it is built, since hashing it as a dict key
+            # recurses as deep as it nests.
             elif char in "tld" or op == 0x91:  # TUPLE, LIST, DICT, FROZENSET (from a MARK)
                 items = pop_mark()
                 if char == "d":
@@ -1629,6 +1682,8 @@ class StubUnpickler(PickleRecords):
                 items = tuple(stack[-count:])
                 del stack[-count:]
                 push(self._new(items, items))
+            # Filling a structure: a list, a set, a dict; or a Call (a list or dict subclass, or
+            # any object the pickle appends to), whose items are recorded, not set on anything.
             elif char in "ae" or op == 0x90:  # APPEND, APPENDS, ADDITEMS
                 items = [stack.pop()] if char == "a" else pop_mark()
                 target = stack[-1]
@@ -1650,6 +1705,9 @@ class StubUnpickler(PickleRecords):
                     raise ValueError(f"cannot set items on {type(target).__name__}")
                 for key, value in zip(items[::2], items[1::2], strict=False):
                     (target if isinstance(target, dict) else target.items)[key] = value
+            # Globals and calls: the only opcodes with power. A global becomes a Global record
+            # (its name is never imported or resolved); INST and OBJ are a global plus a call in
+            # one opcode; STACK_GLOBAL takes its module and name from the stack (protocol 4).
             elif char in "cio" or op == 0x93:  # GLOBAL, INST, OBJ, STACK_GLOBAL
                 if char in "ci":
                     module = line().decode("utf-8", "surrogateescape")
@@ -1675,12 +1733,17 @@ class StubUnpickler(PickleRecords):
                 if kwargs:
                     call.state = {"kwargs": kwargs}
                 push(call)
+            # BUILD would call __setstate__ or update __dict__: the state is recorded on the Call.
+            # On anything else (a Global: setattr on a class) it is a construct the inspector
+            # cannot follow, reported as such.
             elif char == "b":  # BUILD: __setstate__ or __dict__.update, recorded
                 state, target = stack.pop(), stack[-1]
                 if not isinstance(target, Call):
                     self.unfollowable.append(f"BUILD on a {type(target).__name__}")
                 else:
                     target.state = state
+            # A persistent id is how torch.save points at a tensor's bytes in another record
+            # (archive/data/<key>): a tuple ("storage", storage class, key, location, numel).
             elif char in "PQ":  # PERSID, BINPERSID: torch.save's reference to a storage
                 pid = line().decode("ascii", "replace") if char == "P" else stack.pop()
                 push(self._new(Storage(pid)))
@@ -1689,6 +1752,8 @@ class StubUnpickler(PickleRecords):
                 self.unfollowable.append(f"extension code {code} (EXT{op - 0x81}): a global "
                                          "the pickle names by a number from copyreg's registry")
                 push(self._global("copyreg-extension", str(code)))
+            # The memo: PUT stores the top value under a key, GET pushes it again (shared
+            # references). A dict, bounded by MAX_MEMO entries whatever the keys.
             elif char in "hjg":  # BINGET, LONG_BINGET, GET
                 key = take(1)[0] if char == "h" else number("u", 4) if char == "j" else int(
                     line())
@@ -1804,12 +1869,14 @@ class Inspection:
     allowed: frozenset = frozenset()
 
     def add_tensor(self, name: str, shape: tuple, dtype: str) -> None:
+        """Count a tensor and its bytes; keep its row while fewer than MAX_LISTED are kept."""
         self.tensor_count += 1
         self.tensor_bytes += math.prod(shape) * DTYPE_BYTES.get(dtype, 0)
         if len(self.tensors) < MAX_LISTED:
             self.tensors.append((name, shape, dtype))
 
     def add_entry(self, name: str, summary: str) -> None:
+        """Keep a non-tensor entry's row while fewer than MAX_LISTED are kept."""
         if len(self.entries) < MAX_LISTED:
             self.entries.append((name, summary))
 
@@ -1903,6 +1970,10 @@ def inspect_checkpoint(path: str | Path) -> Inspection:
     folder (.metadata). Never raises for a bad input: the problem goes in the result, and
     what the reader saw before it stopped (a dangerous global) still goes in ``dangerous``.
     """
+    # Three steps: read (StubUnpickler, bounded; any error or limit is status 2), judge
+    # (the globals outside the exact allow-list, the dangers, the opcodes weights_only
+    # refuses: status 1 if any), and only for a file judged loadable, confirm it with
+    # torch.load(weights_only=True), whose own checks (storages, sizes) must agree.
     report = Inspection(Path(path))
     confirm = None
     try:
@@ -1924,7 +1995,11 @@ def inspect_checkpoint(path: str | Path) -> Inspection:
 
 def _judge(report: Inspection) -> None:
     """Which globals need review (all outside the exact allow-list), which are known or
-    suspected to run code, which opcodes weights_only never executes."""
+    suspected to run code, which opcodes weights_only never executes.
+
+    It runs even when the read stopped early, on what was seen before the stop: a file cut
+    off by a limit right after naming os.system still has os.system named in its report.
+    """
     unpickler = report.unpickler
     if unpickler is None:
         return
@@ -1985,6 +2060,9 @@ def _inspect_into(report: Inspection) -> Callable[[], Any] | None:
     raise ValueError(f"not a checkpoint format this knows (starts with {head[:4]!r}){hint}")
 
 
+# Why not torch.serialization.get_unsafe_globals_in_checkpoint, as before: it answers for zip
+# files only, compares "module.name" strings (a dotted name is one string like any other),
+# and is one more reader of the hostile bytes. The allow-list it uses is the one below.
 def _weights_only_allowed() -> frozenset:
     """The exact (module, name) pairs torch.load(weights_only=True) accepts in this process:
     its built-in allow-list (torch keeps it in a private module; there is no public function
@@ -2000,7 +2078,13 @@ def _weights_only_allowed() -> frozenset:
 
 def _zip_directory_bytes(path: Path) -> int:
     """The size of a zip's central directory, read from its end record before zipfile
-    builds one object per member (zip64 included)."""
+    builds one object per member (zip64 included).
+
+    A zip ends with a 22-byte "end of central directory" record (signature PK\x05\x06;
+    the directory's size at offset 12), possibly after a comment of up to 65,535 bytes, so
+    the last 65,557 bytes hold it. A zip64 archive stores 0xFFFFFFFF there and the real
+    size in a zip64 end record, which the locator PK\x06\x07 just before points to.
+    """
     size = path.stat().st_size
     with path.open("rb") as handle:
         handle.seek(max(0, size - 65_557))
@@ -2066,7 +2150,12 @@ def _inspect_torch_zip(report: Inspection) -> Callable[[], Any]:
 
 def _inspect_legacy(report: Inspection) -> Callable[[], Any]:
     """The pre-zip format: magic number, protocol, system info, then the object's pickle,
-    then the storages' raw bytes. The four pickles are read with StubUnpickler."""
+    then the storages' raw bytes. The four pickles are read with StubUnpickler.
+
+    The file is not a zip, so nothing says where the pickles end: the first
+    MAX_PICKLE_BYTES of it are read, and pickles that run past them are over the limit
+    (a legacy file's pickles are small; its size is in the storages that follow them).
+    """
     report.kind = "legacy torch.save file (pre-zip, before torch 1.6)"
     data = read_regular_file(report.path, MAX_PICKLE_BYTES, part=True)
     report.unpickler, report.allowed = StubUnpickler(), _weights_only_allowed()
@@ -2089,13 +2178,15 @@ def _inspect_legacy(report: Inspection) -> Callable[[], Any]:
 def _confirm_load(path: Path, mmap: bool) -> None:
     """torch.load(weights_only=True) of a file StubUnpickler judged loadable. torch's file
     reader needs a UTF-8 path: a name that is not (Linux allows any bytes) goes as a handle."""
-    try:
-        os.fsencode(path).decode("utf-8")
-    except UnicodeDecodeError:
-        with path.open("rb") as handle:
-            torch.load(handle, map_location="cpu", weights_only=True)
-        return
-    torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    with warnings.catch_warnings():  # a protocol other than 2 is judged above, not warned
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        try:
+            os.fsencode(path).decode("utf-8")
+        except UnicodeDecodeError:
+            with path.open("rb") as handle:
+                torch.load(handle, map_location="cpu", weights_only=True)
+            return
+        torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _inspect_safetensors(report: Inspection) -> None:
@@ -2162,6 +2253,12 @@ DCP_GLOBALS = frozenset(
                                     "channels_last_3d", *STORAGE_DTYPES.values())])
 
 
+# A DCP folder's .metadata, read by StubUnpickler: a Metadata record whose state holds
+# "state_dict_metadata", {key: TensorStorageMetadata(properties, size, chunks) or
+# BytesStorageMetadata}. TensorProperties pickles as a tuple (dtype, layout, requires_grad,
+# memory-format code, pin_memory) through its __getstate__; the dtype is a Global such as
+# torch.float32, and the size a call torch.Size((rows, columns)). Everything the report
+# shows is read from those records; none of them is ever turned into a real object.
 def _inspect_dcp(report: Inspection) -> None:
     """A torch.distributed.checkpoint folder. Its .metadata file is a PLAIN pickle, which
     DCP's own reader (FileSystemReader.read_metadata) loads with pickle.load: a hostile
@@ -2230,7 +2327,13 @@ def safe_globals_line(names: list[str]) -> str:
 
 
 def say(text: str) -> None:
-    """Print a line whatever the console's encoding (a file name need not be UTF-8)."""
+    """Print a line whatever the console's encoding (a file name need not be UTF-8).
+
+    Linux file names are bytes; Python hands a non-UTF-8 one over with lone surrogates
+    (b"model\xff.pt" becomes "model\udcff.pt"), which print() cannot encode. The report
+    escapes them first, and any character the console cannot show becomes an escape here,
+    so a strange name costs a backslash, never the report (and never exit status 2).
+    """
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
 
@@ -2469,6 +2572,10 @@ if in_notebook():
 # transformers write it). save_sharded_safetensors / load_sharded_safetensors above do it
 # with the safetensors API alone. The index is data from the internet too: a shard name
 # like "../x" is refused, and a tensor missing from the shards is an error, not a silence.
+# The files themselves come from elsewhere too: load_sharded_safetensors reads only regular
+# files (a FIFO named like the index would block the read forever) that resolve inside the
+# index's folder (a shard that is a symlink to one of your own files is refused), with
+# checked_regular_file and read_regular_file from the inspector's cell.
 
 
 def save_sharded_safetensors(state_dict: Mapping[str, torch.Tensor], folder: str | Path,
