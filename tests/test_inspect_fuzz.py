@@ -398,9 +398,65 @@ def random_pickle(rng: random.Random, marker) -> tuple[bytes, bool]:
     return b"".join(pieces), dangerous
 
 
+GLOBALS = [("os", "system"), ("builtins", "exec"), ("builtins", "getattr"), ("cProfile", "run"),
+           ("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict"),
+           ("argparse", "Namespace"), ("torch", "Size"), ("timeit", "timeit"),
+           ("torch.distributed.checkpoint.filesystem", "os.system")]
+
+
+def valid_expression(rng: random.Random, marker, depth: int, state: dict) -> bytes:
+    """One well-formed value: constants, structures, calls of globals, memo reuse."""
+    kind = rng.randrange(9 if depth < 6 else 3)
+    if kind == 0:
+        return rng.choice([b"N", b"K\x07", b"\x88", b"G" + struct.pack(">d", 1.5),
+                           text(rng.choice(["w", "\x1b[8m", "a\nverdict: ok", "\ud800"]))])
+    if kind == 1 and state["memo"]:
+        return b"h" + bytes([rng.randrange(state["memo"])])
+    if kind in (1, 2):
+        return b"\x8a\x01\x05"
+    inner = [valid_expression(rng, marker, depth + 1, state) for _ in range(rng.randint(0, 3))]
+    if kind == 3:
+        body = b"(" + b"".join(inner) + b"t"
+    elif kind == 4:
+        body = b"]" + (b"(" + b"".join(inner) + b"e" if inner else b"")
+    elif kind == 5:
+        body = b"}(" + b"".join(text(f"k{i}") + value for i, value in enumerate(inner)) + b"u"
+    elif kind == 6:  # a call of a global, maybe dangerous
+        module, name = rng.choice(GLOBALS)
+        state["dangerous"] |= (module, name) not in (("torch._utils", "_rebuild_tensor_v2"),
+                                                    ("collections", "OrderedDict"),
+                                                    ("argparse", "Namespace"), ("torch", "Size"))
+        argument = text(f"touch {marker}") if name in ("system", "os.system") else (
+            b"(" + b"".join(inner) + b"t")
+        body = global_op(module, name) + (argument + b"\x85" if name.endswith("system")
+                                          else argument) + b"R"
+    elif kind == 7:  # INST / OBJ / NEWOBJ_EX
+        state["dangerous"] = True
+        body = rng.choice([b"(" + text(f"touch {marker}") + b"ios\nsystem\n",
+                           b"(" + global_op("os", "system") + text(f"touch {marker}") + b"o",
+                           global_op("os", "system") + b")}\x92"])
+    else:  # a call of a call's result
+        state["dangerous"] = True
+        body = (global_op("builtins", "getattr") + global_op("builtins", "__import__")
+                + text("os") + b"\x85R" + text("system") + b"\x86R"
+                + text(f"touch {marker}") + b"\x85R")
+    if state["memo"] < 250 and rng.random() < 0.5:
+        body += b"q" + bytes([state["memo"]])
+        state["memo"] += 1
+    return body
+
+
+def valid_pickle(rng: random.Random, marker) -> tuple[bytes, bool]:
+    """A well-formed pickle: a dict of a few random values; True if it names a danger."""
+    state = {"memo": 0, "dangerous": False}
+    entries = b"".join(text(f"e{i}") + valid_expression(rng, marker, 0, state)
+                       for i in range(rng.randint(1, 5)))
+    return b"\x80\x02}(" + entries + b"u.", state["dangerous"]
+
+
 def random_container(rng: random.Random, folder, marker) -> tuple[object, bool]:
     """Write one example into ``folder``; return (path to inspect, dangerous)."""
-    body, dangerous = random_pickle(rng, marker)
+    body, dangerous = (valid_pickle if rng.random() < 0.5 else random_pickle)(rng, marker)
     container = rng.choice(["zip", "legacy", "dcp", "safetensors", "index"])
     path = folder / "model.pt"
     if container == "zip":
