@@ -292,10 +292,37 @@ def test_empty_safetensors_and_a_non_utf8_name_load_as_they_are(tmp_path, capsys
     assert status == 0 and "\\udcff" in out
 
 
-def test_each_limit_is_a_named_constant():
-    for name in ("MAX_PICKLE_BYTES", "MAX_OPCODES", "MAX_OBJECTS", "MAX_MEMO", "MAX_DEPTH",
-                 "MAX_GLOBALS", "MAX_SAFETENSORS_HEADER", "MAX_ZIP_DIRECTORY_BYTES"):
-        assert isinstance(getattr(lesson, name), int)
+LIMITS = [  # (limit, a value small enough to reach cheaply, a pickle body that passes it)
+    ("MAX_MEMO", 10, b"".join(b"N" + b"r" + struct.pack("<I", i) + b"0" for i in range(20))),
+    ("MAX_OBJECTS", 10, b"]" * 20),
+    ("MAX_OPCODES", 10, b"N0" * 20),
+    ("MAX_DEPTH", 10, b"(" * 20),
+    ("MAX_DEPTH", 10, b"N" + b"\x85" * 20),  # tuples nested without MARKs
+    ("MAX_GLOBALS", 10, b"".join(global_op("m", f"g{i}") + b"0" for i in range(20))),
+]
+
+
+@pytest.mark.parametrize(("limit", "value", "body"), LIMITS, ids=[f"{a}-{i}" for i, (a, *_) in
+                                                                  enumerate(LIMITS)])
+def test_each_limit_stops_with_one_line_naming_it(tmp_path, capsys, monkeypatch, limit, value,
+                                                  body):
+    monkeypatch.setattr(lesson, limit, value)
+    zip_with(tmp_path / "x.pt", b"\x80\x02" + global_op("os", "system") + b"0" + body + b"N.")
+    status, out, err = inspect_cli(tmp_path / "x.pt", capsys)
+    assert_clean(out, err)
+    assert status == 2 and out.count("\n") == 1 and f"{limit} = {value}" in out
+    assert "os.system can run code" in out  # what it saw before the stop is named
+
+
+def test_the_safetensors_header_and_pickle_sizes_are_bounded(tmp_path, capsys, monkeypatch):
+    (tmp_path / "huge.safetensors").write_bytes(struct.pack("<Q", 2**40) + b"{}" + b" " * 99)
+    os.truncate(tmp_path / "huge.safetensors", 2**41)  # sparse: the claim fits the file
+    status, out, err = inspect_cli(tmp_path / "huge.safetensors", capsys)
+    assert status == 2 and "MAX_SAFETENSORS_HEADER = 100000000" in out
+    monkeypatch.setattr(lesson, "MAX_PICKLE_BYTES", 100)
+    legacy_with(tmp_path / "legacy.pt", b"N" * 200 + b".")
+    status, out, err = inspect_cli(tmp_path / "legacy.pt", capsys)
+    assert status == 2 and "MAX_PICKLE_BYTES = 100" in out
 
 
 MEMORY_CHILD = textwrap.dedent("""
