@@ -776,8 +776,9 @@ if in_notebook():
 # Since torch 2.6 weights_only=True is the default: the unpickler accepts only tensors,
 # primitive types and containers, and refuses anything else with "Unsupported global".
 # We always pass weights_only explicitly, so the code means the same on any torch version.
-# torch.serialization.get_unsafe_globals_in_checkpoint(path) lists what a file would import,
-# WITHOUT running it: inspect an unknown file with it first.
+# torch.serialization.get_unsafe_globals_in_checkpoint(path) lists the GLOBAL names of a zip
+# file's pickle outside weights_only's allow-list, without running it (it reads only those
+# opcodes). For a file you did not write, `--inspect` (section 13) reads all of it.
 # weights_only=True is a defence, not a proof, and it has had holes: CVE-2025-32434 (remote
 # code execution through weights_only=True, torch < 2.6) and GHSA-63cw-57p8-fm3p (published
 # January 2026: the weights_only unpickler could corrupt memory, torch <= 2.9.1, fixed in
@@ -2742,7 +2743,7 @@ RECAP = [
     "save model.state_dict(), rebuild the model in code, load_state_dict, then eval()",
     "a resumable checkpoint is a dict: model, optimizer, scheduler, epoch (next), rng",
     "always torch.load(..., map_location=..., weights_only=True); inspect unknown files "
-    "with get_unsafe_globals_in_checkpoint; prefer safetensors to share weights",
+    "with --inspect (section 13); prefer safetensors to share weights",
     "big models: meta device + mmap=True + assign=True hold the weights once, not twice",
     "a file you did not write: --inspect it, allow exactly its globals once, convert it to "
     "safetensors + JSON; never TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",
