@@ -1219,8 +1219,8 @@ def lesson_11_train_vs_eval(run: Run, model: nn.Module, inputs: torch.Tensor) ->
         print(f"  an inference tensor, {label}: {outcome}")
     return {"train_mode_repeat_diff": train_diff, "eval_mode_repeat_diff": eval_diff,
             "train_vs_eval_diff": train_vs_eval, "batchnorm_running_mean_change": bn_changed,
-            **{f"inference_{label.split()[0]}_works": outcome == "works"
-               for label, outcome in autograd.items()}}
+            **{f"inference_tensor_{label.split()[0].replace('-', '_')}_works":
+               outcome == "works" for label, outcome in autograd.items()}}
 
 
 if in_notebook():
