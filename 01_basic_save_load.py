@@ -32,7 +32,8 @@ Run it:   python 01_basic_save_load.py [--device cpu|cuda] [--out-dir DIR] [--se
           python 01_basic_save_load.py --inspect PATH   describes any checkpoint (torch.save
           zip or legacy, .safetensors, a sharded folder or its index.json, a DCP folder)
           without running code from it, writes nothing, and exits 0 (loads as it is),
-          1 (needs globals: it prints them and the safe_globals line) or 2 (unreadable).
+          1 (refused as it is: it lists every global to review) or 2 (unreadable, or
+          past a named limit).
           As a notebook: run the cells top to bottom from the project folder (jupytext,
           VS Code, PyCharm); flags go in the LESSON_ARGS environment variable.
 Takes:    about 11 s on a 2-core CPU (three child processes; two load a ~270 MB file).
@@ -48,14 +49,16 @@ in scratch folders that are removed when their section ends.
 
 The reusable pieces below (load_checkpoint, check_state_dict_fits, load_weights) are what a
 reader copies into a project: a loader whose every failure is one line naming the file and
-the cause, and that never changes the model unless the whole checkpoint fits. Then
-save/load_sharded_safetensors, and inspect_checkpoint with its InspectingUnpickler: the
---inspect command, for files whose origin you do not control.
+the cause, and that never changes the model unless the whole checkpoint fits. Two larger
+tools live beside the lesson that teaches them: inspect_checkpoint with its StubUnpickler
+(the --inspect command, for files whose origin you do not control) before section 13, and
+save/load_sharded_safetensors in section 13d.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import copy
 import dataclasses
@@ -63,12 +66,16 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import re
+import stat
+import struct
 import subprocess
 import sys
 import types
+import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +84,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+from torch._utils import IMPORT_MAPPING, NAME_MAPPING  # Python 2 names torch.load maps
 
 from common.compare import max_abs_diff
 from common.data import make_image_classification, make_loaders
@@ -141,7 +149,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Any:
         if unsafe:
             raise CheckpointLoadError(
                 f"{path}: refused by weights_only=True: it references {unsafe.group(1)}, which "
-                "can run code when unpickled; load it only if you trust where it came from"
+                "torch.load would call with arguments the file chooses; review what it does "
+                "before allowing it (01 --inspect lists every such global)"
             ) from err
         raise CheckpointLoadError(
             f"{path}: not a PyTorch checkpoint (torch.load failed with "
@@ -220,591 +229,6 @@ def first_line(err: BaseException) -> str:
     """
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def save_sharded_safetensors(state_dict: Mapping[str, torch.Tensor], folder: str | Path,
-                             max_shard_bytes: int = 5_000_000_000) -> Path:
-    """Write ``state_dict`` as Hugging Face's sharded layout; return the index file's path.
-
-    Shards ``model-00001-of-0000N.safetensors`` (a new one when the next tensor would pass
-    ``max_shard_bytes``) and ``model.safetensors.index.json``:
-    ``{"metadata": {"total_size": bytes}, "weight_map": {tensor name: shard file}}``.
-    """
-    # Tensors go into shards in state_dict order, so a layer's weights stay together and a
-    # loader that streams shards sees them in the order the model declares them.
-    folder = Path(folder)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    for name, tensor in state_dict.items():
-        size = tensor.numel() * tensor.element_size()
-        if shards[-1] and sum(t.numel() * t.element_size() for t in shards[-1].values()
-                              ) + size > max_shard_bytes:
-            shards.append({})
-        shards[-1][name] = tensor.detach().cpu().contiguous()
-    weight_map = {}
-    for number, shard in enumerate(shards, start=1):
-        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / file)
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in state_dict.values())
-    index = folder / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                indent=2) + "\n")
-    return index
-
-
-def load_sharded_safetensors(index: str | Path) -> dict[str, torch.Tensor]:
-    """Read a sharded safetensors checkpoint through its index file, checked.
-
-    Every shard the index names must be a plain file name in the index's folder (an index is
-    data, and "../x" would reach elsewhere), and every tensor it lists must be in its shard.
-    """
-    index = Path(index)
-    weight_map = json.loads(index.read_text())["weight_map"]
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(set(weight_map.values())):
-        if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
-            raise CheckpointLoadError(f"{index}: refuses the shard name {file!r}: only plain "
-                                      "file names in the index's folder")
-        state.update(load_file(index.parent / file))
-    missing = sorted(set(weight_map) - set(state))
-    if missing:
-        raise CheckpointLoadError(f"{index}: {len(missing)} tensors are missing from their "
-                                  f"shards: {', '.join(missing[:4])}")
-    return {name: state[name] for name in weight_map}
-
-
-# ---- Inspecting a file you did not write (`python 01_basic_save_load.py --inspect PATH`) ----
-
-# Why an inspector at all: torch.load(weights_only=True) refuses a file at the FIRST global
-# it does not allow, so fixing a download one "Unsupported global" at a time, by allowing
-# whatever the error names next, ends with an allow-list nobody reviewed. Listing every
-# global up front, and flagging the dangerous ones, lets a person decide once.
-# Globals that hand a pickle the power to run code or touch the system: allowing one of
-# them in safe_globals is allowing the file to do anything.
-CAN_RUN_CODE = re.compile(
-    r"^(builtins\.(exec|eval|compile|__import__|getattr|setattr|open|breakpoint|input)"
-    r"|(os|posix|nt|subprocess|shutil|sys|runpy|importlib|pickle|marshal|ctypes|socket|"
-    r"code|pty|webbrowser|multiprocessing)(\.|$))")
-
-
-class _Stub:
-    """What the inspecting unpickler builds instead of calling a global: a record of the
-    global's name and the arguments and state the pickle gave it. Nothing is imported."""
-
-    global_name = "?"
-
-    def __new__(cls, *args: Any) -> _Stub:  # REDUCE calls cls(*args), NEWOBJ cls.__new__
-        stub = super().__new__(cls)
-        stub.args, stub.state, stub.items = args, None, {}
-        return stub
-
-    def __setstate__(self, state: Any) -> None:  # pickle's BUILD
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"<{self.global_name}>"
-
-    def __setitem__(self, key: Any, value: Any) -> None:  # SETITEM(S) on a dict subclass
-        self.items[key] = value
-
-    def append(self, value: Any) -> None:  # APPEND(S) on a list subclass
-        self.items[len(self.items)] = value
-
-    def extend(self, values: Any) -> None:
-        for value in values:
-            self.append(value)
-
-
-class _DtypeStub(_Stub):
-    """The stub of ``numpy.dtype``: also notes the dtype code it was called with."""
-
-    codes: set[str] = set()
-
-    def __new__(cls, *args: Any) -> _Stub:
-        if args and isinstance(args[0], str):
-            cls.codes.add(args[0])
-        return super().__new__(cls, *args)
-
-
-class InspectingUnpickler(pickle.Unpickler):
-    """Reads a torch.save pickle without running anything from it.
-
-    ``find_class`` (the only way a pickle reaches code) returns a fresh _Stub subclass named
-    after the global instead of importing it, and records the name; storages (torch.save's
-    "persistent ids") become plain tuples. So the structure, the tensors' shapes and dtypes
-    and every global the file references come out, and no code of the file ever runs.
-    """
-
-    def __init__(self, handle: Any) -> None:
-        super().__init__(handle)
-        self.globals: list[str] = []
-        self.dtype_codes: set[str] = set()  # arguments of numpy.dtype(...), see below
-
-    def find_class(self, module: str, name: str) -> type:
-        # Protocol 2 pickles (torch.save's) may use Python 2's module names.
-        module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)
-        full = f"{module}.{name}"
-        if full not in self.globals:
-            self.globals.append(full)
-        if full == "numpy.dtype":  # records its argument ("f8"): see numpy_dtype_classes
-            return type(name, (_DtypeStub,), {"global_name": full, "codes": self.dtype_codes})
-        return type(name, (_Stub,), {"global_name": full})
-
-    def persistent_load(self, pid: Any) -> Any:
-        if isinstance(pid, tuple) and pid and pid[0] == "module":  # legacy: a module class
-            return pid[1]
-        return ("storage", *pid[1:]) if isinstance(pid, tuple) else ("storage", pid)
-
-
-def numpy_dtype_classes(unpickler: InspectingUnpickler) -> list[str]:
-    """The NumPy 2 dtype classes a file needs besides ``numpy.dtype`` itself.
-
-    ``numpy.dtype("f8")`` returns an instance of ``numpy.dtypes.Float64DType``, and
-    weights_only=True refuses to build it unless that class is allowed too; the class never
-    appears in the pickle, so get_unsafe_globals_in_checkpoint cannot list it. (Parsing the
-    dtype string is data parsing: nothing of the file runs.)
-    """
-    import numpy as np
-
-    return sorted({f"numpy.dtypes.{type(np.dtype(code)).__name__}"
-                   for code in unpickler.dtype_codes if re.fullmatch(r"[<>|=]?[a-zA-Z]\d*", code)})
-
-
-def _tensor_info(stub: _Stub) -> tuple[tuple, str] | None:
-    """(shape, dtype) of a stub that torch.load would turn into a tensor, else None.
-
-    How torch.save pickles a tensor: a call ``torch._utils._rebuild_tensor_v2(storage,
-    offset, size, stride, requires_grad, hooks)``, where ``storage`` is a persistent id
-    ``("storage", torch.FloatStorage, key, location, numel)`` naming a separate record (the
-    file ``archive/data/<key>`` in the zip). A Parameter wraps that in
-    ``torch._utils._rebuild_parameter(tensor, requires_grad, hooks)``. So the shape is the
-    third argument, and the dtype is in the storage class's name: no byte of data is read.
-    """
-    if stub.global_name.endswith("_rebuild_parameter") and stub.args:
-        inner = stub.args[0]
-        return _tensor_info(inner) if isinstance(inner, _Stub) else None
-    if not stub.global_name.startswith("torch._utils._rebuild_tensor") or len(stub.args) < 3:
-        return None
-    storage, shape = stub.args[0], stub.args[2]
-    kind = storage[1] if isinstance(storage, tuple) and len(storage) > 1 else None
-    name = kind.global_name.rsplit(".", 1)[-1] if isinstance(kind, type) else "?"
-    return tuple(shape), STORAGE_DTYPES.get(name.removesuffix("Storage"), name)
-
-
-def _walk(obj: Any, prefix: str, tensors: list, entries: list) -> None:
-    """Collect ``(name, shape, dtype)`` of tensors and ``(name, summary)`` of other values.
-
-    Names are the dotted paths a reader would type: ``state_dict.backbone.0.weight`` for a
-    tensor inside a Lightning checkpoint's "state_dict". A pickled module keeps its tensors
-    in ``_parameters`` / ``_buffers`` of each sub-module; those levels are left out of the
-    names, so they read like the module's own state_dict keys.
-    """
-    if isinstance(obj, _Stub):
-        info = _tensor_info(obj)
-        if info is not None:
-            tensors.append((prefix, *info))
-            return
-        if obj.items:  # an OrderedDict or another dict/list subclass
-            for key, value in obj.items.items():
-                _walk(value, f"{prefix}.{key}" if prefix else str(key), tensors, entries)
-            return
-        if isinstance(obj.state, dict) and "_parameters" in obj.state:  # a pickled nn.Module
-            if "." not in prefix:  # the top module only, not each sub-module
-                entries.append((prefix, f"a pickled {obj.global_name}"))
-            for part in ("_parameters", "_buffers", "_modules"):
-                _walk(obj.state.get(part) or {}, prefix, tensors, entries)
-            return
-        detail = obj.state if obj.state is not None else obj.args
-        entries.append((prefix, f"{obj.global_name} {_short(detail)}"))
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            _walk(value, f"{prefix}.{key}" if prefix else str(key), tensors, entries)
-    elif isinstance(obj, (list, tuple)) and any(isinstance(v, (_Stub, dict)) for v in obj):
-        for index, value in enumerate(obj):
-            _walk(value, f"{prefix}.{index}" if prefix else str(index), tensors, entries)
-    else:
-        entries.append((prefix, _short(obj)))
-
-
-def _short(value: Any) -> str:
-    """A value as one short line: a stub as ``<its global>``, class reprs as their names,
-    anything longer than 70 characters cut (a pickle can carry megabytes of text)."""
-    text = repr(value) if not isinstance(value, _Stub) else f"<{value.global_name}>"
-    text = re.sub(r"<class '[^']*\.(\w+)'>", r"\1", text)
-    return text if len(text) <= 70 else text[:67] + "..."
-
-
-@dataclasses.dataclass
-class Inspection:
-    """What --inspect found: the format, tensors, other entries, globals, and a verdict.
-
-    ``status``: 0 = loads with ``weights_only=True`` as it is; 1 = needs globals allowed
-    (``needs``; ``dangerous`` are those that can run code); 2 = not readable (``problem``).
-    """
-
-    path: Path
-    kind: str = "unknown"
-    reader: str = "torch.load(path, map_location=\"cpu\", weights_only=True)"
-    tensors: list = dataclasses.field(default_factory=list)
-    entries: list = dataclasses.field(default_factory=list)
-    globals: list = dataclasses.field(default_factory=list)
-    needs: list = dataclasses.field(default_factory=list)
-    dangerous: list = dataclasses.field(default_factory=list)
-    problem: str = ""
-    status: int = 0
-
-
-def inspect_checkpoint(path: str | Path) -> Inspection:
-    """Describe any checkpoint file or folder WITHOUT running code from it (see Inspection).
-
-    torch.save zip files and legacy (pre-1.6, non-zip) torch.save files, .safetensors
-    files, a sharded safetensors folder or its model.safetensors.index.json, and a DCP
-    folder (.metadata). Never raises for a bad input: the problem goes in the result.
-    """
-    report = Inspection(Path(path))
-    try:
-        _inspect_into(report)
-    except Exception as err:  # any unreadable input: one line, never a traceback
-        report.status, report.problem = 2, report.problem or f"{type(err).__name__}: " \
-                                                              f"{first_line(err)}"
-    report.dangerous = [name for name in report.needs if CAN_RUN_CODE.match(name)]
-    return report
-
-
-def _inspect_into(report: Inspection) -> None:
-    """Tell the format by its first bytes (never by the file name, which anyone can choose).
-
-    ``PK\x03\x04`` starts a zip archive (torch.save since 1.6); a safetensors file starts
-    with the length of its JSON header as 8 little-endian bytes (a small number, less than
-    the file's size); ``\x80`` starts a pickle of protocol 2 or more (legacy torch.save).
-    """
-    path = report.path
-    if path.is_dir():
-        if (path / ".metadata").is_file():
-            return _inspect_dcp(report)
-        index = sorted(path.glob("*.safetensors.index.json"))
-        if index:
-            report.path = index[0]
-            return _inspect_sharded(report)
-        raise ValueError("a folder with neither a DCP .metadata file nor a "
-                         "*.safetensors.index.json")
-    if not path.is_file():
-        raise FileNotFoundError("no such file or folder")
-    if path.name.endswith(".index.json"):
-        return _inspect_sharded(report)
-    size = path.stat().st_size
-    if size == 0:
-        raise ValueError("the file is empty (0 bytes); was the save interrupted?")
-    with path.open("rb") as handle:
-        head = handle.read(8)
-    if head[:4] == b"PK\x03\x04":
-        return _inspect_torch_zip(report)
-    if int.from_bytes(head, "little") + 8 < size and head[:1] != b"\x80":
-        return _inspect_safetensors(report)  # an 8-byte header length, then JSON
-    if head[:1] == b"\x80":  # a pickle (protocol 2+): the legacy torch.save format
-        return _inspect_legacy(report)
-    hint = "; the name says ONNX: read it with onnx.load (04)" if path.suffix == ".onnx" else ""
-    raise ValueError(f"not a checkpoint format this knows (starts with {head[:4]!r}){hint}")
-
-
-def _inspect_torch_zip(report: Inspection) -> None:
-    """A torch.save archive: ``<name>/data.pkl`` holds the pickle, ``<name>/data/<key>``
-    the raw storages. The pickle is read with the inspecting unpickler; the verdict comes
-    from torch's own get_unsafe_globals_in_checkpoint, and a file that passes it is opened
-    once with weights_only=True (mmap: the data is mapped, not read) to prove it loads."""
-    report.kind = "torch.save zip archive"
-    if not zipfile.is_zipfile(report.path):
-        raise ValueError("truncated or corrupted: it starts like a torch.save archive but its "
-                         "end (the zip directory) is missing")
-    with zipfile.ZipFile(report.path) as archive:
-        names = archive.namelist()
-        # Three kinds of zip end in .pt or .pt2, and only one is a checkpoint. A TorchScript
-        # archive (constants.pkl, code/) and a torch.export / AOTInductor package
-        # (archive_format) hold programs: say which loader opens them, instead of the
-        # obscure error torch.load would give. Decided by the members, never by the name.
-        if any(n.endswith("/archive_format") for n in names):
-            raise ValueError("a .pt2 package (torch.export.save or AOTInductor), not a "
-                             "checkpoint: open it with torch.export.load or "
-                             "torch._inductor.aoti_load_package (05 sections 3-4)")
-        if any(n.endswith("/constants.pkl") for n in names):
-            raise ValueError("a TorchScript archive (torch.jit.save), not a torch.save "
-                             "checkpoint: open it with torch.jit.load (05 section 2)")
-        pickles = [n for n in names if n.endswith("/data.pkl")]
-        if not pickles:
-            raise ValueError("a zip file, but not a torch.save archive (no data.pkl)")
-        with archive.open(min(pickles, key=len)) as handle:
-            unpickler = InspectingUnpickler(handle)
-            _walk(unpickler.load(), "", report.tensors, report.entries)
-    report.globals = unpickler.globals
-    # The library's own check: the globals weights_only=True would refuse.
-    report.needs = torch.serialization.get_unsafe_globals_in_checkpoint(report.path)
-    if report.needs:
-        report.needs += numpy_dtype_classes(unpickler)
-        report.status = 1
-        return
-    torch.load(report.path, map_location="cpu", weights_only=True, mmap=True)  # no data read
-
-
-def _inspect_legacy(report: Inspection) -> None:
-    """The pre-zip format: magic number, protocol, system info, then the object's pickle.
-
-    get_unsafe_globals_in_checkpoint only takes zip files (a ValueError here), so the
-    globals come from the inspecting unpickler and are compared with weights_only's list.
-    """
-    report.kind = "legacy torch.save file (pre-zip, before torch 1.6)"
-    with report.path.open("rb") as handle:
-        unpickler = InspectingUnpickler(handle)
-        if unpickler.load() != 0x1950A86A20F9469CFC6C:  # torch's legacy magic number
-            raise ValueError("a pickle, but not a torch.save file (no torch magic number)")
-        unpickler.load(), unpickler.load()  # protocol version, system info
-        _walk(unpickler.load(), "", report.tensors, report.entries)
-    report.globals = unpickler.globals
-    from torch._weights_only_unpickler import _get_allowed_globals  # its allow-list
-
-    # weights_only's allow-list (torch keeps it in a private module: there is no public
-    # function for it) plus whatever this process has allowed with add_safe_globals.
-    allowed = set(_get_allowed_globals()) | {
-        f"{obj.__module__}.{obj.__qualname__}" for obj in
-        torch.serialization.get_safe_globals() if hasattr(obj, "__qualname__")}
-    report.needs = [name for name in report.globals if name not in allowed]
-    if report.needs:
-        report.needs += numpy_dtype_classes(unpickler)
-        report.status = 1
-        return
-    torch.load(report.path, map_location="cpu", weights_only=True)
-
-
-def _inspect_safetensors(report: Inspection) -> None:
-    report.kind = "safetensors (no code possible: a JSON header and raw tensor bytes)"
-    report.reader = "safetensors.torch.load_file(path)"
-    with safe_open(report.path, framework="pt") as handle:
-        for name in handle.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
-            view = handle.get_slice(name)
-            code = view.get_dtype()
-            report.tensors.append((name, tuple(view.get_shape()),
-                                   SAFETENSORS_DTYPES.get(code, code.lower())))
-        report.entries = sorted((handle.metadata() or {}).items())
-
-
-def _inspect_sharded(report: Inspection) -> None:
-    """A model.safetensors.index.json and the shard files it names (in its folder)."""
-    # The index and the shard names come from whoever published the files: each shard must
-    # be a plain name in the index's folder, and the shards must hold exactly the tensors
-    # the index lists (a tensor in no shard is a broken download, not a smaller model).
-    report.kind = "sharded safetensors (an index file and its shards)"
-    report.reader = "each shard with safetensors.torch.load_file (see 01 section 13d)"
-    index = json.loads(report.path.read_text())
-    weight_map = index["weight_map"]
-    folder = report.path.parent
-    for shard in sorted(set(weight_map.values())):
-        if Path(shard).name != shard or shard in (".", ".."):
-            raise ValueError(f"the index names {shard!r}, not a plain file name in {folder}")
-        if not (folder / shard).is_file():
-            raise ValueError(f"the index names {shard}, which is missing")
-        part = Inspection(folder / shard)
-        _inspect_safetensors(part)
-        report.tensors += part.tensors
-    listed = {name for name, *_ in report.tensors}
-    if listed != set(weight_map):
-        raise ValueError(f"the index and the shards disagree on {len(listed ^ set(weight_map))}"
-                         " tensor names")
-    report.entries = sorted((index.get("metadata") or {}).items())
-
-
-def _inspect_dcp(report: Inspection) -> None:
-    """A torch.distributed.checkpoint folder. Its .metadata file is a PLAIN pickle, which
-    DCP's own reader loads with pickle.load: a hostile folder runs code there. So the
-    inspecting unpickler reads it first; only DCP's, torch's and pathlib's names pass."""
-    report.kind = "torch.distributed.checkpoint (DCP) folder"
-    report.reader = ("torch.distributed.checkpoint.load (its .metadata references only "
-                     "DCP's, torch's and pathlib's names)")
-    with (report.path / ".metadata").open("rb") as handle:
-        unpickler = InspectingUnpickler(handle)
-        unpickler.load()
-    report.globals = unpickler.globals
-    report.needs = [name for name in report.globals if not (
-        name.startswith("torch.distributed.checkpoint.") or name in DCP_GLOBALS
-        or isinstance(getattr(torch, name.removeprefix("torch."), None), torch.dtype))]
-    if report.needs:
-        report.status = 1
-        return
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    # Only now, with every name the pickle uses checked, is DCP's own reader called: it
-    # unpickles .metadata with the plain pickle module (no weights_only there).
-    for name, item in FileSystemReader(report.path).read_metadata().state_dict_metadata.items():
-        if isinstance(item, TensorStorageMetadata):
-            dtype = str(item.properties.dtype).removeprefix("torch.")
-            report.tensors.append((name, tuple(item.size), dtype))
-        else:
-            report.entries.append((name, "a non-tensor value (pickled bytes)"))
-
-
-DCP_GLOBALS = {"torch.Size", "torch.serialization._get_layout", "pathlib.PosixPath",
-               "pathlib.WindowsPath", "collections.OrderedDict"}
-
-
-def safe_globals_line(names: list[str]) -> str:
-    # torch.serialization.safe_globals([...]) takes the objects themselves (an import is
-    # needed) or (object, "name as the file spells it") pairs: the pair form is how a file
-    # that names a module which has since moved (numpy.core -> numpy._core) is allowed.
-    """The line that allows exactly ``names`` for one load (NumPy 1's numpy.core.* names
-    need the tuple form under NumPy 2, which renamed the module numpy._core)."""
-    items = []
-    for name in names:
-        module, _, attribute = name.rpartition(".")
-        if module.startswith("numpy.core"):
-            items.append(f"({module.replace('numpy.core', 'numpy._core')}.{attribute}, "
-                         f"{name!r})")
-        else:
-            items.append(name)
-    modules = sorted({name.split(".")[0] for name in names})
-    return (f"import {', '.join(modules)}\n"
-            "with torch.serialization.safe_globals([" + ", ".join(items) + "]):\n"
-            "    torch.load(path, map_location=\"cpu\", weights_only=True)")
-
-
-def print_inspection(report: Inspection, limit: int = 40) -> None:
-    """The report, as --inspect prints it (one line when the input is not readable).
-
-    Read it top down: what the file is, its tensors (name, shape, dtype) and their total
-    size, the other entries (an epoch, hyper-parameters, library versions: what a pickle
-    can carry besides tensors), every global the pickle references, and the verdict. A
-    global in the verdict is a function or class that torch.load would CALL while loading;
-    the question for each is "can calling it with arguments of the file's choosing do harm?"
-    For a class that only stores values (argparse.Namespace, NumPy's dtype) the answer is
-    no; for os.system, exec or getattr it is yes, and then no allow-list makes it safe.
-    """
-    if report.status == 2:
-        print(f"{report.path}: not readable as a checkpoint: {report.problem}")
-        return
-    print(f"{report.path}: {report.kind}")
-    for name, shape, dtype in report.tensors[:limit]:
-        print(f"  tensor {name:<40} {str(list(shape)):<18} {dtype}")
-    total = sum(math.prod(shape) * getattr(getattr(torch, dtype, None), "itemsize", 0)
-                for _, shape, dtype in report.tensors)
-    if len(report.tensors) > limit:
-        print(f"  ... and {len(report.tensors) - limit} more tensors")
-    print(f"  {len(report.tensors)} tensors, {total / 1e6:.2f} MB")
-    for name, summary in report.entries[:limit]:
-        print(f"  entry  {name:<40} {summary}")
-    if report.globals:
-        print(f"  globals the pickle references: {', '.join(report.globals)}")
-    if report.status == 0:
-        print(f"verdict: loads as it is with {report.reader}")
-    elif report.status == 1:
-        print(f"verdict: weights_only=True refuses it; it needs {', '.join(report.needs)}")
-        if report.dangerous:
-            print(f"WARNING: {', '.join(report.dangerous)} can run code: do NOT allow them; "
-                  "this file may be malicious. Load it only if you trust where it came from")
-        else:
-            print("to allow exactly these, for this one load:\n" + safe_globals_line(report.needs))
-
-
-
-# Storage class names (legacy and zip pickles) and safetensors' dtype codes -> torch names.
-STORAGE_DTYPES = {"Float": "float32", "Double": "float64", "Half": "float16",
-                  "BFloat16": "bfloat16", "Long": "int64", "Int": "int32", "Short": "int16",
-                  "Char": "int8", "Byte": "uint8", "Bool": "bool", "ComplexFloat": "complex64",
-                  "ComplexDouble": "complex128"}
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-                      "U8": "uint8", "BOOL": "bool"}
-
-
-class MaliciousPayload:
-    """A pickle payload that runs code on ``torch.load(..., weights_only=False)``.
-
-    ``__reduce__`` tells pickle "to rebuild me, call ``exec(source)``". Here the code only writes
-    a marker file, so you can see that it ran; a real attacker's code would do anything you can.
-    """
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('the payload ran')",))
-
-
-@dataclasses.dataclass
-class TrainingConfig:
-    """A custom type inside a checkpoint: weights_only=True refuses it until allow-listed."""
-
-    learning_rate: float = 1e-3
-    epochs: int = 3
-
-
-_SAVE_AS_CUDA = False
-
-
-@contextlib.contextmanager
-def saved_as_if_on_cuda() -> Iterator[None]:
-    """Inside this block, ``torch.save`` labels every storage ``cuda:0`` as a GPU run would.
-
-    torch.save records each storage's device as a string tag chosen by the "location taggers"
-    of ``torch.serialization.register_package``. A checkpoint written on a GPU differs from a CPU
-    one only in that tag, so this lets a CPU-only machine produce the exact file a reader gets
-    from a GPU box. Only for the demonstration; real GPU runs need no such thing.
-    """
-    global _SAVE_AS_CUDA
-    if not getattr(saved_as_if_on_cuda, "registered", False):
-        torch.serialization.register_package(
-            1, lambda storage: "cuda:0" if _SAVE_AS_CUDA else None, lambda storage, loc: None
-        )
-        saved_as_if_on_cuda.registered = True  # type: ignore[attr-defined]
-    _SAVE_AS_CUDA = True
-    try:
-        yield
-    finally:
-        _SAVE_AS_CUDA = False
-
-
-# Child-process code for section 9. It builds the model itself, so it needs only torch.
-BIG_LOAD_CHILD = r"""
-import json, sys, time
-import torch
-from torch import nn
-
-mode, path, width, depth = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-
-
-def reset_peak():
-    # Linux: writing "5" to clear_refs resets the peak (VmHWM) to the current RSS, so the
-    # peak that `import torch` itself reached does not hide the load's.
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-
-
-def peak_bytes():
-    with open("/proc/self/status") as handle:
-        line = next(line for line in handle if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-
-
-def build():
-    return nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
-
-reset_peak()
-baseline = peak_bytes()
-start = time.perf_counter()
-if mode == "naive":
-    model = build()  # 1st copy: freshly initialised weights
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)  # 2nd copy, in RAM
-    model.load_state_dict(state_dict)  # copies the 2nd into the 1st
-else:
-    with torch.device("meta"):  # shapes only: no memory, no random init
-        model = build()
-    state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    model.load_state_dict(state_dict, assign=True)  # the parameters ARE the mapped tensors
-load_seconds = time.perf_counter() - start
-with torch.no_grad():  # use every weight, so the mmap path really reads the whole file
-    output = model(torch.ones(1, width))
-print(json.dumps({"load_seconds": load_seconds,
-                  "load_and_forward_seconds": time.perf_counter() - start,
-                  "peak_bytes": peak_bytes(), "baseline_bytes": baseline,
-                  "output_sum": float(output.double().sum())}))
-"""
 
 
 # ############################################################################################
@@ -1027,7 +451,9 @@ if in_notebook():
 # "rng" holds every generator (common.training.capture_rng_state: Python's, NumPy's, torch's,
 # each GPU's and the loader's; 02 shows it line by line).
 # Below: 3 epochs straight through, saving after epoch 2; then fresh objects (another seed,
-# to prove everything comes from the file) resume from that checkpoint and finish.
+# to prove everything comes from the file) resume from that checkpoint and finish. On CUDA a
+# bit-exact comparison also needs deterministic kernels (Conv2d's backward is not by
+# default): the lesson runs inside deterministic_algorithms(), which restores them after.
 
 
 def build_for_resume(run: Run, seed: int) -> tuple:
@@ -1040,6 +466,32 @@ def build_for_resume(run: Run, seed: int) -> tuple:
     return model, optimizer, scheduler, train_loader
 
 
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Deterministic kernels inside the block, the previous settings restored after it.
+
+    On a CPU these lessons are bit-exact as they are. On CUDA, Conv2d's backward picks
+    cuDNN algorithms that add in a varying order (atomics), so two identical runs can
+    differ in the last bits: bit-exact resume there needs cudnn.deterministic=True,
+    cudnn.benchmark=False and torch.use_deterministic_algorithms(True), and cuBLAS needs
+    CUBLAS_WORKSPACE_CONFIG=":4096:8" (PyTorch's reproducibility notes).
+    """
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+                os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2:4]
+        if previous[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 def lesson_4_general_checkpoint(run: Run) -> dict:
     """Train 3 epochs saving at epoch 2; resume fresh objects from it; compare weights.
 
@@ -1048,30 +500,32 @@ def lesson_4_general_checkpoint(run: Run) -> dict:
     learning rate (halved each epoch) and the shuffle order of the third epoch.
     """
     run.section("4. Method 3: a general checkpoint, and resuming from it")
-    epochs, save_after = 3, 2
-    model, optimizer, scheduler, loader = build_for_resume(run, run.seed)
-    path = run.path(f"checkpoint_epoch{save_after:03d}.pt")
-    for epoch in range(epochs):
-        loss = train_one_epoch(model, loader, optimizer, run.device, scheduler)
-        if epoch + 1 == save_after:
-            torch.save({"epoch": epoch + 1, "model": model.state_dict(),  # epoch: the NEXT one
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "metrics": {"train_loss": loss},
-                        "rng": capture_rng_state(loader.generator)}, path)
-            run.artifact("checkpoint", path)
-    resumed, optimizer2, scheduler2, loader2 = build_for_resume(run, run.seed + 100)
-    checkpoint = torch.load(path, map_location=run.device, weights_only=True)
-    resumed.load_state_dict(checkpoint["model"])
-    optimizer2.load_state_dict(checkpoint["optimizer"])
-    scheduler2.load_state_dict(checkpoint["scheduler"])
-    restore_rng_state(checkpoint["rng"], loader2.generator)
-    print(f"  resuming at epoch {checkpoint['epoch']} "
-          f"(saved train_loss {checkpoint['metrics']['train_loss']:.4f}, "
-          f"lr now {scheduler2.get_last_lr()[0]:.4f})")
-    for _ in range(checkpoint["epoch"], epochs):
-        train_one_epoch(resumed, loader2, optimizer2, run.device, scheduler2)
-    diff = max_abs_diff(model.state_dict(), resumed.state_dict())
-    print(f"  straight run vs save-at-epoch-2-then-resume, final weights: max |diff| = {diff}")
+    with deterministic_algorithms():  # Conv2d's CUDA backward is not, by default
+        epochs, save_after = 3, 2
+        model, optimizer, scheduler, loader = build_for_resume(run, run.seed)
+        path = run.path(f"checkpoint_epoch{save_after:03d}.pt")
+        for epoch in range(epochs):
+            loss = train_one_epoch(model, loader, optimizer, run.device, scheduler)
+            if epoch + 1 == save_after:
+                torch.save({"epoch": epoch + 1, "model": model.state_dict(),  # the NEXT epoch
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "metrics": {"train_loss": loss},
+                            "rng": capture_rng_state(loader.generator)}, path)
+                run.artifact("checkpoint", path)
+        resumed, optimizer2, scheduler2, loader2 = build_for_resume(run, run.seed + 100)
+        checkpoint = torch.load(path, map_location=run.device, weights_only=True)
+        resumed.load_state_dict(checkpoint["model"])
+        optimizer2.load_state_dict(checkpoint["optimizer"])
+        scheduler2.load_state_dict(checkpoint["scheduler"])
+        restore_rng_state(checkpoint["rng"], loader2.generator)
+        print(f"  resuming at epoch {checkpoint['epoch']} "
+              f"(saved train_loss {checkpoint['metrics']['train_loss']:.4f}, "
+              f"lr now {scheduler2.get_last_lr()[0]:.4f})")
+        for _ in range(checkpoint["epoch"], epochs):
+            train_one_epoch(resumed, loader2, optimizer2, run.device, scheduler2)
+        diff = max_abs_diff(model.state_dict(), resumed.state_dict())
+        print(f"  straight run vs save-at-epoch-2-then-resume, final weights: max |diff| = {diff}")
     return {"resume_max_abs_diff": diff}
 
 
@@ -1207,6 +661,31 @@ if in_notebook():
 # GPU run would, see saved_as_if_on_cuda) goes through each form.
 
 
+_SAVE_AS_CUDA = False
+
+
+@contextlib.contextmanager
+def saved_as_if_on_cuda() -> Iterator[None]:
+    """Inside this block, ``torch.save`` labels every storage ``cuda:0`` as a GPU run would.
+
+    torch.save records each storage's device as a string tag chosen by the "location taggers"
+    of ``torch.serialization.register_package``. A checkpoint written on a GPU differs from a CPU
+    one only in that tag, so this lets a CPU-only machine produce the exact file a reader gets
+    from a GPU box. Only for the demonstration; real GPU runs need no such thing.
+    """
+    global _SAVE_AS_CUDA
+    if not getattr(saved_as_if_on_cuda, "registered", False):
+        torch.serialization.register_package(
+            1, lambda storage: "cuda:0" if _SAVE_AS_CUDA else None, lambda storage, loc: None
+        )
+        saved_as_if_on_cuda.registered = True  # type: ignore[attr-defined]
+    _SAVE_AS_CUDA = True
+    try:
+        yield
+    finally:
+        _SAVE_AS_CUDA = False
+
+
 def lesson_6_devices(run: Run) -> dict:
     """Write a cuda:0 checkpoint; load it without and with each form of map_location.
 
@@ -1297,13 +776,36 @@ if in_notebook():
 # Since torch 2.6 weights_only=True is the default: the unpickler accepts only tensors,
 # primitive types and containers, and refuses anything else with "Unsupported global".
 # We always pass weights_only explicitly, so the code means the same on any torch version.
-# torch.serialization.get_unsafe_globals_in_checkpoint(path) lists what a file would import,
-# WITHOUT running it: inspect an unknown file with it first.
+# torch.serialization.get_unsafe_globals_in_checkpoint(path) lists the GLOBAL names of a zip
+# file's pickle outside weights_only's allow-list, without running it (it reads only those
+# opcodes). For a file you did not write, `--inspect` (section 13) reads all of it.
 # weights_only=True is a defence, not a proof, and it has had holes: CVE-2025-32434 (remote
 # code execution through weights_only=True, torch < 2.6) and GHSA-63cw-57p8-fm3p (published
 # January 2026: the weights_only unpickler could corrupt memory, torch <= 2.9.1, fixed in
 # 2.10.0). So: torch >= 2.10 (this collection's requirements.txt refuses older), and for
 # files from people you do not trust, safetensors (section 8), which has no code path at all.
+
+
+class MaliciousPayload:
+    """A pickle payload that runs code on ``torch.load(..., weights_only=False)``.
+
+    ``__reduce__`` tells pickle "to rebuild me, call ``exec(source)``". Here the code only writes
+    a marker file, so you can see that it ran; a real attacker's code would do anything you can.
+    """
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('the payload ran')",))
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """A custom type inside a checkpoint: weights_only=True refuses it until allow-listed."""
+
+    learning_rate: float = 1e-3
+    epochs: int = 3
 
 
 def lesson_7_security(run: Run) -> dict:
@@ -1379,13 +881,31 @@ if in_notebook():
 # save_file (use safetensors.torch.save_model for tied weights).
 # API: save_file(state_dict, path, metadata={...}); load_file(path, device="cpu");
 #      with safe_open(path, framework="pt") as f: f.metadata(), f.get_tensor(name)
+# Timing it fairly: load_file maps the file and defers reading the bytes until a tensor is
+# used, while torch.load (without mmap=True) reads them all at once. Timing the two calls
+# alone compares a promise with a delivery, so the lesson times each load together with a
+# first use that touches every byte (a sum over every tensor), and the sentence's
+# comparison word comes from timing_word, which turns with the figures.
+
+
+def timing_word(first_ms: float, second_ms: float, second_name: str) -> str:
+    """The comparison a sentence may make of two medians, chosen by the figures: within a
+    factor of 1.5 is "the same order"; otherwise which one is faster, and by how much."""
+    ratio = first_ms / second_ms if second_ms > 0 else math.inf
+    if 1 / 1.5 <= ratio <= 1.5:
+        return f"the same order (ratio {ratio:.2f})"
+    if ratio > 1.5:
+        return f"{second_name} is {ratio:.1f}x faster"
+    return f"{second_name} is {1 / ratio:.1f}x slower"
 
 
 def lesson_8_safetensors(run: Run) -> dict:
     """Save one state_dict both ways; compare content, metadata, size and load time.
 
-    The sizes are close (both are raw tensor bytes plus a small header); the load times are
-    of the same order here, and safetensors' real advantage is that loading it runs no code.
+    The sizes are close (both are raw tensor bytes plus a small header). load_file maps the
+    file and defers reading the bytes until a tensor is used, so the load is timed together
+    with a first use (a sum over every tensor); safetensors' real advantage is that loading
+    it runs no code.
     """
     run.section("8. safetensors: a format that cannot run code")
     state_dict = MLP(256, 1024, 10).state_dict()
@@ -1400,11 +920,15 @@ def lesson_8_safetensors(run: Run) -> dict:
     print(f"  reloaded: max |diff| = {diff}; metadata = {metadata}")
     pt_bytes, st_bytes = pt_path.stat().st_size, st_path.stat().st_size
     print(f"  size: torch.save {format_bytes(pt_bytes)} vs safetensors {format_bytes(st_bytes)}")
-    torch_time = benchmark(lambda: torch.load(pt_path, map_location="cpu", weights_only=True),
-                           warmup=2, repeats=15)
-    st_time = benchmark(lambda: load_file(st_path, device="cpu"), warmup=2, repeats=15)
-    print(f"  load time ({torch.get_num_threads()} threads): torch.load {torch_time}  vs  "
-          f"safetensors load_file {st_time}")
+    def use(state: dict) -> float:  # touches every byte: the deferred reads happen here
+        return sum(float(tensor.sum()) for tensor in state.values())
+
+    torch_time = benchmark(lambda: use(torch.load(pt_path, map_location="cpu",
+                                                  weights_only=True)), warmup=2, repeats=15)
+    st_time = benchmark(lambda: use(load_file(st_path, device="cpu")), warmup=2, repeats=15)
+    print(f"  load + first use ({torch.get_num_threads()} threads): torch.load {torch_time}  "
+          f"vs  safetensors load_file {st_time}: "
+          f"{timing_word(torch_time.median_ms, st_time.median_ms, 'safetensors')}")
     return {"safetensors_max_abs_diff": diff, "torch_save_bytes": pt_bytes,
             "safetensors_bytes": st_bytes,
             "torch_load_median_ms": round(torch_time.median_ms, 3),
@@ -1428,6 +952,53 @@ if in_notebook():
 # copying into meta tensors (which have no memory to copy into).
 # Peak memory is per process, so each path runs in its own fresh Python process (BIG_LOAD_CHILD
 # above), which reports its peak resident memory above what importing torch cost.
+
+
+# Child-process code for section 9. It builds the model itself, so it needs only torch.
+BIG_LOAD_CHILD = r"""
+import json, sys, time
+import torch
+from torch import nn
+
+mode, path, width, depth = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+
+def reset_peak():
+    # Linux: writing "5" to clear_refs resets the peak (VmHWM) to the current RSS, so the
+    # peak that `import torch` itself reached does not hide the load's.
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def peak_bytes():
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def build():
+    return nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
+
+reset_peak()
+baseline = peak_bytes()
+start = time.perf_counter()
+if mode == "naive":
+    model = build()  # 1st copy: freshly initialised weights
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)  # 2nd copy, in RAM
+    model.load_state_dict(state_dict)  # copies the 2nd into the 1st
+else:
+    with torch.device("meta"):  # shapes only: no memory, no random init
+        model = build()
+    state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    model.load_state_dict(state_dict, assign=True)  # the parameters ARE the mapped tensors
+load_seconds = time.perf_counter() - start
+with torch.no_grad():  # use every weight, so the mmap path really reads the whole file
+    output = model(torch.ones(1, width))
+print(json.dumps({"load_seconds": load_seconds,
+                  "load_and_forward_seconds": time.perf_counter() - start,
+                  "peak_bytes": peak_bytes(), "baseline_bytes": baseline,
+                  "output_sum": float(output.double().sum())}))
+"""
 
 
 def load_in_child(mode: str, path: Path, width: int, depth: int) -> dict:
@@ -1589,7 +1160,30 @@ if in_notebook():
 # train() vs eval() differs through both.
 # Call model.eval() before validation, export or inference; model.train() before training.
 # torch.no_grad() and torch.inference_mode() switch off autograd (less memory, faster);
-# inference_mode goes further, and its tensors can never enter autograd later.
+# inference_mode goes further: its tensors carry no version counter, so autograd may use one
+# only where it need not save it for backward. `(frozen + w).sum().backward()` works (an
+# addition saves nothing); `frozen * w` (the product saves `frozen` for w's gradient) and an
+# in-place update of `frozen` outside inference_mode fail. Both are shown below.
+
+
+def inference_tensor_in_autograd(frozen: torch.Tensor) -> dict[str, str]:
+    """Three uses of a tensor made under inference_mode, each run: "works" or the error.
+
+    ``frozen + w`` saves nothing for backward and works; ``frozen * w`` must save ``frozen``
+    (w's gradient is ``frozen``) and fails; so does an in-place update outside the mode.
+    """
+    weight = torch.ones_like(frozen, requires_grad=True)
+    steps = {"add (t + w).sum().backward()": lambda: (frozen + weight).sum().backward(),
+             "multiply (t * w).sum().backward()": lambda: (frozen * weight).sum().backward(),
+             "in-place t.add_(1) outside inference_mode": lambda: frozen.add_(1)}
+    outcomes = {}
+    for label, step in steps.items():
+        try:
+            step()
+            outcomes[label] = "works"
+        except RuntimeError as err:
+            outcomes[label] = first_line(err)[:80]
+    return outcomes
 
 
 def lesson_11_train_vs_eval(run: Run, model: nn.Module, inputs: torch.Tensor) -> dict:
@@ -1620,12 +1214,13 @@ def lesson_11_train_vs_eval(run: Run, model: nn.Module, inputs: torch.Tensor) ->
     print(f"  requires_grad: no_grad {plain.requires_grad}, inference_mode "
           f"{frozen.requires_grad}; is_inference(): {plain.is_inference()}, "
           f"{frozen.is_inference()}")
-    try:
-        (frozen * torch.ones_like(frozen, requires_grad=True)).sum().backward()
-    except RuntimeError as err:
-        print(f"  an inference tensor used in autograd: {first_line(err)}")
+    autograd = inference_tensor_in_autograd(frozen)
+    for label, outcome in autograd.items():
+        print(f"  an inference tensor, {label}: {outcome}")
     return {"train_mode_repeat_diff": train_diff, "eval_mode_repeat_diff": eval_diff,
-            "train_vs_eval_diff": train_vs_eval, "batchnorm_running_mean_change": bn_changed}
+            "train_vs_eval_diff": train_vs_eval, "batchnorm_running_mean_change": bn_changed,
+            **{f"inference_tensor_{label.split()[0].replace('-', '_')}_works":
+               outcome == "works" for label, outcome in autograd.items()}}
 
 
 if in_notebook():
@@ -1636,7 +1231,9 @@ if in_notebook():
 # torch.load's own errors for bad files say little, and for a file that is not a checkpoint
 # they are arbitrary: the unpickler reads its first bytes as opcodes, so "hello" gives
 # "KeyError: 101", other texts IndexError, EOFError or UnpicklingError. An empty file gives a
-# bare EOFError, a truncated one "failed finding central directory", and
+# bare EOFError, a truncated one a zip-reader error that depends on where the cut falls
+# (measured on torch 2.14.1: "failed finding central directory" or "OSError: [Errno 22]
+# Invalid argument"; the lesson prints the one it meets), and
 # load_state_dict reports mismatches only after a long traceback. load_weights() above turns
 # each into one line naming the file and the cause, and checks keys and shapes BEFORE copying,
 # so a failed load leaves the model untouched. It only reads files, never writes or deletes.
@@ -1678,6 +1275,11 @@ def lesson_12_bad_input(run: Run, state_dict_path: Path) -> dict:
         except CheckpointLoadError as err:
             clear += str(path) in str(err)
             print(f"  CheckpointLoadError: {str(err).replace(str(folder) + os.sep, '')}")
+    try:  # what torch.load itself says about the half file, for comparison
+        torch.load(folder / "truncated.pt", map_location="cpu", weights_only=True)
+    except Exception as err:
+        print(f"  (torch.load's own error for truncated.pt: {type(err).__name__}: "
+              f"{first_line(err)[:70]})")
     unchanged = max_abs_diff(before, model.state_dict())
     print(f"  {clear}/{len(cases)} errors name the file; the model after all failed loads: "
           f"max |diff| = {unchanged}; payload ran: {(folder / 'PAYLOAD_RAN.txt').exists()}")
@@ -1690,15 +1292,1121 @@ if in_notebook():
     run.record_all(lesson_12_bad_input(run, run.out_dir / "model_state_dict.pt"))
 
 
+# %% The inspector behind --inspect (lesson 13 teaches it)
+# `python 01_basic_save_load.py --inspect PATH` describes a checkpoint whose origin you do not
+# control WITHOUT running anything from it. Why an inspector at all: weights_only=True refuses
+# a file at the FIRST global it does not allow, so fixing a download one "Unsupported global"
+# at a time ends with an allow-list nobody reviewed; listing every global up front lets a
+# person decide once. How it reads: every pickle (a zip's data.pkl, a legacy file, a DCP
+# folder's .metadata) goes through StubUnpickler, a small pickle machine of its own that
+# never imports a module, never resolves a name, never calls anything: a global becomes a
+# record of its (module, name), a call becomes a record of what would be called with what.
+# Names are compared with an exact allow-list of (module, name) pairs. Every input is
+# bounded: each limit below is a named constant, and passing one stops with exit status 2.
+#
+# What an attacker tries, and the answer to each (tests/test_inspect_fuzz.py has them all):
+# - Make the inspector itself run the payload. Python's pickle.Unpickler, even with a
+#   find_class that returns stand-ins, still resolves dotted names attribute by attribute
+#   (module "torch.distributed.checkpoint.filesystem", name "os.system" reaches os.system
+#   through the module's own import), and DCP's FileSystemReader.read_metadata is a plain
+#   pickle.load. So no byte of the file reaches either: only StubUnpickler reads pickles,
+#   and a name is a pair of strings compared for equality, never a path to follow.
+# - Hide the call. getattr(__import__("os"), "system")(...) calls the RESULT of a call; INST,
+#   OBJ and NEWOBJ_EX are calls that weights_only never executes; EXT codes name globals
+#   by a number. Each is recorded and reported as dangerous or unknown, never as harmless.
+# - Exhaust memory or time. A 13-byte LONG_BINPUT 2**26 makes the C unpickler allocate a
+#   memo of 2**26 slots; shared references make a 719-byte pickle a tree of 2**60 nodes to
+#   anyone who walks it naively; a few hundred bytes of bzip2 decompress to gigabytes;
+#   160,000 distinct globals cost quadratic time in a list. Here the memo is a dict, a
+#   structure met twice is named instead of walked again, zip members are checked against
+#   MAX_PICKLE_BYTES from the header and again while decompressing, globals live in a dict.
+# - Block the reader or read elsewhere. A FIFO named model.safetensors.index.json blocks
+#   an open() forever; a symlink in a downloaded folder can point at any file you own.
+#   Only regular files are opened (checked by stat, then again on the O_NONBLOCK handle),
+#   and a file of a folder must resolve inside that folder.
+# - Forge the report. A tensor named "\nverdict: loads as it is" or holding an ANSI escape
+#   would print a line of its own; every name and value is escaped (repr-style) first.
+
+MAX_PICKLE_BYTES = 64 * 2**20  # a pickle holds names, shapes and small values; tensor bytes
+# live in separate records (real data.pkl files are KBs to a few MB)
+MAX_OPCODES = 5_000_000  # pickle instructions read (~2 M for a 100,000-tensor state_dict)
+MAX_OBJECTS = 1_000_000  # objects the reader builds: about 100 MB of Python objects at most
+MAX_MEMO = 1_000_000  # memo entries; a dict, so LONG_BINPUT 2**26 is one entry, not 2**26
+MAX_DEPTH = 100  # nesting of containers and calls; a checkpoint nests a few levels
+MAX_GLOBALS = 10_000  # distinct globals (a whole pickled model names ~50), kept in a dict
+MAX_LISTED = 10_000  # tensors and entries kept for the report (all are counted)
+MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors' own reader refuses more ("header too large")
+MAX_INDEX_BYTES = 64 * 2**20  # a model.safetensors.index.json: ~100 bytes per tensor name
+MAX_ZIP_DIRECTORY_BYTES = 16 * 2**20  # a zip's central directory: ~100 bytes per member
+MAX_TENSOR_DIMENSIONS = 64  # more than any real tensor has
+
+# Storage class names (legacy and zip pickles) and safetensors' dtype codes -> torch names.
+STORAGE_DTYPES = {"Float": "float32", "Double": "float64", "Half": "float16",
+                  "BFloat16": "bfloat16", "Long": "int64", "Int": "int32", "Short": "int16",
+                  "Char": "int8", "Byte": "uint8", "Bool": "bool", "ComplexFloat": "complex64",
+                  "ComplexDouble": "complex128"}
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+                      "U8": "uint8", "BOOL": "bool"}
+
+DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8,
+               "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8,
+               "complex128": 16}
+
+# A HEURISTIC of globals known to hand a pickle the power to run code or touch the system.
+# It is a deny-list and cannot be complete (cProfile.run, timeit.timeit and many more run code
+# too): it only adds a warning. A global missing from it is not harmless, only not on it.
+KNOWN_DANGEROUS = re.compile(
+    r"^(builtins\.(exec|eval|compile|__import__|getattr|setattr|delattr|open|breakpoint|"
+    r"input|globals|locals|vars)$|(os|posix|nt|subprocess|shutil|sys|runpy|importlib|pickle|"
+    r"_pickle|marshal|ctypes|socket|code|codeop|pty|webbrowser|multiprocessing|cProfile|"
+    r"profile|timeit|pdb|bdb|trace|doctest|torch\.utils\.collect_env|torch\.hub|"
+    r"numpy\.testing|torch\.distributed\.checkpoint\.format_utils|torch\.serialization|"
+    r"torch\.load|torch\.jit|torch\.package|functools|operator|types|inspect)(\.|$))")
+
+
+def checked_regular_file(path: str | Path, folder: str | Path | None = None) -> Path:
+    """``path`` if it is a regular file (inside ``folder``, symlinks resolved, when given).
+
+    For files you did not write: a FIFO named like a checkpoint blocks a reader forever, a
+    device file never ends, and a symlink in a downloaded folder can point at any file of
+    yours. ``os.stat`` answers without opening (a FIFO does not block it); raises
+    ``CheckpointLoadError`` naming the file and the cause.
+    """
+    path = Path(path)
+    if folder is not None:
+        real, root = os.path.realpath(path), os.path.realpath(folder)
+        if os.path.commonpath([real, root]) != root:
+            raise CheckpointLoadError(f"{path}: resolves to {real}, outside {root}: refused")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise CheckpointLoadError(f"{path}: {err.strerror or err}") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointLoadError(f"{path}: not a regular file (a folder, FIFO, socket or "
+                                  "device): refused")
+    return path
+
+
+def read_regular_file(path: str | Path, limit: int, folder: str | Path | None = None,
+                      part: bool = False) -> bytes:
+    """The bytes of a regular file (see checked_regular_file), at most ``limit`` of them.
+
+    Opened with O_NONBLOCK and checked again on the open handle, so a file swapped for a
+    FIFO after the check cannot block either. A longer file is an error, or with
+    ``part=True`` its first ``limit`` bytes.
+    """
+    path = checked_regular_file(path, folder)
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise CheckpointLoadError(f"{path}: not a regular file: refused")
+        data = handle.read(limit if part else limit + 1)
+    if len(data) > limit:
+        raise CheckpointLoadError(f"{path}: larger than the {limit} bytes allowed here")
+    return data
+
+
+class InspectionLimit(ValueError):
+    """An input went past one of the MAX_* limits; the message names the limit."""
+
+
+class Global:
+    """A name a pickle references, as (module, name): never imported, never resolved."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    @property
+    def full(self) -> str:
+        """The dotted spelling torch uses in its allow-list and its error messages."""
+        return f"{self.module}.{self.name}"
+
+
+class Call:
+    """What a pickle asks to be called (REDUCE, NEWOBJ, NEWOBJ_EX, INST, OBJ), never called:
+    ``func`` (a Global, or another Call when the pickle calls a call's result), ``args``,
+    and what BUILD, SETITEM(S) and APPEND(S) later give the result."""
+
+    __slots__ = ("func", "args", "state", "items", "opcode")
+
+    def __init__(self, func: Any, args: Any, opcode: str) -> None:
+        self.func, self.args, self.opcode = func, args, opcode
+        self.state: Any = None
+        self.items: dict = {}
+
+    @property
+    def name(self) -> str:
+        """The called global's full name, or a placeholder when the pickle calls a value."""
+        return self.func.full if isinstance(self.func, Global) else "<a call's result>"
+
+
+class Storage:
+    """A persistent id (torch.save's reference to a tensor's bytes in another record)."""
+
+    __slots__ = ("pid",)
+
+    def __init__(self, pid: Any) -> None:
+        self.pid = pid
+
+
+# The opcodes torch's weights_only unpickler executes (torch/_weights_only_unpickler.py,
+# load()); any other opcode makes torch.load(weights_only=True) refuse the file outright.
+WEIGHTS_ONLY_OPCODES = frozenset(b"c\x81Rbaesu(t\x85\x86\x87N\x88\x89)]}\x8fJKMGXUQhjqr\x8a\x80.")
+
+
+_NOT_A_CONSTANT = object()
+
+
+class _OpcodeReader:
+    """The byte side of StubUnpickler: reads opcodes and their arguments from ``data``,
+    never past its end, and decodes the opcodes that push a plain value (numbers, text,
+    bytes, None, booleans): no global, no call, nothing to stub."""
+
+    def __init__(self, data: bytes, start: int) -> None:
+        self.data, self.view, self.pos = data, memoryview(data), start
+
+    def opcode(self) -> int:
+        """The next opcode byte (a pickle that ends before its STOP is truncated)."""
+        if self.pos >= len(self.data):
+            raise ValueError("the pickle ends early (no STOP opcode; truncated?)")
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def take(self, count: int) -> bytes:
+        """``count`` bytes of argument; a length that points past the end is refused before
+        anything is allocated (a BINBYTES8 may claim 2**63 bytes)."""
+        if count < 0 or self.pos + count > len(self.data):
+            raise ValueError("the pickle ends early (truncated?)")
+        self.pos += count
+        return bytes(self.view[self.pos - count:self.pos])
+
+    def line(self) -> bytes:
+        """A protocol-0 argument: text up to a newline (at most 1 MB of it)."""
+        end = self.data.find(b"\n", self.pos, min(len(self.data), self.pos + 1_000_000))
+        if end < 0:
+            raise ValueError("a text opcode without its newline (truncated?)")
+        text, self.pos = bytes(self.view[self.pos:end]), end + 1
+        return text
+
+    def number(self, kind: str, width: int) -> int:
+        """A little-endian integer argument, ``"s"`` signed or ``"u"`` unsigned."""
+        return int.from_bytes(self.take(width), "little", signed=kind == "s")
+
+    def constant(self, op: int) -> Any:  # noqa: C901 - one branch per opcode
+        """The value a constant opcode pushes, or _NOT_A_CONSTANT for any other opcode."""
+        char = chr(op)
+        if char in "NK":  # NONE, BININT1
+            return None if char == "N" else self.take(1)[0]
+        if op in (0x88, 0x89):  # NEWTRUE, NEWFALSE
+            return op == 0x88
+        if char in "JM":  # BININT (signed, 4 bytes), BININT2
+            return self.number("s", 4) if char == "J" else self.number("u", 2)
+        if op in (0x8A, 0x8B):  # LONG1, LONG4: the digits' length, then the digits
+            length = self.number("u", 1) if op == 0x8A else self.number("s", 4)
+            return int.from_bytes(self.take(length), "little", signed=True)
+        if char == "G":  # BINFLOAT
+            return struct.unpack(">d", self.take(8))[0]
+        if char in "IL":  # INT, LONG (text; int() refuses more than 4,300 digits)
+            text = self.line().rstrip(b"L")
+            return {b"00": False, b"01": True}[text] if text in (b"00", b"01") else int(text)
+        if char == "F":  # FLOAT (text)
+            return float(self.line())
+        if char in "XUTCB" or op in (0x8C, 0x8D, 0x8E, 0x96):  # text and bytes, sized
+            width = {"X": 4, "U": 1, "T": 4, "C": 1, "B": 4, "\x8c": 1}.get(char, 8)
+            raw = self.take(self.number("u", width))
+            if char == "X" or op in (0x8C, 0x8D):  # BINUNICODE, SHORT_/BINUNICODE8
+                return raw.decode("utf-8", "surrogatepass")
+            # SHORT_BINSTRING, BINSTRING are Python 2 str (latin-1); the rest are bytes
+            return raw.decode("latin-1") if char in "UT" else raw
+        if char == "S":  # STRING (text, quoted)
+            text = self.line()
+            if len(text) < 2 or text[:1] != text[-1:] or text[:1] not in b"'\"":
+                raise ValueError("a STRING opcode without quotes")
+            return codecs.escape_decode(text[1:-1])[0].decode("latin-1")
+        if char == "V":  # UNICODE (text)
+            return self.line().decode("raw-unicode-escape")
+        return _NOT_A_CONSTANT
+
+
+class PickleRecords:
+    """The records side of StubUnpickler: each global met, as a Global (linear time: a dict
+    keyed by (module, name)); each call, as a Call; every object counted against its limit;
+    constructs it cannot follow described in ``unfollowable``; opcodes seen in ``opcodes``.
+    """
+
+    def __init__(self) -> None:
+        self.globals: dict[tuple[str, str], Global] = {}
+        self.unfollowable: list[str] = []
+        self.opcodes: set[int] = set()
+        self.dtype_codes: set[str] = set()  # arguments of numpy.dtype(...), see below
+        self.count = self.objects = 0
+        self.depth: dict[int, int] = {}  # id -> nesting depth of tuples, kept alive in `keep`
+        self.keep: list[Any] = []
+        self.end = 0
+
+    def _global(self, module: Any, name: Any) -> Global:
+        """The one Global record of (module, name), created on first sight.
+
+        Both must be text (STACK_GLOBAL takes them from the stack, where a pickle can put
+        anything). Python 2 names (``__builtin__``, ``copy_reg``) are mapped the way torch's
+        own weights_only unpickler maps them, so the pairs compare with its allow-list.
+        """
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise ValueError("a global whose module or name is not text")
+        # Protocol 2 pickles (torch.save's) use Python 2's names; torch maps them back.
+        module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module),
+                                                         name))
+        record = self.globals.get((module, name))
+        if record is None:
+            if len(self.globals) >= MAX_GLOBALS:
+                raise InspectionLimit(f"more than MAX_GLOBALS = {MAX_GLOBALS} distinct globals")
+            record = self.globals[(module, name)] = Global(module, name)
+        return record
+
+    def _new(self, value: Any, items: Any = ()) -> Any:
+        """Count a built object; a tuple's depth is tracked (hashing nests as deep)."""
+        self.objects += 1
+        if self.objects > MAX_OBJECTS:
+            raise InspectionLimit(f"more than MAX_OBJECTS = {MAX_OBJECTS} objects")
+        if items:
+            depth = 1 + max((self.depth.get(id(item), 0) for item in items), default=0)
+            if depth > MAX_DEPTH:
+                raise InspectionLimit(f"nested deeper than MAX_DEPTH = {MAX_DEPTH}")
+            if isinstance(value, (tuple, frozenset)):
+                self.depth[id(value)] = depth
+                self.keep.append(value)
+        return value
+
+    def _call(self, func: Any, args: Any, opcode: str) -> Call:
+        """Record a call instead of making it. A call of anything but a plain Global (the
+        result of another call, a value) is a construct no allow-list can judge: it goes
+        to ``unfollowable``, and the report calls the file dangerous or unknown."""
+        if not isinstance(func, Global):
+            self.unfollowable.append(f"{opcode} calls something that is not a plain global "
+                                     f"(a call's result or a value): {_short(func)}")
+        elif func.full == "numpy.dtype" and isinstance(args, tuple) and args \
+                and isinstance(args[0], str):
+            self.dtype_codes.add(args[0][:8])
+        return self._new(Call(func, args, opcode))
+
+
+class StubUnpickler(PickleRecords):
+    """Reads a pickle (protocols 0 to 5) into Global/Call/Storage records; runs nothing.
+
+    A pickle is a program for a small stack machine: push values, look up a global, call it,
+    store into the memo. This machine does every step except the dangerous ones: a global
+    is recorded, never imported; a call is recorded, never made. Every resource is bounded
+    (MAX_OPCODES, MAX_OBJECTS, MAX_MEMO, MAX_DEPTH, MAX_GLOBALS). ``load(data, start)``
+    reads one pickle from ``data`` at ``start`` and returns its object; ``end`` is where
+    it stopped. ``globals`` maps each (module, name) to its record, first seen first;
+    ``unfollowable`` describes constructs it cannot follow (a call of a call's result, an
+    extension code); ``opcodes`` is the set of opcodes seen.
+    """
+
+    def load(self, data: bytes, start: int = 0) -> Any:  # noqa: C901 - one branch per opcode
+        """Run the pickle that starts at ``data[start]`` up to its STOP; return its object."""
+        stack: list[Any] = []
+        marks: list[list[Any]] = []
+        memo: dict[int, Any] = {}
+        reader = _OpcodeReader(data, start)
+        take, line, number = reader.take, reader.line, reader.number
+
+        def pop_mark() -> list[Any]:
+            """The values pushed since the last MARK; the stack below it becomes current."""
+            nonlocal stack
+            if not marks:
+                raise ValueError("an opcode that needs a MARK without one")
+            items, stack = stack, marks.pop()
+            return items
+
+        def push(value: Any) -> None:
+            """Push a value; DUP and GET push without building, so the stack is bounded too."""
+            stack.append(value)
+            if len(stack) > MAX_OBJECTS:
+                raise InspectionLimit(f"more than MAX_OBJECTS = {MAX_OBJECTS} on the stack")
+
+        while True:
+            op = reader.opcode()
+            self.count += 1
+            if self.count > MAX_OPCODES:
+                raise InspectionLimit(f"more than MAX_OPCODES = {MAX_OPCODES} instructions")
+            self.opcodes.add(op)
+            char = chr(op)
+            # Constants first (most opcodes of a real pickle): they push a plain value and
+            # touch nothing. Then the stack, the structures, the calls and the memo.
+            value = reader.constant(op)  # None, a number, a text, bytes: no stub needed
+            if value is not _NOT_A_CONSTANT:
+                push(self._new(value) if isinstance(value, (str, bytes)) else value)
+            elif op in (0x80, 0x95):  # PROTO, FRAME (a length hint only)
+                take(1 if op == 0x80 else 8)
+            elif char == ".":  # STOP
+                self.end = reader.pos
+                if not stack:
+                    raise ValueError("STOP with an empty stack")
+                return stack.pop()
+            # MARK opens a group (the arguments of TUPLE, LIST, DICT, APPENDS, SETITEMS,
+            # INST, OBJ); groups nest at most MAX_DEPTH deep.
+            elif char == "(":  # MARK
+                if len(marks) >= MAX_DEPTH:
+                    raise InspectionLimit(f"MARKs nested deeper than MAX_DEPTH = {MAX_DEPTH}")
+                marks.append(stack)
+                stack = []
+            elif char == "0":  # POP
+                if stack:
+                    stack.pop()
+                else:
+                    pop_mark()
+            elif char == "1":  # POP_MARK
+                pop_mark()
+            elif char == "2":  # DUP
+                push(stack[-1])
+            elif char in ")]}" or op == 0x8F:  # EMPTY_TUPLE / LIST / DICT / SET
+                push(self._new({")": (), "]": [], "}": {}}.get(char, set())
+                               if op != 0x8F else set()))
+            # Structures: built from the values above a MARK, or from the top 1 to 3 values.
+            # A tuple's nesting depth is checked as it is built, since hashing it as a dict key
+            # recurses as deep as it nests.
+            elif char in "tld" or op == 0x91:  # TUPLE, LIST, DICT, FROZENSET (from a MARK)
+                items = pop_mark()
+                if char == "d":
+                    push(self._new(dict(zip(items[::2], items[1::2], strict=False)), items))
+                else:
+                    kind = {"t": tuple, "l": list}.get(char, frozenset)
+                    push(self._new(kind(items), items))
+            elif op in (0x85, 0x86, 0x87):  # TUPLE1, TUPLE2, TUPLE3
+                count = op - 0x84
+                if len(stack) < count:
+                    raise ValueError("a TUPLE opcode with too few values")
+                items = tuple(stack[-count:])
+                del stack[-count:]
+                push(self._new(items, items))
+            # Filling a structure: a list, a set, a dict; or a Call (a list or dict subclass, or
+            # any object the pickle appends to), whose items are recorded, not set on anything.
+            elif char in "ae" or op == 0x90:  # APPEND, APPENDS, ADDITEMS
+                items = [stack.pop()] if char == "a" else pop_mark()
+                target = stack[-1]
+                if isinstance(target, list) and op != 0x90:
+                    target.extend(items)
+                elif isinstance(target, set) and op == 0x90:
+                    target.update(items)
+                elif isinstance(target, Call):  # a list subclass, or .append of any object
+                    for item in items:
+                        target.items[len(target.items)] = item
+                else:
+                    raise ValueError(f"cannot append to {type(target).__name__}")
+            elif char in "su":  # SETITEM, SETITEMS
+                items = stack[-2:] if char == "s" else pop_mark()
+                if char == "s":
+                    del stack[-2:]
+                target = stack[-1]
+                if not isinstance(target, (dict, Call)):
+                    raise ValueError(f"cannot set items on {type(target).__name__}")
+                for key, value in zip(items[::2], items[1::2], strict=False):
+                    (target if isinstance(target, dict) else target.items)[key] = value
+            # Globals and calls: the only opcodes with power. A global becomes a Global record
+            # (its name is never imported or resolved); INST and OBJ are a global plus a call in
+            # one opcode; STACK_GLOBAL takes its module and name from the stack (protocol 4).
+            elif char in "cio" or op == 0x93:  # GLOBAL, INST, OBJ, STACK_GLOBAL
+                if char in "ci":
+                    module = line().decode("utf-8", "surrogateescape")
+                    found = self._global(module, line().decode("utf-8", "surrogateescape"))
+                elif char == "o":
+                    items = pop_mark()
+                    if not items:
+                        raise ValueError("OBJ without a class")
+                    self._new(None)
+                    push(self._call(items[0], tuple(items[1:]), "OBJ"))
+                    continue
+                else:
+                    if len(stack) < 2:
+                        raise ValueError("STACK_GLOBAL with too few values")
+                    name, module = stack.pop(), stack.pop()
+                    found = self._global(module, name)
+                push(self._call(found, tuple(pop_mark()), "INST") if char == "i" else found)
+            elif char == "R" or op in (0x81, 0x92):  # REDUCE, NEWOBJ, NEWOBJ_EX
+                kwargs = stack.pop() if op == 0x92 else None
+                args, func = stack.pop(), stack.pop()
+                call = self._call(func, args, {0x81: "NEWOBJ", 0x92: "NEWOBJ_EX"}.get(op,
+                                                                                     "REDUCE"))
+                if kwargs:
+                    call.state = {"kwargs": kwargs}
+                push(call)
+            # BUILD would call __setstate__ or update __dict__: the state is recorded on the Call.
+            # On anything else (a Global: setattr on a class) it is a construct the inspector
+            # cannot follow, reported as such.
+            elif char == "b":  # BUILD: __setstate__ or __dict__.update, recorded
+                state, target = stack.pop(), stack[-1]
+                if not isinstance(target, Call):
+                    self.unfollowable.append(f"BUILD on a {type(target).__name__}")
+                else:
+                    target.state = state
+            # A persistent id is how torch.save points at a tensor's bytes in another record
+            # (archive/data/<key>): a tuple ("storage", storage class, key, location, numel).
+            elif char in "PQ":  # PERSID, BINPERSID: torch.save's reference to a storage
+                pid = line().decode("ascii", "replace") if char == "P" else stack.pop()
+                push(self._new(Storage(pid)))
+            elif op in (0x82, 0x83, 0x84):  # EXT1, EXT2, EXT4: a global by registry code
+                code = number("u", {0x82: 1, 0x83: 2, 0x84: 4}[op])
+                self.unfollowable.append(f"extension code {code} (EXT{op - 0x81}): a global "
+                                         "the pickle names by a number from copyreg's registry")
+                push(self._global("copyreg-extension", str(code)))
+            # The memo: PUT stores the top value under a key, GET pushes it again (shared
+            # references). A dict, bounded by MAX_MEMO entries whatever the keys.
+            elif char in "hjg":  # BINGET, LONG_BINGET, GET
+                key = take(1)[0] if char == "h" else number("u", 4) if char == "j" else int(
+                    line())
+                if key not in memo:
+                    raise ValueError(f"memo key {key} is read before it is written")
+                push(memo[key])
+            elif char in "qrp" or op == 0x94:  # BINPUT, LONG_BINPUT, PUT, MEMOIZE
+                key = (take(1)[0] if char == "q" else number("u", 4) if char == "r"
+                       else int(line()) if char == "p" else len(memo))
+                if key not in memo and len(memo) >= MAX_MEMO:
+                    raise InspectionLimit(f"more than MAX_MEMO = {MAX_MEMO} memo entries")
+                if not stack:
+                    raise ValueError("a memo store with an empty stack")
+                memo[key] = stack[-1]
+            elif op in (0x97, 0x98):  # NEXT_BUFFER, READONLY_BUFFER (protocol 5)
+                self.unfollowable.append("an out-of-band buffer (protocol 5), which a file "
+                                         "cannot provide")
+                if op == 0x97:
+                    push(None)
+            else:
+                raise ValueError(f"an unknown pickle opcode {bytes([op])!r} at byte "
+                                 f"{reader.pos - 1}")
+
+
+OPCODE_NAMES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
+
+
+def _escape(text: str, limit: int = 120) -> str:
+    """Text from a file, printable on one line: control characters, newlines, ANSI escapes
+    and lone surrogates are written as repr escapes, so no file can forge a line."""
+    text = text[:limit]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _short(value: Any, limit: int = 70) -> str:
+    """A value from a pickle as one short escaped line, without ever calling its repr on a
+    structure (shared references make a 719-byte pickle a structure of 2**60 items)."""
+    parts: list[str] = []
+
+    def add(item: Any, depth: int) -> None:
+        if sum(map(len, parts)) > limit:
+            return
+        if isinstance(item, (list, tuple, set, frozenset, dict)):
+            if depth > 2:
+                parts.append("...")
+                return
+            opening, closing = {list: "[]", tuple: "()", dict: "{}"}.get(type(item), "{}")
+            parts.append(opening)
+            pairs = item.items() if isinstance(item, dict) else ((None, v) for v in item)
+            for index, (key, value) in enumerate(pairs):
+                if index and sum(map(len, parts)) > limit:
+                    parts.append(", ...")
+                    break
+                parts.append(", " if index else "")
+                if isinstance(item, dict):
+                    add(key, depth + 1)
+                    parts.append(": ")
+                add(value, depth + 1)
+            parts.append(closing)
+        elif isinstance(item, Global):
+            parts.append(_escape(item.full))
+        elif isinstance(item, Call):
+            parts.append(f"<{_escape(item.name)}(...)>")
+        elif isinstance(item, Storage):
+            parts.append("<storage>")
+        elif isinstance(item, int) and not isinstance(item, bool) and item.bit_length() > 64:
+            parts.append(f"<an int of {item.bit_length()} bits>")
+        elif isinstance(item, (str, bytes, bytearray)):
+            parts.append(_escape(repr(item[:limit]), limit + 10))
+        else:
+            parts.append(_escape(repr(item)))
+
+    add(value, 0)
+    text = "".join(parts)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _shape(value: Any, name: str) -> tuple[int, ...]:
+    """A tensor's shape as the pickle gives it, checked: a tuple of at most
+    MAX_TENSOR_DIMENSIONS non-negative ints (torch.Size(...) is a call with one)."""
+    if isinstance(value, Call) and value.name == "torch.Size" and value.args:
+        value = value.args[0]
+    if not isinstance(value, (tuple, list)) or len(value) > MAX_TENSOR_DIMENSIONS or not all(
+            type(size) is int and 0 <= size < 2**63 for size in value):
+        raise ValueError(f"tensor {_escape(name)} has an invalid shape {_short(value)}")
+    return tuple(value)
+
+
+@dataclasses.dataclass
+class Inspection:
+    """What --inspect found: the format, tensors, other entries, globals, and a verdict.
+
+    ``status``: 0 = loads with ``weights_only=True`` as it is (or, for DCP, its .metadata
+    names only DCP's own classes); 1 = refused as it is: ``needs`` the globals to review,
+    ``refused_opcodes`` that no allow-list admits, ``dangerous`` what is known or suspected
+    to run code; 2 = not readable, or over a limit (``problem``).
+    """
+
+    path: Path
+    kind: str = "unknown"
+    reader: str = "torch.load(path, map_location=\"cpu\", weights_only=True)"
+    tensors: list = dataclasses.field(default_factory=list)
+    entries: list = dataclasses.field(default_factory=list)
+    tensor_count: int = 0
+    tensor_bytes: int = 0
+    globals: list = dataclasses.field(default_factory=list)
+    needs: list = dataclasses.field(default_factory=list)
+    refused_opcodes: list = dataclasses.field(default_factory=list)
+    dangerous: list = dataclasses.field(default_factory=list)
+    problem: str = ""
+    status: int = 0
+    unpickler: StubUnpickler | None = None
+    allowed: frozenset = frozenset()
+
+    def add_tensor(self, name: str, shape: tuple, dtype: str) -> None:
+        """Count a tensor and its bytes; keep its row while fewer than MAX_LISTED are kept."""
+        self.tensor_count += 1
+        self.tensor_bytes += math.prod(shape) * DTYPE_BYTES.get(dtype, 0)
+        if len(self.tensors) < MAX_LISTED:
+            self.tensors.append((name, shape, dtype))
+
+    def add_entry(self, name: str, summary: str) -> None:
+        """Keep a non-tensor entry's row while fewer than MAX_LISTED are kept."""
+        if len(self.entries) < MAX_LISTED:
+            self.entries.append((name, summary))
+
+
+def _tensor_info(call: Call, name: str) -> tuple[tuple, str] | None:
+    """(shape, dtype) of a call that torch.load would turn into a tensor, else None.
+
+    How torch.save pickles a tensor: a call ``torch._utils._rebuild_tensor_v2(storage,
+    offset, size, stride, requires_grad, hooks)``, where ``storage`` is a persistent id
+    ``("storage", torch.FloatStorage, key, location, numel)`` naming a separate record (the
+    file ``archive/data/<key>`` in the zip). A Parameter wraps that in
+    ``torch._utils._rebuild_parameter(tensor, requires_grad, hooks)``. So the shape is the
+    third argument, and the dtype is in the storage class's name: no byte of data is read.
+    """
+    args = call.args if isinstance(call.args, tuple) else ()
+    if call.name == "torch._utils._rebuild_parameter" and args and isinstance(args[0], Call):
+        return _tensor_info(args[0], name)
+    if call.name != "torch._utils._rebuild_tensor_v2" or len(args) < 3:
+        return None
+    pid = args[0].pid if isinstance(args[0], Storage) else None
+    kind = pid[1] if isinstance(pid, tuple) and len(pid) > 1 else None
+    storage = kind.name if isinstance(kind, Global) else "?"
+    dtype = STORAGE_DTYPES.get(storage.removesuffix("Storage"), _escape(storage, 30))
+    return _shape(args[2], name), dtype
+
+
+def _join(prefix: str, key: Any) -> str:
+    """The dotted name of a child: escaped, and cut (a key may be megabytes long)."""
+    text = _escape(key, 100) if isinstance(key, str) else _short(key, 40)
+    return (f"{prefix}.{text}" if prefix else text)[:300]
+
+
+def _walk(obj: Any, prefix: str, report: Inspection, seen: dict, depth: int = 0) -> None:
+    """Collect tensors ``(name, shape, dtype)`` and other entries ``(name, summary)``.
+
+    Names are the dotted paths a reader would type: ``state_dict.backbone.0.weight`` for a
+    tensor inside a Lightning checkpoint's "state_dict". A pickled module keeps its tensors
+    in ``_parameters`` / ``_buffers`` of each sub-module; those levels are left out of the
+    names, so they read like the module's own state_dict keys. A structure met a second time
+    (shared references) is named, not walked again: the walk is linear in the pickle.
+    """
+    if depth > MAX_DEPTH:
+        raise InspectionLimit(f"nested deeper than MAX_DEPTH = {MAX_DEPTH} at {prefix!r}")
+    if isinstance(obj, Call) and (info := _tensor_info(obj, prefix)) is not None:
+        report.add_tensor(prefix, *info)
+        return
+    if isinstance(obj, (Call, dict, list, tuple, set, frozenset)) and obj:
+        if id(obj) in seen:
+            report.add_entry(prefix, f"the same object as {seen[id(obj)] or 'the top'}")
+            return
+        seen[id(obj)] = prefix
+    if isinstance(obj, Call):
+        if isinstance(obj.state, dict) and "_parameters" in obj.state:  # a pickled nn.Module
+            if "." not in prefix:
+                report.add_entry(prefix, f"a pickled {_escape(obj.name)}")
+            for part in ("_parameters", "_buffers", "_modules"):
+                _walk(obj.state.get(part) or {}, prefix, report, seen, depth + 1)
+            return
+        if not obj.items:
+            detail = obj.state if obj.state is not None else obj.args
+            report.add_entry(prefix, f"{_escape(obj.name)} {_short(detail)}")
+            return
+        children = obj.items.items()
+    elif isinstance(obj, dict):
+        children = obj.items()
+    elif isinstance(obj, (list, tuple)) and any(isinstance(v, (Call, dict)) for v in obj):
+        children = enumerate(obj)
+    else:
+        report.add_entry(prefix, _short(obj))
+        return
+    for key, value in children:
+        _walk(value, _join(prefix, key), report, seen, depth + 1)
+
+
+def checked_member(folder: Path, name: Any) -> Path:
+    """``folder / name`` for a name that a file (an index) gave: a plain file name, a
+    regular file, resolving inside ``folder``; else ValueError."""
+    if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"the index names {_short(name)}, not a plain file name in {folder}")
+    try:
+        return checked_regular_file(folder / name, folder)
+    except CheckpointLoadError as err:
+        raise ValueError(_escape(str(err), 300)) from None
+
+
+def inspect_checkpoint(path: str | Path) -> Inspection:
+    """Describe any checkpoint file or folder WITHOUT running code from it (see Inspection).
+
+    torch.save zip files and legacy (pre-1.6, non-zip) torch.save files, .safetensors
+    files, a sharded safetensors folder or its model.safetensors.index.json, and a DCP
+    folder (.metadata). Never raises for a bad input: the problem goes in the result, and
+    what the reader saw before it stopped (a dangerous global) still goes in ``dangerous``.
+    """
+    # Three steps: read (StubUnpickler, bounded; any error or limit is status 2), judge
+    # (the globals outside the exact allow-list, the dangers, the opcodes weights_only
+    # refuses: status 1 if any), and only for a file judged loadable, confirm it with
+    # torch.load(weights_only=True), whose own checks (storages, sizes) must agree.
+    report = Inspection(Path(path))
+    confirm = None
+    try:
+        confirm = _inspect_into(report)
+    except Exception as err:  # any unreadable input: one line, never a traceback
+        report.status = 2
+        report.problem = _escape(f"{type(err).__name__}: " if not isinstance(
+            err, (ValueError, CheckpointLoadError)) else "", 40) + _escape(str(err), 300)
+    _judge(report)
+    if report.status == 0 and (report.needs or report.refused_opcodes or report.dangerous):
+        report.status = 1
+    if report.status == 0 and confirm is not None:
+        try:  # every byte of the pickle was read above; now torch's own loader confirms
+            confirm()
+        except Exception as err:
+            report.status, report.problem = 2, _escape(first_line(err), 300)
+    return report
+
+
+def _judge(report: Inspection) -> None:
+    """Which globals need review (all outside the exact allow-list), which are known or
+    suspected to run code, which opcodes weights_only never executes.
+
+    It runs even when the read stopped early, on what was seen before the stop: a file cut
+    off by a limit right after naming os.system still has os.system named in its report.
+    """
+    unpickler = report.unpickler
+    if unpickler is None:
+        return
+    report.globals = [record.full for record in unpickler.globals.values()]
+    report.needs = [record.full for key, record in unpickler.globals.items()
+                    if key not in report.allowed]
+    numpy_classes = numpy_dtype_classes(unpickler) if report.needs else []
+    report.needs += [name for name in numpy_classes if name not in report.needs]
+    report.dangerous = [
+        f"{_escape(record.full)} " + ("is a dotted name (an attribute path); no inspector "
+                                      "resolves it, and it can reach anything"
+                                      if "." in record.name else "can run code (it is on the "
+                                      "known-dangerous list)" if KNOWN_DANGEROUS.match(record.full)
+                                      else "is named by a registry code nobody can check")
+        for key, record in unpickler.globals.items() if key not in report.allowed and (
+            "." in record.name or KNOWN_DANGEROUS.match(record.full)
+            or record.module == "copyreg-extension")]
+    report.dangerous += [_escape(text, 200) for text in unpickler.unfollowable[:10]]
+    if report.kind.startswith(("torch.save", "legacy")):
+        report.refused_opcodes = sorted({OPCODE_NAMES.get(op, hex(op)) for op in
+                                         unpickler.opcodes - WEIGHTS_ONLY_OPCODES})
+
+
+def _inspect_into(report: Inspection) -> Callable[[], Any] | None:
+    """Tell the format by its first bytes (never by the file name, which anyone can choose).
+
+    ``PK\x03\x04`` starts a zip archive (torch.save since 1.6); a safetensors file starts
+    with the length of its JSON header as 8 little-endian bytes (a small number, at most
+    the file's size); ``\x80`` starts a pickle of protocol 2 or more (legacy torch.save).
+    Returns the torch.load that confirms a file judged loadable, if there is one.
+    """
+    path = report.path
+    if path.is_dir():
+        if os.path.lexists(path / ".metadata"):
+            return _inspect_dcp(report)
+        index = sorted(path.glob("*.safetensors.index.json"))
+        if index:
+            report.path = checked_regular_file(index[0], path)
+            return _inspect_sharded(report)
+        raise ValueError("a folder with neither a DCP .metadata file nor a "
+                         "*.safetensors.index.json")
+    if not os.path.lexists(path):
+        raise ValueError("no such file or folder")
+    checked_regular_file(path)
+    if path.name.endswith(".index.json"):
+        return _inspect_sharded(report)
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError("the file is empty (0 bytes); was the save interrupted?")
+    head = read_regular_file(path, 8, part=True)
+    if head[:4] == b"PK\x03\x04":
+        return _inspect_torch_zip(report)
+    if len(head) == 8 and int.from_bytes(head, "little") + 8 <= size and head[:1] != b"\x80":
+        return _inspect_safetensors(report)  # an 8-byte header length, then JSON
+    if head[:1] == b"\x80":  # a pickle (protocol 2+): the legacy torch.save format
+        return _inspect_legacy(report)
+    hint = "; the name says ONNX: read it with onnx.load (04)" if path.suffix == ".onnx" else ""
+    raise ValueError(f"not a checkpoint format this knows (starts with {head[:4]!r}){hint}")
+
+
+# Why not torch.serialization.get_unsafe_globals_in_checkpoint, as before: it answers for zip
+# files only, compares "module.name" strings (a dotted name is one string like any other),
+# and is one more reader of the hostile bytes. The allow-list it uses is the one below.
+def _weights_only_allowed() -> frozenset:
+    """The exact (module, name) pairs torch.load(weights_only=True) accepts in this process:
+    its built-in allow-list (torch keeps it in a private module; there is no public function
+    for it) and whatever add_safe_globals / safe_globals allowed."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    names = set(_get_allowed_globals())
+    for item in torch.serialization.get_safe_globals():
+        names.add(item[1] if isinstance(item, tuple) else
+                  f"{getattr(item, '__module__', '')}.{getattr(item, '__qualname__', '')}")
+    return frozenset(tuple(name.rsplit(".", 1)) for name in names)
+
+
+def _zip_directory_bytes(path: Path) -> int:
+    """The size of a zip's central directory, read from its end record before zipfile
+    builds one object per member (zip64 included).
+
+    A zip ends with a 22-byte "end of central directory" record (signature PK\x05\x06;
+    the directory's size at offset 12), possibly after a comment of up to 65,535 bytes, so
+    the last 65,557 bytes hold it. A zip64 archive stores 0xFFFFFFFF there and the real
+    size in a zip64 end record, which the locator PK\x06\x07 just before points to.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        handle.seek(max(0, size - 65_557))
+        tail = handle.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < 22:
+            raise ValueError("truncated or corrupted: it starts like a torch.save archive but "
+                             "its end (the zip directory) is missing")
+        directory = struct.unpack_from("<I", tail, at + 12)[0]
+        locator = tail.rfind(b"PK\x06\x07", 0, at)
+        if directory == 0xFFFFFFFF and locator >= 0:  # zip64: the real size is elsewhere
+            handle.seek(struct.unpack_from("<Q", tail, locator + 8)[0] + 40)
+            directory = struct.unpack("<Q", handle.read(8))[0]
+    return directory
+
+
+def _inspect_torch_zip(report: Inspection) -> Callable[[], Any]:
+    """A torch.save archive: ``<name>/data.pkl`` holds the pickle, ``<name>/data/<key>``
+    the raw storages. The pickle is read with StubUnpickler, bounded before and while it is
+    decompressed; only a file judged loadable is then opened with weights_only=True (mmap:
+    the data is mapped, not read) to confirm it."""
+    report.kind = "torch.save zip archive"
+    if _zip_directory_bytes(report.path) > MAX_ZIP_DIRECTORY_BYTES:
+        raise InspectionLimit(f"a zip directory over MAX_ZIP_DIRECTORY_BYTES = "
+                              f"{MAX_ZIP_DIRECTORY_BYTES}")
+    with zipfile.ZipFile(report.path) as archive:
+        names = archive.namelist()
+        # Three kinds of zip end in .pt or .pt2, and only one is a checkpoint. A TorchScript
+        # archive (constants.pkl, code/) and a torch.export / AOTInductor package
+        # (archive_format) hold programs: say which loader opens them, instead of the
+        # obscure error torch.load would give. Decided by the members, never by the name.
+        if any(n.endswith("/archive_format") for n in names):
+            raise ValueError("a .pt2 package (torch.export.save or AOTInductor), not a "
+                             "checkpoint: open it with torch.export.load or "
+                             "torch._inductor.aoti_load_package (05 sections 3-4)")
+        if any(n.endswith("/constants.pkl") for n in names):
+            raise ValueError("a TorchScript archive (torch.jit.save), not a torch.save "
+                             "checkpoint: open it with torch.jit.load (05 section 2)")
+        pickles = [n for n in names if n.endswith("/data.pkl")]
+        if not pickles:
+            raise ValueError("a zip file, but not a torch.save archive (no data.pkl)")
+        info = archive.getinfo(min(pickles, key=len))
+        # torch.save stores members uncompressed. zipfile bounds a deflate stream's output
+        # per read, but decompresses a bzip2 or lzma chunk whole: refuse those unread.
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ValueError(f"data.pkl is compressed with zip method {info.compress_type}; "
+                             "torch.save never writes that")
+        if info.file_size > MAX_PICKLE_BYTES:  # the header's claim, before reading
+            raise InspectionLimit(f"data.pkl claims {info.file_size} bytes, over "
+                                  f"MAX_PICKLE_BYTES = {MAX_PICKLE_BYTES}")
+        chunks, total = [], 0
+        with archive.open(info) as handle:  # and the real size, while streaming
+            while chunk := handle.read(1 << 20):
+                total += len(chunk)
+                if total > MAX_PICKLE_BYTES:
+                    raise InspectionLimit(f"data.pkl decompresses past MAX_PICKLE_BYTES = "
+                                          f"{MAX_PICKLE_BYTES}")
+                chunks.append(chunk)
+    report.unpickler, report.allowed = StubUnpickler(), _weights_only_allowed()
+    _walk(report.unpickler.load(b"".join(chunks)), "", report, {})
+    return lambda: _confirm_load(report.path, mmap=True)
+
+
+def _inspect_legacy(report: Inspection) -> Callable[[], Any]:
+    """The pre-zip format: magic number, protocol, system info, then the object's pickle,
+    then the storages' raw bytes. The four pickles are read with StubUnpickler.
+
+    The file is not a zip, so nothing says where the pickles end: the first
+    MAX_PICKLE_BYTES of it are read, and pickles that run past them are over the limit
+    (a legacy file's pickles are small; its size is in the storages that follow them).
+    """
+    report.kind = "legacy torch.save file (pre-zip, before torch 1.6)"
+    data = read_regular_file(report.path, MAX_PICKLE_BYTES, part=True)
+    report.unpickler, report.allowed = StubUnpickler(), _weights_only_allowed()
+    unpickler, position = report.unpickler, 0
+    try:
+        for step in ("magic", "protocol", "system", "object"):
+            value = unpickler.load(data, position)
+            position = unpickler.end
+            if step == "magic" and value != 0x1950A86A20F9469CFC6C:  # torch's legacy magic
+                raise ValueError("a pickle, but not a torch.save file (no torch magic number)")
+    except ValueError as err:
+        if len(data) == MAX_PICKLE_BYTES and "ends early" in str(err):
+            raise InspectionLimit(f"pickles longer than MAX_PICKLE_BYTES = "
+                                  f"{MAX_PICKLE_BYTES}") from None
+        raise
+    _walk(value, "", report, {})
+    return lambda: _confirm_load(report.path, mmap=False)
+
+
+def _confirm_load(path: Path, mmap: bool) -> None:
+    """torch.load(weights_only=True) of a file StubUnpickler judged loadable. torch's file
+    reader needs a UTF-8 path: a name that is not (Linux allows any bytes) goes as a handle."""
+    with warnings.catch_warnings():  # a protocol other than 2 is judged above, not warned
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        try:
+            os.fsencode(path).decode("utf-8")
+        except UnicodeDecodeError:
+            with path.open("rb") as handle:
+                torch.load(handle, map_location="cpu", weights_only=True)
+            return
+        torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _inspect_safetensors(report: Inspection) -> None:
+    """A JSON header (its length first, as 8 little-endian bytes), then raw tensor bytes.
+    The length is checked against MAX_SAFETENSORS_HEADER before safetensors reads it."""
+    report.kind = "safetensors (no code possible: a JSON header and raw tensor bytes)"
+    report.reader = "safetensors.torch.load_file(path)"
+    header = int.from_bytes(read_regular_file(report.path, 8, part=True), "little")
+    if header > MAX_SAFETENSORS_HEADER:
+        raise InspectionLimit(f"a header of {header} bytes, over MAX_SAFETENSORS_HEADER = "
+                              f"{MAX_SAFETENSORS_HEADER}")
+    with safe_open(report.path, framework="pt") as handle:
+        for name in handle.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+            view = handle.get_slice(name)
+            code = view.get_dtype()
+            report.add_tensor(_escape(name), _shape(tuple(view.get_shape()), name),
+                              SAFETENSORS_DTYPES.get(code, _escape(code.lower(), 20)))
+        for key, value in sorted((handle.metadata() or {}).items())[:MAX_LISTED]:
+            report.add_entry(_escape(key), _short(value))
+
+
+def _inspect_sharded(report: Inspection) -> None:
+    """A model.safetensors.index.json and the shard files it names (in its folder)."""
+    # The index and the shard names come from whoever published the files: each shard must
+    # be a plain name of a regular file inside the index's folder, and the shards must hold
+    # exactly the tensors the index lists (a tensor in no shard is a broken download).
+    report.kind = "sharded safetensors (an index file and its shards)"
+    report.reader = "load_sharded_safetensors(index) (01 section 13d)"
+    index = json.loads(read_regular_file(report.path, MAX_INDEX_BYTES))
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError("an index without a \"weight_map\" object")
+    folder, names = report.path.parent, set()
+    for shard in sorted({_short(v) if not isinstance(v, str) else v
+                         for v in weight_map.values()}):
+        part = Inspection(checked_member(folder, shard))
+        _inspect_safetensors(part)
+        report.tensor_count += part.tensor_count
+        report.tensor_bytes += part.tensor_bytes
+        report.tensors += part.tensors[:MAX_LISTED - len(report.tensors)]
+        with safe_open(part.path, framework="pt") as handle:
+            names.update(handle.keys())
+    if names != set(weight_map):
+        raise ValueError(f"the index and the shards disagree on {len(names ^ set(weight_map))}"
+                         " tensor names")
+    metadata = index.get("metadata")
+    for key, value in sorted(metadata.items() if isinstance(metadata, dict) else [],
+                             key=lambda item: str(item[0]))[:MAX_LISTED]:
+        report.add_entry(_escape(str(key)), _short(value))
+
+
+# The exact (module, name) pairs a DCP .metadata written by torch's own dcp.save uses (read
+# from real ones): its dataclasses, torch.Size, the layout helper, dtypes, memory formats.
+DCP_GLOBALS = frozenset(
+    [("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")]
+    + [("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+       ("torch.distributed.checkpoint.planner", "LoadItemType"),
+       ("torch.distributed.checkpoint.planner", "WriteItemType"),
+       ("torch", "Size"), ("torch.serialization", "_get_layout"),
+       ("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")]
+    + [("torch", name) for name in ("contiguous_format", "channels_last", "preserve_format",
+                                    "channels_last_3d", *STORAGE_DTYPES.values())])
+
+
+# A DCP folder's .metadata, read by StubUnpickler: a Metadata record whose state holds
+# "state_dict_metadata", {key: TensorStorageMetadata(properties, size, chunks) or
+# BytesStorageMetadata}. TensorProperties pickles as a tuple (dtype, layout, requires_grad,
+# memory-format code, pin_memory) through its __getstate__; the dtype is a Global such as
+# torch.float32, and the size a call torch.Size((rows, columns)). Everything the report
+# shows is read from those records; none of them is ever turned into a real object.
+def _inspect_dcp(report: Inspection) -> None:
+    """A torch.distributed.checkpoint folder. Its .metadata file is a PLAIN pickle, which
+    DCP's own reader (FileSystemReader.read_metadata) loads with pickle.load: a hostile
+    folder runs code there. So only StubUnpickler reads it; the keys, shapes and dtypes
+    come from the records, and no byte of it ever reaches DCP's reader."""
+    report.kind = "torch.distributed.checkpoint (DCP) folder"
+    report.reader = ("torch.distributed.checkpoint.load (its .metadata names only DCP's own "
+                     "classes)")
+    data = read_regular_file(report.path / ".metadata", MAX_PICKLE_BYTES, report.path)
+    report.unpickler, report.allowed = StubUnpickler(), DCP_GLOBALS
+    metadata = report.unpickler.load(data)
+    if any(key not in DCP_GLOBALS for key in report.unpickler.globals):
+        return  # names outside DCP's own: the verdict lists them, whatever the structure
+    state = metadata.state if isinstance(metadata, Call) else None
+    items = state.get("state_dict_metadata") if isinstance(state, dict) else None
+    if not isinstance(items, dict):
+        raise ValueError(".metadata does not hold a DCP Metadata with a state_dict_metadata")
+    for name, item in list(items.items())[:MAX_OBJECTS]:
+        if not isinstance(name, str):
+            raise ValueError(f".metadata has a key that is not text: {_short(name)}")
+        fields = item.state if isinstance(item, Call) and isinstance(item.state, dict) else {}
+        if isinstance(item, Call) and item.name.endswith(".TensorStorageMetadata"):
+            properties = fields.get("properties")
+            state = properties.state if isinstance(properties, Call) else None
+            dtype = state.get("dtype") if isinstance(state, dict) else (  # __getstate__'s tuple
+                state[0] if isinstance(state, tuple) and state else None)
+            report.add_tensor(_escape(name), _shape(fields.get("size"), name),
+                              _escape(dtype.name, 30) if isinstance(dtype, Global) else "?")
+        else:
+            report.add_entry(_escape(name), "a non-tensor value (pickled bytes)")
+    if report.entries:  # default_planner.py, DefaultLoadPlanner.load_bytes
+        report.unpickler.unfollowable.append(
+            f"{len(report.entries)} non-tensor values, which dcp.load unpickles with "
+            "torch.load(weights_only=False); this inspector does not read them")
+
+
+def numpy_dtype_classes(unpickler: StubUnpickler) -> list[str]:
+    """The NumPy 2 dtype classes a file needs besides ``numpy.dtype`` itself.
+
+    ``numpy.dtype("f8")`` returns an instance of ``numpy.dtypes.Float64DType``, and
+    weights_only=True refuses to build it unless that class is allowed too; the class never
+    appears in the pickle, so get_unsafe_globals_in_checkpoint cannot list it. (Parsing a
+    dtype code like "f8" is data parsing: nothing of the file runs.)
+    """
+    return sorted({f"numpy.dtypes.{type(np.dtype(code)).__name__}"
+                   for code in unpickler.dtype_codes if re.fullmatch(r"[<>|=]?[a-zA-Z]\d*", code)})
+
+
+def safe_globals_line(names: list[str]) -> str:
+    """The lines that allow exactly ``names`` for one load: each full module path imported
+    (``import common.models``, not ``import common``), then ``safe_globals([...])``. NumPy
+    1's numpy.core.* names use the (object, "name as the file spells it") pair form, since
+    NumPy 2 renamed the module numpy._core."""
+    items, modules = [], {"torch"}
+    for name in names:
+        module, _, attribute = name.rpartition(".")
+        if module.startswith("numpy.core"):
+            module = module.replace("numpy.core", "numpy._core", 1)
+            items.append(f"({module}.{attribute}, {name!r})")
+        else:
+            items.append(name)
+        modules.add(module)
+    return (f"import {', '.join(sorted(modules))}\n"
+            "with torch.serialization.safe_globals([" + ", ".join(items) + "]):\n"
+            "    torch.load(path, map_location=\"cpu\", weights_only=True)")
+
+
+def say(text: str) -> None:
+    """Print a line whatever the console's encoding (a file name need not be UTF-8).
+
+    Linux file names are bytes; Python hands a non-UTF-8 one over with lone surrogates
+    (b"model\xff.pt" becomes "model\udcff.pt"), which print() cannot encode. The report
+    escapes them first, and any character the console cannot show becomes an escape here,
+    so a strange name costs a backslash, never the report (and never exit status 2).
+    """
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
+
+
+def print_inspection(report: Inspection, limit: int = 40) -> None:
+    """The report, as --inspect prints it (one line when the input is not readable).
+
+    Read it top down: what the file is, its tensors (name, shape, dtype) and their total
+    size, the other entries (an epoch, hyper-parameters, library versions: what a pickle
+    can carry besides tensors), every global the pickle references, and the verdict. Every
+    name and value from the file is escaped, so only the inspector writes a "verdict:" line.
+    A global in the verdict is a function or class that the load would CALL with arguments
+    of the file's choosing: the question for each is "can that do harm?". For a class that
+    only stores values (argparse.Namespace) the answer is no; for os.system, exec, getattr,
+    cProfile.run it is yes, and no allow-list makes it safe. The WARNING list is a heuristic.
+    """
+    where = _escape(str(report.path), 300)
+    if report.status == 2:
+        seen = (f"; before it stopped, it saw: {'; '.join(report.dangerous)[:400]}"
+                if report.dangerous else "")
+        say(f"{where}: not readable as a checkpoint: {report.problem}{seen}")
+        return
+    say(f"{where}: {report.kind}")
+    for name, shape, dtype in report.tensors[:limit]:
+        say(f"  tensor {name:<40} {str(list(shape)):<18} {dtype}")
+    if report.tensor_count > limit:
+        say(f"  ... and {report.tensor_count - limit} more tensors")
+    say(f"  {report.tensor_count} tensors, {report.tensor_bytes / 1e6:.2f} MB")
+    for name, summary in report.entries[:limit]:
+        say(f"  entry  {name:<40} {summary}")
+    if report.globals:
+        more = f" ... and {len(report.globals) - limit} more" if len(report.globals) > limit \
+            else ""
+        say(f"  globals the pickle references: "
+            f"{', '.join(_escape(name) for name in report.globals[:limit])}{more}")
+    if report.status == 0:
+        say(f"verdict: loads as it is with {report.reader}")
+        return
+    shown = max(limit, 40)  # the verdict lists what needs review, even in a short report
+    needs = ", ".join(_escape(name) for name in report.needs[:shown]) + (
+        f" ... and {len(report.needs) - shown} more" if len(report.needs) > shown else "")
+    if report.kind.startswith("torch.distributed"):
+        say(f"verdict: do not dcp.load this folder: its .metadata is a plain pickle (no "
+            f"allow-list applies) and names, besides DCP's own classes: {needs or 'none'}")
+    else:
+        say(f"verdict: weights_only=True refuses it as it is; review each global it needs "
+            f"(the load would call it with arguments the file chooses): {needs or 'none'}")
+    if report.refused_opcodes:
+        say(f"  it also uses opcodes weights_only=True never executes, whatever you allow: "
+            f"{', '.join(report.refused_opcodes)}")
+    for danger in report.dangerous:
+        say(f"WARNING: {danger}: do NOT allow it; this file may be malicious")
+    if report.dangerous:
+        say("(the WARNING list is a heuristic: a global without one may still run code)")
+    elif not report.refused_opcodes and not report.kind.startswith("torch.distributed"):
+        say("if, after reviewing each, you trust them, allow exactly these for this one "
+            "load:\n" + safe_globals_line(report.needs))
+
+
 # %% 13. Files you did not write: inspect first, allow exactly what is needed, convert once
 # Downloaded checkpoints hit weights_only=True (the default since torch 2.6) with errors like
 # "Unsupported global: GLOBAL argparse.Namespace" or "...numpy.core.multiarray._reconstruct".
 # Do not answer with weights_only=False: first LOOK at the file without running it:
 #   python 01_basic_save_load.py --inspect PATH
-# prints every tensor, the other entries, every global the pickle references (reading it
-# with an unpickler whose find_class never imports anything) and a verdict; its exit status
-# is 0 (loads as it is), 1 (needs globals: it prints the safe_globals line that allows
-# exactly those, or a WARNING when one can run code, like os.system) or 2 (unreadable).
+# prints every tensor, the other entries, every global the pickle references (read by
+# StubUnpickler, the cell above: its own bounded pickle machine, which never imports or
+# calls anything) and a verdict; its exit status is 0 (loads as it is), 1 (weights_only
+# refuses it: every global it needs is listed for review, with a WARNING on those known to
+# run code, like os.system, and the safe_globals line only when none is) or 2 (unreadable,
+# or past one of the MAX_* limits). The WARNING list is a heuristic: no list of dangerous
+# names is complete, so a global without a WARNING is unreviewed, not harmless. The same
+# command checks a DCP folder before dcp.load runs its .metadata pickle.
 # Below, a Lightning-style checkpoint: hyper-parameters as an argparse.Namespace, a NumPy
 # scalar and array beside the state_dict. We inspect it, load it once with exactly the
 # globals it needs, and convert it into a clean state_dict (safetensors) + a JSON config,
@@ -1761,8 +2469,10 @@ if in_notebook():
 # classes, so weights_only=True refuses it. If you trust the file, convert it ONCE, in a
 # separate process: the child unpickles it (weights_only=False, its classes importable) and
 # writes safetensors with safetensors.torch.save_model; your own process only ever reads
-# the safetensors file. If the pickle was hostile, the damage stays in a process you can
-# also sandbox (a container, a user without your credentials).
+# the safetensors file. A child process alone isolates nothing: it runs as you, with your
+# environment, files and credentials, so a hostile pickle can do there all it could do
+# here. What isolates it is running the child in a container or as an unprivileged user
+# without access to your files and network; trust the file first, or do that.
 
 
 CONVERT_CHILD = r"""
@@ -1863,6 +2573,66 @@ if in_notebook():
 # transformers write it). save_sharded_safetensors / load_sharded_safetensors above do it
 # with the safetensors API alone. The index is data from the internet too: a shard name
 # like "../x" is refused, and a tensor missing from the shards is an error, not a silence.
+# The files themselves come from elsewhere too: load_sharded_safetensors reads only regular
+# files (a FIFO named like the index would block the read forever) that resolve inside the
+# index's folder (a shard that is a symlink to one of your own files is refused), with
+# checked_regular_file and read_regular_file from the inspector's cell.
+
+
+def save_sharded_safetensors(state_dict: Mapping[str, torch.Tensor], folder: str | Path,
+                             max_shard_bytes: int = 5_000_000_000) -> Path:
+    """Write ``state_dict`` as Hugging Face's sharded layout; return the index file's path.
+
+    Shards ``model-00001-of-0000N.safetensors`` (a new one when the next tensor would pass
+    ``max_shard_bytes``) and ``model.safetensors.index.json``:
+    ``{"metadata": {"total_size": bytes}, "weight_map": {tensor name: shard file}}``.
+    """
+    # Tensors go into shards in state_dict order, so a layer's weights stay together and a
+    # loader that streams shards sees them in the order the model declares them.
+    folder = Path(folder)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    for name, tensor in state_dict.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and sum(t.numel() * t.element_size() for t in shards[-1].values()
+                              ) + size > max_shard_bytes:
+            shards.append({})
+        shards[-1][name] = tensor.detach().cpu().contiguous()
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / file)
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                indent=2) + "\n")
+    return index
+
+
+def load_sharded_safetensors(index: str | Path) -> dict[str, torch.Tensor]:
+    """Read a sharded safetensors checkpoint through its index file, checked.
+
+    Every shard the index names must be a plain file name of a regular file inside the
+    index's folder, symlinks resolved (an index is data, and "../x" or a link would reach
+    elsewhere), and every tensor it lists must be in its shard.
+    """
+    index = Path(index)
+    try:
+        weight_map = json.loads(read_regular_file(index, 64 * 2**20))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
+        raise CheckpointLoadError(f"{index}: not an index file ({type(err).__name__})") from None
+    state: dict[str, torch.Tensor] = {}
+    for file in shards:
+        if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
+            raise CheckpointLoadError(f"{index}: refuses the shard name {file!r}: only plain "
+                                      "file names in the index's folder")
+        state.update(load_file(checked_regular_file(index.parent / file, index.parent)))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise CheckpointLoadError(f"{index}: {len(missing)} tensors are missing from their "
+                                  f"shards: {', '.join(missing[:4])}")
+    return {name: state[name] for name in weight_map}
 
 
 def lesson_13d_sharded(run: Run) -> dict:
@@ -1973,7 +2743,7 @@ RECAP = [
     "save model.state_dict(), rebuild the model in code, load_state_dict, then eval()",
     "a resumable checkpoint is a dict: model, optimizer, scheduler, epoch (next), rng",
     "always torch.load(..., map_location=..., weights_only=True); inspect unknown files "
-    "with get_unsafe_globals_in_checkpoint; prefer safetensors to share weights",
+    "with --inspect (section 13); prefer safetensors to share weights",
     "big models: meta device + mmap=True + assign=True hold the weights once, not twice",
     "a file you did not write: --inspect it, allow exactly its globals once, convert it to "
     "safetensors + JSON; never TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",

@@ -642,9 +642,13 @@ if in_notebook():
 # (torch/distributed/_state_dict_utils.py, _broadcast_state_dict). One surprise, measured
 # below: it CONSUMES that dict on rank 0, replacing entries
 # with the local shards (DTensors), so keep no other use for it. For the opposite
-# conversion, torch_save_to_dcp (section 5) turns the file into a
-# DCP folder, also from the shell:
+# conversion of a file YOU wrote, torch_save_to_dcp (section 5) turns it into a DCP folder,
+# also from the shell:
 #   python -m torch.distributed.checkpoint.format_utils torch_to_dcp model.pt dcp_folder/
+# Both are for trusted files only: they call torch.load(weights_only=False) (format_utils.py).
+# For a download, load it with weights_only and save that:
+#   sd = torch.load(p, map_location="cpu", weights_only=True)
+#   dcp.save(sd, checkpoint_id=folder, no_dist=True)
 
 
 def lesson_4b_full_into_fsdp2(out_dir: Path, device: torch.device, seed: int) -> dict:
@@ -688,7 +692,12 @@ if in_notebook():
 # torch.distributed.checkpoint.format_utils.dcp_to_torch_save(folder, "model.pt") converts the
 # whole checkpoint into one ordinary file; torch_save_to_dcp goes the other way (below).
 # Both exist as a command too: python -m torch.distributed.checkpoint.format_utils
-# dcp_to_torch SRC DST, or torch_to_dcp SRC DST.
+# dcp_to_torch SRC DST, or torch_to_dcp SRC DST. Trusted files only: torch_save_to_dcp runs
+# torch.load(weights_only=False) on its input (the weights_only path is in section 4b), and
+# dcp.load / dcp_to_torch_save of a folder you did not write runs its .metadata pickle
+# (FileSystemReader.read_metadata is a plain pickle.load) and torch.load(weights_only=False)
+# on its non-tensor values: check such a folder first with
+#   python 01_basic_save_load.py --inspect FOLDER   (01 section 13)
 
 
 def torch_save_round_trip(run: Run, portable_path: Path, reference: Mapping) -> float:

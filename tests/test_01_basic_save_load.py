@@ -36,9 +36,16 @@ def test_load_weights_round_trip_and_checkpoint_dict(saved, tmp_path):
     target = lesson.load_weights(SmallCNN(), path)
     assert all(torch.equal(a, b) for a, b in
                zip(model.state_dict().values(), target.state_dict().values(), strict=True))
+    # A {"model": ..., "epoch": 3} checkpoint: its weights (not the fresh model's) end up in it.
+    torch.manual_seed(1)
+    source = SmallCNN()
     wrapped = tmp_path / "checkpoint.pt"
-    torch.save({"model": model.state_dict(), "epoch": 3}, wrapped)
-    lesson.load_weights(SmallCNN(), wrapped)
+    torch.save({"model": source.state_dict(), "epoch": 3}, wrapped)
+    fresh = SmallCNN()
+    assert lesson.max_abs_diff(fresh.state_dict(), source.state_dict()) > 0
+    loaded = lesson.load_weights(fresh, wrapped)
+    assert loaded is fresh
+    assert lesson.max_abs_diff(fresh.state_dict(), source.state_dict()) == 0.0
 
 
 def test_missing_and_empty_files(tmp_path):
@@ -130,10 +137,14 @@ def test_cuda_tagged_checkpoint_needs_map_location_on_cpu(tmp_path):
 
 
 def inspect(path, capsys) -> tuple[int, str]:
-    """Run `01_basic_save_load.py --inspect PATH` in this process: (exit status, output)."""
+    """Run `01_basic_save_load.py --inspect PATH` in this process: (exit status, output).
+
+    Whatever the input, nothing goes to stderr and no traceback is printed."""
     with pytest.raises(SystemExit) as exited:
         lesson.main(["--inspect", str(path)])
-    return exited.value.code, capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.err == "" and "Traceback" not in captured.out, captured.err[-2000:]
+    return exited.value.code, captured.out
 
 
 class WritesAFile:
@@ -231,7 +242,7 @@ def test_a_hostile_index_or_dcp_metadata_is_refused_and_runs_nothing(tmp_path, c
     with (tmp_path / "dcp" / ".metadata").open("wb") as handle:
         pickle.dump(WritesAFile(marker), handle)  # DCP's own reader would run this
     status, out = inspect(tmp_path / "dcp", capsys)
-    assert status == 1 and "WARNING" in out and not marker.exists()
+    assert status == 1 and "WARNING: posix.system can run code" in out and not marker.exists()
 
 
 @pytest.mark.parametrize(("content", "cause"), [
@@ -272,3 +283,18 @@ def test_inspect_from_the_command_line_writes_nothing(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "loads as it is" in done.stdout and not out_dir.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_the_timing_word_turns_with_the_figures():
+    assert lesson.timing_word(0.84, 0.09, "safetensors").startswith("safetensors is 9.3x faster")
+    assert lesson.timing_word(0.09, 0.84, "safetensors").startswith("safetensors is 9.3x slower")
+    assert lesson.timing_word(1.0, 1.2, "safetensors").startswith("the same order")
+
+
+def test_an_inference_tensor_enters_autograd_only_where_nothing_is_saved():
+    with torch.inference_mode():
+        frozen = torch.randn(3)
+    outcomes = list(lesson.inference_tensor_in_autograd(frozen).values())
+    assert outcomes[0] == "works"
+    assert "cannot be saved for backward" in outcomes[1]
+    assert "Inplace update to inference tensor" in outcomes[2]
