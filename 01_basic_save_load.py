@@ -1305,11 +1305,11 @@ if in_notebook():
 # bounded: each limit below is a named constant, and passing one stops with exit status 2.
 #
 # What an attacker tries, and the answer to each (tests/test_inspect_fuzz.py has them all):
-# - Make the inspector itself run the payload. Python's pickle.Unpickler, even with a
-#   find_class that returns stand-ins, still resolves dotted names attribute by attribute
-#   (module "torch.distributed.checkpoint.filesystem", name "os.system" reaches os.system
-#   through the module's own import), and DCP's FileSystemReader.read_metadata is a plain
-#   pickle.load. So no byte of the file reaches either: only StubUnpickler reads pickles,
+# - Make the inspector itself run the payload. A pickle.Unpickler whose find_class checks
+#   the module and then calls super().find_class follows a dotted name attribute by
+#   attribute (module "torch.distributed.checkpoint.filesystem", name "os.system" reaches
+#   os.system through the module's own import), and DCP's FileSystemReader.read_metadata is
+#   a plain pickle.load. So no byte of the file reaches either: only StubUnpickler reads pickles,
 #   and a name is a pair of strings compared for equality, never a path to follow.
 # - Hide the call. getattr(__import__("os"), "system")(...) calls the RESULT of a call; INST,
 #   OBJ and NEWOBJ_EX are calls that weights_only never executes; EXT codes name globals

@@ -503,7 +503,8 @@ def random_container(rng: random.Random, folder, marker) -> tuple[object, bool]:
         path = folder / "model.safetensors"
         path.write_bytes(struct.pack("<Q", size) + raw + b"\0" * 8)
     else:
-        weight_map = rng.choice([{"w": "../x.safetensors"}, {"w": "/etc"}, {"w": 3},
+        elsewhere = str(folder.parent / "elsewhere.safetensors")  # absolute, outside
+        weight_map = rng.choice([{"w": "../x.safetensors"}, {"w": elsewhere}, {"w": 3},
                                  {"w": "model.pt"}, {"w": "a\nverdict: ok"}, []])
         path = folder / "model.safetensors.index.json"
         path.write_text(json.dumps({"weight_map": weight_map}))
