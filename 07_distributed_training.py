@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
-import importlib
 import io
 import json
 import multiprocessing
@@ -1158,31 +1157,76 @@ if in_notebook():
 # dcp.load (FileSystemReader.read_metadata, and FsspecReader with it) reads .metadata with
 # plain pickle.load: a bucket someone else can write to can run code in every rank that loads
 # from it. weights_only does not apply here. Keep to buckets you control; for any other, read
-# .metadata with a restricted unpickler that allows only DCP's metadata classes, as the reader
-# below does (01's --inspect does the same check for a local DCP folder).
-# The data objects are safe to read: DCP loads tensors from them with torch.load's
-# weights_only unpickler or as raw bytes; the unrestricted pickle is the .metadata file
-# alone. "Control" includes the write permission of every job and person on that bucket.
-# The allow-list below was read off real .metadata files (DCP's dataclasses, torch dtypes,
-# torch.Size, a layout, a pathlib path); a newer torch may need one more: the error names it.
-METADATA_MODULES = ("torch.distributed.checkpoint.metadata",
-                    "torch.distributed.checkpoint.filesystem", "torch.distributed.tensor")
-METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-                    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-                    ("collections", "OrderedDict")}
+# .metadata with a restricted unpickler, as the reader below does (01's --inspect does the
+# same check for a local DCP folder). The data objects are safe to read: DCP loads tensors
+# from them with torch.load's weights_only unpickler or as raw bytes.
+# The allow-list names each (module, name) pair, never a whole module: a module also holds
+# what it merely imports (checkpoint.filesystem's `Tensor` allocates any size you ask, and
+# torch.distributed.tensor's DeviceMesh starts torch.distributed). The 13 pairs below, plus torch's
+# dtypes, are what torch 2.14.1's .metadata files use (recorded from plain, FSDP2/DTensor and
+# optimizer-state saves); a newer torch may need one more: the error names it. Allowed is
+# not enough: `_get_layout("nope")` raises KeyError, so the layout name is checked against
+# torch's layouts here, any other failure becomes one UnpicklingError naming the global it
+# was building, and what comes out must be a Metadata.
+METADATA_GLOBALS = frozenset({
+    ("pathlib", "PosixPath"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "BytesStorageMetadata", "ChunkStorageMetadata", "Metadata", "MetadataIndex",
+        "StorageMeta", "TensorProperties", "TensorStorageMetadata", "_MEM_FORMAT_ENCODING"))})
+LAYOUTS = {str(value): value for value in vars(torch).values() if isinstance(value, torch.layout)}
+MAX_METADATA_BYTES = 256 * 2**20  # a .metadata is KBs to a few MB; refuse to read more
+
+
+def checked_layout(name: object) -> torch.layout:
+    """torch.serialization._get_layout without its KeyError: only torch's own layout names."""
+    if not isinstance(name, str) or name not in LAYOUTS:
+        raise pickle.UnpicklingError(f".metadata names layout {str(name)[:40]!r}: unknown")
+    return LAYOUTS[name]
+
+
+def checked_size(dims: object = ()) -> torch.Size:
+    """torch.Size from a tuple of non-negative ints only (a Size never allocates)."""
+    dims = tuple(dims) if isinstance(dims, (tuple, list)) else dims
+    if not isinstance(dims, tuple) or not all(type(d) is int and 0 <= d < 2**63 for d in dims):
+        raise pickle.UnpicklingError(f".metadata holds a bad torch.Size {str(dims)[:40]}")
+    return torch.Size(dims)
 
 
 class MetadataUnpickler(pickle.Unpickler):
-    """Unpickles a DCP .metadata, refusing every global but DCP's classes and torch dtypes."""
+    """Unpickles a DCP .metadata: only METADATA_GLOBALS and torch dtypes, and a Metadata out.
+
+    Every failure, whatever raised it, is one pickle.UnpicklingError naming the cause.
+    """
+
+    REPLACED = {("torch.serialization", "_get_layout"): checked_layout,
+                ("torch", "Size"): checked_size}
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = (module in METADATA_MODULES and isinstance(
-            getattr(importlib.import_module(module), name, None), type)) or (
-            module, name) in METADATA_GLOBALS or (
-            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
-        if not allowed:
+        self.building = f"{module}.{name}"
+        if (module, name) in self.REPLACED:
+            return self.REPLACED[module, name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) not in METADATA_GLOBALS:
             raise pickle.UnpicklingError(f".metadata asks for {module}.{name}: not allowed")
         return super().find_class(module, name)
+
+    def load(self) -> Any:
+        from torch.distributed.checkpoint.metadata import Metadata
+
+        self.building = "the first object"
+        try:
+            result = super().load()
+        except pickle.UnpicklingError:
+            raise
+        except Exception as err:  # a TypeError, KeyError... from an allowed class  # noqa: BLE001
+            raise pickle.UnpicklingError(f".metadata: building {self.building} failed: "
+                                         f"{type(err).__name__}: {str(err)[:120]}") from err
+        if not isinstance(result, Metadata):
+            raise pickle.UnpicklingError(f".metadata holds a {type(result).__name__}, "
+                                         "not a DCP Metadata")
+        return result
 
 
 def restricted_reader(url: str, **options: Any):
@@ -1194,7 +1238,10 @@ def restricted_reader(url: str, **options: Any):
         def read_metadata(self, *args: Any, **kwargs: Any):
             path = self.fs.concat_path(self.path, ".metadata")
             with self.fs.create_stream(path, "rb") as stream:
-                metadata = MetadataUnpickler(stream).load()
+                raw = stream.read(MAX_METADATA_BYTES + 1)
+            if len(raw) > MAX_METADATA_BYTES:
+                raise pickle.UnpicklingError(f"{path}: over {MAX_METADATA_BYTES} bytes")
+            metadata = MetadataUnpickler(io.BytesIO(raw)).load()
             metadata.storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata

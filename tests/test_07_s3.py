@@ -144,3 +144,56 @@ def test_missing_binary_prints_skipped(monkeypatch, capsys, tmp_path):
     run = lesson.setup(["--device", "cpu", "--out-dir", str(tmp_path / "out")])
     assert lesson.s3_setup(run) is None
     assert "SKIPPED (no S3): the SeaweedFS `weed` binary is not on PATH" in capsys.readouterr().out
+
+
+def _reduce(module: str, name: str, args: tuple) -> bytes:
+    """A pickle that calls module.name(*args), as a hostile .metadata would."""
+    return (b"\x80\x02c" + f"{module}\n{name}\n".encode() + pickle.dumps(args, protocol=2)[2:-1]
+            + b"R.")
+
+
+FS = "torch.distributed.checkpoint.filesystem"
+HOSTILE_METADATA = {  # each was admitted by a whole-module allow-list
+    "137 GB tensor": _reduce(FS, "Tensor", (2**31, 16)),
+    "a device mesh (starts torch.distributed)": _reduce("torch.distributed.tensor",
+                                                        "DeviceMesh", ("cpu", [0])),
+    "unknown layout (KeyError)": _reduce("torch.serialization", "_get_layout", ("nope",)),
+    "a writer": _reduce(FS, "FileSystemWriter", ("writer",)),
+    "a path class imported by filesystem": _reduce(FS, "Path", ("x",)),
+    "a functional Enum": _reduce(FS, "Enum", ("X", "a b")),
+    "a Future": _reduce(FS, "Future", ()),
+    "a Size of strings": _reduce("torch", "Size", (("a",),)),
+    "TensorProperties with 9 args (TypeError)": _reduce(
+        "torch.distributed.checkpoint.metadata", "TensorProperties", tuple(range(9))),
+    "a plain dict, not Metadata": pickle.dumps({"state_dict_metadata": {}}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_METADATA))
+def test_metadata_unpickler_refuses_every_hostile_class(case, tmp_path, monkeypatch):
+    import io
+
+    monkeypatch.chdir(tmp_path)  # a writer or path it built would land here
+    with pytest.raises(pickle.UnpicklingError, match=r"\.metadata"):
+        lesson.MetadataUnpickler(io.BytesIO(HOSTILE_METADATA[case])).load()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_metadata_is_one_unpickling_error(default_run):
+    """Every truncation and many byte flips of a real .metadata: a Metadata or one clear
+    UnpicklingError, never a raw EOFError, KeyError or RuntimeError."""
+    import io
+
+    metadata = (default_run(STEM).out_dir / "dcp_checkpoint" / ".metadata").read_bytes()
+    damaged = [metadata[:cut] for cut in range(0, len(metadata), max(1, len(metadata) // 60))]
+    for offset in range(2, len(metadata), max(1, len(metadata) // 200)):
+        for value in (0x00, 0xFF, metadata[offset] ^ 0x01):
+            damaged.append(metadata[:offset] + bytes([value]) + metadata[offset + 1:])
+    outcomes = set()
+    for data in damaged:
+        try:
+            lesson.MetadataUnpickler(io.BytesIO(data)).load()
+            outcomes.add("Metadata")
+        except pickle.UnpicklingError:
+            outcomes.add("refused")
+    assert "refused" in outcomes
