@@ -56,6 +56,7 @@ import multiprocessing
 import os
 import pickle
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -999,32 +1000,38 @@ if in_notebook():
 # %% 10. A checkpoint is complete when its marker exists: written last, read first
 # A DCP checkpoint is many objects, and a save killed between them leaves some: the data
 # objects without .metadata, or all of them while a reader lists the folder. "The folder
-# exists" means nothing. Write each checkpoint under a new key prefix (step_000002/, never
-# over the previous one), and only when dcp.save has returned (every rank's objects and
-# .metadata are uploaded), write ONE small object, "latest", naming it: a single PUT, so it
-# is either the old name or the new one. A resume reads "latest" FIRST and loads what it
-# names, never the newest-looking folder. Below, the save of step 2 is killed after its data
-# objects were uploaded, before .metadata and the marker: resume gets step 1, bit-exactly.
-# Old checkpoints are deleted only after the marker has moved on; a half-written folder (no
-# .metadata, never named by the marker) is garbage, safe to delete by whoever finds it.
-# Never take "the folder with the highest step number" as the latest: that is exactly the
-# folder a killed save leaves. With a process group every rank calls save_checkpoint_s3 and
-# rank 0 writes the marker: dcp.save ends with a collective, so when it returns on rank 0,
-# every rank's objects and the .metadata are uploaded.
-CHECKPOINT_NAME = re.compile(r"step_\d{6}")
+# exists" means nothing. Write each checkpoint under a NEW key prefix, and only when
+# dcp.save has returned (every rank's objects and .metadata are uploaded), write ONE small
+# object, "latest", naming it: a single PUT, so it is either the old name or the new one. A
+# resume reads "latest" FIRST and loads what it names, never the newest-looking folder.
+# New means never used before, not just "step 2": a run resumed at step 1 saves step 1
+# again, and a save over the prefix the marker names, killed midway, would leave the marker
+# pointing at a mix of old and new objects. So each save's prefix carries a random suffix
+# (step_000002-<12 hex>), shared by all ranks. Below, the save of step 2 is killed after its
+# data objects were uploaded, before .metadata and the marker: resume gets step 1, exactly.
+# Old checkpoints are deleted only after the marker has moved on; a prefix the marker never
+# named is garbage, safe to delete. With a process group every rank calls save_checkpoint_s3
+# and rank 0 writes the marker: dcp.save ends with a collective, so when it returns on rank
+# 0, every rank's objects and the .metadata are uploaded. The marker is input too: only
+# ASCII [0-9a-f] names, decoded strictly, else one ValueError naming it.
+CHECKPOINT_NAME = re.compile(r"step_[0-9]{6}-[0-9a-f]{12}")
 
 
 def save_checkpoint_s3(state: dict, url: str, step: int, options: dict) -> str:
-    """dcp.save ``state`` to ``{url}/step_NNNNNN``, THEN point ``{url}/latest`` at it.
+    """dcp.save ``state`` to a new ``{url}/step_NNNNNN-<random>``, THEN point ``{url}/latest``
+    at it.
 
-    Every rank calls it (or one process, without a process group); rank 0 writes the
-    marker after dcp.save returned on every rank. Returns the checkpoint's URL.
+    Every rank calls it (or one process, without a process group); rank 0 draws the suffix
+    and writes the marker after dcp.save returned on every rank. Returns the checkpoint's URL.
     """
     import s3fs
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-    name = f"step_{step:06d}"
     grouped = dist.is_available() and dist.is_initialized()
+    name = [f"step_{step:06d}-{secrets.token_hex(6)}"]  # never an existing prefix
+    if grouped:
+        dist.broadcast_object_list(name, src=0)  # every rank writes under rank 0's name
+    name = name[0]
     dcp.save(state, storage_writer=FsspecWriter(f"{url}/{name}", sync_files=False, **options),
              no_dist=not grouped)
     if not grouped or dist.get_rank() == 0:
@@ -1040,8 +1047,12 @@ def load_latest_s3(state: dict, url: str, options: dict) -> str | None:
     filesystem = s3fs.S3FileSystem(**options)
     if not filesystem.exists(f"{url}/latest"):
         return None
-    name = filesystem.cat(f"{url}/latest").decode()
-    if not CHECKPOINT_NAME.fullmatch(name):  # a marker is input too: no "../" or URLs
+    raw = filesystem.cat(f"{url}/latest")
+    try:
+        name = raw.decode("ascii").removesuffix("\n")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{url}/latest: {raw[:40]!r} is not a checkpoint name ({err})") from err
+    if not CHECKPOINT_NAME.fullmatch(name):  # no "../", URLs or non-ASCII digits
         raise ValueError(f"{url}/latest: {name[:40]!r} is not a checkpoint name")
     dcp.load(state, storage_reader=FsspecReader(f"{url}/{name}", **options),
              no_dist=not (dist.is_available() and dist.is_initialized()))
@@ -1084,14 +1095,15 @@ def lesson_10_complete_marker(run: Run, s3: S3Target) -> dict:
         said = ready.get(timeout=300)  # the child reached its crash point
         os.kill(child.pid, signal.SIGKILL)
         child.join()
-        left = sorted(Path(key).name for key in filesystem.ls(f"{url}/step_000002",
-                                                               refresh=True))
+        killed = [key for key in filesystem.ls(url, refresh=True) if "step_000002-" in key]
+        left = sorted(Path(key).name for key in filesystem.ls(killed[0], refresh=True))
         state = {"model": {key: torch.zeros_like(value) for key, value in saved.items()},
                  "step": torch.tensor(0)}
         resumed = load_latest_s3(state, url, s3.options)
     exact = bit_identical(state["model"], saved)
     complete = ".metadata" in left
-    print(f"  step 2's save: child said {said!r}, then SIGKILL; step_000002/ holds {left} "
+    print(f"  step 2's save: child said {said!r}, then SIGKILL; {Path(killed[0]).name}/ "
+          f"holds {left} "
           f"({'with' if complete else 'no'} .metadata); latest = "
           f"{filesystem.cat(f'{url}/latest').decode()!r}")
     print(f"  resumed {resumed} (step {int(state['step'])}): bit-identical to the saved "

@@ -197,3 +197,51 @@ def test_a_damaged_metadata_is_one_unpickling_error(default_run):
         except pickle.UnpicklingError:
             outcomes.add("refused")
     assert "refused" in outcomes
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_a_repeated_step_never_overwrites_the_named_checkpoint(server, monkeypatch):
+    """Step 1 saved (A); step 1 saved again (B: a resumed run) and killed before .metadata
+    and the marker: resume still loads A, bit-exactly, not a mix with B's objects."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    url, options = "s3://ckpt/repeated_step", server.storage_options()
+    first = {"w": torch.arange(8.0), "b": torch.full((8,), 7.0)}
+    saved = lesson.save_checkpoint_s3({"model": first}, url, 1, options)
+
+    def killed(self, metadata, results):
+        raise RuntimeError("killed before .metadata")
+
+    monkeypatch.setattr(FsspecWriter, "finish", killed)
+    with pytest.raises(CheckpointException, match="killed before .metadata"):
+        lesson.save_checkpoint_s3({"model": {"w": torch.arange(8.0) + 100,
+                                             "b": torch.full((8,), -1.0)}}, url, 1, options)
+    monkeypatch.undo()
+    state = {"model": {key: torch.zeros_like(value) for key, value in first.items()}}
+    assert lesson.load_latest_s3(state, url, options) == saved.rsplit("/", 1)[1]
+    assert all(torch.equal(state["model"][key], first[key]) for key in first)
+
+
+@pytest.mark.parametrize("marker", ["step_００００01-0123456789ab".encode(), b"\xff\xfe",
+                                    b"step_000001", b"../other/step_000001-0123456789ab",
+                                    b"step_000001-0123456789ab1", b""])
+def test_a_hostile_marker_is_one_value_error(server, marker):
+    import s3fs
+
+    url, options = "s3://ckpt/hostile_markers", server.storage_options()
+    s3fs.S3FileSystem(**options).pipe(f"{url}/latest", marker)
+    with pytest.raises(ValueError, match=r"hostile_markers/latest: .* is not a checkpoint name"):
+        lesson.load_latest_s3({"w": torch.zeros(2)}, url, options)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_a_marker_with_a_trailing_newline_loads(server):
+    import s3fs
+
+    url, options = "s3://ckpt/newline_marker", server.storage_options()
+    name = lesson.save_checkpoint_s3({"w": torch.arange(3.0)}, url, 4, options).rsplit("/")[-1]
+    s3fs.S3FileSystem(**options).pipe(f"{url}/latest", name.encode() + b"\n")
+    state = {"w": torch.zeros(3)}
+    assert lesson.load_latest_s3(state, url, options) == name
+    assert torch.equal(state["w"], torch.arange(3.0))
