@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import ctypes
 import json
 import os
@@ -40,8 +41,9 @@ PORT_FLAGS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "vol
 OFF_FLAGS = ("-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false",
              "-master.telemetry=false")
 # The readiness probe must fail fast: botocore's defaults (60 s read timeout, retries) would
-# let one probe of a listener that never answers outlast start_s3_server's timeout.
-PROBE_CONFIG = {"connect_timeout": 1, "read_timeout": 2, "retries": {"max_attempts": 1}}
+# let one probe of a listener that never answers outlast start_s3_server's timeout. One
+# attempt in all, no retry; a fresh copy per client (botocore rewrites the dict it is given).
+PROBE_CONFIG = {"connect_timeout": 1, "read_timeout": 2, "retries": {"total_max_attempts": 1}}
 # weed logs this when a port we chose was taken and it binds another (often port + 1, which
 # may be another server's): a failed start, retried with new ports.
 PORT_FALLBACK = "finding alternative"
@@ -143,7 +145,7 @@ def _answers(server: S3Server) -> bool:
     except OSError:
         return False
     filesystem = s3fs.S3FileSystem(**server.storage_options(), skip_instance_cache=True,
-                                   config_kwargs=PROBE_CONFIG)
+                                   config_kwargs=copy.deepcopy(PROBE_CONFIG))
     try:
         filesystem.ls(server.bucket, refresh=True)
         return True

@@ -7,9 +7,11 @@ checkpoint, and a second client (a plain FsspecReader, not the script) reads wha
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +247,72 @@ def test_a_marker_with_a_trailing_newline_loads(server):
     state = {"w": torch.zeros(3)}
     assert lesson.load_latest_s3(state, url, options) == name
     assert torch.equal(state["w"], torch.arange(3.0))
+
+
+def test_a_port_weed_falls_back_from_is_a_failed_start(tmp_path, monkeypatch):
+    """A chosen gRPC port taken before weed binds it: weed logs "finding alternative" and
+    binds port + 1 (maybe another server's). That start is stopped and retried on new ports,
+    and no socket of either attempt stays in /tmp (weed's fixed place for them)."""
+    import socket
+
+    import common.s3server as s3server
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    held = holder.getsockname()[1]
+    chosen = []
+    real_free_ports = s3server.free_ports
+
+    def first_one_taken(count):
+        ports = real_free_ports(count)
+        if not chosen:
+            ports[s3server.PORT_FLAGS.index("master.port.grpc")] = held
+        chosen.append(ports)
+        return ports
+
+    monkeypatch.setattr(s3server, "free_ports", first_one_taken)
+    try:
+        started = s3server.start_s3_server("ckpt", root=str(tmp_path), attempts=3)
+        started.stop()
+    finally:
+        holder.close()
+    assert len(chosen) >= 2 and started.ports["master.port.grpc"] != held
+    sockets = [Path(f"/tmp/seaweedfs-{flag.split('.')[0]}-grpc-{port}.sock")
+               for ports in chosen for flag, port in zip(s3server.PORT_FLAGS, ports, strict=True)
+               if flag.endswith(".grpc")] + [Path(f"/tmp/seaweedfs-master-grpc-{held + 1}.sock")]
+    assert [path for path in sockets if path.exists()] == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_readiness_probe_cannot_outlast_the_timeout(monkeypatch, tmp_path):
+    """A listener that accepts and never answers: the probe's client must not use botocore's
+    60 s read timeout with retries (one probe then outlasts start_s3_server's timeout)."""
+    import socket
+
+    import s3fs
+
+    import common.s3server as s3server
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    seen = {}
+
+    class Recorder(s3fs.S3FileSystem):
+        def __init__(self, *args, **kwargs):
+            seen.update(copy.deepcopy(kwargs.get("config_kwargs") or {}))
+            super().__init__(*args, **kwargs)
+
+        def ls(self, *args, **kwargs):
+            raise OSError("recorded; not waiting on the silent listener")
+
+    monkeypatch.setattr(s3fs, "S3FileSystem", Recorder)
+    fake = s3server.S3Server("http://x", "ckpt", "k", "s", tmp_path, None,
+                             {"s3.port": silent.getsockname()[1]})
+    try:
+        assert s3server._answers(fake) is False
+    finally:
+        silent.close()
+    assert seen.get("read_timeout", 60) <= 5 and seen.get("connect_timeout", 60) <= 5
+    assert seen.get("retries", {}).get("total_max_attempts") == 1  # no retry
