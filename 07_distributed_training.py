@@ -1174,12 +1174,12 @@ if in_notebook():
 # from them with torch.load's weights_only unpickler or as raw bytes.
 # The allow-list names each (module, name) pair, never a whole module: a module also holds
 # what it merely imports (checkpoint.filesystem's `Tensor` allocates any size you ask, and
-# torch.distributed.tensor's DeviceMesh starts torch.distributed). The 13 pairs below, plus torch's
-# dtypes, are what torch 2.14.1's .metadata files use (recorded from plain, FSDP2/DTensor and
-# optimizer-state saves); a newer torch may need one more: the error names it. Allowed is
-# not enough: `_get_layout("nope")` raises KeyError, so the layout name is checked against
-# torch's layouts here, any other failure becomes one UnpicklingError naming the global it
-# was building, and what comes out must be a Metadata.
+# torch.distributed.tensor's DeviceMesh starts torch.distributed). The 12 pairs below, plus
+# torch's dtypes, are what torch 2.14.1's .metadata files use (recorded from plain,
+# FSDP2/DTensor and optimizer-state saves); a newer torch may need one more: the error names
+# it. Allowed is not enough: `_get_layout("nope")` raises KeyError, so the layout name is
+# checked against torch's layouts here, any other failure becomes one UnpicklingError naming
+# the global it was building, and what comes out must be a Metadata.
 METADATA_GLOBALS = frozenset({
     ("pathlib", "PosixPath"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
