@@ -50,13 +50,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
-import importlib
 import io
 import json
 import multiprocessing
 import os
 import pickle
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -1009,32 +1009,38 @@ if in_notebook():
 # %% 10. A checkpoint is complete when its marker exists: written last, read first
 # A DCP checkpoint is many objects, and a save killed between them leaves some: the data
 # objects without .metadata, or all of them while a reader lists the folder. "The folder
-# exists" means nothing. Write each checkpoint under a new key prefix (step_000002/, never
-# over the previous one), and only when dcp.save has returned (every rank's objects and
-# .metadata are uploaded), write ONE small object, "latest", naming it: a single PUT, so it
-# is either the old name or the new one. A resume reads "latest" FIRST and loads what it
-# names, never the newest-looking folder. Below, the save of step 2 is killed after its data
-# objects were uploaded, before .metadata and the marker: resume gets step 1, bit-exactly.
-# Old checkpoints are deleted only after the marker has moved on; a half-written folder (no
-# .metadata, never named by the marker) is garbage, safe to delete by whoever finds it.
-# Never take "the folder with the highest step number" as the latest: that is exactly the
-# folder a killed save leaves. With a process group every rank calls save_checkpoint_s3 and
-# rank 0 writes the marker: dcp.save ends with a collective, so when it returns on rank 0,
-# every rank's objects and the .metadata are uploaded.
-CHECKPOINT_NAME = re.compile(r"step_\d{6}")
+# exists" means nothing. Write each checkpoint under a NEW key prefix, and only when
+# dcp.save has returned (every rank's objects and .metadata are uploaded), write ONE small
+# object, "latest", naming it: a single PUT, so it is either the old name or the new one. A
+# resume reads "latest" FIRST and loads what it names, never the newest-looking folder.
+# New means never used before, not just "step 2": a run resumed at step 1 saves step 1
+# again, and a save over the prefix the marker names, killed midway, would leave the marker
+# pointing at a mix of old and new objects. So each save's prefix carries a random suffix
+# (step_000002-<12 hex>), shared by all ranks. Below, the save of step 2 is killed after its
+# data objects were uploaded, before .metadata and the marker: resume gets step 1, exactly.
+# Old checkpoints are deleted only after the marker has moved on; a prefix the marker never
+# named is garbage, safe to delete. With a process group every rank calls save_checkpoint_s3
+# and rank 0 writes the marker: dcp.save ends with a collective, so when it returns on rank
+# 0, every rank's objects and the .metadata are uploaded. The marker is input too: only
+# ASCII [0-9a-f] names, decoded strictly, else one ValueError naming it.
+CHECKPOINT_NAME = re.compile(r"step_[0-9]{6}-[0-9a-f]{12}")
 
 
 def save_checkpoint_s3(state: dict, url: str, step: int, options: dict) -> str:
-    """dcp.save ``state`` to ``{url}/step_NNNNNN``, THEN point ``{url}/latest`` at it.
+    """dcp.save ``state`` to a new ``{url}/step_NNNNNN-<random>``, THEN point ``{url}/latest``
+    at it.
 
-    Every rank calls it (or one process, without a process group); rank 0 writes the
-    marker after dcp.save returned on every rank. Returns the checkpoint's URL.
+    Every rank calls it (or one process, without a process group); rank 0 draws the suffix
+    and writes the marker after dcp.save returned on every rank. Returns the checkpoint's URL.
     """
     import s3fs
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-    name = f"step_{step:06d}"
     grouped = dist.is_available() and dist.is_initialized()
+    name = [f"step_{step:06d}-{secrets.token_hex(6)}"]  # never an existing prefix
+    if grouped:
+        dist.broadcast_object_list(name, src=0)  # every rank writes under rank 0's name
+    name = name[0]
     dcp.save(state, storage_writer=FsspecWriter(f"{url}/{name}", sync_files=False, **options),
              no_dist=not grouped)
     if not grouped or dist.get_rank() == 0:
@@ -1050,8 +1056,12 @@ def load_latest_s3(state: dict, url: str, options: dict) -> str | None:
     filesystem = s3fs.S3FileSystem(**options)
     if not filesystem.exists(f"{url}/latest"):
         return None
-    name = filesystem.cat(f"{url}/latest").decode()
-    if not CHECKPOINT_NAME.fullmatch(name):  # a marker is input too: no "../" or URLs
+    raw = filesystem.cat(f"{url}/latest")
+    try:
+        name = raw.decode("ascii").removesuffix("\n")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{url}/latest: {raw[:40]!r} is not a checkpoint name ({err})") from err
+    if not CHECKPOINT_NAME.fullmatch(name):  # no "../", URLs or non-ASCII digits
         raise ValueError(f"{url}/latest: {name[:40]!r} is not a checkpoint name")
     dcp.load(state, storage_reader=FsspecReader(f"{url}/{name}", **options),
              no_dist=not (dist.is_available() and dist.is_initialized()))
@@ -1094,14 +1104,15 @@ def lesson_10_complete_marker(run: Run, s3: S3Target) -> dict:
         said = ready.get(timeout=300)  # the child reached its crash point
         os.kill(child.pid, signal.SIGKILL)
         child.join()
-        left = sorted(Path(key).name for key in filesystem.ls(f"{url}/step_000002",
-                                                               refresh=True))
+        killed = [key for key in filesystem.ls(url, refresh=True) if "step_000002-" in key]
+        left = sorted(Path(key).name for key in filesystem.ls(killed[0], refresh=True))
         state = {"model": {key: torch.zeros_like(value) for key, value in saved.items()},
                  "step": torch.tensor(0)}
         resumed = load_latest_s3(state, url, s3.options)
     exact = bit_identical(state["model"], saved)
     complete = ".metadata" in left
-    print(f"  step 2's save: child said {said!r}, then SIGKILL; step_000002/ holds {left} "
+    print(f"  step 2's save: child said {said!r}, then SIGKILL; {Path(killed[0]).name}/ "
+          f"holds {left} "
           f"({'with' if complete else 'no'} .metadata); latest = "
           f"{filesystem.cat(f'{url}/latest').decode()!r}")
     print(f"  resumed {resumed} (step {int(state['step'])}): bit-identical to the saved "
@@ -1167,31 +1178,76 @@ if in_notebook():
 # dcp.load (FileSystemReader.read_metadata, and FsspecReader with it) reads .metadata with
 # plain pickle.load: a bucket someone else can write to can run code in every rank that loads
 # from it. weights_only does not apply here. Keep to buckets you control; for any other, read
-# .metadata with a restricted unpickler that allows only DCP's metadata classes, as the reader
-# below does (01's --inspect does the same check for a local DCP folder).
-# The data objects are safe to read: DCP loads tensors from them with torch.load's
-# weights_only unpickler or as raw bytes; the unrestricted pickle is the .metadata file
-# alone. "Control" includes the write permission of every job and person on that bucket.
-# The allow-list below was read off real .metadata files (DCP's dataclasses, torch dtypes,
-# torch.Size, a layout, a pathlib path); a newer torch may need one more: the error names it.
-METADATA_MODULES = ("torch.distributed.checkpoint.metadata",
-                    "torch.distributed.checkpoint.filesystem", "torch.distributed.tensor")
-METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-                    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-                    ("collections", "OrderedDict")}
+# .metadata with a restricted unpickler, as the reader below does (01's --inspect does the
+# same check for a local DCP folder). The data objects are safe to read: DCP loads tensors
+# from them with torch.load's weights_only unpickler or as raw bytes.
+# The allow-list names each (module, name) pair, never a whole module: a module also holds
+# what it merely imports (checkpoint.filesystem's `Tensor` allocates any size you ask, and
+# torch.distributed.tensor's DeviceMesh starts torch.distributed). The 12 pairs below, plus
+# torch's dtypes, are what torch 2.14.1's .metadata files use (recorded from plain,
+# FSDP2/DTensor and optimizer-state saves); a newer torch may need one more: the error names
+# it. Allowed is not enough: `_get_layout("nope")` raises KeyError, so the layout name is
+# checked against torch's layouts here, any other failure becomes one UnpicklingError naming
+# the global it was building, and what comes out must be a Metadata.
+METADATA_GLOBALS = frozenset({
+    ("pathlib", "PosixPath"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "BytesStorageMetadata", "ChunkStorageMetadata", "Metadata", "MetadataIndex",
+        "StorageMeta", "TensorProperties", "TensorStorageMetadata", "_MEM_FORMAT_ENCODING"))})
+LAYOUTS = {str(value): value for value in vars(torch).values() if isinstance(value, torch.layout)}
+MAX_METADATA_BYTES = 256 * 2**20  # a .metadata is KBs to a few MB; refuse to read more
+
+
+def checked_layout(name: object) -> torch.layout:
+    """torch.serialization._get_layout without its KeyError: only torch's own layout names."""
+    if not isinstance(name, str) or name not in LAYOUTS:
+        raise pickle.UnpicklingError(f".metadata names layout {str(name)[:40]!r}: unknown")
+    return LAYOUTS[name]
+
+
+def checked_size(dims: object = ()) -> torch.Size:
+    """torch.Size from a tuple of non-negative ints only (a Size never allocates)."""
+    dims = tuple(dims) if isinstance(dims, (tuple, list)) else dims
+    if not isinstance(dims, tuple) or not all(type(d) is int and 0 <= d < 2**63 for d in dims):
+        raise pickle.UnpicklingError(f".metadata holds a bad torch.Size {str(dims)[:40]}")
+    return torch.Size(dims)
 
 
 class MetadataUnpickler(pickle.Unpickler):
-    """Unpickles a DCP .metadata, refusing every global but DCP's classes and torch dtypes."""
+    """Unpickles a DCP .metadata: only METADATA_GLOBALS and torch dtypes, and a Metadata out.
+
+    Every failure, whatever raised it, is one pickle.UnpicklingError naming the cause.
+    """
+
+    REPLACED = {("torch.serialization", "_get_layout"): checked_layout,
+                ("torch", "Size"): checked_size}
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = (module in METADATA_MODULES and isinstance(
-            getattr(importlib.import_module(module), name, None), type)) or (
-            module, name) in METADATA_GLOBALS or (
-            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
-        if not allowed:
+        self.building = f"{module}.{name}"
+        if (module, name) in self.REPLACED:
+            return self.REPLACED[module, name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) not in METADATA_GLOBALS:
             raise pickle.UnpicklingError(f".metadata asks for {module}.{name}: not allowed")
         return super().find_class(module, name)
+
+    def load(self) -> Any:
+        from torch.distributed.checkpoint.metadata import Metadata
+
+        self.building = "the first object"
+        try:
+            result = super().load()
+        except pickle.UnpicklingError:
+            raise
+        except Exception as err:  # a TypeError, KeyError... from an allowed class  # noqa: BLE001
+            raise pickle.UnpicklingError(f".metadata: building {self.building} failed: "
+                                         f"{type(err).__name__}: {str(err)[:120]}") from err
+        if not isinstance(result, Metadata):
+            raise pickle.UnpicklingError(f".metadata holds a {type(result).__name__}, "
+                                         "not a DCP Metadata")
+        return result
 
 
 def restricted_reader(url: str, **options: Any):
@@ -1203,7 +1259,10 @@ def restricted_reader(url: str, **options: Any):
         def read_metadata(self, *args: Any, **kwargs: Any):
             path = self.fs.concat_path(self.path, ".metadata")
             with self.fs.create_stream(path, "rb") as stream:
-                metadata = MetadataUnpickler(stream).load()
+                raw = stream.read(MAX_METADATA_BYTES + 1)
+            if len(raw) > MAX_METADATA_BYTES:
+                raise pickle.UnpicklingError(f"{path}: over {MAX_METADATA_BYTES} bytes")
+            metadata = MetadataUnpickler(io.BytesIO(raw)).load()
             metadata.storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata

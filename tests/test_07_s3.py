@@ -7,9 +7,11 @@ checkpoint, and a second client (a plain FsspecReader, not the script) reads wha
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +146,173 @@ def test_missing_binary_prints_skipped(monkeypatch, capsys, tmp_path):
     run = lesson.setup(["--device", "cpu", "--out-dir", str(tmp_path / "out")])
     assert lesson.s3_setup(run) is None
     assert "SKIPPED (no S3): the SeaweedFS `weed` binary is not on PATH" in capsys.readouterr().out
+
+
+def _reduce(module: str, name: str, args: tuple) -> bytes:
+    """A pickle that calls module.name(*args), as a hostile .metadata would."""
+    return (b"\x80\x02c" + f"{module}\n{name}\n".encode() + pickle.dumps(args, protocol=2)[2:-1]
+            + b"R.")
+
+
+FS = "torch.distributed.checkpoint.filesystem"
+HOSTILE_METADATA = {  # each was admitted by a whole-module allow-list
+    "137 GB tensor": _reduce(FS, "Tensor", (2**31, 16)),
+    "a device mesh (starts torch.distributed)": _reduce("torch.distributed.tensor",
+                                                        "DeviceMesh", ("cpu", [0])),
+    "unknown layout (KeyError)": _reduce("torch.serialization", "_get_layout", ("nope",)),
+    "a writer": _reduce(FS, "FileSystemWriter", ("writer",)),
+    "a path class imported by filesystem": _reduce(FS, "Path", ("x",)),
+    "a functional Enum": _reduce(FS, "Enum", ("X", "a b")),
+    "a Future": _reduce(FS, "Future", ()),
+    "a Size of strings": _reduce("torch", "Size", (("a",),)),
+    "TensorProperties with 9 args (TypeError)": _reduce(
+        "torch.distributed.checkpoint.metadata", "TensorProperties", tuple(range(9))),
+    "a plain dict, not Metadata": pickle.dumps({"state_dict_metadata": {}}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_METADATA))
+def test_metadata_unpickler_refuses_every_hostile_class(case, tmp_path, monkeypatch):
+    import io
+
+    monkeypatch.chdir(tmp_path)  # a writer or path it built would land here
+    with pytest.raises(pickle.UnpicklingError, match=r"\.metadata"):
+        lesson.MetadataUnpickler(io.BytesIO(HOSTILE_METADATA[case])).load()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_metadata_is_one_unpickling_error(default_run):
+    """Every truncation and many byte flips of a real .metadata: a Metadata or one clear
+    UnpicklingError, never a raw EOFError, KeyError or RuntimeError."""
+    import io
+
+    metadata = (default_run(STEM).out_dir / "dcp_checkpoint" / ".metadata").read_bytes()
+    damaged = [metadata[:cut] for cut in range(0, len(metadata), max(1, len(metadata) // 60))]
+    for offset in range(2, len(metadata), max(1, len(metadata) // 200)):
+        for value in (0x00, 0xFF, metadata[offset] ^ 0x01):
+            damaged.append(metadata[:offset] + bytes([value]) + metadata[offset + 1:])
+    outcomes = set()
+    for data in damaged:
+        try:
+            lesson.MetadataUnpickler(io.BytesIO(data)).load()
+            outcomes.add("Metadata")
+        except pickle.UnpicklingError:
+            outcomes.add("refused")
+    assert "refused" in outcomes
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_a_repeated_step_never_overwrites_the_named_checkpoint(server, monkeypatch):
+    """Step 1 saved (A); step 1 saved again (B: a resumed run) and killed before .metadata
+    and the marker: resume still loads A, bit-exactly, not a mix with B's objects."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    url, options = "s3://ckpt/repeated_step", server.storage_options()
+    first = {"w": torch.arange(8.0), "b": torch.full((8,), 7.0)}
+    saved = lesson.save_checkpoint_s3({"model": first}, url, 1, options)
+
+    def killed(self, metadata, results):
+        raise RuntimeError("killed before .metadata")
+
+    monkeypatch.setattr(FsspecWriter, "finish", killed)
+    with pytest.raises(CheckpointException, match="killed before .metadata"):
+        lesson.save_checkpoint_s3({"model": {"w": torch.arange(8.0) + 100,
+                                             "b": torch.full((8,), -1.0)}}, url, 1, options)
+    monkeypatch.undo()
+    state = {"model": {key: torch.zeros_like(value) for key, value in first.items()}}
+    assert lesson.load_latest_s3(state, url, options) == saved.rsplit("/", 1)[1]
+    assert all(torch.equal(state["model"][key], first[key]) for key in first)
+
+
+@pytest.mark.parametrize("marker", ["step_００００01-0123456789ab".encode(), b"\xff\xfe",
+                                    b"step_000001", b"../other/step_000001-0123456789ab",
+                                    b"step_000001-0123456789ab1", b""])
+def test_a_hostile_marker_is_one_value_error(server, marker):
+    import s3fs
+
+    url, options = "s3://ckpt/hostile_markers", server.storage_options()
+    s3fs.S3FileSystem(**options).pipe(f"{url}/latest", marker)
+    with pytest.raises(ValueError, match=r"hostile_markers/latest: .* is not a checkpoint name"):
+        lesson.load_latest_s3({"w": torch.zeros(2)}, url, options)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_a_marker_with_a_trailing_newline_loads(server):
+    import s3fs
+
+    url, options = "s3://ckpt/newline_marker", server.storage_options()
+    name = lesson.save_checkpoint_s3({"w": torch.arange(3.0)}, url, 4, options).rsplit("/")[-1]
+    s3fs.S3FileSystem(**options).pipe(f"{url}/latest", name.encode() + b"\n")
+    state = {"w": torch.zeros(3)}
+    assert lesson.load_latest_s3(state, url, options) == name
+    assert torch.equal(state["w"], torch.arange(3.0))
+
+
+def test_a_port_weed_falls_back_from_is_a_failed_start(tmp_path, monkeypatch):
+    """A chosen gRPC port taken before weed binds it: weed logs "finding alternative" and
+    binds port + 1 (maybe another server's). That start is stopped and retried on new ports,
+    and no socket of either attempt stays in /tmp (weed's fixed place for them)."""
+    import socket
+
+    import common.s3server as s3server
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    held = holder.getsockname()[1]
+    chosen = []
+    real_free_ports = s3server.free_ports
+
+    def first_one_taken(count):
+        ports = real_free_ports(count)
+        if not chosen:
+            ports[s3server.PORT_FLAGS.index("master.port.grpc")] = held
+        chosen.append(ports)
+        return ports
+
+    monkeypatch.setattr(s3server, "free_ports", first_one_taken)
+    try:
+        started = s3server.start_s3_server("ckpt", root=str(tmp_path), attempts=3)
+        started.stop()
+    finally:
+        holder.close()
+    assert len(chosen) >= 2 and started.ports["master.port.grpc"] != held
+    sockets = [Path(f"/tmp/seaweedfs-{flag.split('.')[0]}-grpc-{port}.sock")
+               for ports in chosen for flag, port in zip(s3server.PORT_FLAGS, ports, strict=True)
+               if flag.endswith(".grpc")] + [Path(f"/tmp/seaweedfs-master-grpc-{held + 1}.sock")]
+    assert [path for path in sockets if path.exists()] == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_readiness_probe_cannot_outlast_the_timeout(monkeypatch, tmp_path):
+    """A listener that accepts and never answers: the probe's client must not use botocore's
+    60 s read timeout with retries (one probe then outlasts start_s3_server's timeout)."""
+    import socket
+
+    import s3fs
+
+    import common.s3server as s3server
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    seen = {}
+
+    class Recorder(s3fs.S3FileSystem):
+        def __init__(self, *args, **kwargs):
+            seen.update(copy.deepcopy(kwargs.get("config_kwargs") or {}))
+            super().__init__(*args, **kwargs)
+
+        def ls(self, *args, **kwargs):
+            raise OSError("recorded; not waiting on the silent listener")
+
+    monkeypatch.setattr(s3fs, "S3FileSystem", Recorder)
+    fake = s3server.S3Server("http://x", "ckpt", "k", "s", tmp_path, None,
+                             {"s3.port": silent.getsockname()[1]})
+    try:
+        assert s3server._answers(fake) is False
+    finally:
+        silent.close()
+    assert seen.get("read_timeout", 60) <= 5 and seen.get("connect_timeout", 60) <= 5
+    assert seen.get("retries", {}).get("total_max_attempts") == 1  # no retry
