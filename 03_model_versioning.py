@@ -705,8 +705,9 @@ def read_weights(path: Path, tensors: Mapping[str, dict]) -> tuple[dict, bytes]:
         differ = {key for key in entries.keys() | tensors.keys() if key not in tensors
                   or key not in entries or entries[key].get("shape") != tensors[key]["shape"]}
         if differ:
-            raise IntegrityError(f"{path}: tampered weights: the names or shapes of "
-                                 f"{', '.join(sorted(differ))[:200]} differ from metadata.json")
+            raise IntegrityError(f"{path}: tampered weights, field tensors: the names or "
+                                 f"shapes of {', '.join(sorted(differ))[:200]} differ from "
+                                 "metadata.json")
         ends = [0]
         for key, entry in entries.items():
             offsets = check.member(entry, "data_offsets", list, f"{key!r:.60}.")
@@ -749,6 +750,9 @@ def read_metadata(folder: Path) -> dict:
 def verify_version(path: str | Path, expected: Mapping | None = None
                    ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Check a saved version (its folder, or the .safetensors inside it) against its record.
+
+    A file path must name the weights file metadata.json records: any other name (a stray
+    ``evil.safetensors``, or none at all) would otherwise be answered for a file never read.
 
     Returns ``(metadata, state_dict)`` when everything matches; otherwise raises IntegrityError
     naming the file and what differs: a missing file, bad metadata, an unreadable weights
