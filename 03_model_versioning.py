@@ -463,7 +463,9 @@ def check_metadata(metadata: object, path: Path) -> dict:
     for key, info in metadata["tensors"].items():
         field = f"tensors[{key!r:.60}]."
         check.typed(info, dict, field[:-1])
-        check.member(info, "dtype", str, field)
+        if not isinstance(getattr(torch, check.member(info, "dtype", str, field), None),
+                          torch.dtype):  # read_weights computes sizes from it
+            raise check.fail(field + "dtype", f"{info['dtype']!r:.40} is not a torch dtype")
         for axis, size in enumerate(check.member(info, "shape", list, field)):
             check.count(size, f"{field}shape[{axis}]")
         check.text(check.member(info, "sha256", str, field), HEX64, field + "sha256",
@@ -668,7 +670,7 @@ def tensor_budget(limit: int) -> Iterator[None]:
             made[0] += 1
             if made[0] > limit:
                 raise ValueError(f"the build makes more than {limit} parameters and buffers, "
-                                 "far more than the weights hold")
+                                 "the most these weights allow")
 
     handles = [nn.modules.module.register_module_parameter_registration_hook(count),
                nn.modules.module.register_module_buffer_registration_hook(count)]
@@ -712,8 +714,8 @@ def read_weights(path: Path, tensors: Mapping[str, dict]) -> tuple[dict, bytes]:
         for key, entry in entries.items():
             offsets = check.member(entry, "data_offsets", list, f"{key!r:.60}.")
             ends.append(check.count(offsets[-1] if offsets else -1, f"{key!r:.60}.data_offsets"))
-        recorded = sum(math.prod(record["shape"]) * dtype_size(record["dtype"], check)
-                       for record in tensors.values())
+        recorded = sum(math.prod(record["shape"]) * getattr(torch, record["dtype"]).itemsize
+                       for record in tensors.values())  # dtypes checked by check_metadata
         if not info.st_size - 8 - size == max(ends) == recorded:
             raise check.fail("data_offsets", f"the file has {info.st_size - 8 - size} bytes "
                              f"of data, the header says {max(ends)}, metadata.json "
@@ -725,14 +727,6 @@ def read_weights(path: Path, tensors: Mapping[str, dict]) -> tuple[dict, bytes]:
             raise IntegrityError(f"{path}: {info.st_size} bytes do not fit in memory") from None
     found = header.get("__metadata__")
     return (found if isinstance(found, dict) else {}), data
-
-
-def dtype_size(name: str, check: RecordCheck) -> int:
-    """Bytes per element of the torch dtype ``name`` ("float32"), or the check's error."""
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise check.fail("dtype", f"{name!r:.40} is not a torch dtype")
-    return dtype.itemsize
 
 
 def read_metadata(folder: Path) -> dict:
