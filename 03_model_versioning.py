@@ -41,6 +41,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -49,11 +50,13 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError
@@ -219,13 +222,14 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode())
 
 
-def read_regular_file(path: Path, what: str, limit: int | None = None) -> bytes:
-    """The bytes of ``path`` if it is a regular file (of at most ``limit`` bytes).
+@contextlib.contextmanager
+def open_regular_file(path: Path, what: str) -> Iterator[tuple[BinaryIO, os.stat_result]]:
+    """``path`` opened for reading, and its fstat, if it is a regular file; else IntegrityError.
 
-    Anything else is an IntegrityError naming the file: O_NOFOLLOW refuses a symlink (it
-    could point anywhere), O_NONBLOCK keeps a FIFO from hanging the open, and fstat on the
-    OPENED descriptor refuses a directory, FIFO or device. Reading once from that descriptor
-    means the bytes checked are the bytes used, even if the file is swapped meanwhile.
+    O_NOFOLLOW refuses a symlink (it could point anywhere), O_NONBLOCK keeps a FIFO from
+    hanging the open, and fstat on the OPENED descriptor refuses a directory, FIFO or device.
+    Reading from that one descriptor means the bytes checked are the bytes used, even if the
+    file is swapped meanwhile.
     """
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -239,13 +243,19 @@ def read_regular_file(path: Path, what: str, limit: int | None = None) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise IntegrityError(f"{path}: the {what} is not a regular file (a directory, "
                                  "FIFO or device); refused")
+        with open(descriptor, "rb", closefd=False) as handle:
+            yield handle, info
+    finally:
+        os.close(descriptor)
+
+
+def read_regular_file(path: Path, what: str, limit: int | None = None) -> bytes:
+    """The bytes of ``path`` if it is a regular file (of at most ``limit`` bytes)."""
+    with open_regular_file(path, what) as (handle, info):
         if limit is not None and info.st_size > limit:
             raise IntegrityError(f"{path}: the {what} has {info.st_size} bytes, over the "
                                  f"limit of {limit}")
-        with open(descriptor, "rb", closefd=False) as handle:
-            return handle.read() if limit is None else handle.read(limit)
-    finally:
-        os.close(descriptor)
+        return handle.read() if limit is None else handle.read(limit)
 
 
 def real_folder(path: Path) -> Path:
@@ -453,7 +463,9 @@ def check_metadata(metadata: object, path: Path) -> dict:
     for key, info in metadata["tensors"].items():
         field = f"tensors[{key!r:.60}]."
         check.typed(info, dict, field[:-1])
-        check.member(info, "dtype", str, field)
+        if not isinstance(getattr(torch, check.member(info, "dtype", str, field), None),
+                          torch.dtype):  # read_weights computes sizes from it
+            raise check.fail(field + "dtype", f"{info['dtype']!r:.40} is not a torch dtype")
         for axis, size in enumerate(check.member(info, "shape", list, field)):
             check.count(size, f"{field}shape[{axis}]")
         check.text(check.member(info, "sha256", str, field), HEX64, field + "sha256",
@@ -602,14 +614,25 @@ def check_architecture(build: Callable[[dict], nn.Module], architecture: dict,
     The model is built under ``torch.device("meta")``: its tensors get shapes but no memory,
     so a record naming ``nn.Linear(60000, 60000)`` costs nothing here (for real: 14 GB).
     Loading meta stand-ins of the weights with ``assign=True`` runs the module's own checks
-    and migrations (section 7), the ones the real ``load_state_dict`` runs. A ``build`` that
-    puts tensors on an explicit device defeats this; build with the default device.
+    and migrations (section 7), the ones the real ``load_state_dict`` runs.
+    Two ways round the meta device are closed before and during the build. A recorded
+    keyword naming a device or dtype (``"device": "cpu"``) would put the tensors in real
+    memory: refused. A count (``num_layers=3000000``) makes the build itself run for
+    minutes, even on meta: the build stops as soon as it has made more tensors than the
+    weights could fill (:func:`tensor_budget`). Capping each int instead would refuse real
+    models (a 65,536-wide layer) and still let 65,536 layers through; an allow-list of
+    classes would refuse every model of the reader's own. The class's code itself is
+    trusted: it is one this process imported (:func:`build_from_record`).
     """
+    placed = device_like_keys(architecture.get("kwargs", {}))
+    if placed:
+        return (f"kwargs {', '.join(placed)[:100]}: the loader chooses where tensors go and "
+                "their dtype, never the record")
     stand_ins = OrderedDict((key, torch.empty(value.shape, dtype=value.dtype, device="meta"))
                             for key, value in state_dict.items())
     stand_ins._metadata = module_versions or {}
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), tensor_budget(2 * len(state_dict) + 16):
             skeleton = build(architecture)
         skeleton.load_state_dict(stand_ins, strict=True, assign=True)
     except Exception as err:  # noqa: BLE001 - any failure here is the record's fault
@@ -617,21 +640,93 @@ def check_architecture(build: Callable[[dict], nn.Module], architecture: dict,
     return None
 
 
-def safetensors_header(data: bytes, path: Path) -> dict:
-    """The ``__metadata__`` strings of a safetensors file held in ``data`` (its header).
+DEVICE_LIKE = re.compile(r"device|dtype", re.IGNORECASE)
 
-    The format: 8 bytes little-endian header length, then that many bytes of JSON. Read from
-    the same bytes that are then deserialized, so the header checked belongs to them.
+
+def device_like_keys(kwargs: object) -> list[str]:
+    """The keys naming a device or a dtype anywhere in ``kwargs`` (nested dicts included)."""
+    found, pending = [], [kwargs]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            found += [repr(key) for key in item if DEVICE_LIKE.search(str(key))]
+        pending.extend(item.values() if isinstance(item, dict) else
+                       item if isinstance(item, list) else ())
+    return found
+
+
+@contextlib.contextmanager
+def tensor_budget(limit: int) -> Iterator[None]:
+    """ValueError as soon as modules built in this thread register over ``limit`` tensors.
+
+    Every parameter and buffer a module registers passes through the global registration
+    hooks, so the count needs nothing from the module's code. The limit leaves room for
+    what a state_dict does not hold: non-persistent buffers, and None for a missing bias.
     """
-    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    thread, made = threading.get_ident(), [0]
+
+    def count(module: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
+        if threading.get_ident() == thread:
+            made[0] += 1
+            if made[0] > limit:
+                raise ValueError(f"the build makes more than {limit} parameters and buffers, "
+                                 "the most these weights allow")
+
+    handles = [nn.modules.module.register_module_parameter_registration_hook(count),
+               nn.modules.module.register_module_buffer_registration_hook(count)]
     try:
-        if not 0 < size <= len(data) - 8:
-            raise ValueError("the header length runs past the end of the file")
-        header = json.loads(data[8:8 + size])
-    except (ValueError, RecursionError) as err:
-        raise IntegrityError(f"{path}: not a readable safetensors file ({err})") from None
-    found = header.get("__metadata__") if isinstance(header, dict) else None
-    return found if isinstance(found, dict) else {}
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+MAX_HEADER_BYTES = 100_000_000  # the ceiling safetensors itself puts on the JSON header
+
+
+def read_weights(path: Path, tensors: Mapping[str, dict]) -> tuple[dict, bytes]:
+    """The ``__metadata__`` strings and all the bytes of the safetensors file ``path``.
+
+    The format: 8 bytes little-endian header length N, then N bytes of JSON giving each
+    tensor's dtype, shape and ``data_offsets`` in the data that follows. All that the header
+    can tell is checked BEFORE the body is read, so a file grown to 8 GiB (sparse: no disk)
+    costs nothing: N is capped, the tensors' names and shapes must be those metadata.json
+    records (``tensors``), and the file must end exactly where the recorded tensors end.
+    Then it is read once; those bytes are the ones hashed and deserialized.
+    """
+    check = RecordCheck(path, "not a readable safetensors file")
+    with open_regular_file(path, "weights file") as (handle, info):
+        size = int.from_bytes(handle.read(8), "little")
+        if not 2 <= size <= min(MAX_HEADER_BYTES, info.st_size - 8):
+            raise check.fail("header length", f"{size} bytes: past the end of the file "
+                             f"({info.st_size} bytes) or over {MAX_HEADER_BYTES}")
+        header = check.typed(decode_json_record(handle.read(size), path, check.label), dict,
+                             "(the header)")
+        entries = {key: check.typed(entry, dict, repr(key)[:60])
+                   for key, entry in header.items() if key != "__metadata__"}
+        differ = {key for key in entries.keys() | tensors.keys() if key not in tensors
+                  or key not in entries or entries[key].get("shape") != tensors[key]["shape"]}
+        if differ:
+            raise IntegrityError(f"{path}: tampered weights, field tensors: the names or "
+                                 f"shapes of {', '.join(sorted(differ))[:200]} differ from "
+                                 "metadata.json")
+        ends = [0]
+        for key, entry in entries.items():
+            offsets = check.member(entry, "data_offsets", list, f"{key!r:.60}.")
+            ends.append(check.count(offsets[-1] if offsets else -1, f"{key!r:.60}.data_offsets"))
+        recorded = sum(math.prod(record["shape"]) * getattr(torch, record["dtype"]).itemsize
+                       for record in tensors.values())  # dtypes checked by check_metadata
+        if not info.st_size - 8 - size == max(ends) == recorded:
+            raise check.fail("data_offsets", f"the file has {info.st_size - 8 - size} bytes "
+                             f"of data, the header says {max(ends)}, metadata.json "
+                             f"records {recorded}")
+        handle.seek(0)
+        try:
+            data = handle.read()
+        except MemoryError:
+            raise IntegrityError(f"{path}: {info.st_size} bytes do not fit in memory") from None
+    found = header.get("__metadata__")
+    return (found if isinstance(found, dict) else {}), data
 
 
 def read_metadata(folder: Path) -> dict:
@@ -650,6 +745,9 @@ def verify_version(path: str | Path, expected: Mapping | None = None
                    ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Check a saved version (its folder, or the .safetensors inside it) against its record.
 
+    A file path must name the weights file metadata.json records: any other name (a stray
+    ``evil.safetensors``, or none at all) would otherwise be answered for a file never read.
+
     Returns ``(metadata, state_dict)`` when everything matches; otherwise raises IntegrityError
     naming the file and what differs: a missing file, bad metadata, an unreadable weights
     file, weights from another version, edited metadata, or the tensors whose bytes changed.
@@ -663,6 +761,8 @@ def verify_version(path: str | Path, expected: Mapping | None = None
     folder = path.parent if path.suffix == ".safetensors" else path
     if not folder.is_dir():
         raise IntegrityError(f"{path}: no such version folder")
+    if folder != path and not os.path.lexists(path):
+        raise IntegrityError(f"{path}: no such file")
     metadata_path = folder / VersionedModel.METADATA
     metadata_bytes = read_regular_file(metadata_path, "metadata file", MAX_RECORD_BYTES)
     metadata = check_metadata(decode_json_record(metadata_bytes, metadata_path, "bad metadata"),
@@ -678,8 +778,10 @@ def verify_version(path: str | Path, expected: Mapping | None = None
             f"{recorded[:16]}), but {expected.get('source', 'the index')} records {said}: "
             f"the folder was replaced ({', '.join(wrong)} differ)")
     weights = folder / metadata["weights_file"]
-    data = read_regular_file(weights, "weights file")
-    header = safetensors_header(data, weights)
+    if folder != path and path.name != weights.name:  # a file the checks would never read
+        raise IntegrityError(f"{path}: not the weights file of this version; metadata.json "
+                             f"names {weights.name!r:.80} (field 'weights_file')")
+    header, data = read_weights(weights, metadata["tensors"])
     if header.get("content_fingerprint") != recorded:
         raise IntegrityError(
             f"{weights}: weights belong to another version (header says version "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -336,20 +337,23 @@ def test_versions_and_aliases_are_ascii_digits_only(two_versions, tmp_path, look
         registry.versions("m")
 
 
-def forge_huge_architecture(two_versions: Path, folder: Path) -> None:
-    """A self-consistent version whose record names nn.Linear(60000, 60000): 14.4 GB."""
+def forge_huge_architecture(two_versions: Path, folder: Path, kwargs: dict | None = None,
+                            name: str = "Linear", model: nn.Module | None = None) -> None:
+    """A self-consistent version whose record names nn.Linear(60000, 60000): 14.4 GB (or
+    another torch.nn class ``name`` with ``kwargs``, holding the weights of ``model``)."""
     metadata = json.loads((two_versions / "m" / "1.0" / "metadata.json").read_text())
-    metadata["architecture"] = {"module": "torch.nn.modules.linear", "class": "Linear",
-                                "kwargs": {"in_features": 60000, "out_features": 60000}}
-    lesson.VersionedModel(nn.Linear(3, 2), metadata).save(folder, card=lambda m: "")
+    metadata["architecture"] = {"module": "torch.nn", "class": name, "kwargs": kwargs or {
+        "in_features": 60000, "out_features": 60000}}
+    lesson.VersionedModel(model or nn.Linear(3, 2), metadata).save(folder, card=lambda m: "")
 
 
-def test_a_huge_architecture_record_is_refused_before_anything_is_allocated(two_versions,
-                                                                            tmp_path):
-    forge_huge_architecture(two_versions, tmp_path / "forged")
+def in_limited_child(work) -> dict:
+    """``work()`` run in a forked child whose memory is capped at 2 GB more than now, so a
+    regression fails instead of swapping; returns what ``work`` returned (a dict; on an
+    exception, its type and message) and how much the peak RSS grew, in MB."""
     reader, writer = os.pipe()
     pid = os.fork()
-    if pid == 0:  # a child with a memory ceiling, so a regression fails instead of swapping
+    if pid == 0:
         result = {}
         try:
             os.close(reader)
@@ -360,9 +364,8 @@ def test_a_huge_architecture_record_is_refused_before_anything_is_allocated(two_
                 Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS
             start = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())[1])
             try:
-                lesson.VersionedModel.load(tmp_path / "forged", lesson.build_from_record)
-                result["error"] = "none"
-            except Exception as err:  # noqa: BLE001 - the test reports the type
+                result.update(work())
+            except BaseException as err:  # noqa: BLE001 - the test reports the type
                 result.update(error=type(err).__name__, message=str(err))
             peak = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())[1])
             result["peak_growth_mb"] = (peak - start) / 1024
@@ -372,7 +375,18 @@ def test_a_huge_architecture_record_is_refused_before_anything_is_allocated(two_
     os.close(writer)
     wait_for(pid)
     with os.fdopen(reader) as handle:
-        result = json.loads(handle.read())
+        return json.loads(handle.read())
+
+
+def test_a_huge_architecture_record_is_refused_before_anything_is_allocated(two_versions,
+                                                                            tmp_path):
+    forge_huge_architecture(two_versions, tmp_path / "forged")
+
+    def work():
+        lesson.VersionedModel.load(tmp_path / "forged", lesson.build_from_record)
+        return {"error": "none"}
+
+    result = in_limited_child(work)
     print(f"\n  nn.Linear(60000, 60000) record: {result.get('error')}, peak RSS grew by "
           f"{result.get('peak_growth_mb', float('nan')):.1f} MB (the layer is 14,400 MB)")
     assert result["error"] == "IntegrityError", result
@@ -383,6 +397,110 @@ def test_a_huge_architecture_record_is_refused_before_anything_is_allocated(two_
             "m", nn.Linear(3, 2), architecture={"class": "Linear", "kwargs": {
                 "in_features": 60000, "out_features": 60000}},
             hyperparameters={}, history=[], data_fingerprint="x", seed=0)
+
+
+@pytest.mark.parametrize("key, value", [("device", "cpu"), ("dtype", "float64")])
+def test_a_record_never_chooses_the_device_or_dtype(two_versions, tmp_path, key, value):
+    # {"device": "cpu"} would build the layer in real memory, past the meta device: refused
+    # by its key, before anything is built (Linear(3, 2) itself would load fine).
+    kwargs = {"in_features": 3, "out_features": 2, key: value}
+    forge_huge_architecture(two_versions, tmp_path / "forged", kwargs)
+    with pytest.raises(lesson.IntegrityError, match=f"kwargs '{key}': the loader chooses"):
+        lesson.VersionedModel.load(tmp_path / "forged", lesson.build_from_record)
+    with pytest.raises(ValueError, match=f"kwargs '{key}'"):
+        lesson.ModelRegistry(tmp_path / "r").register(
+            "m", nn.Linear(3, 2), architecture={"class": "Linear", "kwargs": kwargs},
+            hyperparameters={}, history=[], data_fingerprint="x", seed=0)
+
+
+def test_a_count_in_the_record_stops_the_meta_build_early(two_versions, tmp_path):
+    # num_layers=3,000,000 costs nothing per layer on meta, but its Python loop ran > 60 s.
+    kwargs = {"input_size": 1, "hidden_size": 1, "num_layers": 3_000_000}
+    forge_huge_architecture(two_versions, tmp_path / "forged", kwargs, "LSTM", nn.LSTM(1, 1))
+
+    def work():
+        lesson.VersionedModel.load(tmp_path / "forged", lesson.build_from_record)
+        return {"error": "none"}
+
+    result = in_limited_child(work)  # without the limit: killed by the ceiling, or hung
+    print(f"\n  LSTM(num_layers=3,000,000) record: {result.get('message')}")
+    assert result["error"] == "IntegrityError", result
+    assert re.search(r"makes more than \d+ parameters and buffers", result["message"])
+
+
+def oversized(weights: Path, how: str) -> str:
+    """Grow ``weights`` to 8 GiB (sparse: no disk) in one of three ways; the field to blame."""
+    data = weights.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header, body = json.loads(data[8:8 + size]), data[8 + size:]
+    last = max((key for key in header if key != "__metadata__"),
+               key=lambda key: header[key]["data_offsets"][-1])
+    if how == "header length":
+        weights.write_bytes((2**40).to_bytes(8, "little") + data[8:])
+    elif how != "grown":
+        if how == "lying data_offsets":  # the last tensor ends at 8 GiB, says the header
+            header[last]["data_offsets"][-1] = 8 * 2**30
+        else:  # a tensor renamed: not the tensors metadata.json records
+            header[last + "_"] = header.pop(last)
+        text = json.dumps(header).encode()
+        weights.write_bytes(len(text).to_bytes(8, "little") + text + body)
+    os.truncate(weights, 8 * 2**30)
+    return {"header length": "header length", "renamed tensor": "tensors"}.get(
+        how, "data_offsets")
+
+
+@pytest.mark.parametrize("how", ["grown", "header length", "lying data_offsets",
+                                 "renamed tensor"])
+def test_an_oversized_weights_file_is_refused_before_it_is_read(two_versions, tmp_path, how):
+    root = tmp_path / "registry"
+    shutil.copytree(two_versions, root)
+    weights = root / "m" / "1.1" / "model.safetensors"
+    field = oversized(weights, how)
+    registry = lesson.ModelRegistry(root, code_folder=root)
+
+    def work():
+        out = {}
+        with pytest.raises(lesson.IntegrityError) as raised:
+            registry.load("m", "1.1")
+        out["load"] = str(raised.value)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            out["verify_rc"] = lesson.verify_cli(str(weights))
+        out["verify"] = printed.getvalue()
+        index_path = root / "m" / "registry.json"  # and as an unindexed folder, recovered:
+        index = json.loads(index_path.read_text())
+        del index["versions"]["1.1"]
+        index_path.write_text(json.dumps(index))
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            out["versions"] = registry.versions("m")
+        out["said"] = [str(w.message) for w in said]
+        out["again"] = register(registry, 1).metadata["version"]
+        return out
+
+    result = in_limited_child(work)
+    assert "error" not in result, result
+    for said in (result["load"], result["verify"]):
+        assert str(weights) in said and f"field {field}" in said, said
+    assert result["verify_rc"] == 1 and result["verify"].startswith("FAILED: ")
+    assert result["versions"] == ["1.0"] and "set 1.1 aside" in result["said"][0]
+    assert result["again"] == "1.1" and result["peak_growth_mb"] < 500, result
+
+
+def test_verify_checks_the_file_it_is_given(two_versions, tmp_path, capsys):
+    # A path to a file the checks never read (another name, or none) is not an OK.
+    root = tmp_path / "registry"
+    shutil.copytree(two_versions, root)
+    folder = root / "m" / "1.0"
+    (folder / "evil.safetensors").write_bytes(b"garbage")
+    expected = {"evil.safetensors": "metadata.json names 'model.safetensors' (field "
+                "'weights_file')", "nonexistent.safetensors": "no such file"}
+    for name, cause in expected.items():
+        assert lesson.verify_cli(str(folder / name)) == 1, name
+        printed = capsys.readouterr().out
+        assert printed.startswith(f"FAILED: {folder / name}: ") and cause in printed, printed
+    assert lesson.verify_cli(str(folder / "model.safetensors")) == 0
+    assert capsys.readouterr().out.startswith("OK: ")
 
 
 # ---- an unindexed folder that does not verify is set aside, and said so ----------------------
