@@ -199,7 +199,11 @@ class ScriptRuns:
 def run_default(stem: str, device: str, folder: Path) -> ScriptRun:
     """The script's default run on ``device``, started from an empty folder of its own."""
     (folder / "cwd").mkdir()
-    return run_script(stem, folder / "out", folder / "cwd", "--device", device, env=run_env())
+    run = run_script(stem, folder / "out", folder / "cwd", "--device", device, env=run_env())
+    # the console, kept beside the out-dir: what a reader of a failed run (or a GPU run's
+    # --basetemp folder) looks at first
+    (folder / "console.txt").write_text(run.stdout + "\n--- stderr ---\n" + run.stderr)
+    return run
 
 
 def run_notebook(stem: str, device: str, folder: Path) -> NotebookRun:
