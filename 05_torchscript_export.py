@@ -1127,7 +1127,7 @@ def lesson_5d_other_configs(run: Run, mlp: nn.Module, val_loader) -> dict:
         buffer = io.BytesIO()
         torch.save(candidate.state_dict(), buffer)
         ran.append(name)
-        print(f"  {name:<42} {type(candidate[1].weight).__name__:<15} "
+        print(f"  {name:<42} {type(candidate[1].weight).__name__:<16} "
               f"{format_bytes(buffer.tell()):>9} ({buffer.tell() / fp32_bytes:.3f}x fp32)  "
               f"validation accuracy {accuracy:.3f}")
     return {"torchao_other_configs_ran": ",".join(ran)}
