@@ -1283,9 +1283,11 @@ def lesson_5g_assign(run: Run, int8_mlp: nn.Module, reference: Path) -> dict:
           f", max |diff| = {diff}; quantize_ first, then load: max |diff| = {first_diff}, "
           f"copied into the same weight object: {in_place}")
     fresh(batch).sum().backward()  # runs without an error...
+    grad = fresh[1].weight.grad
     print(f"  after assign=True: requires_grad={fresh[1].weight.requires_grad}; after a "
-          f"backward, .grad is {fresh[1].weight.grad} (bias .grad set: "
-          f"{fresh[1].bias.grad is not None}): inference only")
+          f"backward, the int8 weight's .grad is {'None' if grad is None else 'set'} (bias "
+          f".grad set: {fresh[1].bias.grad is not None}): "
+          f"{'inference only' if grad is None else 'gradients reach the int8 weights'}")
     return {"int8_reload_max_abs_diff": diff, "int8_quantize_first_max_abs_diff": first_diff,
             "int8_quantize_first_in_place": in_place,
             "int8_weight_grad_after_backward": fresh[1].weight.grad is not None,
