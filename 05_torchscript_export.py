@@ -974,9 +974,9 @@ if in_notebook():
 # an Int8Tensor (int8 `qdata`, and a float `scale` and an int8 `zero_point` per output row).
 # At each call it casts qdata to float32 for the matmul, then multiplies by the scales: it
 # saves bytes at rest, not arithmetic. SmallCNN's only Linear has 128 weights, so int8 would
-# save nothing there: this section trains a Linear-heavy classifier (396k weights) on the
-# same kind of images, noisier (noise 3.0, not 0.8), so that accuracy is not 100% and a
-# change would show. set_inductor_config=False: by default quantize_ also changes
+# save nothing there: this section trains a Linear-heavy classifier (its weight count is
+# printed below) on the same kind of images, noisier (noise 3.0, not 0.8), so that accuracy
+# is not 100% and a change would show. set_inductor_config=False: by default quantize_ also changes
 # torch._inductor.config for the whole process (coordinate-descent tuning and more).
 
 
@@ -1007,10 +1007,13 @@ def lesson_5b_quantize(run: Run) -> tuple:
     inputs = next(iter(val_loader))[0].to(run.device)
     with torch.no_grad():
         diff = max_abs_diff(int8_mlp(inputs), mlp(inputs))
+    weights = sum(layer.weight.numel() for layer in mlp if isinstance(layer, nn.Linear))
+    print(f"  {weights:,} Linear weights ({sum(p.numel() for p in mlp.parameters()):,} "
+          f"parameters with the biases), quantized in place")
     print(f"  layer 1 weight is now {type(weight).__module__}.{type(weight).__name__}: qdata "
           f"{weight.qdata.dtype} {tuple(weight.qdata.shape)}, scale {tuple(weight.scale.shape)}")
     print(f"  outputs against fp32 on {len(inputs)} validation images: max |diff| = {diff:.3g}")
-    return mlp, int8_mlp, val_loader, {"int8_max_abs_diff": diff}
+    return mlp, int8_mlp, val_loader, {"int8_max_abs_diff": diff, "mlp_linear_weights": weights}
 
 
 if in_notebook():
@@ -1023,7 +1026,8 @@ if in_notebook():
 # a quarter (int8 instead of float32) plus the per-row scales; the biases stay fp32. The
 # accuracy is measured on the whole validation set, not only as max |diff|: what matters is
 # whether a prediction changes. Latency: section 6's table (rows mlp_fp32 and mlp_int8).
-# int8_reference.pt keeps a batch and the int8 outputs, so another process can check a load.
+# int8_reference.pt keeps the validation images, their labels and the int8 outputs, so that
+# another process can check a load: the same outputs, and the same accuracy.
 
 
 def lesson_5c_cost(run: Run, mlp: nn.Module, int8_mlp: nn.Module, val_loader) -> dict:
@@ -1040,6 +1044,7 @@ def lesson_5c_cost(run: Run, mlp: nn.Module, int8_mlp: nn.Module, val_loader) ->
     print(f"  state_dict file: fp32 {format_bytes(fp32_path.stat().st_size)} -> int8 "
           f"{format_bytes(int8_path.stat().st_size)} ({ratio:.2f}x)")
     inputs = torch.cat([batch for batch, _ in val_loader]).to(run.device)
+    labels = torch.cat([label for _, label in val_loader])
     with torch.no_grad():
         fp32_out, int8_out = mlp(inputs), int8_mlp(inputs)
     accuracy = {name: evaluate(model, val_loader, run.device)["accuracy"]
@@ -1048,7 +1053,8 @@ def lesson_5c_cost(run: Run, mlp: nn.Module, int8_mlp: nn.Module, val_loader) ->
     print(f"  validation accuracy ({len(inputs)} images): fp32 {accuracy['fp32']:.4f}, int8 "
           f"{accuracy['int8']:.4f}; predictions that changed: {changed}")
     reference = run.path("int8_reference.pt")
-    torch.save({"inputs": inputs[:16].cpu(), "outputs": int8_out[:16].cpu()}, reference)
+    torch.save({"inputs": inputs.cpu(), "labels": labels.cpu(), "outputs": int8_out.cpu()},
+               reference)
     for name, path in (("mlp_fp32_state_dict", fp32_path), ("int8_state_dict", int8_path),
                        ("int8_reference", reference)):
         run.artifact(name, path)
@@ -1063,46 +1069,67 @@ if in_notebook():
 
 
 # %% 5d. Which other torchao configs run here?
-# Each config makes its own tensor subclass and needs its own kernels. We try four more on
-# this device: a line for each that runs (its weight type, file size, accuracy), and for each
-# that does not, SKIPPED with the error measured here. Int4WeightOnlyConfig's default
-# ("plain" packing) needs the mslk kernels; Float8DynamicActivationFloat8WeightConfig needs a
-# GPU of compute capability 8.9 or newer (its own assertion says so).
-OTHER_CONFIGS = {  # name: (what it would show, made for CUDA)
-    "Int8DynamicActivationInt8WeightConfig": ("int8 weights and int8 activations", False),
-    "Float8WeightOnlyConfig": ("float8 weights", False),
-    "Int4WeightOnlyConfig": ("int4 weights in groups of 128 (1/8 of fp32's bytes)", True),
-    "Float8DynamicActivationFloat8WeightConfig": ("float8 weights and activations", True),
+# Each config makes its own tensor subclass and needs its own kernels. We try five more on
+# this device: a line for each that runs (its weight type, file size against fp32, accuracy),
+# and for each that does not, SKIPPED with the reason read from the error measured here and
+# the step that raised it. Int4WeightOnlyConfig's default packing calls the mslk kernels (a
+# CUDA package, mslk-cuda on PyPI; without it: "Requires mslk >= 1.0.0") and expects
+# bfloat16 activations.
+# Float8DynamicActivationFloat8WeightConfig asserts a GPU of compute capability 8.9 or newer
+# (torchao/float8/inference.py), checked inside quantize_, not when the config is built; each
+# SKIPPED line names the step that raised. The CPU's int4 is a prototype,
+# PrototypeInt4WeightOnlyConfig (torchao.prototype.quantization.int4): Int4OpaqueTensor,
+# packed for the CPU's int4 matmul;
+# it needs out_features divisible by 16, so the filter below leaves the 4-class layer fp32
+# (for every config here, to compare like with like).
+OTHER_CONFIGS = {  # name: (its module, what it would show)
+    "Int8DynamicActivationInt8WeightConfig": ("torchao.quantization",
+                                              "int8 weights and int8 activations"),
+    "Float8WeightOnlyConfig": ("torchao.quantization", "float8 weights"),
+    "PrototypeInt4WeightOnlyConfig": ("torchao.prototype.quantization.int4.inference_workflow",
+                                      "int4 weights for the CPU, in groups of 128"),
+    "Int4WeightOnlyConfig": ("torchao.quantization", "int4 weights in groups of 128"),
+    "Float8DynamicActivationFloat8WeightConfig": ("torchao.quantization",
+                                                  "float8 weights and activations"),
 }
+SKIP_REASONS = {"mslk": "needs mslk, CUDA only", "compute capability": "needs a CUDA GPU of "
+                "compute capability >= 8.9", "CUDA": "no CUDA"}  # first match in the error
 
 
 def lesson_5d_other_configs(run: Run, mlp: nn.Module, val_loader) -> dict:
     """Quantize a copy of ``mlp`` with each config; print what ran and what could not.
 
-    A config that fails raises at quantize_ time or at the first forward (a missing kernel
-    package, a GPU capability check); either way the error is printed, not hidden, and the
-    next config runs. On a GPU the same loop shows the CUDA-only ones.
+    A failing config raises while its config object is built, in quantize_, or at the first
+    forward; the step and the error are printed, and the next config runs. On a GPU the
+    same loop shows the CUDA-only ones.
     """
     run.section("5d. Which other torchao configs run here?")
-    import torchao.quantization as torchao_quantization
+    import importlib
 
+    fp32_bytes = (run.out_dir / "mlp_fp32_state_dict.pt").stat().st_size
     ran = []
-    for name, (what, for_cuda) in OTHER_CONFIGS.items():
-        candidate = copy.deepcopy(mlp)
+    for name, (module, what) in OTHER_CONFIGS.items():
+        candidate, step = copy.deepcopy(mlp), "building the config"
         try:
-            config = getattr(torchao_quantization, name)(set_inductor_config=False)
-            torchao_quantization.quantize_(candidate, config)
+            config = getattr(importlib.import_module(module), name)(set_inductor_config=False)
+            step = "quantize_"
+            importlib.import_module("torchao.quantization").quantize_(
+                candidate, config, filter_fn=lambda layer, _: isinstance(layer, nn.Linear)
+                and layer.out_features % 16 == 0)
+            step = "the first forward"
             accuracy = evaluate(candidate, val_loader, run.device)["accuracy"]
         except Exception as err:  # each config fails in its own way: ImportError, Assertion...
-            reason = "no CUDA" if for_cuda and run.device.type != "cuda" else "fails here"
-            print(f"  SKIPPED ({reason}): {name} would show {what}; here it raised "
-                  f"{type(err).__name__}: {first_line(err)[:90]}")
+            reason = next((why for key, why in SKIP_REASONS.items() if key in str(err)),
+                          "fails here")
+            print(f"  SKIPPED ({reason}): {name} would show {what}; {step} raised "
+                  f"{type(err).__name__}: {first_line(err)[:80]}")
             continue
         buffer = io.BytesIO()
         torch.save(candidate.state_dict(), buffer)
         ran.append(name)
-        print(f"  {name:<42} {type(candidate[1].weight).__name__:<13} "
-              f"{format_bytes(buffer.tell()):>9}  validation accuracy {accuracy:.3f}")
+        print(f"  {name:<42} {type(candidate[1].weight).__name__:<16} "
+              f"{format_bytes(buffer.tell()):>9} ({buffer.tell() / fp32_bytes:.3f}x fp32)  "
+              f"validation accuracy {accuracy:.3f}")
     return {"torchao_other_configs_ran": ",".join(ran)}
 
 
@@ -1112,18 +1139,22 @@ if in_notebook():
 
 # %% 5e. Export a quantized model (.pt2)
 # torch.export traces through the tensor subclass: the graph reads each weight's qdata and
-# scale and does the int8 -> float32 cast and the matmul in plain ATen operations. The file,
-# though, keeps the Int8Tensor weights as pickles ("use_pickle": true in its
-# model_weights_config.json), and torch.export.load reads those with
-# torch.load(weights_only=False) (torch/export/pt2_archive/_package.py): a .pt2 with
-# quantized weights is only as safe to load as a pickle. Export it on the CPU, as in section 3.
+# scale and does the int8 -> float32 cast and the matmul in plain ATen operations. The file
+# keeps the Int8Tensor weights as pickles ("use_pickle": true in model_weights_config.json):
+# that is why loading YOUR file needs torchao. It does not make any .pt2 safe or unsafe:
+# torch.export.load runs pickles from wherever the archive says, with weights_only=False -
+# weights and constants marked use_pickle, opaque-object constants (pickle.loads), and the
+# sample inputs (tried with weights_only=True, then silently retried with False): see
+# torch/export/pt2_archive/_package.py and torch/_export/serde/serialize.py. Any .pt2, fp32
+# included, is as dangerous as a pickle: load only files you made, or whose hash you checked
+# against one you trust (03 section 4). Export it on the CPU, as in section 3.
 
 
 def lesson_5e_export(run: Run, int8_mlp: nn.Module, val_loader) -> dict:
     """Export the int8 model, save and load the .pt2, compare; count its pickled weights.
 
-    The pickled weights are read from the archive's model_weights_config.json, without
-    loading the file: what a careful consumer checks before calling torch.export.load.
+    The count, read from the archive's model_weights_config.json, says why this file needs
+    torchao to load; it says nothing about whether a file from elsewhere is safe.
     """
     run.section("5e. Export a quantized model (.pt2)")
     cpu_model = copy.deepcopy(int8_mlp).cpu()
@@ -1140,7 +1171,9 @@ def lesson_5e_export(run: Run, int8_mlp: nn.Module, val_loader) -> dict:
         diff = max_abs_diff(torch.export.load(path).module()(inputs), cpu_model(inputs))
     print(f"  torch.export.export + save: {format_bytes(path.stat().st_size)}; loaded back, "
           f"max |diff| = {diff:.3g}")
-    print(f"  weights stored as pickles (loaded with weights_only=False): {pickled}")
+    print(f"  weights stored as pickles, so loading needs torchao: {pickled}")
+    print("  torch.export.load runs pickles from the archive (weights, constants, sample "
+          "inputs):\n  load only .pt2 files you made or whose hash you verified (03 section 4)")
     run.artifact("int8_exported_program", path)
     return {"int8_export_max_abs_diff": diff, "int8_pt2_pickled_weights": len(pickled)}
 
@@ -1210,11 +1243,19 @@ if in_notebook():
 # Parameter (param.copy_(loaded)), and torchao's copy_ only copies between two tensors of the
 # same subclass and layout: the error below. assign=True puts the loaded Int8Tensor in place
 # of the Parameter instead. The other way: quantize_ the fresh model first, then a plain
-# load_state_dict copies Int8Tensor into Int8Tensor. Both reproduce the outputs exactly.
+# load_state_dict copies Int8Tensor into Int8Tensor, in place (the weight stays the same
+# object). Both reproduce the outputs exactly. For inference only: after assign=True the
+# weights are Parameters with requires_grad=True, yet a backward leaves their .grad None
+# (measured below) - call model.requires_grad_(False), and fine-tune from the fp32 model.
 
 
 def lesson_5g_assign(run: Run, int8_mlp: nn.Module, reference: Path) -> dict:
-    """Load int8_state_dict.pt into a fresh fp32 model without and with assign=True."""
+    """Load int8_state_dict.pt into a fresh fp32 model without and with assign=True.
+
+    The quantize_-first load runs before the assign=True one: once a loaded Int8Tensor has
+    been assigned into a model, a later plain load of the same state_dict replaced the weight
+    object instead of copying into it (measured with torch 2.14.1 and torchao 0.18).
+    """
     run.section("5g. load_state_dict needs assign=True")
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -1228,17 +1269,28 @@ def lesson_5g_assign(run: Run, int8_mlp: nn.Module, reference: Path) -> dict:
     except RuntimeError as err:
         without_assign = first_line(err, "'Parameter' object").rstrip("\",).")
     print(f"  load_state_dict(state_dict): {without_assign}")
-    fresh.load_state_dict(state_dict, assign=True)
     quantized_first = linear_classifier().to(run.device).eval()
     quantize_(quantized_first, Int8WeightOnlyConfig(set_inductor_config=False))
-    quantized_first.load_state_dict(state_dict)
+    before = quantized_first[1].weight
+    quantized_first.load_state_dict(state_dict)  # before assign=True below: see the docstring
+    in_place = quantized_first[1].weight is before
+    fresh.load_state_dict(state_dict, assign=True)
     with torch.no_grad():
         expected = int8_mlp(batch)
         diff, first_diff = (max_abs_diff(model(batch), expected)
                             for model in (fresh, quantized_first))
     print(f"  load_state_dict(state_dict, assign=True): weight {type(fresh[1].weight).__name__}"
-          f", max |diff| = {diff}; quantize_ first, then load: max |diff| = {first_diff}")
+          f", max |diff| = {diff}; quantize_ first, then load: max |diff| = {first_diff}, "
+          f"copied into the same weight object: {in_place}")
+    fresh(batch).sum().backward()  # runs without an error...
+    grad = fresh[1].weight.grad
+    print(f"  after assign=True: requires_grad={fresh[1].weight.requires_grad}; after a "
+          f"backward, the int8 weight's .grad is {'None' if grad is None else 'set'} (bias "
+          f".grad set: {fresh[1].bias.grad is not None}): "
+          f"{'inference only' if grad is None else 'gradients reach the int8 weights'}")
     return {"int8_reload_max_abs_diff": diff, "int8_quantize_first_max_abs_diff": first_diff,
+            "int8_quantize_first_in_place": in_place,
+            "int8_weight_grad_after_backward": fresh[1].weight.grad is not None,
             "int8_load_without_assign_fails": without_assign != "loaded"}
 
 
@@ -1329,9 +1381,12 @@ if in_notebook():
 
 
 # %% 6. Side by side, and which one should I use?
-# Same trained model, same inputs, parity with eager (max |diff|), the file each variant
-# deploys, and latency with common.timing.benchmark on one device and thread count. The batch
-# is 8, inside every variant's limits (ExecuTorch's memory plan included, section 4c).
+# SmallCNN's variants on the same inputs, parity with eager (max |diff|), the file each
+# variant deploys, and latency with common.timing.benchmark on one device and thread
+# count. The batch is 8, inside every variant's limits (ExecuTorch's memory plan included,
+# section 4c). The mlp_ rows are another model, 5b's MLP: their parity is against its fp32
+# version, and the line after the table compares int8 with fp32 (int8 weight-only
+# dequantizes at every call).
 # Which one?
 #   - Python server or training loop, want speed:  torch.compile.
 #   - Ship a model file to Python without its source:  torch.export -> .pt2.
@@ -1377,6 +1432,11 @@ def lesson_6_side_by_side(run: Run, model: nn.Module, candidates: dict) -> dict:
               f"{timing.p90_ms:>8.3f}")
         key = name.split(" ")[0].replace("+", "_").replace(".", "_")
         figures |= {f"{key}_max_abs_diff": diff, f"{key}_median_ms": round(timing.median_ms, 4)}
+    if {"mlp_fp32_median_ms", "mlp_int8_median_ms"} <= figures.keys():
+        ratio = figures["mlp_int8_median_ms"] / figures["mlp_fp32_median_ms"]
+        figures["mlp_int8_over_fp32_latency"] = round(ratio, 3)
+        print(f"  5b's MLP: int8 {figures['mlp_int8_median_ms']:.3f} ms is {ratio:.2f}x fp32's "
+              f"{figures['mlp_fp32_median_ms']:.3f} ms: {'slower' if ratio > 1 else 'faster'}")
     save_latency_chart(run, rows)
     return figures
 
@@ -1390,7 +1450,7 @@ def save_latency_chart(run: Run, rows: list) -> None:
     axes.set_yticks(positions, [name for name, _ in rows])
     axes.invert_yaxis()
     axes.set(xlabel="latency, ms (median; bar to p90)",
-             title=f"SmallCNN, batch {SIDE_BY_SIDE_BATCH}, {run.device}, "
+             title=f"SmallCNN variants (mlp_: 5b's MLP), batch {SIDE_BY_SIDE_BATCH}, {run.device}, "
                    f"{torch.get_num_threads()} threads")
     run.save_figure(figure, "latency.png", "latency_chart")
 
