@@ -74,6 +74,7 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -696,8 +697,10 @@ if in_notebook():
 # torch.load(weights_only=False) on its input (the weights_only path is in section 4b), and
 # dcp.load / dcp_to_torch_save of a folder you did not write runs its .metadata pickle
 # (FileSystemReader.read_metadata is a plain pickle.load) and torch.load(weights_only=False)
-# on its non-tensor values: check such a folder first with
+# on every entry its .metadata marks as bytes, even when your state dict holds only tensors:
+# check such a folder first with
 #   python 01_basic_save_load.py --inspect FOLDER   (01 section 13)
+# and load it with section 12's restricted reader and SafeLoadPlanner (weights_only=True).
 
 
 def torch_save_round_trip(run: Run, portable_path: Path, reference: Mapping) -> float:
@@ -1179,8 +1182,12 @@ if in_notebook():
 # plain pickle.load: a bucket someone else can write to can run code in every rank that loads
 # from it. weights_only does not apply here. Keep to buckets you control; for any other, read
 # .metadata with a restricted unpickler, as the reader below does (01's --inspect does the
-# same check for a local DCP folder). The data objects are safe to read: DCP loads tensors
-# from them with torch.load's weights_only unpickler or as raw bytes.
+# same check for a local DCP folder). That is not all: every entry .metadata marks as bytes
+# (BytesStorageMetadata, allowed below; section 7's checkpoint has them, e.g. the optimizer's
+# lr) goes to DefaultLoadPlanner.load_bytes, which runs torch.load(weights_only=False) on it
+# (default_planner.py), even when your state dict holds only tensors. So pass dcp.load the
+# SafeLoadPlanner below too: its load_bytes uses weights_only=True, and a payload there is
+# refused ("Unsupported global"). Tensors are read as raw bytes into your tensors.
 # The allow-list names each (module, name) pair, never a whole module: a module also holds
 # what it merely imports (checkpoint.filesystem's `Tensor` allocates any size you ask, and
 # torch.distributed.tensor's DeviceMesh starts torch.distributed). The 12 pairs below, plus
@@ -1270,6 +1277,23 @@ def restricted_reader(url: str, **options: Any):
     return RestrictedFsspecReader(url, **options)
 
 
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """A DefaultLoadPlanner whose bytes entries load with torch.load(weights_only=True).
+
+    Pass it as dcp.load(..., planner=SafeLoadPlanner()) next to restricted_reader: the default
+    load_bytes runs torch.load(weights_only=False) on whatever .metadata calls bytes.
+    """
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        obj = torch.load(value, map_location="cpu", weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
 class _Payload:
     def __reduce__(self):  # what an attacker's .metadata does: call exec when unpickled
         return exec, ("print('payload ran')",)
@@ -1283,9 +1307,10 @@ def lesson_12_trust(run: Run, s3: S3Target) -> dict:
     state = {key: torch.zeros_like(value) for key, value in reference.items()}
     with single_process():
         dcp.load(state, storage_reader=restricted_reader(f"{s3.url}/dcp_model", **s3.options),
-                 no_dist=True)
+                 planner=SafeLoadPlanner(), no_dist=True)
     diff = max_abs_diff(state, reference)
-    print(f"  {s3.url}/dcp_model through the restricted reader: max |diff| = {diff}")
+    print(f"  {s3.url}/dcp_model through the restricted reader and SafeLoadPlanner: "
+          f"max |diff| = {diff}")
     hostile = f"{s3.url}/hostile_model/.metadata"  # what someone with write access could put
     s3.filesystem().pipe(hostile, pickle.dumps(_Payload()))
     try:  # inspect it first: download .metadata, unpickle it restricted, before any dcp.load

@@ -316,3 +316,42 @@ def test_the_readiness_probe_cannot_outlast_the_timeout(monkeypatch, tmp_path):
         silent.close()
     assert seen.get("read_timeout", 60) <= 5 and seen.get("connect_timeout", 60) <= 5
     assert seen.get("retries", {}).get("total_max_attempts") == 1  # no retry
+
+
+class _WritesAFile:
+    """A bytes entry whose unpickling creates `path` (what a hostile data object does)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').write('x')",)
+
+
+def test_a_payload_in_a_bytes_entry_is_refused_by_the_safe_planner(tmp_path):
+    """.metadata passes the restricted unpickler (BytesStorageMetadata is allowed); the data
+    object is torch.load(weights_only=False) by the default planner, so SafeLoadPlanner."""
+    folder, proof = tmp_path / "ck", tmp_path / "PWNED"
+    with lesson.single_process():
+        dcp.save({"w": torch.ones(2), "step": _WritesAFile(proof)}, checkpoint_id=folder,
+                 no_dist=True)
+        assert not proof.exists()
+        target = {"w": torch.zeros(2), "step": torch.zeros(())}
+        with pytest.raises(dcp.api.CheckpointException, match="Unsupported global"):
+            dcp.load(target, storage_reader=lesson.restricted_reader(str(folder)),
+                     planner=lesson.SafeLoadPlanner(), no_dist=True)
+        assert not proof.exists()
+        dcp.load(target, storage_reader=lesson.restricted_reader(str(folder)), no_dist=True)
+    assert proof.exists()  # the default planner runs it: the reason SafeLoadPlanner exists
+
+
+def test_the_safe_planner_loads_an_honest_bytes_entry(tmp_path):
+    folder = tmp_path / "ck"
+    with lesson.single_process():
+        dcp.save({"w": torch.arange(3.0), "lr": 0.25, "nested": {"n": 7}}, checkpoint_id=folder,
+                 no_dist=True)
+        target = {"w": torch.zeros(3), "lr": 0.0, "nested": {"n": 0}}
+        dcp.load(target, storage_reader=lesson.restricted_reader(str(folder)),
+                 planner=lesson.SafeLoadPlanner(), no_dist=True)
+    assert target["lr"] == 0.25 and target["nested"]["n"] == 7
+    assert torch.equal(target["w"], torch.arange(3.0))
