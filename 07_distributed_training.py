@@ -819,13 +819,17 @@ if in_notebook():
 # Object storage has no folders, no rename, no fsync and no locks: it has objects, written
 # whole by one PUT (or one multipart upload) and read by GET, under keys such as
 # "ckpt/run/model.pt". torch.save and torch.load take any file object, and fsspec.open(url,
-# "wb", **storage_options) gives one for an s3:// URL: the bytes are buffered and uploaded
-# when the file closes (in 5 MB+ parts when large). Load with weights_only=True and
-# map_location, as from a disk: the bytes came from a server, which is no more trusted.
-# fsspec buffers what torch.save writes and uploads on close: a process that dies before the
-# close leaves nothing (section 9 shows why that is safe). torch.load needs a seekable file,
-# which fsspec's S3 file is (it fetches byte ranges on demand). For a state larger than one
-# process's memory, use DCP (section 7), which reads only the slices each rank needs.
+# "wb", **storage_options) gives one for an s3:// URL: the bytes are buffered, and a file
+# smaller than s3fs's block_size (50 MiB by default) goes up in one PUT when it closes. A
+# larger one starts a multipart upload while it is written: each time the buffer reaches
+# block_size, s3fs uploads all of it as one part (at least block_size; exactly block_size
+# with fixed_upload_size=True; S3File._upload_chunk), and the rest on close. Load with
+# weights_only=True and map_location, as from a disk: the bytes came from a server, which is
+# no more trusted. A process that dies before the close leaves no object, but past the first
+# part it leaves a pending multipart upload that holds storage (section 9). torch.load needs
+# a seekable file, which fsspec's S3 file is (it fetches byte ranges on demand). For a state
+# larger than one process's memory, use DCP (section 7), which reads only the slices each
+# rank needs.
 
 
 def lesson_6_s3_one_file(run: Run, s3: S3Target) -> dict:
@@ -1187,7 +1191,8 @@ if in_notebook():
 # lr) goes to DefaultLoadPlanner.load_bytes, which runs torch.load(weights_only=False) on it
 # (default_planner.py), even when your state dict holds only tensors. So pass dcp.load the
 # SafeLoadPlanner below too: its load_bytes uses weights_only=True, and a payload there is
-# refused ("Unsupported global"). Tensors are read as raw bytes into your tensors.
+# refused ("Unsupported global"). Tensor entries already load with weights_only=True
+# (FileSystemReader.read_data).
 # The allow-list names each (module, name) pair, never a whole module: a module also holds
 # what it merely imports (checkpoint.filesystem's `Tensor` allocates any size you ask, and
 # torch.distributed.tensor's DeviceMesh starts torch.distributed). The 12 pairs below, plus
@@ -1224,7 +1229,8 @@ def checked_size(dims: object = ()) -> torch.Size:
 class MetadataUnpickler(pickle.Unpickler):
     """Unpickles a DCP .metadata: only METADATA_GLOBALS and torch dtypes, and a Metadata out.
 
-    Every failure, whatever raised it, is one pickle.UnpicklingError naming the cause.
+    Every failure, whatever raised it, is one pickle.UnpicklingError naming the cause. It does
+    not make the data objects safe: bytes entries need SafeLoadPlanner.
     """
 
     REPLACED = {("torch.serialization", "_get_layout"): checked_layout,
@@ -1258,7 +1264,11 @@ class MetadataUnpickler(pickle.Unpickler):
 
 
 def restricted_reader(url: str, **options: Any):
-    """An FsspecReader whose .metadata is read by MetadataUnpickler instead of pickle.load."""
+    """An FsspecReader whose .metadata is read by MetadataUnpickler instead of pickle.load.
+
+    It checks .metadata only: pass dcp.load planner=SafeLoadPlanner() too, or the entries
+    .metadata marks as bytes are still torch.load(weights_only=False).
+    """
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
