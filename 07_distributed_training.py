@@ -102,7 +102,8 @@ HERE = script_file(globals(), "07_distributed_training.py")  # a notebook kernel
 SAVE_WORLD = 2  # processes that train and save (in the default, self-spawning mode)
 # A collective that waits longer than this fails instead of hanging forever: with gloo it
 # raises; with nccl a watchdog aborts the collective and takes the PROCESS down (unless
-# TORCH_NCCL_BLOCKING_WAIT is set, then the call raises; see dist.set_timeout's docstring).
+# TORCH_NCCL_BLOCKING_WAIT is set: then "the process blocks and waits for this timeout
+# instead", dist.set_timeout's docstring).
 # torch's defaults: 10 min for nccl (torch.distributed.constants.default_pg_nccl_timeout),
 # 30 min for gloo.
 GROUP_TIMEOUT = datetime.timedelta(minutes=3)
@@ -860,7 +861,8 @@ if in_notebook():
 # FsspecWriter and FsspecReader for any fsspec URL (torch 2.14 does not export them from the
 # package: import them from that module). Each rank uploads its own __RANK_0.distcp object, in
 # parallel, and rank 0 writes .metadata last. sync_files=False: an S3 stream has no fsync (the
-# object exists once its upload completes); with True, DCP warns once per file and flushes.
+# object exists once its upload completes); with True, DCP issues a warning per file (its
+# fsync finds no fileno; Python shows it once) and relies on flush().
 # Here the FSDP2 world of section 3 saves the model's sharded state_dict (the same keys as
 # portable_model.pt) with get_model_state_dict.
 # One object per rank, not one per tensor: each PUT costs a round trip, and AWS throttles per
@@ -909,8 +911,9 @@ if in_notebook():
 # new world size, take its sharded state_dict as the target, dcp.load fills each rank's slices
 # with ranged reads of the objects, set_model_state_dict applies. Compared in full with
 # portable_model.pt (section 3b's gathered weights): equal.
-# Every rank reads only the slices it needs: ranged GETs of the same objects, in parallel,
-# so a larger world reads no more bytes in total than a smaller one. Any process that can
+# Every rank requests only the byte ranges it needs, in parallel, but s3fs's default
+# read-ahead cache fetches whole blocks (50 MiB: 100 bytes read from a 12 MiB object fetch
+# all of it), so a larger world can fetch more in total. Any process that can
 # reach the bucket can load it: a different cluster, a laptop, a job with another GPU count.
 # The .metadata maps every tensor's chunks to (object, offset, length): that is all a reader
 # needs. Saved on GPUs and loaded on CPUs (or the reverse), the target tensors' devices win:
@@ -947,14 +950,15 @@ if in_notebook():
 
 # %% 9. What atomic means on S3: a killed upload
 # A PUT, or a multipart upload once CompleteMultipartUpload returns, is all or nothing: no
-# reader ever sees half an object. Below, a child process starts a multipart upload (5 MB
-# parts), uploads one part, and is killed with SIGKILL: the key does not exist. But the
-# upload it began is still pending, and its parts hold storage (and are billed) until someone
-# aborts it: list_multipart_uploads shows it, abort_multipart_upload frees it. In production a
-# bucket lifecycle rule does this: AbortIncompleteMultipartUpload with DaysAfterInitiation.
-# Sizes: s3fs uploads in parts of its block_size (5 MiB at least, S3's minimum part size except
-# the last; at most 5 GiB each, and 10,000 parts per object), so a 100 GB shard needs a block
-# size of 10 MB or more. A file smaller than one block is a single PUT when it is closed.
+# reader ever sees half an object. Below, a child process starts a multipart upload (a
+# 5 MiB block_size), uploads one part, and is killed with SIGKILL: the key does not exist.
+# But the upload it began is still pending, and its parts hold storage (and are billed) until
+# someone aborts it: list_multipart_uploads shows it, abort_multipart_upload frees it. In
+# production a bucket lifecycle rule does this: AbortIncompleteMultipartUpload with
+# DaysAfterInitiation. Sizes: s3fs uploads in parts of at least its block_size (the whole
+# buffer once it reaches block_size; 5 MiB at least, S3's minimum part size except the last;
+# at most 5 GiB each, and 10,000 parts per object), so a 100 GB shard needs a block size of
+# 10 MB or more. A file smaller than one block is a single PUT when it is closed.
 # The same holds for every object a checkpoint has: each is wholly there or absent, never
 # truncated. What a kill CAN leave is a checkpoint with only some of its objects: section 10.
 KILLED_UPLOADER = """
@@ -1026,7 +1030,8 @@ if in_notebook():
 # (step_000002-<12 hex>), shared by all ranks. Below, the save of step 2 is killed after its
 # data objects were uploaded, before .metadata and the marker: resume gets step 1, exactly.
 # Old checkpoints are deleted only after the marker has moved on; a prefix the marker never
-# named is garbage, safe to delete. With a process group every rank calls save_checkpoint_s3
+# named is garbage once no save can still be writing it (its step is below the marker's, or
+# it is older than any save takes). With a process group every rank calls save_checkpoint_s3
 # and rank 0 writes the marker: dcp.save ends with a collective, so when it returns on rank
 # 0, every rank's objects and the .metadata are uploaded. The marker is input too: only
 # ASCII [0-9a-f] names, decoded strictly, else one ValueError naming it.
@@ -1038,7 +1043,9 @@ def save_checkpoint_s3(state: dict, url: str, step: int, options: dict) -> str:
     at it.
 
     Every rank calls it (or one process, without a process group); rank 0 draws the suffix
-    and writes the marker after dcp.save returned on every rank. Returns the checkpoint's URL.
+    and writes the marker when its own dcp.save returns (the other ranks' objects are uploaded
+    by then: DCP gathers every rank's write results before rank 0 finishes). Returns the
+    checkpoint's URL.
     """
     import s3fs
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
