@@ -912,8 +912,9 @@ if in_notebook():
 # with ranged reads of the objects, set_model_state_dict applies. Compared in full with
 # portable_model.pt (section 3b's gathered weights): equal.
 # Every rank requests only the byte ranges it needs, in parallel, but s3fs's default
-# read-ahead cache fetches whole blocks (50 MiB: 100 bytes read from a 12 MiB object fetch
-# all of it), so a larger world can fetch more in total. Any process that can
+# read-ahead cache (fsspec.caching.ReadAheadCache) fetches one block_size (50 MiB) past each
+# miss: 100 bytes read at offset 1000 of a 12 MiB object fetch the remaining 12 MiB. So a
+# larger world can fetch more bytes in total than a smaller one. Any process that can
 # reach the bucket can load it: a different cluster, a laptop, a job with another GPU count.
 # The .metadata maps every tensor's chunks to (object, offset, length): that is all a reader
 # needs. Saved on GPUs and loaded on CPUs (or the reverse), the target tensors' devices win:
