@@ -1448,9 +1448,16 @@ def s3_lessons(run: Run) -> None:
         for lesson in (lesson_9_killed_upload, lesson_10_complete_marker, lesson_11_two_writers,
                        lesson_12_trust, lesson_13_speed):
             run.record_all(lesson(run, s3))
-        run.remote_artifact("s3_dcp_checkpoint", f"{s3.url}/dcp_model")  # section 7's
+        record_s3_checkpoint(run, s3)
     finally:
         close_s3(run, s3)
+
+
+def record_s3_checkpoint(run: Run, s3: S3Target) -> None:
+    """Record section 7's checkpoint URL; say when it goes away with our own server."""
+    run.remote_artifact("s3_dcp_checkpoint", f"{s3.url}/dcp_model")
+    if s3.server is not None:
+        print("  (removed with the local server at exit; --s3-endpoint URL keeps it)")
 
 
 def close_s3(run: Run, s3: S3Target) -> None:
@@ -1461,7 +1468,7 @@ def close_s3(run: Run, s3: S3Target) -> None:
 
 
 if in_notebook() and s3:
-    run.remote_artifact("s3_dcp_checkpoint", f"{s3.url}/dcp_model")  # section 7's
+    record_s3_checkpoint(run, s3)
     close_s3(run, s3)
 
 

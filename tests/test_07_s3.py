@@ -355,3 +355,13 @@ def test_the_safe_planner_loads_an_honest_bytes_entry(tmp_path):
                  planner=lesson.SafeLoadPlanner(), no_dist=True)
     assert target["lr"] == 0.25 and target["nested"]["n"] == 7
     assert torch.equal(target["w"], torch.arange(3.0))
+
+
+def test_the_checkpoint_url_says_when_our_own_server_removes_it(capsys, tmp_path):
+    run = lesson.setup(["--device", "cpu", "--out-dir", str(tmp_path)])
+    ours = lesson.S3Target("s3://ckpt/p", {}, server=object())
+    lesson.record_s3_checkpoint(run, ours)
+    assert "(removed with the local server" in capsys.readouterr().out
+    lesson.record_s3_checkpoint(run, lesson.S3Target("s3://ckpt/p", {}))
+    assert "removed" not in capsys.readouterr().out
+    assert run.artifacts["s3_dcp_checkpoint"] == "s3://ckpt/p/dcp_model"
