@@ -1199,8 +1199,8 @@ if in_notebook():
 # lr) goes to DefaultLoadPlanner.load_bytes, which runs torch.load(weights_only=False) on it
 # (default_planner.py), even when your state dict holds only tensors. So pass dcp.load the
 # SafeLoadPlanner below too: its load_bytes uses weights_only=True, and a payload there is
-# refused ("Unsupported global"). Tensor entries already load with weights_only=True
-# (FileSystemReader.read_data).
+# refused ("Unsupported global"; below, with an honest .metadata and one hostile bytes
+# entry). Tensor entries already load with weights_only=True (FileSystemReader.read_data).
 # The allow-list names each (module, name) pair, never a whole module: a module also holds
 # what it merely imports (checkpoint.filesystem's `Tensor` allocates any size you ask, and
 # torch.distributed.tensor's DeviceMesh starts torch.distributed). The 12 pairs below, plus
@@ -1317,6 +1317,22 @@ class _Payload:
         return exec, ("print('payload ran')",)
 
 
+def refused_bytes_payload(url: str, options: dict) -> str | None:
+    """Save a checkpoint whose bytes entry is a payload, load it the safe way: the refusal."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    with single_process():  # .metadata is honest here: only the bytes entry is hostile
+        dcp.save({"w": torch.ones(2), "step": _Payload()},
+                 storage_writer=FsspecWriter(url, sync_files=False, **options), no_dist=True)
+        try:
+            dcp.load({"w": torch.zeros(2), "step": torch.zeros(())}, no_dist=True,
+                     storage_reader=restricted_reader(url, **options), planner=SafeLoadPlanner())
+        except dcp.api.CheckpointException as err:  # a BaseException: caught by name
+            lines = [line for line in str(err).splitlines() if "Unsupported global" in line]
+            return (lines or [str(err).splitlines()[-1]])[0].strip()[:150]
+    return None
+
+
 def lesson_12_trust(run: Run, s3: S3Target) -> dict:
     """Section 7's checkpoint loads through the restricted reader; a hostile one is refused."""
     run.section("12. Trust: a DCP checkpoint's .metadata is a pickle")
@@ -1337,7 +1353,11 @@ def lesson_12_trust(run: Run, s3: S3Target) -> dict:
     except pickle.UnpicklingError as err:
         refused = True
         print(f"  {hostile}, checked before loading: {err}")
-    return {"s3_restricted_load_max_abs_diff": diff, "s3_hostile_metadata_refused": refused}
+    refusal = refused_bytes_payload(f"{s3.url}/hostile_bytes", s3.options)
+    print(f"  {s3.url}/hostile_bytes (a payload as a bytes entry) with SafeLoadPlanner: "
+          f"{'refused: ' + refusal if refusal else 'LOADED'}")
+    return {"s3_restricted_load_max_abs_diff": diff, "s3_hostile_metadata_refused": refused,
+            "s3_hostile_bytes_refused": refusal is not None}
 
 
 if in_notebook():

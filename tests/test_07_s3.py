@@ -70,6 +70,7 @@ def test_s3_sections_hold_against_a_given_endpoint(s3_run, server):
     assert metrics["s3_resume_bit_identical"] is True
     assert metrics["s3_conditional_write_honoured"] is True  # SeaweedFS 4.48 honours it
     assert metrics["s3_hostile_metadata_refused"] is True
+    assert metrics["s3_hostile_bytes_refused"] is True
     assert metrics["s3_restricted_load_max_abs_diff"] == 0.0
     assert metrics["s3_save_vs_raw_put"] > 0 and metrics["s3_load_vs_raw_get"] > 0
     assert not (s3_run.out_dir / "s3_target.json").exists()  # no surprise file left
@@ -365,3 +366,10 @@ def test_the_checkpoint_url_says_when_our_own_server_removes_it(capsys, tmp_path
     lesson.record_s3_checkpoint(run, lesson.S3Target("s3://ckpt/p", {}))
     assert "removed" not in capsys.readouterr().out
     assert run.artifacts["s3_dcp_checkpoint"] == "s3://ckpt/p/dcp_model"
+
+
+def test_section_12_refuses_a_bytes_payload_in_s3(server, capsys):
+    refusal = lesson.refused_bytes_payload(f"s3://{server.bucket}/t12/hostile_bytes",
+                                           server.storage_options())
+    assert refusal is not None and "Unsupported global" in refusal
+    assert "payload ran" not in capsys.readouterr().out
