@@ -1195,7 +1195,7 @@ if in_notebook():
 # from it. weights_only does not apply here. Keep to buckets you control; for any other, read
 # .metadata with a restricted unpickler, as the reader below does (01's --inspect does the
 # same check for a local DCP folder). That is not all: every entry .metadata marks as bytes
-# (BytesStorageMetadata, allowed below; section 7's checkpoint has them, e.g. the optimizer's
+# (BytesStorageMetadata, allowed below; section 3's checkpoint has them, e.g. the optimizer's
 # lr) goes to DefaultLoadPlanner.load_bytes, which runs torch.load(weights_only=False) on it
 # (default_planner.py), even when your state dict holds only tensors. So pass dcp.load the
 # SafeLoadPlanner below too: its load_bytes uses weights_only=True, and a payload there is
