@@ -74,6 +74,7 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -101,7 +102,8 @@ HERE = script_file(globals(), "07_distributed_training.py")  # a notebook kernel
 SAVE_WORLD = 2  # processes that train and save (in the default, self-spawning mode)
 # A collective that waits longer than this fails instead of hanging forever: with gloo it
 # raises; with nccl a watchdog aborts the collective and takes the PROCESS down (unless
-# TORCH_NCCL_BLOCKING_WAIT is set, then the call raises; see dist.set_timeout's docstring).
+# TORCH_NCCL_BLOCKING_WAIT is set: then "the process blocks and waits for this timeout
+# instead", dist.set_timeout's docstring).
 # torch's defaults: 10 min for nccl (torch.distributed.constants.default_pg_nccl_timeout),
 # 30 min for gloo.
 GROUP_TIMEOUT = datetime.timedelta(minutes=3)
@@ -696,8 +698,10 @@ if in_notebook():
 # torch.load(weights_only=False) on its input (the weights_only path is in section 4b), and
 # dcp.load / dcp_to_torch_save of a folder you did not write runs its .metadata pickle
 # (FileSystemReader.read_metadata is a plain pickle.load) and torch.load(weights_only=False)
-# on its non-tensor values: check such a folder first with
+# on every entry its .metadata marks as bytes, even when your state dict holds only tensors:
+# check such a folder first with
 #   python 01_basic_save_load.py --inspect FOLDER   (01 section 13)
+# and load it with section 12's restricted reader and SafeLoadPlanner (weights_only=True).
 
 
 def torch_save_round_trip(run: Run, portable_path: Path, reference: Mapping) -> float:
@@ -816,13 +820,17 @@ if in_notebook():
 # Object storage has no folders, no rename, no fsync and no locks: it has objects, written
 # whole by one PUT (or one multipart upload) and read by GET, under keys such as
 # "ckpt/run/model.pt". torch.save and torch.load take any file object, and fsspec.open(url,
-# "wb", **storage_options) gives one for an s3:// URL: the bytes are buffered and uploaded
-# when the file closes (in 5 MB+ parts when large). Load with weights_only=True and
-# map_location, as from a disk: the bytes came from a server, which is no more trusted.
-# fsspec buffers what torch.save writes and uploads on close: a process that dies before the
-# close leaves nothing (section 9 shows why that is safe). torch.load needs a seekable file,
-# which fsspec's S3 file is (it fetches byte ranges on demand). For a state larger than one
-# process's memory, use DCP (section 7), which reads only the slices each rank needs.
+# "wb", **storage_options) gives one for an s3:// URL: the bytes are buffered, and a file
+# smaller than s3fs's block_size (50 MiB by default) goes up in one PUT when it closes. A
+# larger one starts a multipart upload while it is written: each time the buffer reaches
+# block_size, s3fs uploads all of it as one part (at least block_size; exactly block_size
+# with fixed_upload_size=True; S3File._upload_chunk), and the rest on close. Load with
+# weights_only=True and map_location, as from a disk: the bytes came from a server, which is
+# no more trusted. A process that dies before the close leaves no object, but past the first
+# part it leaves a pending multipart upload that holds storage (section 9). torch.load needs
+# a seekable file, which fsspec's S3 file is (it fetches byte ranges on demand). For a state
+# larger than one process's memory, use DCP (section 7), which reads only the slices each
+# rank needs.
 
 
 def lesson_6_s3_one_file(run: Run, s3: S3Target) -> dict:
@@ -853,7 +861,8 @@ if in_notebook():
 # FsspecWriter and FsspecReader for any fsspec URL (torch 2.14 does not export them from the
 # package: import them from that module). Each rank uploads its own __RANK_0.distcp object, in
 # parallel, and rank 0 writes .metadata last. sync_files=False: an S3 stream has no fsync (the
-# object exists once its upload completes); with True, DCP warns once per file and flushes.
+# object exists once its upload completes); with True, DCP issues a warning per file (its
+# fsync finds no fileno; Python shows it once) and relies on flush().
 # Here the FSDP2 world of section 3 saves the model's sharded state_dict (the same keys as
 # portable_model.pt) with get_model_state_dict.
 # One object per rank, not one per tensor: each PUT costs a round trip, and AWS throttles per
@@ -902,8 +911,10 @@ if in_notebook():
 # new world size, take its sharded state_dict as the target, dcp.load fills each rank's slices
 # with ranged reads of the objects, set_model_state_dict applies. Compared in full with
 # portable_model.pt (section 3b's gathered weights): equal.
-# Every rank reads only the slices it needs: ranged GETs of the same objects, in parallel,
-# so a larger world reads no more bytes in total than a smaller one. Any process that can
+# Every rank requests only the byte ranges it needs, in parallel, but s3fs's default
+# read-ahead cache (fsspec.caching.ReadAheadCache) fetches one block_size (50 MiB) past each
+# miss: 100 bytes read at offset 1000 of a 12 MiB object fetch the remaining 12 MiB. So a
+# larger world can fetch more bytes in total than a smaller one. Any process that can
 # reach the bucket can load it: a different cluster, a laptop, a job with another GPU count.
 # The .metadata maps every tensor's chunks to (object, offset, length): that is all a reader
 # needs. Saved on GPUs and loaded on CPUs (or the reverse), the target tensors' devices win:
@@ -940,14 +951,15 @@ if in_notebook():
 
 # %% 9. What atomic means on S3: a killed upload
 # A PUT, or a multipart upload once CompleteMultipartUpload returns, is all or nothing: no
-# reader ever sees half an object. Below, a child process starts a multipart upload (5 MB
-# parts), uploads one part, and is killed with SIGKILL: the key does not exist. But the
-# upload it began is still pending, and its parts hold storage (and are billed) until someone
-# aborts it: list_multipart_uploads shows it, abort_multipart_upload frees it. In production a
-# bucket lifecycle rule does this: AbortIncompleteMultipartUpload with DaysAfterInitiation.
-# Sizes: s3fs uploads in parts of its block_size (5 MiB at least, S3's minimum part size except
-# the last; at most 5 GiB each, and 10,000 parts per object), so a 100 GB shard needs a block
-# size of 10 MB or more. A file smaller than one block is a single PUT when it is closed.
+# reader ever sees half an object. Below, a child process starts a multipart upload (a
+# 5 MiB block_size), uploads one part, and is killed with SIGKILL: the key does not exist.
+# But the upload it began is still pending, and its parts hold storage (and are billed) until
+# someone aborts it: list_multipart_uploads shows it, abort_multipart_upload frees it. In
+# production a bucket lifecycle rule does this: AbortIncompleteMultipartUpload with
+# DaysAfterInitiation. Sizes: s3fs uploads in parts of at least its block_size (the whole
+# buffer once it reaches block_size; 5 MiB at least, S3's minimum part size except the last;
+# at most 5 GiB each, and 10,000 parts per object), so a 100 GB shard needs a block size of
+# 10 MB or more. A file smaller than one block is a single PUT when it is closed.
 # The same holds for every object a checkpoint has: each is wholly there or absent, never
 # truncated. What a kill CAN leave is a checkpoint with only some of its objects: section 10.
 KILLED_UPLOADER = """
@@ -1019,7 +1031,8 @@ if in_notebook():
 # (step_000002-<12 hex>), shared by all ranks. Below, the save of step 2 is killed after its
 # data objects were uploaded, before .metadata and the marker: resume gets step 1, exactly.
 # Old checkpoints are deleted only after the marker has moved on; a prefix the marker never
-# named is garbage, safe to delete. With a process group every rank calls save_checkpoint_s3
+# named is garbage once no save can still be writing it (its step is below the marker's, or
+# it is older than any save takes). With a process group every rank calls save_checkpoint_s3
 # and rank 0 writes the marker: dcp.save ends with a collective, so when it returns on rank
 # 0, every rank's objects and the .metadata are uploaded. The marker is input too: only
 # ASCII [0-9a-f] names, decoded strictly, else one ValueError naming it.
@@ -1031,7 +1044,9 @@ def save_checkpoint_s3(state: dict, url: str, step: int, options: dict) -> str:
     at it.
 
     Every rank calls it (or one process, without a process group); rank 0 draws the suffix
-    and writes the marker after dcp.save returned on every rank. Returns the checkpoint's URL.
+    and writes the marker when its own dcp.save returns (the other ranks' objects are uploaded
+    by then: DCP gathers every rank's write results before rank 0 finishes). Returns the
+    checkpoint's URL.
     """
     import s3fs
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
@@ -1179,8 +1194,13 @@ if in_notebook():
 # plain pickle.load: a bucket someone else can write to can run code in every rank that loads
 # from it. weights_only does not apply here. Keep to buckets you control; for any other, read
 # .metadata with a restricted unpickler, as the reader below does (01's --inspect does the
-# same check for a local DCP folder). The data objects are safe to read: DCP loads tensors
-# from them with torch.load's weights_only unpickler or as raw bytes.
+# same check for a local DCP folder). That is not all: every entry .metadata marks as bytes
+# (BytesStorageMetadata, allowed below; section 3's checkpoint has them, e.g. the optimizer's
+# lr) goes to DefaultLoadPlanner.load_bytes, which runs torch.load(weights_only=False) on it
+# (default_planner.py), even when your state dict holds only tensors. So pass dcp.load the
+# SafeLoadPlanner below too: its load_bytes uses weights_only=True, and a payload there is
+# refused ("Unsupported global"; below, with an honest .metadata and one hostile bytes
+# entry). Tensor entries already load with weights_only=True (FileSystemReader.read_data).
 # The allow-list names each (module, name) pair, never a whole module: a module also holds
 # what it merely imports (checkpoint.filesystem's `Tensor` allocates any size you ask, and
 # torch.distributed.tensor's DeviceMesh starts torch.distributed). The 12 pairs below, plus
@@ -1217,7 +1237,8 @@ def checked_size(dims: object = ()) -> torch.Size:
 class MetadataUnpickler(pickle.Unpickler):
     """Unpickles a DCP .metadata: only METADATA_GLOBALS and torch dtypes, and a Metadata out.
 
-    Every failure, whatever raised it, is one pickle.UnpicklingError naming the cause.
+    Every failure, whatever raised it, is one pickle.UnpicklingError naming the cause. It does
+    not make the data objects safe: bytes entries need SafeLoadPlanner.
     """
 
     REPLACED = {("torch.serialization", "_get_layout"): checked_layout,
@@ -1251,7 +1272,11 @@ class MetadataUnpickler(pickle.Unpickler):
 
 
 def restricted_reader(url: str, **options: Any):
-    """An FsspecReader whose .metadata is read by MetadataUnpickler instead of pickle.load."""
+    """An FsspecReader whose .metadata is read by MetadataUnpickler instead of pickle.load.
+
+    It checks .metadata only: pass dcp.load planner=SafeLoadPlanner() too, or the entries
+    .metadata marks as bytes are still torch.load(weights_only=False).
+    """
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -1270,9 +1295,42 @@ def restricted_reader(url: str, **options: Any):
     return RestrictedFsspecReader(url, **options)
 
 
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """A DefaultLoadPlanner whose bytes entries load with torch.load(weights_only=True).
+
+    Pass it as dcp.load(..., planner=SafeLoadPlanner()) next to restricted_reader: the default
+    load_bytes runs torch.load(weights_only=False) on whatever .metadata calls bytes.
+    """
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        obj = torch.load(value, map_location="cpu", weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
 class _Payload:
     def __reduce__(self):  # what an attacker's .metadata does: call exec when unpickled
         return exec, ("print('payload ran')",)
+
+
+def refused_bytes_payload(url: str, options: dict) -> str | None:
+    """Save a checkpoint whose bytes entry is a payload, load it the safe way: the refusal."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    with single_process():  # .metadata is honest here: only the bytes entry is hostile
+        dcp.save({"w": torch.ones(2), "step": _Payload()},
+                 storage_writer=FsspecWriter(url, sync_files=False, **options), no_dist=True)
+        try:
+            dcp.load({"w": torch.zeros(2), "step": torch.zeros(())}, no_dist=True,
+                     storage_reader=restricted_reader(url, **options), planner=SafeLoadPlanner())
+        except dcp.api.CheckpointException as err:  # a BaseException: caught by name
+            lines = [line for line in str(err).splitlines() if "Unsupported global" in line]
+            return (lines or [str(err).splitlines()[-1]])[0].strip()[:150]
+    return None
 
 
 def lesson_12_trust(run: Run, s3: S3Target) -> dict:
@@ -1283,9 +1341,10 @@ def lesson_12_trust(run: Run, s3: S3Target) -> dict:
     state = {key: torch.zeros_like(value) for key, value in reference.items()}
     with single_process():
         dcp.load(state, storage_reader=restricted_reader(f"{s3.url}/dcp_model", **s3.options),
-                 no_dist=True)
+                 planner=SafeLoadPlanner(), no_dist=True)
     diff = max_abs_diff(state, reference)
-    print(f"  {s3.url}/dcp_model through the restricted reader: max |diff| = {diff}")
+    print(f"  {s3.url}/dcp_model through the restricted reader and SafeLoadPlanner: "
+          f"max |diff| = {diff}")
     hostile = f"{s3.url}/hostile_model/.metadata"  # what someone with write access could put
     s3.filesystem().pipe(hostile, pickle.dumps(_Payload()))
     try:  # inspect it first: download .metadata, unpickle it restricted, before any dcp.load
@@ -1294,7 +1353,11 @@ def lesson_12_trust(run: Run, s3: S3Target) -> dict:
     except pickle.UnpicklingError as err:
         refused = True
         print(f"  {hostile}, checked before loading: {err}")
-    return {"s3_restricted_load_max_abs_diff": diff, "s3_hostile_metadata_refused": refused}
+    refusal = refused_bytes_payload(f"{s3.url}/hostile_bytes", s3.options)
+    print(f"  {s3.url}/hostile_bytes (a payload as a bytes entry) with SafeLoadPlanner: "
+          f"{'refused: ' + refusal if refusal else 'LOADED'}")
+    return {"s3_restricted_load_max_abs_diff": diff, "s3_hostile_metadata_refused": refused,
+            "s3_hostile_bytes_refused": refusal is not None}
 
 
 if in_notebook():
@@ -1405,9 +1468,16 @@ def s3_lessons(run: Run) -> None:
         for lesson in (lesson_9_killed_upload, lesson_10_complete_marker, lesson_11_two_writers,
                        lesson_12_trust, lesson_13_speed):
             run.record_all(lesson(run, s3))
-        run.remote_artifact("s3_dcp_checkpoint", f"{s3.url}/dcp_model")  # section 7's
+        record_s3_checkpoint(run, s3)
     finally:
         close_s3(run, s3)
+
+
+def record_s3_checkpoint(run: Run, s3: S3Target) -> None:
+    """Record section 7's checkpoint URL; say when it goes away with our own server."""
+    run.remote_artifact("s3_dcp_checkpoint", f"{s3.url}/dcp_model")
+    if s3.server is not None:
+        print("  (removed with the local server at exit; --s3-endpoint URL keeps it)")
 
 
 def close_s3(run: Run, s3: S3Target) -> None:
@@ -1418,7 +1488,7 @@ def close_s3(run: Run, s3: S3Target) -> None:
 
 
 if in_notebook() and s3:
-    run.remote_artifact("s3_dcp_checkpoint", f"{s3.url}/dcp_model")  # section 7's
+    record_s3_checkpoint(run, s3)
     close_s3(run, s3)
 
 

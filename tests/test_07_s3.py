@@ -70,6 +70,7 @@ def test_s3_sections_hold_against_a_given_endpoint(s3_run, server):
     assert metrics["s3_resume_bit_identical"] is True
     assert metrics["s3_conditional_write_honoured"] is True  # SeaweedFS 4.48 honours it
     assert metrics["s3_hostile_metadata_refused"] is True
+    assert metrics["s3_hostile_bytes_refused"] is True
     assert metrics["s3_restricted_load_max_abs_diff"] == 0.0
     assert metrics["s3_save_vs_raw_put"] > 0 and metrics["s3_load_vs_raw_get"] > 0
     assert not (s3_run.out_dir / "s3_target.json").exists()  # no surprise file left
@@ -316,3 +317,59 @@ def test_the_readiness_probe_cannot_outlast_the_timeout(monkeypatch, tmp_path):
         silent.close()
     assert seen.get("read_timeout", 60) <= 5 and seen.get("connect_timeout", 60) <= 5
     assert seen.get("retries", {}).get("total_max_attempts") == 1  # no retry
+
+
+class _WritesAFile:
+    """A bytes entry whose unpickling creates `path` (what a hostile data object does)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').write('x')",)
+
+
+def test_a_payload_in_a_bytes_entry_is_refused_by_the_safe_planner(tmp_path):
+    """.metadata passes the restricted unpickler (BytesStorageMetadata is allowed); the data
+    object is torch.load(weights_only=False) by the default planner, so SafeLoadPlanner."""
+    folder, proof = tmp_path / "ck", tmp_path / "PWNED"
+    with lesson.single_process():
+        dcp.save({"w": torch.ones(2), "step": _WritesAFile(proof)}, checkpoint_id=folder,
+                 no_dist=True)
+        assert not proof.exists()
+        target = {"w": torch.zeros(2), "step": torch.zeros(())}
+        with pytest.raises(dcp.api.CheckpointException, match="Unsupported global"):
+            dcp.load(target, storage_reader=lesson.restricted_reader(str(folder)),
+                     planner=lesson.SafeLoadPlanner(), no_dist=True)
+        assert not proof.exists()
+        dcp.load(target, storage_reader=lesson.restricted_reader(str(folder)), no_dist=True)
+    assert proof.exists()  # the default planner runs it: the reason SafeLoadPlanner exists
+
+
+def test_the_safe_planner_loads_an_honest_bytes_entry(tmp_path):
+    folder = tmp_path / "ck"
+    with lesson.single_process():
+        dcp.save({"w": torch.arange(3.0), "lr": 0.25, "nested": {"n": 7}}, checkpoint_id=folder,
+                 no_dist=True)
+        target = {"w": torch.zeros(3), "lr": 0.0, "nested": {"n": 0}}
+        dcp.load(target, storage_reader=lesson.restricted_reader(str(folder)),
+                 planner=lesson.SafeLoadPlanner(), no_dist=True)
+    assert target["lr"] == 0.25 and target["nested"]["n"] == 7
+    assert torch.equal(target["w"], torch.arange(3.0))
+
+
+def test_the_checkpoint_url_says_when_our_own_server_removes_it(capsys, tmp_path):
+    run = lesson.setup(["--device", "cpu", "--out-dir", str(tmp_path)])
+    ours = lesson.S3Target("s3://ckpt/p", {}, server=object())
+    lesson.record_s3_checkpoint(run, ours)
+    assert "(removed with the local server" in capsys.readouterr().out
+    lesson.record_s3_checkpoint(run, lesson.S3Target("s3://ckpt/p", {}))
+    assert "removed" not in capsys.readouterr().out
+    assert run.artifacts["s3_dcp_checkpoint"] == "s3://ckpt/p/dcp_model"
+
+
+def test_section_12_refuses_a_bytes_payload_in_s3(server, capsys):
+    refusal = lesson.refused_bytes_payload(f"s3://{server.bucket}/t12/hostile_bytes",
+                                           server.storage_options())
+    assert refusal is not None and "Unsupported global" in refusal
+    assert "payload ran" not in capsys.readouterr().out
