@@ -694,6 +694,11 @@ def read_weights(path: Path, tensors: Mapping[str, dict]) -> tuple[dict, bytes]:
     records (``tensors``), and the file must end exactly where the recorded tensors end.
     Then it is read once; those bytes are the ones hashed and deserialized.
     """
+    # Why not safetensors.torch.load_file(path): it opens the file by its path once more, so
+    # the bytes it reads need not be the bytes that were hashed, and it knows nothing of the
+    # shapes metadata.json records. The order below (length, header, names and shapes
+    # against the record, end of data, then the body) means that each step reads only what
+    # the step before it has bounded.
     check = RecordCheck(path, "not a readable safetensors file")
     with open_regular_file(path, "weights file") as (handle, info):
         size = int.from_bytes(handle.read(8), "little")
