@@ -65,13 +65,14 @@ class Target:
         return self.name or f"{self.script.split('_')[0]} {self.function}"
 
 
-T02 = ("tests/test_02_checkpoint_manager.py", "tests/test_02_crash_points.py", HOSTILE)
+T02 = ("tests/test_02_checkpoint_manager.py", "tests/test_02_crash_points.py",
+       "tests/test_02_durability.py", HOSTILE)
 T01 = ("tests/test_01_basic_save_load.py", "tests/test_inspect_fuzz.py")
 # Keep this list short and honest: each entry names the tests that really reach the function.
 TARGETS = [
     Target("02_checkpoint_manager.py", "atomic_write",
-           (*T02, "-k", select("atomic_write or midway or killed_mid_write or manifest_round_trip"
-                               " or umask or tampered or truncated"))),
+           (*T02, "-k", select("atomic_write or durab or switch or midway or killed_mid_write"
+                               " or manifest_round_trip or umask or tampered or truncated"))),
     Target("02_checkpoint_manager.py", "plain_file_name",
            (*T02, "-k", select("manifest or symlink or resume or hostile"))),
     Target("02_checkpoint_manager.py", "WriterLock.acquire",
