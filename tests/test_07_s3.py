@@ -279,9 +279,9 @@ def test_a_port_weed_falls_back_from_is_a_failed_start(tmp_path, monkeypatch):
     finally:
         holder.close()
     assert len(chosen) >= 2 and started.ports["master.port.grpc"] != held
-    sockets = [Path(f"/tmp/seaweedfs-{flag.split('.')[0]}-grpc-{port}.sock")
+    sockets = [s3server.grpc_socket(flag.split(".")[0], port)
                for ports in chosen for flag, port in zip(s3server.PORT_FLAGS, ports, strict=True)
-               if flag.endswith(".grpc")] + [Path(f"/tmp/seaweedfs-master-grpc-{held + 1}.sock")]
+               if flag.endswith(".grpc")] + [s3server.grpc_socket("master", held + 1)]
     assert [path for path in sockets if path.exists()] == []
     assert list(tmp_path.iterdir()) == []
 

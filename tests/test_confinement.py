@@ -53,7 +53,8 @@ def system_paths_in(source: str, filename: str) -> list[str]:
         if isinstance(node, ast.Call):
             name = getattr(node.func, "attr", getattr(node.func, "id", ""))
             has_dir = any(keyword.arg == "dir" for keyword in node.keywords)
-            if name in SYSTEM_CALLS and not has_dir:
+            into_tmp = any("tmp_path" in ast.unparse(arg) for arg in node.args)  # chdir(tmp_path)
+            if name in SYSTEM_CALLS and not has_dir and not into_tmp:
                 found.append(f"{filename}:{node.lineno}: {name}()")
     return found
 
