@@ -13,8 +13,10 @@ and fails the test:
   even if the code under test swallowed the error. ``sys.addaudithook`` cannot be removed, so
   the hook is installed once and does nothing while no confined test runs; threads of the
   session's background script runs (conftest's ScriptRuns, named "script-runs") are ignored.
-- ``torch.save(obj, path)`` opens its file in C++, which no audit hook sees: the fixture wraps
-  ``torch.save`` to check a path argument.
+- ``torch.save(obj, path)`` opens its file in C++ and safetensors' ``save_file`` in Rust, which
+  no audit hook sees: the fixture wraps ``torch.save``, ``torch.serialization.save`` and
+  ``safetensors.torch.save_file`` to check a path argument (a script that imported one of
+  them by name before the test, ``from torch import save``, keeps the unwrapped one).
 - Python processes the test starts with ``subprocess`` (from the test's thread) get the same
   hook through tests/confined_site/sitecustomize.py (PYTHONPATH) and report to a log file that
   the fixture reads. Their per-user cache and config folders (XDG_CACHE_HOME, XDG_CONFIG_HOME,
@@ -22,8 +24,10 @@ and fails the test:
   into a folder beside tmp_path. The environment of the test process itself is not changed, so
   background runs started meanwhile are not confined.
 
-Not covered: files that C or C++ code opens by name in a child process, and programs that are
-not Python. Reads are never refused. Byte-code caches (``__pycache__``) are allowed anywhere.
+Not covered: other C, C++ or Rust code that opens a file by name (in this process or a child),
+programs that are not Python, os.mkfifo/os.mknod (no audit event), and a child started with
+``python -I``, ``-E`` or ``-S`` (it skips sitecustomize). Reads are never refused. Byte-code
+caches (``__pycache__``) are allowed anywhere.
 """
 
 from __future__ import annotations
@@ -176,16 +180,27 @@ def confined(tmp_path: Path, monkeypatch, also: tuple[str, ...] = ()):
 
     log = tmp_path.parent / f"{tmp_path.name}.confinement.log"
     confinement = Confinement(tmp_path, log, also=also)
-    original_save = torch.save
+    import safetensors.torch
+    import torch.serialization
 
-    def save(obj, f, *args, **kwargs):
-        if isinstance(f, str | os.PathLike) and _active is confinement:
-            path = _absolute(f, None)
-            if not _allowed(confinement, path):
-                refuse(confinement, "torch.save", path)
-        return original_save(obj, f, *args, **kwargs)
+    def guarded(module, name: str, position: int, keyword: str) -> None:
+        """Replace ``module.name`` by a wrapper that checks its path argument first."""
+        original = getattr(module, name)
 
-    monkeypatch.setattr(torch, "save", save)
+        def wrapper(*args, **kwargs):
+            target = args[position] if len(args) > position else kwargs.get(keyword)
+            if isinstance(target, str | os.PathLike) and _active is confinement:
+                path = _absolute(target, None)
+                if not _allowed(confinement, path):
+                    refuse(confinement, f"{module.__name__}.{name}", path)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    # Writers whose file is opened in C++ or Rust, where the audit hook sees nothing.
+    guarded(torch, "save", 1, "f")
+    guarded(torch.serialization, "save", 1, "f")
+    guarded(safetensors.torch, "save_file", 1, "filename")
     monkeypatch.setattr(subprocess.Popen, "__init__",
                         confined_popen(subprocess.Popen.__init__, confinement))
     activate(confinement)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 
 from tests.confinement import Confinement, activate, confined, confined_popen
@@ -137,6 +138,12 @@ def test_the_fixture_fails_a_test_that_reached_out_even_if_it_swallowed_the_erro
         torch.save({"w": torch.ones(1)}, outside / "model.pt")  # C++ opens this file
     except PermissionError:
         pass  # code under test that swallows the error does not hide it
-    with pytest.raises(AssertionError, match=r"(?s)reached outside .*torch\.save .*model\.pt"):
+    for write in (lambda: torch.serialization.save({"w": torch.ones(1)}, outside / "b.pt"),
+                  lambda: safetensors.torch.save_file({"w": torch.ones(1)},
+                                                      outside / "c.safetensors")):
+        with pytest.raises(PermissionError):  # torch's C++ and safetensors' Rust writers
+            write()
+    with pytest.raises(AssertionError, match=r"(?s)reached outside .*torch\.save .*model\.pt"
+                       r".*b\.pt.*save_file .*c\.safetensors"):
         next(fixture)
     assert list(outside.iterdir()) == []
