@@ -63,6 +63,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import keyword
 import math
 import os
 import pickle
@@ -1310,7 +1311,10 @@ if in_notebook():
 #   attribute (module "torch.distributed.checkpoint.filesystem", name "os.system" reaches
 #   os.system through the module's own import), and DCP's FileSystemReader.read_metadata is
 #   a plain pickle.load. So no byte of the file reaches either: only StubUnpickler reads pickles,
-#   and a name is a pair of strings compared for equality, never a path to follow.
+#   and a name is a pair of strings compared for equality, never a path to follow. Only a
+#   file judged loadable then goes to torch.load(weights_only=True) to confirm it: that load
+#   DOES call the allow-listed globals (bytearray, torch.Size, _rebuild_tensor_v2) with the
+#   file's arguments, so it runs with memory capped (see _memory_bound).
 # - Hide the call. getattr(__import__("os"), "system")(...) calls the RESULT of a call; INST,
 #   OBJ and NEWOBJ_EX are calls that weights_only never executes; EXT codes name globals
 #   by a number. Each is recorded and reported as dangerous or unknown, never as harmless.
@@ -1339,6 +1343,10 @@ MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors' own reader refuses more ("h
 MAX_INDEX_BYTES = 64 * 2**20  # a model.safetensors.index.json: ~100 bytes per tensor name
 MAX_ZIP_DIRECTORY_BYTES = 16 * 2**20  # a zip's central directory: ~100 bytes per member
 MAX_TENSOR_DIMENSIONS = 64  # more than any real tensor has
+MAX_KEY_SIZE = 10_000  # values inside one dict key or set element: hashing a tuple walks all
+# of them, and shared references make a 311-byte tuple of 2**60 values (a real key: a few)
+MAX_CONFIRM_BYTES = 256 * 2**20  # memory the confirming torch.load may take beyond the
+# file's own size: an allowed call like bytearray(2**30) would otherwise allocate a gigabyte
 
 # Storage class names (legacy and zip pickles) and safetensors' dtype codes -> torch names.
 STORAGE_DTYPES = {"Float": "float32", "Double": "float64", "Half": "float16",
@@ -1544,6 +1552,7 @@ class PickleRecords:
         self.dtype_codes: set[str] = set()  # arguments of numpy.dtype(...), see below
         self.count = self.objects = 0
         self.depth: dict[int, int] = {}  # id -> nesting depth of tuples, kept alive in `keep`
+        self.size: dict[int, int] = {}  # id -> values a tuple expands to (capped), see _hashed
         self.keep: list[Any] = []
         self.end = 0
 
@@ -1577,8 +1586,24 @@ class PickleRecords:
                 raise InspectionLimit(f"nested deeper than MAX_DEPTH = {MAX_DEPTH}")
             if isinstance(value, (tuple, frozenset)):
                 self.depth[id(value)] = depth
+                self.size[id(value)] = min(MAX_KEY_SIZE + 1, 1 + sum(
+                    self.size.get(id(item), 1) for item in items))
                 self.keep.append(value)
         return value
+
+    def _hashed(self, values: Any) -> Any:
+        """``values`` about to be hashed (dict keys, set elements), once each is known small.
+
+        Hashing a tuple hashes every value inside it, and comparing two equal hashes walks
+        both: a tuple built of shared references, (x, x) sixty times over, is 311 bytes of
+        pickle and 2**60 values to hash. Its expanded size, tracked as it is built, must stay
+        within MAX_KEY_SIZE (a Call, a Global, a Storage hash by identity: one value each).
+        """
+        for value in values:
+            if self.size.get(id(value), 1) > MAX_KEY_SIZE:
+                raise InspectionLimit(f"a dict key or set element of more than MAX_KEY_SIZE = "
+                                      f"{MAX_KEY_SIZE} values (shared references expand it)")
+        return values
 
     def _call(self, func: Any, args: Any, opcode: str) -> Call:
         """Record a call instead of making it. A call of anything but a plain Global (the
@@ -1672,10 +1697,11 @@ class StubUnpickler(PickleRecords):
             elif char in "tld" or op == 0x91:  # TUPLE, LIST, DICT, FROZENSET (from a MARK)
                 items = pop_mark()
                 if char == "d":
+                    self._hashed(items[::2])
                     push(self._new(dict(zip(items[::2], items[1::2], strict=False)), items))
                 else:
                     kind = {"t": tuple, "l": list}.get(char, frozenset)
-                    push(self._new(kind(items), items))
+                    push(self._new(kind(self._hashed(items) if op == 0x91 else items), items))
             elif op in (0x85, 0x86, 0x87):  # TUPLE1, TUPLE2, TUPLE3
                 count = op - 0x84
                 if len(stack) < count:
@@ -1691,7 +1717,7 @@ class StubUnpickler(PickleRecords):
                 if isinstance(target, list) and op != 0x90:
                     target.extend(items)
                 elif isinstance(target, set) and op == 0x90:
-                    target.update(items)
+                    target.update(self._hashed(items))
                 elif isinstance(target, Call):  # a list subclass, or .append of any object
                     for item in items:
                         target.items[len(target.items)] = item
@@ -1704,7 +1730,7 @@ class StubUnpickler(PickleRecords):
                 target = stack[-1]
                 if not isinstance(target, (dict, Call)):
                     raise ValueError(f"cannot set items on {type(target).__name__}")
-                for key, value in zip(items[::2], items[1::2], strict=False):
+                for key, value in zip(self._hashed(items[::2]), items[1::2], strict=False):
                     (target if isinstance(target, dict) else target.items)[key] = value
             # Globals and calls: the only opcodes with power. A global becomes a Global record
             # (its name is never imported or resolved); INST and OBJ are a global plus a call in
@@ -1994,6 +2020,16 @@ def inspect_checkpoint(path: str | Path) -> Inspection:
     return report
 
 
+# The advice prints each global's module and name as code (an import line, a list), so a
+# name is advice only if it IS a name: a module "argparse;exec(bytes(...))" would otherwise
+# print "import argparse;exec(...)", which runs when pasted. Every dotted part of the module
+# and the name must be an ASCII identifier and not a keyword; anything else is refused.
+def python_name(record: Global) -> bool:
+    """Whether ``record``'s module parts and name are plain ASCII Python identifiers."""
+    return all(part.isascii() and part.isidentifier() and not keyword.iskeyword(part)
+               for part in [*record.module.split("."), record.name])
+
+
 def _judge(report: Inspection) -> None:
     """Which globals need review (all outside the exact allow-list), which are known or
     suspected to run code, which opcodes weights_only never executes.
@@ -2012,12 +2048,14 @@ def _judge(report: Inspection) -> None:
     report.dangerous = [
         f"{_escape(record.full)} " + ("is a dotted name (an attribute path); no inspector "
                                       "resolves it, and it can reach anything"
-                                      if "." in record.name else "can run code (it is on the "
-                                      "known-dangerous list)" if KNOWN_DANGEROUS.match(record.full)
-                                      else "is named by a registry code nobody can check")
+                                      if "." in record.name else "is named by a registry code "
+                                      "nobody can check" if record.module == "copyreg-extension"
+                                      else "is not a Python name (pasted as advice, it would be "
+                                      "code)" if not python_name(record)
+                                      else "can run code (it is on the known-dangerous list)")
         for key, record in unpickler.globals.items() if key not in report.allowed and (
             "." in record.name or KNOWN_DANGEROUS.match(record.full)
-            or record.module == "copyreg-extension")]
+            or record.module == "copyreg-extension" or not python_name(record))]
     report.dangerous += [_escape(text, 200) for text in unpickler.unfollowable[:10]]
     if report.kind.startswith(("torch.save", "legacy")):
         report.refused_opcodes = sorted({OPCODE_NAMES.get(op, hex(op)) for op in
@@ -2177,9 +2215,10 @@ def _inspect_legacy(report: Inspection) -> Callable[[], Any]:
 
 
 def _confirm_load(path: Path, mmap: bool) -> None:
-    """torch.load(weights_only=True) of a file StubUnpickler judged loadable. torch's file
-    reader needs a UTF-8 path: a name that is not (Linux allows any bytes) goes as a handle."""
-    with warnings.catch_warnings():  # a protocol other than 2 is judged above, not warned
+    """torch.load(weights_only=True) of a file StubUnpickler judged loadable, with its
+    memory bounded. torch's file reader needs a UTF-8 path: a name that is not (Linux
+    allows any bytes) goes as a handle."""
+    with warnings.catch_warnings(), _memory_bound(path):  # protocol: judged above, not warned
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         try:
             os.fsencode(path).decode("utf-8")
@@ -2188,6 +2227,41 @@ def _confirm_load(path: Path, mmap: bool) -> None:
                 torch.load(handle, map_location="cpu", weights_only=True)
             return
         torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+# An allowed global is not a harmless call: weights_only=True allows builtins.bytearray and
+# torch.FloatTensor, and a 60-byte pickle calls them on 2**30. Checking every argument of
+# every allowed call is a list that never ends, so the confirming load runs with the
+# process's address space capped (RLIMIT_AS, Linux and macOS) at what it uses now, plus the
+# file's size (mapped or read), plus MAX_CONFIRM_BYTES: past that, an allocation fails and
+# the file is refused with exit status 2 instead of taking the machine's memory.
+@contextlib.contextmanager
+def _memory_bound(path: Path) -> Iterator[None]:
+    """Cap this process's address space for the block (where the platform allows it);
+    a failed allocation inside it becomes an InspectionLimit naming MAX_CONFIRM_BYTES."""
+    try:
+        import resource
+
+        pages = int(Path("/proc/self/statm").read_text().split()[0])
+    except (ImportError, OSError, ValueError):
+        resource = None  # no resource module or no /proc: the load runs uncapped
+    if resource is not None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        cap = pages * os.sysconf("SC_PAGE_SIZE") + path.stat().st_size + MAX_CONFIRM_BYTES
+        if hard != resource.RLIM_INFINITY:
+            cap = min(cap, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    except (MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "allocate" not in str(err):
+            raise
+        raise InspectionLimit(f"the confirming torch.load needed more than the file's size "
+                              f"+ MAX_CONFIRM_BYTES = {MAX_CONFIRM_BYTES} of memory (an "
+                              "allowed call with a huge argument)") from None
+    finally:
+        if resource is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def _inspect_safetensors(report: Inspection) -> None:

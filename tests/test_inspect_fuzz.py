@@ -150,6 +150,27 @@ def write_attack(name: str, folder, marker) -> object:
                 + b"}" + key + item + b"ssb.")
         (folder / "dcp" / ".metadata").write_bytes(body)
         return folder / "dcp"
+    if name == "advice_not_a_name":  # a module that, printed as `import ...`, is code
+        code = ",".join(str(b) for b in f"open({str(marker)!r},'w')".encode())
+        zip_with(path, b"\x80\x02" + global_op(f"argparse;exec(bytes(({code},)))", "Namespace")
+                 + b"\x85.")
+        return path
+    if name.startswith("hash_bomb"):  # (x, x) sixty times over: 2**60 values to hash
+        deep = b"K\x01" + b"q\x00h\x00\x86" * 60
+        body = {"hash_bomb_dict": b"}" + deep + b"K\x00s", "hash_bomb_frozenset":
+                b"(" + deep + b"\x91", "hash_bomb_dcp": global_op(
+                    "torch.distributed.checkpoint.metadata", "Metadata") + b"(" + deep
+                + b"K\x00d\x85R"}[name]
+        if name == "hash_bomb_dcp":
+            (folder / "dcp").mkdir()
+            (folder / "dcp" / ".metadata").write_bytes(b"\x80\x02" + body + b".")
+            return folder / "dcp"
+        zip_with(path, b"\x80\x02" + body + b".")
+        return path
+    if name == "bytearray_bomb":  # an allowed global, a hostile argument: bytearray(2**30)
+        zip_with(path, b"\x80\x02" + global_op("__builtin__", "bytearray") + b"\x8a\x05"
+                 + (2**30).to_bytes(5, "little") + b"\x85R.")
+        return path
     if name == "lone_surrogate_name":
         torch.save({"w\ud800": torch.ones(2)}, path)
         return path
@@ -177,6 +198,11 @@ ATTACKS = [
     ("dcp_tuple_key", {2}, "key that is not text"),
     ("dcp_huge_size", {2}, "invalid shape"),
     ("lone_surrogate_name", {0, 2}, "\\ud800"),
+    ("advice_not_a_name", {1}, "not a Python name"),
+    ("hash_bomb_dict", {2}, "MAX_KEY_SIZE"),
+    ("hash_bomb_frozenset", {2}, "MAX_KEY_SIZE"),
+    ("hash_bomb_dcp", {2}, "MAX_KEY_SIZE"),
+    ("bytearray_bomb", {2}, "MAX_CONFIRM_BYTES"),
 ]
 
 
