@@ -1978,11 +1978,12 @@ def _walk(obj: Any, prefix: str, report: Inspection, seen: dict, depth: int = 0)
         _walk(value, _join(prefix, key), report, seen, depth + 1)
 
 
-def checked_member(folder: Path, name: Any) -> Path:
-    """``folder / name`` for a name that a file (an index) gave: a plain file name, a
-    regular file, resolving inside ``folder``; else ValueError."""
+def checked_member(folder: Path, name: Any, source: str = "the index") -> Path:
+    """``folder / name`` for a name that a file (``source``: an index, a .metadata) gave: a
+    plain file name, a regular file, resolving inside ``folder``; else ValueError."""
     if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
-        raise ValueError(f"the index names {_short(name)}, not a plain file name in {folder}")
+        raise ValueError(f"{source} names {_short(name)}, not a plain file name in "
+                         f"{_escape(str(folder), 200)}")
     try:
         return checked_regular_file(folder / name, folder)
     except CheckpointLoadError as err:
@@ -2349,6 +2350,7 @@ def _inspect_dcp(report: Inspection) -> None:
         return  # names outside DCP's own: the verdict lists them, whatever the structure
     state = metadata.state if isinstance(metadata, Call) else None
     items = state.get("state_dict_metadata") if isinstance(state, dict) else None
+    storage = state.get("storage_data") if isinstance(state, dict) else None
     if not isinstance(items, dict):
         raise ValueError(".metadata does not hold a DCP Metadata with a state_dict_metadata")
     for name, item in list(items.items())[:MAX_OBJECTS]:
@@ -2364,10 +2366,33 @@ def _inspect_dcp(report: Inspection) -> None:
                               _escape(dtype.name, 30) if isinstance(dtype, Global) else "?")
         else:
             report.add_entry(_escape(name), "a non-tensor value (pickled bytes)")
+    _check_dcp_storage(report.path, storage)
     if report.entries:  # default_planner.py, DefaultLoadPlanner.load_bytes
         report.unpickler.unfollowable.append(
             f"{len(report.entries)} non-tensor values, which dcp.load unpickles with "
             "torch.load(weights_only=False); this inspector does not read them")
+
+
+# Where dcp.load reads each tensor's bytes: .metadata's storage_data maps every chunk to a
+# _StorageInfo(relative_path, offset, length), and FileSystemReader opens folder /
+# relative_path. A hostile "../outside/__0_0.distcp" reads another folder's file (any file
+# of yours) into the model; so each one must be a plain file name of a regular file inside
+# the folder, checked like an index's shards, and offset + length must lie within it.
+def _check_dcp_storage(folder: Path, storage: Any) -> None:
+    """Every (relative_path, offset, length) of a DCP .metadata's storage_data: a regular
+    file inside ``folder``, the byte range within it; else ValueError naming it."""
+    if not isinstance(storage, dict):
+        raise ValueError(".metadata has no storage_data table (where the tensors' bytes are)")
+    sizes: dict[str, int] = {}
+    for info in storage.values():
+        fields = info.state if isinstance(info, Call) and isinstance(info.state, dict) else {}
+        name, offset, length = (fields.get(k) for k in ("relative_path", "offset", "length"))
+        if name not in sizes:
+            sizes[name] = checked_member(folder, name, ".metadata").stat().st_size
+        if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0
+                and offset + length <= sizes[name]):
+            raise ValueError(f".metadata places a tensor at {_short(offset)} + {_short(length)}"
+                             f" bytes of {_escape(name)}, past its end ({sizes[name]} bytes)")
 
 
 def numpy_dtype_classes(unpickler: StubUnpickler) -> list[str]:

@@ -171,6 +171,24 @@ def write_attack(name: str, folder, marker) -> object:
         zip_with(path, b"\x80\x02" + global_op("__builtin__", "bytearray") + b"\x8a\x05"
                  + (2**30).to_bytes(5, "little") + b"\x85R.")
         return path
+    if name in ("dcp_outside_path", "dcp_past_end"):  # storage_data points out, or past
+        import dataclasses
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+            warnings.simplefilter("ignore")
+            for folder_name, value in (("dcp", 0.0), ("outside", 7.0)):
+                dcp.save({"w": torch.full((3,), value)}, checkpoint_id=folder / folder_name,
+                         no_dist=True)
+        metadata = pickle.loads((folder / "dcp" / ".metadata").read_bytes())  # the test's own
+        for key, info in metadata.storage_data.items():
+            metadata.storage_data[key] = dataclasses.replace(info, **(
+                {"relative_path": "../outside/" + info.relative_path}
+                if name == "dcp_outside_path" else {"length": 10**9}))
+        (folder / "dcp" / ".metadata").write_bytes(pickle.dumps(metadata))
+        return folder / "dcp"
     if name == "lone_surrogate_name":
         torch.save({"w\ud800": torch.ones(2)}, path)
         return path
@@ -203,6 +221,8 @@ ATTACKS = [
     ("hash_bomb_frozenset", {2}, "MAX_KEY_SIZE"),
     ("hash_bomb_dcp", {2}, "MAX_KEY_SIZE"),
     ("bytearray_bomb", {2}, "MAX_CONFIRM_BYTES"),
+    ("dcp_outside_path", {2}, "not a plain file name"),
+    ("dcp_past_end", {2}, "past its end"),
 ]
 
 
