@@ -2068,7 +2068,7 @@ def _inspect_into(report: Inspection) -> Callable[[], Any] | None:
 
     ``PK\x03\x04`` starts a zip archive (torch.save since 1.6); a safetensors file starts
     with the length of its JSON header as 8 little-endian bytes (a small number, at most
-    the file's size); ``\x80`` starts a pickle of protocol 2 or more (legacy torch.save).
+    the file's size), then the header's ``{``; ``\x80`` starts a pickle of protocol 2 or more (legacy torch.save).
     Returns the torch.load that confirms a file judged loadable, if there is one.
     """
     path = report.path
@@ -2089,10 +2089,13 @@ def _inspect_into(report: Inspection) -> Callable[[], Any] | None:
     size = path.stat().st_size
     if size == 0:
         raise ValueError("the file is empty (0 bytes); was the save interrupted?")
-    head = read_regular_file(path, 8, part=True)
+    head = read_regular_file(path, 9, part=True)
     if head[:4] == b"PK\x03\x04":
         return _inspect_torch_zip(report)
-    if len(head) == 8 and int.from_bytes(head, "little") + 8 <= size and head[:1] != b"\x80":
+    # safetensors before pickle: its first byte is the header length's low byte, 0x80 for
+    # one file in 256 (length % 256 == 128), so a 0x80 alone does not mean a pickle. The
+    # JSON header starts with "{" at byte 8; a legacy file has a byte of torch's magic there.
+    if len(head) == 9 and int.from_bytes(head[:8], "little") + 8 <= size and head[8:] == b"{":
         return _inspect_safetensors(report)  # an 8-byte header length, then JSON
     if head[:1] == b"\x80":  # a pickle (protocol 2+): the legacy torch.save format
         return _inspect_legacy(report)

@@ -189,6 +189,13 @@ def write_attack(name: str, folder, marker) -> object:
                 if name == "dcp_outside_path" else {"length": 10**9}))
         (folder / "dcp" / ".metadata").write_bytes(pickle.dumps(metadata))
         return folder / "dcp"
+    if name == "safetensors_length_0x80":  # its first byte, 0x80, looks like a pickle's
+        from safetensors.torch import save
+
+        path = folder / "model.safetensors"
+        path.write_bytes(next(data for data in (save({"w" * n: torch.zeros(2)})
+                                                for n in range(1, 400)) if data[0] == 0x80))
+        return path
     if name == "lone_surrogate_name":
         torch.save({"w\ud800": torch.ones(2)}, path)
         return path
@@ -223,6 +230,7 @@ ATTACKS = [
     ("bytearray_bomb", {2}, "MAX_CONFIRM_BYTES"),
     ("dcp_outside_path", {2}, "not a plain file name"),
     ("dcp_past_end", {2}, "past its end"),
+    ("safetensors_length_0x80", {0}, "loads as it is"),
 ]
 
 
