@@ -2068,7 +2068,8 @@ def _inspect_into(report: Inspection) -> Callable[[], Any] | None:
 
     ``PK\x03\x04`` starts a zip archive (torch.save since 1.6); a safetensors file starts
     with the length of its JSON header as 8 little-endian bytes (a small number, at most
-    the file's size), then the header's ``{``; ``\x80`` starts a pickle of protocol 2 or more (legacy torch.save).
+    the file's size), then the header's ``{``; ``\x80`` starts a pickle of protocol 2 or
+    more (legacy torch.save).
     Returns the torch.load that confirms a file judged loadable, if there is one.
     """
     path = report.path
