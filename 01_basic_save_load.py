@@ -82,7 +82,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from torch._utils import IMPORT_MAPPING, NAME_MAPPING  # Python 2 names torch.load maps
@@ -2717,20 +2717,30 @@ def load_sharded_safetensors(index: str | Path) -> dict[str, torch.Tensor]:
 
     Every shard the index names must be a plain file name of a regular file inside the
     index's folder, symlinks resolved (an index is data, and "../x" or a link would reach
-    elsewhere), and every tensor it lists must be in its shard.
+    elsewhere), and every tensor it lists must be in its shard. Any failure, a corrupt
+    shard's included, is one CheckpointLoadError naming the file.
     """
     index = Path(index)
     try:
         weight_map = json.loads(read_regular_file(index, 64 * 2**20))["weight_map"]
-        shards = sorted(set(weight_map.values()))
     except (ValueError, KeyError, TypeError, RecursionError) as err:
         raise CheckpointLoadError(f"{index}: not an index file ({type(err).__name__})") from None
+    # JSON can hold a list or numbers where the format says {tensor name: shard file name}.
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(value, str) for value in weight_map.values()):
+        raise CheckpointLoadError(f"{index}: \"weight_map\" is not an object of tensor name "
+                                  "-> shard file name")
     state: dict[str, torch.Tensor] = {}
-    for file in shards:
-        if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
+    for file in sorted(set(weight_map.values())):
+        if Path(file).name != file or file in (".", ".."):
             raise CheckpointLoadError(f"{index}: refuses the shard name {file!r}: only plain "
                                       "file names in the index's folder")
-        state.update(load_file(checked_regular_file(index.parent / file, index.parent)))
+        shard = checked_regular_file(index.parent / file, index.parent)
+        try:  # safetensors' own errors (a corrupt header) do not say which shard
+            state.update(load_file(shard))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointLoadError(f"{shard}: not a readable safetensors shard "
+                                      f"({first_line(err)[:200]})") from None
     missing = sorted(set(weight_map) - set(state))
     if missing:
         raise CheckpointLoadError(f"{index}: {len(missing)} tensors are missing from their "
