@@ -2160,10 +2160,15 @@ def _inspect_torch_zip(report: Inspection) -> Callable[[], Any]:
         # archive (constants.pkl, code/) and a torch.export / AOTInductor package
         # (archive_format) hold programs: say which loader opens them, instead of the
         # obscure error torch.load would give. Decided by the members, never by the name.
+        # Neither loader is safe for a file from a stranger: torch.export.load unpickles
+        # weights and constants saved with pickle by torch.load(weights_only=False), opaque
+        # objects by pickle.loads (torch/export/pt2_archive/_package.py), so the advice says so.
         if any(n.endswith("/archive_format") for n in names):
             raise ValueError("a .pt2 package (torch.export.save or AOTInductor), not a "
                              "checkpoint: open it with torch.export.load or "
-                             "torch._inductor.aoti_load_package (05 sections 3-4)")
+                             "torch._inductor.aoti_load_package (05 sections 3-4), ONLY if "
+                             "you trust it or verified its hash: they unpickle parts of it "
+                             "with weights_only=False")
         if any(n.endswith("/constants.pkl") for n in names):
             raise ValueError("a TorchScript archive (torch.jit.save), not a torch.save "
                              "checkpoint: open it with torch.jit.load (05 section 2)")
@@ -2494,7 +2499,8 @@ def print_inspection(report: Inspection, limit: int = 40) -> None:
         say("(the WARNING list is a heuristic: a global without one may still run code)")
     elif not report.refused_opcodes and not report.kind.startswith("torch.distributed"):
         say("if, after reviewing each, you trust them, allow exactly these for this one "
-            "load:\n" + safe_globals_line(report.needs))
+            "load (the import line imports each module, and importing runs that module's "
+            "import-time code: review the module list too):\n" + safe_globals_line(report.needs))
 
 
 # %% 13. Files you did not write: inspect first, allow exactly what is needed, convert once

@@ -285,6 +285,7 @@ def test_inspect_names_deployment_files_instead_of_failing_obscurely(tmp_path, c
     torch.export.save(torch.export.export(model, example), tmp_path / "program.pt2")
     status, out = inspect(tmp_path / "program.pt2", capsys)
     assert status == 2 and "a .pt2 package" in out and "torch.export.load" in out
+    assert "ONLY if you trust it or verified its hash" in out  # it unpickles parts of it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript is deprecated in torch 2.10+
         torch.jit.save(torch.jit.trace(model, example), tmp_path / "scripted.pt")

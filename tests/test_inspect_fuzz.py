@@ -260,6 +260,14 @@ def test_a_global_not_on_the_danger_list_is_never_called_harmless(tmp_path, caps
     assert "review each global" in out
 
 
+def test_the_advice_warns_that_its_imports_run_module_code(tmp_path, capsys):
+    """`import antigravity` opens a web browser: the advice says importing runs code."""
+    zip_with(tmp_path / "m.pt", b"\x80\x02" + global_op("antigravity", "geohash") + b"\x85.")
+    status, out, err = inspect_cli(tmp_path / "m.pt", capsys)
+    assert_clean(out, err)
+    assert status == 1 and "import antigravity" in out and "import-time code" in out
+
+
 def test_the_advice_line_works_in_a_fresh_interpreter(tmp_path):
     """The printed lines, run as they are in a new Python, load the file (no edits)."""
     torch.save(SmallCNN(), tmp_path / "whole.pt")
