@@ -1894,6 +1894,7 @@ class Inspection:
     status: int = 0
     unpickler: StubUnpickler | None = None
     allowed: frozenset = frozenset()
+    identity: tuple = ()  # (device, inode, size, mtime) of the file when the read began
 
     def add_tensor(self, name: str, shape: tuple, dtype: str) -> None:
         """Count a tensor and its bytes; keep its row while fewer than MAX_LISTED are kept."""
@@ -2085,6 +2086,7 @@ def _inspect_into(report: Inspection) -> Callable[[], Any] | None:
     if not os.path.lexists(path):
         raise ValueError("no such file or folder")
     checked_regular_file(path)
+    report.identity = file_identity(os.stat(path))
     if path.name.endswith(".index.json"):
         return _inspect_sharded(report)
     size = path.stat().st_size
@@ -2194,7 +2196,7 @@ def _inspect_torch_zip(report: Inspection) -> Callable[[], Any]:
                 chunks.append(chunk)
     report.unpickler, report.allowed = StubUnpickler(), _weights_only_allowed()
     _walk(report.unpickler.load(b"".join(chunks)), "", report, {})
-    return lambda: _confirm_load(report.path, mmap=True)
+    return lambda: _confirm_load(report.path, mmap=True, identity=report.identity)
 
 
 def _inspect_legacy(report: Inspection) -> Callable[[], Any]:
@@ -2221,22 +2223,37 @@ def _inspect_legacy(report: Inspection) -> Callable[[], Any]:
                                   f"{MAX_PICKLE_BYTES}") from None
         raise
     _walk(value, "", report, {})
-    return lambda: _confirm_load(report.path, mmap=False)
+    return lambda: _confirm_load(report.path, mmap=False, identity=report.identity)
 
 
-def _confirm_load(path: Path, mmap: bool) -> None:
-    """torch.load(weights_only=True) of a file StubUnpickler judged loadable, with its
-    memory bounded. torch's file reader needs a UTF-8 path: a name that is not (Linux
-    allows any bytes) goes as a handle."""
-    with warnings.catch_warnings(), _memory_bound(path):  # protocol: judged above, not warned
-        warnings.filterwarnings("ignore", message="Detected pickle protocol")
-        try:
-            os.fsencode(path).decode("utf-8")
-        except UnicodeDecodeError:
-            with path.open("rb") as handle:
+def file_identity(status: os.stat_result) -> tuple:
+    """(device, inode, size, modification time): what tells one file's version from another."""
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+# Swap after the check: the inspector reads the path, and torch.load would open the path
+# again; a file replaced in between (a FIFO, another checkpoint) is not the one judged. So
+# the confirming load opens the file once (O_NONBLOCK: a FIFO cannot block it), checks on
+# that handle that it is still the regular file whose identity the read began with, and
+# torch.load reads THAT handle through /proc/self/fd/N (on Linux; elsewhere the handle).
+# The limit: the zip and safetensors readers still open by path after the first check, so
+# a file swapped away and back with its old inode and time forged is not detected.
+def _confirm_load(path: Path, mmap: bool, identity: tuple = ()) -> None:
+    """torch.load(weights_only=True) of the file StubUnpickler judged loadable, read from
+    one handle checked to be that same file, with memory bounded (see _memory_bound)."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(descriptor, "rb") as handle:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode) or (identity and file_identity(status) != identity):
+            raise CheckpointLoadError(f"{path}: changed between the inspection and the "
+                                      "confirming load: refused")
+        pinned = f"/proc/self/fd/{descriptor}"
+        with warnings.catch_warnings(), _memory_bound(path):  # protocol: judged, not warned
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            if os.path.exists(pinned):
+                torch.load(pinned, map_location="cpu", weights_only=True, mmap=mmap)
+            else:
                 torch.load(handle, map_location="cpu", weights_only=True)
-            return
-        torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 # An allowed global is not a harmless call: weights_only=True allows builtins.bytearray and

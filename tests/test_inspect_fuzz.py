@@ -268,6 +268,24 @@ def test_the_advice_warns_that_its_imports_run_module_code(tmp_path, capsys):
     assert status == 1 and "import antigravity" in out and "import-time code" in out
 
 
+def test_a_file_swapped_after_its_read_is_not_the_one_confirmed(tmp_path, capsys, monkeypatch):
+    """Replaced between the inspector's read and torch.load's: refused, not confirmed."""
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    torch.save({"other": torch.zeros(3)}, tmp_path / "other.pt")
+    walk = lesson._walk
+
+    def swap_then_walk(*args, **kwargs):
+        if (tmp_path / "other.pt").exists():
+            os.replace(tmp_path / "other.pt", path)
+        return walk(*args, **kwargs)
+
+    monkeypatch.setattr(lesson, "_walk", swap_then_walk)
+    status, out, err = inspect_cli(path, capsys)
+    assert_clean(out, err)
+    assert status == 2 and "changed between the inspection and the confirming load" in out
+
+
 def test_the_advice_line_works_in_a_fresh_interpreter(tmp_path):
     """The printed lines, run as they are in a new Python, load the file (no edits)."""
     torch.save(SmallCNN(), tmp_path / "whole.pt")
