@@ -2413,7 +2413,7 @@ def _check_dcp_storage(folder: Path, storage: Any) -> None:
     for info in storage.values():
         fields = info.state if isinstance(info, Call) and isinstance(info.state, dict) else {}
         name, offset, length = (fields.get(k) for k in ("relative_path", "offset", "length"))
-        if name not in sizes:
+        if not isinstance(name, str) or name not in sizes:  # never hash a stub (a tuple)
             sizes[name] = checked_member(folder, name, ".metadata").stat().st_size
         if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0
                 and offset + length <= sizes[name]):

@@ -160,8 +160,14 @@ def write_attack(name: str, folder, marker) -> object:
         body = {"hash_bomb_dict": b"}" + deep + b"K\x00s", "hash_bomb_frozenset":
                 b"(" + deep + b"\x91", "hash_bomb_dcp": global_op(
                     "torch.distributed.checkpoint.metadata", "Metadata") + b"(" + deep
-                + b"K\x00d\x85R"}[name]
-        if name == "hash_bomb_dcp":
+                + b"K\x00d\x85R"}.get(name, b"")
+        if name == "hash_bomb_dcp_path":  # the deep tuple as a storage file's name
+            meta, fs = "torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint"
+            body = (global_op(meta, "Metadata") + b")\x81}" + text("state_dict_metadata")
+                    + b"}s" + text("storage_data") + b"}K\x00"
+                    + global_op(fs + ".filesystem", "_StorageInfo") + b")\x81}"
+                    + text("relative_path") + deep + b"sbssb")
+        if name.startswith("hash_bomb_dcp"):
             (folder / "dcp").mkdir()
             (folder / "dcp" / ".metadata").write_bytes(b"\x80\x02" + body + b".")
             return folder / "dcp"
@@ -227,6 +233,7 @@ ATTACKS = [
     ("hash_bomb_dict", {2}, "MAX_KEY_SIZE"),
     ("hash_bomb_frozenset", {2}, "MAX_KEY_SIZE"),
     ("hash_bomb_dcp", {2}, "MAX_KEY_SIZE"),
+    ("hash_bomb_dcp_path", {2}, "not a plain file name"),
     ("bytearray_bomb", {2}, "MAX_CONFIRM_BYTES"),
     ("dcp_outside_path", {2}, "not a plain file name"),
     ("dcp_past_end", {2}, "past its end"),
