@@ -1321,13 +1321,21 @@ if in_notebook():
 # - Exhaust memory or time. A 13-byte LONG_BINPUT 2**26 makes the C unpickler allocate a
 #   memo of 2**26 slots; shared references make a 719-byte pickle a tree of 2**60 nodes to
 #   anyone who walks it naively; a few hundred bytes of bzip2 decompress to gigabytes;
-#   160,000 distinct globals cost quadratic time in a list. Here the memo is a dict, a
+#   160,000 distinct globals cost quadratic time in a list; the same shared tuple used as a
+#   dict key is 2**60 values to HASH (311 bytes); an allowed global called on a huge number,
+#   bytearray(2**30), allocates it inside torch.load itself. Here the memo is a dict, a
 #   structure met twice is named instead of walked again, zip members are checked against
-#   MAX_PICKLE_BYTES from the header and again while decompressing, globals live in a dict.
+#   MAX_PICKLE_BYTES from the header and again while decompressing, globals live in a dict,
+#   a key's expanded size is tracked (MAX_KEY_SIZE), and the confirming torch.load runs
+#   with the address space capped (MAX_CONFIRM_BYTES beyond the file's size).
+# - Make the ADVICE the payload. The verdict prints globals as code to paste; a module named
+#   "argparse;exec(...)" would print an import line that runs it. Only ASCII identifiers are
+#   ever printed as advice, and the advice says that importing a module runs its code.
 # - Block the reader or read elsewhere. A FIFO named model.safetensors.index.json blocks
 #   an open() forever; a symlink in a downloaded folder can point at any file you own.
 #   Only regular files are opened (checked by stat, then again on the O_NONBLOCK handle),
-#   and a file of a folder must resolve inside that folder.
+#   and a file of a folder must resolve inside that folder: a shard an index names, and
+#   each file a DCP .metadata's storage_data points dcp.load at ("../outside/x.distcp").
 # - Forge the report. A tensor named "\nverdict: loads as it is" or holding an ANSI escape
 #   would print a line of its own; every name and value is escaped (repr-style) first.
 
@@ -2275,8 +2283,7 @@ def _memory_bound(path: Path) -> Iterator[None]:
     if resource is not None:
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         cap = pages * os.sysconf("SC_PAGE_SIZE") + path.stat().st_size + MAX_CONFIRM_BYTES
-        if hard != resource.RLIM_INFINITY:
-            cap = min(cap, hard)
+        cap = min([cap] + [limit for limit in (soft, hard) if limit != resource.RLIM_INFINITY])
         resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     try:
         yield

@@ -442,7 +442,7 @@ def test_the_bombs_stay_within_memory_in_a_child(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "small.pt")
     targets = []
     for name in ("billion_laughs", "memo_bomb", "zip_bomb_deflate", "zip_bomb_bzip2",
-                 "zip_bomb_lying_header", "many_globals"):
+                 "zip_bomb_lying_header", "many_globals", "bytearray_bomb", "hash_bomb_dict"):
         folder = tmp_path / name
         folder.mkdir()
         targets.append(str(write_attack(name, folder, folder / "CANARY")))
