@@ -31,7 +31,9 @@ What you will learn (each section runs real code and prints the measured figure)
 Run it:   python 01_basic_save_load.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
           python 01_basic_save_load.py --inspect PATH   describes any checkpoint (torch.save
           zip or legacy, .safetensors, a sharded folder or its index.json, a DCP folder)
-          without running code from it, writes nothing, and exits 0 (loads as it is),
+          without running code it chooses (only a file naming nothing but torch's allow-list
+          is then confirmed by torch.load(weights_only=True), memory-capped), writes
+          nothing, and exits 0 (loads as it is),
           1 (refused as it is: it lists every global to review) or 2 (unreadable, or
           past a named limit).
           As a notebook: run the cells top to bottom from the project folder (jupytext,
@@ -1295,7 +1297,9 @@ if in_notebook():
 
 # %% The inspector behind --inspect (lesson 13 teaches it)
 # `python 01_basic_save_load.py --inspect PATH` describes a checkpoint whose origin you do not
-# control WITHOUT running anything from it. Why an inspector at all: weights_only=True refuses
+# control WITHOUT running code it chooses (a file judged loadable is confirmed by a
+# memory-capped torch.load(weights_only=True), which calls only torch's allow-listed
+# functions, on the file's arguments). Why an inspector at all: weights_only=True refuses
 # a file at the FIRST global it does not allow, so fixing a download one "Unsupported global"
 # at a time ends with an allow-list nobody reviewed; listing every global up front lets a
 # person decide once. How it reads: every pickle (a zip's data.pkl, a legacy file, a DCP
@@ -2000,7 +2004,11 @@ def checked_member(folder: Path, name: Any, source: str = "the index") -> Path:
 
 
 def inspect_checkpoint(path: str | Path) -> Inspection:
-    """Describe any checkpoint file or folder WITHOUT running code from it (see Inspection).
+    """Describe any checkpoint file or folder WITHOUT running code it chooses (see Inspection).
+
+    Only a file whose globals are all on weights_only's allow-list reaches a real loader:
+    torch.load(weights_only=True), which calls those allowed functions with the file's
+    arguments, under a memory cap (_memory_bound), to confirm the verdict.
 
     torch.save zip files and legacy (pre-1.6, non-zip) torch.save files, .safetensors
     files, a sharded safetensors folder or its model.safetensors.index.json, and a DCP
