@@ -31,7 +31,9 @@ What you will learn (each section runs real code and prints the measured figure)
 Run it:   python 01_basic_save_load.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
           python 01_basic_save_load.py --inspect PATH   describes any checkpoint (torch.save
           zip or legacy, .safetensors, a sharded folder or its index.json, a DCP folder)
-          without running code from it, writes nothing, and exits 0 (loads as it is),
+          without running code it chooses (only a file naming nothing but torch's allow-list
+          is then confirmed by torch.load(weights_only=True), memory-capped), writes
+          nothing, and exits 0 (loads as it is),
           1 (refused as it is: it lists every global to review) or 2 (unreadable, or
           past a named limit).
           As a notebook: run the cells top to bottom from the project folder (jupytext,
@@ -63,6 +65,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import keyword
 import math
 import os
 import pickle
@@ -81,7 +84,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from torch._utils import IMPORT_MAPPING, NAME_MAPPING  # Python 2 names torch.load maps
@@ -1294,7 +1297,9 @@ if in_notebook():
 
 # %% The inspector behind --inspect (lesson 13 teaches it)
 # `python 01_basic_save_load.py --inspect PATH` describes a checkpoint whose origin you do not
-# control WITHOUT running anything from it. Why an inspector at all: weights_only=True refuses
+# control WITHOUT running code it chooses (a file judged loadable is confirmed by a
+# memory-capped torch.load(weights_only=True), which calls only torch's allow-listed
+# functions, on the file's arguments). Why an inspector at all: weights_only=True refuses
 # a file at the FIRST global it does not allow, so fixing a download one "Unsupported global"
 # at a time ends with an allow-list nobody reviewed; listing every global up front lets a
 # person decide once. How it reads: every pickle (a zip's data.pkl, a legacy file, a DCP
@@ -1310,20 +1315,31 @@ if in_notebook():
 #   attribute (module "torch.distributed.checkpoint.filesystem", name "os.system" reaches
 #   os.system through the module's own import), and DCP's FileSystemReader.read_metadata is
 #   a plain pickle.load. So no byte of the file reaches either: only StubUnpickler reads pickles,
-#   and a name is a pair of strings compared for equality, never a path to follow.
+#   and a name is a pair of strings compared for equality, never a path to follow. Only a
+#   file judged loadable then goes to torch.load(weights_only=True) to confirm it: that load
+#   DOES call the allow-listed globals (bytearray, torch.Size, _rebuild_tensor_v2) with the
+#   file's arguments, so it runs with memory capped (see _memory_bound).
 # - Hide the call. getattr(__import__("os"), "system")(...) calls the RESULT of a call; INST,
 #   OBJ and NEWOBJ_EX are calls that weights_only never executes; EXT codes name globals
 #   by a number. Each is recorded and reported as dangerous or unknown, never as harmless.
 # - Exhaust memory or time. A 13-byte LONG_BINPUT 2**26 makes the C unpickler allocate a
 #   memo of 2**26 slots; shared references make a 719-byte pickle a tree of 2**60 nodes to
 #   anyone who walks it naively; a few hundred bytes of bzip2 decompress to gigabytes;
-#   160,000 distinct globals cost quadratic time in a list. Here the memo is a dict, a
+#   160,000 distinct globals cost quadratic time in a list; the same shared tuple used as a
+#   dict key is 2**60 values to HASH (311 bytes); an allowed global called on a huge number,
+#   bytearray(2**30), allocates it inside torch.load itself. Here the memo is a dict, a
 #   structure met twice is named instead of walked again, zip members are checked against
-#   MAX_PICKLE_BYTES from the header and again while decompressing, globals live in a dict.
+#   MAX_PICKLE_BYTES from the header and again while decompressing, globals live in a dict,
+#   a key's expanded size is tracked (MAX_KEY_SIZE), and the confirming torch.load runs
+#   with the address space capped (MAX_CONFIRM_BYTES beyond the file's size).
+# - Make the ADVICE the payload. The verdict prints globals as code to paste; a module named
+#   "argparse;exec(...)" would print an import line that runs it. Only ASCII identifiers are
+#   ever printed as advice, and the advice says that importing a module runs its code.
 # - Block the reader or read elsewhere. A FIFO named model.safetensors.index.json blocks
 #   an open() forever; a symlink in a downloaded folder can point at any file you own.
 #   Only regular files are opened (checked by stat, then again on the O_NONBLOCK handle),
-#   and a file of a folder must resolve inside that folder.
+#   and a file of a folder must resolve inside that folder: a shard an index names, and
+#   each file a DCP .metadata's storage_data points dcp.load at ("../outside/x.distcp").
 # - Forge the report. A tensor named "\nverdict: loads as it is" or holding an ANSI escape
 #   would print a line of its own; every name and value is escaped (repr-style) first.
 
@@ -1339,6 +1355,10 @@ MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors' own reader refuses more ("h
 MAX_INDEX_BYTES = 64 * 2**20  # a model.safetensors.index.json: ~100 bytes per tensor name
 MAX_ZIP_DIRECTORY_BYTES = 16 * 2**20  # a zip's central directory: ~100 bytes per member
 MAX_TENSOR_DIMENSIONS = 64  # more than any real tensor has
+MAX_KEY_SIZE = 10_000  # values inside one dict key or set element: hashing a tuple walks all
+# of them, and shared references make a 311-byte tuple of 2**60 values (a real key: a few)
+MAX_CONFIRM_BYTES = 256 * 2**20  # memory the confirming torch.load may take beyond the
+# file's own size: an allowed call like bytearray(2**30) would otherwise allocate a gigabyte
 
 # Storage class names (legacy and zip pickles) and safetensors' dtype codes -> torch names.
 STORAGE_DTYPES = {"Float": "float32", "Double": "float64", "Half": "float16",
@@ -1544,6 +1564,7 @@ class PickleRecords:
         self.dtype_codes: set[str] = set()  # arguments of numpy.dtype(...), see below
         self.count = self.objects = 0
         self.depth: dict[int, int] = {}  # id -> nesting depth of tuples, kept alive in `keep`
+        self.size: dict[int, int] = {}  # id -> values a tuple expands to (capped), see _hashed
         self.keep: list[Any] = []
         self.end = 0
 
@@ -1577,8 +1598,24 @@ class PickleRecords:
                 raise InspectionLimit(f"nested deeper than MAX_DEPTH = {MAX_DEPTH}")
             if isinstance(value, (tuple, frozenset)):
                 self.depth[id(value)] = depth
+                self.size[id(value)] = min(MAX_KEY_SIZE + 1, 1 + sum(
+                    self.size.get(id(item), 1) for item in items))
                 self.keep.append(value)
         return value
+
+    def _hashed(self, values: Any) -> Any:
+        """``values`` about to be hashed (dict keys, set elements), once each is known small.
+
+        Hashing a tuple hashes every value inside it, and comparing two equal hashes walks
+        both: a tuple built of shared references, (x, x) sixty times over, is 311 bytes of
+        pickle and 2**60 values to hash. Its expanded size, tracked as it is built, must stay
+        within MAX_KEY_SIZE (a Call, a Global, a Storage hash by identity: one value each).
+        """
+        for value in values:
+            if self.size.get(id(value), 1) > MAX_KEY_SIZE:
+                raise InspectionLimit(f"a dict key or set element of more than MAX_KEY_SIZE = "
+                                      f"{MAX_KEY_SIZE} values (shared references expand it)")
+        return values
 
     def _call(self, func: Any, args: Any, opcode: str) -> Call:
         """Record a call instead of making it. A call of anything but a plain Global (the
@@ -1672,10 +1709,11 @@ class StubUnpickler(PickleRecords):
             elif char in "tld" or op == 0x91:  # TUPLE, LIST, DICT, FROZENSET (from a MARK)
                 items = pop_mark()
                 if char == "d":
+                    self._hashed(items[::2])
                     push(self._new(dict(zip(items[::2], items[1::2], strict=False)), items))
                 else:
                     kind = {"t": tuple, "l": list}.get(char, frozenset)
-                    push(self._new(kind(items), items))
+                    push(self._new(kind(self._hashed(items) if op == 0x91 else items), items))
             elif op in (0x85, 0x86, 0x87):  # TUPLE1, TUPLE2, TUPLE3
                 count = op - 0x84
                 if len(stack) < count:
@@ -1691,7 +1729,7 @@ class StubUnpickler(PickleRecords):
                 if isinstance(target, list) and op != 0x90:
                     target.extend(items)
                 elif isinstance(target, set) and op == 0x90:
-                    target.update(items)
+                    target.update(self._hashed(items))
                 elif isinstance(target, Call):  # a list subclass, or .append of any object
                     for item in items:
                         target.items[len(target.items)] = item
@@ -1704,7 +1742,7 @@ class StubUnpickler(PickleRecords):
                 target = stack[-1]
                 if not isinstance(target, (dict, Call)):
                     raise ValueError(f"cannot set items on {type(target).__name__}")
-                for key, value in zip(items[::2], items[1::2], strict=False):
+                for key, value in zip(self._hashed(items[::2]), items[1::2], strict=False):
                     (target if isinstance(target, dict) else target.items)[key] = value
             # Globals and calls: the only opcodes with power. A global becomes a Global record
             # (its name is never imported or resolved); INST and OBJ are a global plus a call in
@@ -1868,6 +1906,7 @@ class Inspection:
     status: int = 0
     unpickler: StubUnpickler | None = None
     allowed: frozenset = frozenset()
+    identity: tuple = ()  # (device, inode, size, mtime) of the file when the read began
 
     def add_tensor(self, name: str, shape: tuple, dtype: str) -> None:
         """Count a tensor and its bytes; keep its row while fewer than MAX_LISTED are kept."""
@@ -1952,11 +1991,12 @@ def _walk(obj: Any, prefix: str, report: Inspection, seen: dict, depth: int = 0)
         _walk(value, _join(prefix, key), report, seen, depth + 1)
 
 
-def checked_member(folder: Path, name: Any) -> Path:
-    """``folder / name`` for a name that a file (an index) gave: a plain file name, a
-    regular file, resolving inside ``folder``; else ValueError."""
+def checked_member(folder: Path, name: Any, source: str = "the index") -> Path:
+    """``folder / name`` for a name that a file (``source``: an index, a .metadata) gave: a
+    plain file name, a regular file, resolving inside ``folder``; else ValueError."""
     if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
-        raise ValueError(f"the index names {_short(name)}, not a plain file name in {folder}")
+        raise ValueError(f"{source} names {_short(name)}, not a plain file name in "
+                         f"{_escape(str(folder), 200)}")
     try:
         return checked_regular_file(folder / name, folder)
     except CheckpointLoadError as err:
@@ -1964,7 +2004,11 @@ def checked_member(folder: Path, name: Any) -> Path:
 
 
 def inspect_checkpoint(path: str | Path) -> Inspection:
-    """Describe any checkpoint file or folder WITHOUT running code from it (see Inspection).
+    """Describe any checkpoint file or folder WITHOUT running code it chooses (see Inspection).
+
+    Only a file whose globals are all on weights_only's allow-list reaches a real loader:
+    torch.load(weights_only=True), which calls those allowed functions with the file's
+    arguments, under a memory cap (_memory_bound), to confirm the verdict.
 
     torch.save zip files and legacy (pre-1.6, non-zip) torch.save files, .safetensors
     files, a sharded safetensors folder or its model.safetensors.index.json, and a DCP
@@ -1994,6 +2038,16 @@ def inspect_checkpoint(path: str | Path) -> Inspection:
     return report
 
 
+# The advice prints each global's module and name as code (an import line, a list), so a
+# name is advice only if it IS a name: a module "argparse;exec(bytes(...))" would otherwise
+# print "import argparse;exec(...)", which runs when pasted. Every dotted part of the module
+# and the name must be an ASCII identifier and not a keyword; anything else is refused.
+def python_name(record: Global) -> bool:
+    """Whether ``record``'s module parts and name are plain ASCII Python identifiers."""
+    return all(part.isascii() and part.isidentifier() and not keyword.iskeyword(part)
+               for part in [*record.module.split("."), record.name])
+
+
 def _judge(report: Inspection) -> None:
     """Which globals need review (all outside the exact allow-list), which are known or
     suspected to run code, which opcodes weights_only never executes.
@@ -2012,12 +2066,14 @@ def _judge(report: Inspection) -> None:
     report.dangerous = [
         f"{_escape(record.full)} " + ("is a dotted name (an attribute path); no inspector "
                                       "resolves it, and it can reach anything"
-                                      if "." in record.name else "can run code (it is on the "
-                                      "known-dangerous list)" if KNOWN_DANGEROUS.match(record.full)
-                                      else "is named by a registry code nobody can check")
+                                      if "." in record.name else "is named by a registry code "
+                                      "nobody can check" if record.module == "copyreg-extension"
+                                      else "is not a Python name (pasted as advice, it would be "
+                                      "code)" if not python_name(record)
+                                      else "can run code (it is on the known-dangerous list)")
         for key, record in unpickler.globals.items() if key not in report.allowed and (
             "." in record.name or KNOWN_DANGEROUS.match(record.full)
-            or record.module == "copyreg-extension")]
+            or record.module == "copyreg-extension" or not python_name(record))]
     report.dangerous += [_escape(text, 200) for text in unpickler.unfollowable[:10]]
     if report.kind.startswith(("torch.save", "legacy")):
         report.refused_opcodes = sorted({OPCODE_NAMES.get(op, hex(op)) for op in
@@ -2029,7 +2085,8 @@ def _inspect_into(report: Inspection) -> Callable[[], Any] | None:
 
     ``PK\x03\x04`` starts a zip archive (torch.save since 1.6); a safetensors file starts
     with the length of its JSON header as 8 little-endian bytes (a small number, at most
-    the file's size); ``\x80`` starts a pickle of protocol 2 or more (legacy torch.save).
+    the file's size), then the header's ``{``; ``\x80`` starts a pickle of protocol 2 or
+    more (legacy torch.save).
     Returns the torch.load that confirms a file judged loadable, if there is one.
     """
     path = report.path
@@ -2045,15 +2102,19 @@ def _inspect_into(report: Inspection) -> Callable[[], Any] | None:
     if not os.path.lexists(path):
         raise ValueError("no such file or folder")
     checked_regular_file(path)
+    report.identity = file_identity(os.stat(path))
     if path.name.endswith(".index.json"):
         return _inspect_sharded(report)
     size = path.stat().st_size
     if size == 0:
         raise ValueError("the file is empty (0 bytes); was the save interrupted?")
-    head = read_regular_file(path, 8, part=True)
+    head = read_regular_file(path, 9, part=True)
     if head[:4] == b"PK\x03\x04":
         return _inspect_torch_zip(report)
-    if len(head) == 8 and int.from_bytes(head, "little") + 8 <= size and head[:1] != b"\x80":
+    # safetensors before pickle: its first byte is the header length's low byte, 0x80 for
+    # one file in 256 (length % 256 == 128), so a 0x80 alone does not mean a pickle. The
+    # JSON header starts with "{" at byte 8; a legacy file has a byte of torch's magic there.
+    if len(head) == 9 and int.from_bytes(head[:8], "little") + 8 <= size and head[8:] == b"{":
         return _inspect_safetensors(report)  # an 8-byte header length, then JSON
     if head[:1] == b"\x80":  # a pickle (protocol 2+): the legacy torch.save format
         return _inspect_legacy(report)
@@ -2117,10 +2178,15 @@ def _inspect_torch_zip(report: Inspection) -> Callable[[], Any]:
         # archive (constants.pkl, code/) and a torch.export / AOTInductor package
         # (archive_format) hold programs: say which loader opens them, instead of the
         # obscure error torch.load would give. Decided by the members, never by the name.
+        # Neither loader is safe for a file from a stranger: torch.export.load unpickles
+        # weights and constants saved with pickle by torch.load(weights_only=False), opaque
+        # objects by pickle.loads (torch/export/pt2_archive/_package.py), so the advice says so.
         if any(n.endswith("/archive_format") for n in names):
             raise ValueError("a .pt2 package (torch.export.save or AOTInductor), not a "
                              "checkpoint: open it with torch.export.load or "
-                             "torch._inductor.aoti_load_package (05 sections 3-4)")
+                             "torch._inductor.aoti_load_package (05 sections 3-4), ONLY if "
+                             "you trust it or verified its hash: they unpickle parts of it "
+                             "with weights_only=False")
         if any(n.endswith("/constants.pkl") for n in names):
             raise ValueError("a TorchScript archive (torch.jit.save), not a torch.save "
                              "checkpoint: open it with torch.jit.load (05 section 2)")
@@ -2146,7 +2212,7 @@ def _inspect_torch_zip(report: Inspection) -> Callable[[], Any]:
                 chunks.append(chunk)
     report.unpickler, report.allowed = StubUnpickler(), _weights_only_allowed()
     _walk(report.unpickler.load(b"".join(chunks)), "", report, {})
-    return lambda: _confirm_load(report.path, mmap=True)
+    return lambda: _confirm_load(report.path, mmap=True, identity=report.identity)
 
 
 def _inspect_legacy(report: Inspection) -> Callable[[], Any]:
@@ -2173,21 +2239,71 @@ def _inspect_legacy(report: Inspection) -> Callable[[], Any]:
                                   f"{MAX_PICKLE_BYTES}") from None
         raise
     _walk(value, "", report, {})
-    return lambda: _confirm_load(report.path, mmap=False)
+    return lambda: _confirm_load(report.path, mmap=False, identity=report.identity)
 
 
-def _confirm_load(path: Path, mmap: bool) -> None:
-    """torch.load(weights_only=True) of a file StubUnpickler judged loadable. torch's file
-    reader needs a UTF-8 path: a name that is not (Linux allows any bytes) goes as a handle."""
-    with warnings.catch_warnings():  # a protocol other than 2 is judged above, not warned
-        warnings.filterwarnings("ignore", message="Detected pickle protocol")
-        try:
-            os.fsencode(path).decode("utf-8")
-        except UnicodeDecodeError:
-            with path.open("rb") as handle:
+def file_identity(status: os.stat_result) -> tuple:
+    """(device, inode, size, modification time): what tells one file's version from another."""
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+# Swap after the check: the inspector reads the path, and torch.load would open the path
+# again; a file replaced in between (a FIFO, another checkpoint) is not the one judged. So
+# the confirming load opens the file once (O_NONBLOCK: a FIFO cannot block it), checks on
+# that handle that it is still the regular file whose identity the read began with, and
+# torch.load reads THAT handle through /proc/self/fd/N (on Linux; elsewhere the handle).
+# The limit: the zip and safetensors readers still open by path after the first check, so
+# a file swapped away and back with its old inode and time forged is not detected.
+def _confirm_load(path: Path, mmap: bool, identity: tuple = ()) -> None:
+    """torch.load(weights_only=True) of the file StubUnpickler judged loadable, read from
+    one handle checked to be that same file, with memory bounded (see _memory_bound)."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(descriptor, "rb") as handle:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode) or (identity and file_identity(status) != identity):
+            raise CheckpointLoadError(f"{path}: changed between the inspection and the "
+                                      "confirming load: refused")
+        pinned = f"/proc/self/fd/{descriptor}"
+        with warnings.catch_warnings(), _memory_bound(path):  # protocol: judged, not warned
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            if os.path.exists(pinned):
+                torch.load(pinned, map_location="cpu", weights_only=True, mmap=mmap)
+            else:
                 torch.load(handle, map_location="cpu", weights_only=True)
-            return
-        torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+# An allowed global is not a harmless call: weights_only=True allows builtins.bytearray and
+# torch.FloatTensor, and a 60-byte pickle calls them on 2**30. Checking every argument of
+# every allowed call is a list that never ends, so the confirming load runs with the
+# process's address space capped (RLIMIT_AS, Linux and macOS) at what it uses now, plus the
+# file's size (mapped or read), plus MAX_CONFIRM_BYTES: past that, an allocation fails and
+# the file is refused with exit status 2 instead of taking the machine's memory.
+@contextlib.contextmanager
+def _memory_bound(path: Path) -> Iterator[None]:
+    """Cap this process's address space for the block (where the platform allows it);
+    a failed allocation inside it becomes an InspectionLimit naming MAX_CONFIRM_BYTES."""
+    try:
+        import resource
+
+        pages = int(Path("/proc/self/statm").read_text().split()[0])
+    except (ImportError, OSError, ValueError):
+        resource = None  # no resource module or no /proc: the load runs uncapped
+    if resource is not None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        cap = pages * os.sysconf("SC_PAGE_SIZE") + path.stat().st_size + MAX_CONFIRM_BYTES
+        cap = min([cap] + [limit for limit in (soft, hard) if limit != resource.RLIM_INFINITY])
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    except (MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "allocate" not in str(err):
+            raise
+        raise InspectionLimit(f"the confirming torch.load needed more than the file's size "
+                              f"+ MAX_CONFIRM_BYTES = {MAX_CONFIRM_BYTES} of memory (an "
+                              "allowed call with a huge argument)") from None
+    finally:
+        if resource is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def _inspect_safetensors(report: Inspection) -> None:
@@ -2275,6 +2391,7 @@ def _inspect_dcp(report: Inspection) -> None:
         return  # names outside DCP's own: the verdict lists them, whatever the structure
     state = metadata.state if isinstance(metadata, Call) else None
     items = state.get("state_dict_metadata") if isinstance(state, dict) else None
+    storage = state.get("storage_data") if isinstance(state, dict) else None
     if not isinstance(items, dict):
         raise ValueError(".metadata does not hold a DCP Metadata with a state_dict_metadata")
     for name, item in list(items.items())[:MAX_OBJECTS]:
@@ -2290,10 +2407,33 @@ def _inspect_dcp(report: Inspection) -> None:
                               _escape(dtype.name, 30) if isinstance(dtype, Global) else "?")
         else:
             report.add_entry(_escape(name), "a non-tensor value (pickled bytes)")
+    _check_dcp_storage(report.path, storage)
     if report.entries:  # default_planner.py, DefaultLoadPlanner.load_bytes
         report.unpickler.unfollowable.append(
             f"{len(report.entries)} non-tensor values, which dcp.load unpickles with "
             "torch.load(weights_only=False); this inspector does not read them")
+
+
+# Where dcp.load reads each tensor's bytes: .metadata's storage_data maps every chunk to a
+# _StorageInfo(relative_path, offset, length), and FileSystemReader opens folder /
+# relative_path. A hostile "../outside/__0_0.distcp" reads another folder's file (any file
+# of yours) into the model; so each one must be a plain file name of a regular file inside
+# the folder, checked like an index's shards, and offset + length must lie within it.
+def _check_dcp_storage(folder: Path, storage: Any) -> None:
+    """Every (relative_path, offset, length) of a DCP .metadata's storage_data: a regular
+    file inside ``folder``, the byte range within it; else ValueError naming it."""
+    if not isinstance(storage, dict):
+        raise ValueError(".metadata has no storage_data table (where the tensors' bytes are)")
+    sizes: dict[str, int] = {}
+    for info in storage.values():
+        fields = info.state if isinstance(info, Call) and isinstance(info.state, dict) else {}
+        name, offset, length = (fields.get(k) for k in ("relative_path", "offset", "length"))
+        if not isinstance(name, str) or name not in sizes:  # never hash a stub (a tuple)
+            sizes[name] = checked_member(folder, name, ".metadata").stat().st_size
+        if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0
+                and offset + length <= sizes[name]):
+            raise ValueError(f".metadata places a tensor at {_short(offset)} + {_short(length)}"
+                             f" bytes of {_escape(name)}, past its end ({sizes[name]} bytes)")
 
 
 def numpy_dtype_classes(unpickler: StubUnpickler) -> list[str]:
@@ -2391,7 +2531,8 @@ def print_inspection(report: Inspection, limit: int = 40) -> None:
         say("(the WARNING list is a heuristic: a global without one may still run code)")
     elif not report.refused_opcodes and not report.kind.startswith("torch.distributed"):
         say("if, after reviewing each, you trust them, allow exactly these for this one "
-            "load:\n" + safe_globals_line(report.needs))
+            "load (the import line imports each module, and importing runs that module's "
+            "import-time code: review the module list too):\n" + safe_globals_line(report.needs))
 
 
 # %% 13. Files you did not write: inspect first, allow exactly what is needed, convert once
@@ -2614,20 +2755,30 @@ def load_sharded_safetensors(index: str | Path) -> dict[str, torch.Tensor]:
 
     Every shard the index names must be a plain file name of a regular file inside the
     index's folder, symlinks resolved (an index is data, and "../x" or a link would reach
-    elsewhere), and every tensor it lists must be in its shard.
+    elsewhere), and every tensor it lists must be in its shard. Any failure, a corrupt
+    shard's included, is one CheckpointLoadError naming the file.
     """
     index = Path(index)
     try:
         weight_map = json.loads(read_regular_file(index, 64 * 2**20))["weight_map"]
-        shards = sorted(set(weight_map.values()))
     except (ValueError, KeyError, TypeError, RecursionError) as err:
         raise CheckpointLoadError(f"{index}: not an index file ({type(err).__name__})") from None
+    # JSON can hold a list or numbers where the format says {tensor name: shard file name}.
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(value, str) for value in weight_map.values()):
+        raise CheckpointLoadError(f"{index}: \"weight_map\" is not an object of tensor name "
+                                  "-> shard file name")
     state: dict[str, torch.Tensor] = {}
-    for file in shards:
-        if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
+    for file in sorted(set(weight_map.values())):
+        if Path(file).name != file or file in (".", ".."):
             raise CheckpointLoadError(f"{index}: refuses the shard name {file!r}: only plain "
                                       "file names in the index's folder")
-        state.update(load_file(checked_regular_file(index.parent / file, index.parent)))
+        shard = checked_regular_file(index.parent / file, index.parent)
+        try:  # safetensors' own errors (a corrupt header) do not say which shard
+            state.update(load_file(shard))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointLoadError(f"{shard}: not a readable safetensors shard "
+                                      f"({first_line(err)[:200]})") from None
     missing = sorted(set(weight_map) - set(state))
     if missing:
         raise CheckpointLoadError(f"{index}: {len(missing)} tensors are missing from their "

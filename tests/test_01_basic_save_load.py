@@ -245,6 +245,25 @@ def test_a_hostile_index_or_dcp_metadata_is_refused_and_runs_nothing(tmp_path, c
     assert status == 1 and "WARNING: posix.system can run code" in out and not marker.exists()
 
 
+@pytest.mark.parametrize(("weight_map", "cause"), [
+    (["w"], "not an object"), ({"w": 3}, "not an object"),
+    ({"w": "shard.safetensors"}, "shard.safetensors: not a readable safetensors shard")])
+def test_load_sharded_safetensors_names_the_file_for_any_bad_index_or_shard(tmp_path,
+                                                                            weight_map, cause):
+    """A list for a map, a number for a name, a corrupt shard header: one error, no raw
+    AttributeError or SafetensorError."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, tmp_path / "shard.safetensors")
+    data = bytearray((tmp_path / "shard.safetensors").read_bytes())
+    data[8:10] = b"[]"  # the JSON header is now a list
+    (tmp_path / "shard.safetensors").write_bytes(bytes(data))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(lesson.CheckpointLoadError, match=cause):
+        lesson.load_sharded_safetensors(index)
+
+
 @pytest.mark.parametrize(("content", "cause"), [
     (b"", "empty"), (b"hello, not a checkpoint", "not a checkpoint format"),
     (None, "truncated"), ("missing", "no such file")])
@@ -266,6 +285,7 @@ def test_inspect_names_deployment_files_instead_of_failing_obscurely(tmp_path, c
     torch.export.save(torch.export.export(model, example), tmp_path / "program.pt2")
     status, out = inspect(tmp_path / "program.pt2", capsys)
     assert status == 2 and "a .pt2 package" in out and "torch.export.load" in out
+    assert "ONLY if you trust it or verified its hash" in out  # it unpickles parts of it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript is deprecated in torch 2.10+
         torch.jit.save(torch.jit.trace(model, example), tmp_path / "scripted.pt")

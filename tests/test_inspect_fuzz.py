@@ -150,6 +150,58 @@ def write_attack(name: str, folder, marker) -> object:
                 + b"}" + key + item + b"ssb.")
         (folder / "dcp" / ".metadata").write_bytes(body)
         return folder / "dcp"
+    if name == "advice_not_a_name":  # a module that, printed as `import ...`, is code
+        code = ",".join(str(b) for b in f"open({str(marker)!r},'w')".encode())
+        zip_with(path, b"\x80\x02" + global_op(f"argparse;exec(bytes(({code},)))", "Namespace")
+                 + b"\x85.")
+        return path
+    if name.startswith("hash_bomb"):  # (x, x) sixty times over: 2**60 values to hash
+        deep = b"K\x01" + b"q\x00h\x00\x86" * 60
+        body = {"hash_bomb_dict": b"}" + deep + b"K\x00s", "hash_bomb_frozenset":
+                b"(" + deep + b"\x91", "hash_bomb_dcp": global_op(
+                    "torch.distributed.checkpoint.metadata", "Metadata") + b"(" + deep
+                + b"K\x00d\x85R"}.get(name, b"")
+        if name == "hash_bomb_dcp_path":  # the deep tuple as a storage file's name
+            meta, fs = "torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint"
+            body = (global_op(meta, "Metadata") + b")\x81}" + text("state_dict_metadata")
+                    + b"}s" + text("storage_data") + b"}K\x00"
+                    + global_op(fs + ".filesystem", "_StorageInfo") + b")\x81}"
+                    + text("relative_path") + deep + b"sbssb")
+        if name.startswith("hash_bomb_dcp"):
+            (folder / "dcp").mkdir()
+            (folder / "dcp" / ".metadata").write_bytes(b"\x80\x02" + body + b".")
+            return folder / "dcp"
+        zip_with(path, b"\x80\x02" + body + b".")
+        return path
+    if name == "bytearray_bomb":  # an allowed global, a hostile argument: bytearray(2**30)
+        zip_with(path, b"\x80\x02" + global_op("__builtin__", "bytearray") + b"\x8a\x05"
+                 + (2**30).to_bytes(5, "little") + b"\x85R.")
+        return path
+    if name in ("dcp_outside_path", "dcp_past_end"):  # storage_data points out, or past
+        import dataclasses
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+            warnings.simplefilter("ignore")
+            for folder_name, value in (("dcp", 0.0), ("outside", 7.0)):
+                dcp.save({"w": torch.full((3,), value)}, checkpoint_id=folder / folder_name,
+                         no_dist=True)
+        metadata = pickle.loads((folder / "dcp" / ".metadata").read_bytes())  # the test's own
+        for key, info in metadata.storage_data.items():
+            metadata.storage_data[key] = dataclasses.replace(info, **(
+                {"relative_path": "../outside/" + info.relative_path}
+                if name == "dcp_outside_path" else {"length": 10**9}))
+        (folder / "dcp" / ".metadata").write_bytes(pickle.dumps(metadata))
+        return folder / "dcp"
+    if name == "safetensors_length_0x80":  # its first byte, 0x80, looks like a pickle's
+        from safetensors.torch import save
+
+        path = folder / "model.safetensors"
+        path.write_bytes(next(data for data in (save({"w" * n: torch.zeros(2)})
+                                                for n in range(1, 400)) if data[0] == 0x80))
+        return path
     if name == "lone_surrogate_name":
         torch.save({"w\ud800": torch.ones(2)}, path)
         return path
@@ -177,6 +229,15 @@ ATTACKS = [
     ("dcp_tuple_key", {2}, "key that is not text"),
     ("dcp_huge_size", {2}, "invalid shape"),
     ("lone_surrogate_name", {0, 2}, "\\ud800"),
+    ("advice_not_a_name", {1}, "not a Python name"),
+    ("hash_bomb_dict", {2}, "MAX_KEY_SIZE"),
+    ("hash_bomb_frozenset", {2}, "MAX_KEY_SIZE"),
+    ("hash_bomb_dcp", {2}, "MAX_KEY_SIZE"),
+    ("hash_bomb_dcp_path", {2}, "not a plain file name"),
+    ("bytearray_bomb", {2}, "MAX_CONFIRM_BYTES"),
+    ("dcp_outside_path", {2}, "not a plain file name"),
+    ("dcp_past_end", {2}, "past its end"),
+    ("safetensors_length_0x80", {0}, "loads as it is"),
 ]
 
 
@@ -204,6 +265,32 @@ def test_a_global_not_on_the_danger_list_is_never_called_harmless(tmp_path, caps
     assert_clean(out, err)
     assert status == 1 and "argparse.Namespace" in out and "can run code" not in out
     assert "review each global" in out
+
+
+def test_the_advice_warns_that_its_imports_run_module_code(tmp_path, capsys):
+    """`import antigravity` opens a web browser: the advice says importing runs code."""
+    zip_with(tmp_path / "m.pt", b"\x80\x02" + global_op("antigravity", "geohash") + b"\x85.")
+    status, out, err = inspect_cli(tmp_path / "m.pt", capsys)
+    assert_clean(out, err)
+    assert status == 1 and "import antigravity" in out and "import-time code" in out
+
+
+def test_a_file_swapped_after_its_read_is_not_the_one_confirmed(tmp_path, capsys, monkeypatch):
+    """Replaced between the inspector's read and torch.load's: refused, not confirmed."""
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    torch.save({"other": torch.zeros(3)}, tmp_path / "other.pt")
+    walk = lesson._walk
+
+    def swap_then_walk(*args, **kwargs):
+        if (tmp_path / "other.pt").exists():
+            os.replace(tmp_path / "other.pt", path)
+        return walk(*args, **kwargs)
+
+    monkeypatch.setattr(lesson, "_walk", swap_then_walk)
+    status, out, err = inspect_cli(path, capsys)
+    assert_clean(out, err)
+    assert status == 2 and "changed between the inspection and the confirming load" in out
 
 
 def test_the_advice_line_works_in_a_fresh_interpreter(tmp_path):
@@ -355,7 +442,7 @@ def test_the_bombs_stay_within_memory_in_a_child(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "small.pt")
     targets = []
     for name in ("billion_laughs", "memo_bomb", "zip_bomb_deflate", "zip_bomb_bzip2",
-                 "zip_bomb_lying_header", "many_globals"):
+                 "zip_bomb_lying_header", "many_globals", "bytearray_bomb", "hash_bomb_dict"):
         folder = tmp_path / name
         folder.mkdir()
         targets.append(str(write_attack(name, folder, folder / "CANARY")))
