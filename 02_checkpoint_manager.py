@@ -163,6 +163,8 @@ def file_checksum(path: Path, algorithm: str = "crc32") -> str:
 
 
 TEMPORARY_SUFFIX = ".partial"
+# What create_unique() makes of a name: "<name>.<12 hex>.partial"; group 1 is the name.
+TEMPORARY_NAME = re.compile(r"(.+)\.[0-9a-f]{12}\.partial")
 
 
 def create_unique(path: Path) -> tuple[int, Path]:
@@ -601,19 +603,32 @@ def load_verified(path: Path, entry: CheckpointEntry, map_location: Any) -> tupl
 def json_nesting(text: str) -> int:
     """How deeply ``text``'s JSON arrays and objects nest, counted WITHOUT parsing it.
 
-    Strings are skipped whole (a bracket inside a string does not count); an unterminated
-    string only makes the count larger, and such a file is not valid JSON anyway.
-
     ``json.loads`` recurses once per level: 100,000 nested brackets raise RecursionError
     (or worse). Counting first lets a reader refuse such a file with its own error.
+
+    One pass over the characters that matter (brackets, quotes, backslashes), with two bits
+    of state: inside a string or not, and the position an escape skips. A regex that matches
+    whole strings instead backtracks: each of 50,000 unterminated ``"\\`` restarts a scan to
+    the end of the file, quadratic, minutes for 100 kB. An unterminated string only makes
+    the count smaller, and such a file is not valid JSON anyway (json.loads refuses it).
     """
     depth = deepest = 0
-    for match in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', text):
-        token = match.group()
-        if token in ("[", "{"):
+    in_string, escaped_at = False, -1
+    for match in re.finditer(r'[\[\]{}"\\]', text):
+        char, where = match.group(), match.start()
+        if where == escaped_at:  # the character after a backslash is never syntax
+            continue
+        if in_string:
+            if char == "\\":
+                escaped_at = where + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
             depth += 1
             deepest = max(deepest, depth)
-        elif token in ("]", "}"):
+        elif char in "]}":
             depth -= 1
     return deepest
 
@@ -634,7 +649,8 @@ class Manifest:
     ``CheckpointError`` naming the file and the field (the monitor mismatch: ``ValueError``).
     """
 
-    MAX_BYTES, MAX_DEPTH = 64 << 20, 8
+    # 4 MiB holds ~13,000 entries of ~300 bytes: far more than any retention keeps.
+    MAX_BYTES, MAX_DEPTH = 4 << 20, 8
 
     def __init__(self, path: Path, monitor: str, mode: str) -> None:
         self.path, self.monitor, self.mode = Path(path), monitor, mode
@@ -644,12 +660,13 @@ class Manifest:
         return CheckpointError(f"{self.path}: {field + ': ' if field else ''}{problem}; it was "
                                "left untouched, and so were the checkpoints beside it")
 
-    def read(self) -> tuple[list[CheckpointEntry], list[str]]:
-        """The entries (sorted by write order) and the pending deletions."""
+    def read(self) -> tuple[list[CheckpointEntry], list[str], list[str]]:
+        """The entries (sorted by write order), the pending deletions, and the names being
+        written (journaled before their file appears; see ``recover``)."""
         # lexists, not exists: a dangling symlink in its place must be refused below, not
         # taken for "no manifest yet" (the next write would then replace the link).
         if not os.path.lexists(self.path):
-            return [], []
+            return [], [], []
         # One bounded read of a regular file: a FIFO, a directory or a 50 GB file planted
         # in its place is refused before json sees a byte.
         with os.fdopen(open_regular(self.path), "rb") as handle:
@@ -671,17 +688,19 @@ class Manifest:
                 f"{self.path}: this run monitors {reprlib.repr(data.get('monitor'))} "
                 f"({reprlib.repr(data.get('mode'))}), not {self.monitor!r} ({self.mode}); "
                 "open it with the same monitor and mode, or use another directory")
-        records, pending = data.get("checkpoints"), data.get("deleting", [])
+        records = data.get("checkpoints")
+        pending, writing = data.get("deleting", []), data.get("writing", [])
         if not isinstance(records, list):
             raise self.fail("checkpoints", f"{reprlib.repr(records)} is not a list")
-        if not isinstance(pending, list):
-            raise self.fail("deleting", f"{reprlib.repr(pending)} is not a list")
-        for name in pending:  # names first: a hostile path is the first thing to refuse
-            plain_file_name(name, self.path.parent, self.path)
+        for field, names in (("deleting", pending), ("writing", writing)):
+            if not isinstance(names, list):
+                raise self.fail(field, f"{reprlib.repr(names)} is not a list")
+            for name in names:  # names first: a hostile path is the first thing to refuse
+                plain_file_name(name, self.path.parent, self.path)
         entries = [self.entry(index, item) for index, item in enumerate(records)]
         if len({e.seq for e in entries}) < len(entries):  # a manifest written before "seq"
             entries = [dataclasses.replace(e, seq=i) for i, e in enumerate(entries, start=1)]
-        return sorted(entries, key=lambda e: e.seq), list(pending)
+        return sorted(entries, key=lambda e: e.seq), list(pending), list(writing)
 
     def entry(self, index: int, item: object) -> CheckpointEntry:
         """One record, checked field by field (older ones had a bare "sha256": upgraded)."""
@@ -721,22 +740,31 @@ class Manifest:
     def finish_deletions(self) -> list[CheckpointEntry]:
         """Under the writer lock: delete the files journaled as "deleting" (re-read: under
         the lock the file is the truth), write the manifest without them; the entries."""
-        entries, pending = self.read()
+        entries, pending, writing = self.read()
         self.delete(pending)
         if pending:
-            self.write(entries)
+            self.write(entries, writing=writing)
         return entries
 
-    def recover(self, checkpoint_name: re.Pattern) -> list[CheckpointEntry]:
-        """Under the writer lock (no save is running): finish journaled deletions, then
-        remove temporaries and files named like checkpoints that no entry names (a crash
-        came between the file's rename and the manifest's). Unlinking a symlink removes the
-        link, never what it points to."""
-        entries = self.finish_deletions()
-        named = {e.file for e in entries}
+    def recover(self) -> list[CheckpointEntry]:
+        """Under the writer lock (no save is running): finish journaled deletions, delete
+        the files journaled as "writing" that no entry names (a crash came before the
+        manifest switched to them), and the temporaries of those files and of the manifest.
+
+        Only what the journal accounts for is deleted: a folder whose manifest is missing
+        (deleted by hand, never copied) keeps every file, and so does a file of the user's
+        that merely looks like a checkpoint. Every orphan a crash can leave IS journaled,
+        because a save writes its name into the manifest before the file exists.
+        Unlinking a symlink removes the link, never what it points to."""
+        entries, pending, writing = self.read()
+        orphans = [name for name in writing if name not in {e.file for e in entries}]
+        owners = {self.path.name, *orphans}
+        self.delete(pending + orphans)
         self.delete([name for name in os.listdir(self.path.parent)
-                     if name.endswith(TEMPORARY_SUFFIX)
-                     or (checkpoint_name.fullmatch(name) and name not in named)], check=False)
+                     if (match := TEMPORARY_NAME.fullmatch(name)) and match[1] in owners],
+                    check=False)
+        if pending or writing:
+            self.write(entries)
         return entries
 
     def delete(self, names: list[str], check: bool = True) -> None:
@@ -749,8 +777,10 @@ class Manifest:
         if names:
             fsync_directory(self.path.parent)
 
-    def write(self, entries: list[CheckpointEntry], deleting: list[str] = ()) -> None:
-        """Replace the manifest atomically; ``deleting`` journals files about to go.
+    def write(self, entries: list[CheckpointEntry], deleting: list[str] = (),
+              writing: list[str] = ()) -> None:
+        """Replace the manifest atomically; ``deleting`` journals files about to go,
+        ``writing`` the file a save is about to create (a write-ahead journal).
 
         Indented, so ``cat manifest.json`` is readable. A NaN metric (a mid-epoch save has
         no validation loss) is written as the bare word ``NaN``: not strict JSON, but what
@@ -759,7 +789,8 @@ class Manifest:
         """
         data = {"monitor": self.monitor, "mode": self.mode,
                 "checkpoints": [dataclasses.asdict(entry) for entry in entries],
-                "deleting": list(deleting)}  # re-tried by the next writer after a crash
+                "deleting": list(deleting),  # re-tried by the next writer after a crash
+                "writing": list(writing)}  # deleted by the next writer unless an entry names it
         text = json.dumps(data, indent=2) + "\n"
         atomic_write(self.path, lambda handle: handle.write(text.encode()))
 
@@ -808,13 +839,19 @@ class BackgroundWriter:
 
     ``wait()`` forgets the job only once it is DONE: a KeyboardInterrupt that lands while
     waiting leaves it in flight, so the next ``snapshot_and_submit`` waits again instead of
-    copying into the buffer the thread is still writing to disk.
+    copying into the buffer the thread is still writing to disk. A KeyboardInterrupt can also
+    land INSIDE ``executor.submit``, after the job is queued but before its Future is kept:
+    then nothing can wait for it, so the buffer's own flag (set by the job when it ends, run
+    or not) decides, and a buffer whose flag is still down is left to that job; the next
+    snapshot takes fresh memory.
     """
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1)
         self._in_flight: Future | None = None
         self.staging: Any = None  # the last snapshot; its memory is reused by the next one
+        self._staging_free = threading.Event()  # down while a job may still read ``staging``
+        self._staging_free.set()
 
     def submit(self, work: Callable[..., Any], *args: Any) -> None:
         """Run ``work(*args)`` in the thread, after the job before it (one in flight)."""
@@ -824,8 +861,18 @@ class BackgroundWriter:
     def snapshot_and_submit(self, state: Any, work: Callable[..., Any], *args: Any) -> None:
         """Copy ``state`` to the CPU (into the previous snapshot's memory), then write it."""
         self.wait()  # the buffer is free only once the write of its last copy has finished
-        self.staging = snapshot_to_cpu(state, reuse=self.staging)
-        self._in_flight = self._executor.submit(work, self.staging, *args)
+        reuse = self.staging if self._staging_free.is_set() else None
+        self.staging = snapshot_to_cpu(state, reuse=reuse)
+        staging, free = self.staging, threading.Event()  # down BEFORE the job can exist
+        self._staging_free = free
+
+        def job() -> Any:
+            try:
+                return work(staging, *args)
+            finally:
+                free.set()
+
+        self._in_flight = self._executor.submit(job)
 
     @property
     def busy(self) -> bool:
@@ -870,8 +917,8 @@ def with_sequence(name: str, seq: int) -> str:
     return f"{name[: len(name) - len(suffix)]}-seq{seq}{suffix}"
 
 
-# The names with_sequence() makes: recovery removes such a file when no entry names it (a
-# crash came before the manifest did). Other files in the folder are never touched.
+# The names with_sequence() makes. Recovery deletes only journaled names; --resume refuses a
+# folder holding such files but no manifest (it would otherwise start over beside them).
 SEQUENCED_NAME = re.compile(r".+-seq[0-9]+(\.[A-Za-z][A-Za-z0-9]*)?")
 
 
@@ -1020,7 +1067,7 @@ class CheckpointManager(CheckpointReader):
         # another process); try once, without waiting: a reader must never hang here.
         if self._writer_lock.acquire(blocking=False):  # nobody is writing: recover now
             try:
-                self.entries = self.manifest.recover(SEQUENCED_NAME)
+                self.entries = self.manifest.recover()
             finally:
                 self._writer_lock.release()
 
@@ -1075,25 +1122,36 @@ class CheckpointManager(CheckpointReader):
         """Under both locks: re-read the manifest (another writer's entries are kept), write
         the file under a name no entry uses, switch the manifest, retire the replaced."""
         # Where a crash can land, and why each place is safe:
-        # - before os.replace: only a "*.partial" temporary exists; recovery removes it.
+        # - before the journal's replace: only the manifest's temporary; recovery removes it.
+        # - before os.replace: a "*.partial" temporary of the journaled name; removed.
         # - after the replace, before the manifest's: a complete file that no entry names
-        #   (an orphan). The manifest still vouches for the old files, whose bytes nothing
-        #   touched, because the new name is new; recovery removes the orphan.
+        #   (an orphan), journaled as "writing". The manifest still vouches for the old
+        #   files, whose bytes nothing touched, because the new name is new; recovery
+        #   removes the orphan.
         # - after the manifest's replace: the new entry is live and the files to retire are
         #   journaled in "deleting"; recovery (or the background thread) deletes them and
         #   writes the manifest once more without the journal.
         # So a reader finds the previous state or the new one, never a mix: the test suite
         # checks it by killing a save at every one of its filesystem calls.
         with self._lock, self._writer_lock:
-            entries, pending = self.manifest.read()
+            entries, pending, writing = self.manifest.read()
+            if writing:  # a writer died mid-save since this manager opened: clean up first
+                entries, pending = self.manifest.recover(), []
             # The next write number, also when another writer saved since save() guessed it;
             # a hostile or old manifest could already name that file: then count on.
             seq = max([seq] + [e.seq + 1 for e in entries])
             while (name := self._name(fields, seq)) in {e.file for e in entries}:
                 seq += 1
             path = self.directory / name
-            checksum = atomic_write(path, lambda handle: self.serialize(state, handle),
-                                    self.checksum)
+            # Write-ahead: the name is journaled BEFORE the file exists, so whatever a crash
+            # leaves (a temporary, a complete file no entry names) recovery can account for.
+            self.manifest.write(entries, deleting=pending, writing=[name])
+            try:
+                checksum = atomic_write(path, lambda handle: self.serialize(state, handle),
+                                        self.checksum)
+            except Exception:  # the temporary is gone (atomic_write): so is the journal line
+                self.manifest.write(entries, deleting=pending)
+                raise
             entry = CheckpointEntry(
                 file=name, **fields, bytes=path.stat().st_size, checksum=checksum, seq=seq,
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
@@ -1448,6 +1506,13 @@ def load_for_resume(manager: CheckpointManager, which: bool | int | str,
                     log: Callable[[str], None]) -> LoadedCheckpoint | None:
     """The checkpoint to resume from: the latest good one (``which=True``, ``None`` if the
     folder has none yet), or exactly the one at step / in file ``which`` (else an error)."""
+    if not manager.manifest_path.exists():
+        strays = sorted(n for n in os.listdir(manager.directory) if SEQUENCED_NAME.fullmatch(n))
+        if strays:  # the manifest was lost: starting over would bury these, not resume them
+            raise CheckpointError(
+                f"{manager.manifest_path}: missing, yet the folder holds {len(strays)} "
+                f"checkpoint-like file(s) ({reprlib.repr(strays)}); nothing was deleted. "
+                "Restore the manifest, or move the folder aside to start a new run")
     if which is not True:
         return manager.load(which, map_location="cpu")
     loaded = manager.load_latest(map_location="cpu")

@@ -255,6 +255,76 @@ def test_an_interrupt_inside_wait_never_lets_the_next_save_reuse_the_buffer(tmp_
     assert torch.equal(manager.load(2).state["w"], torch.full((4096,), 2.0))
 
 
+def test_an_interrupt_inside_submit_never_lets_the_next_save_reuse_the_buffer(tmp_path):
+    """Ctrl-C inside executor.submit, after the job is queued and before its Future is kept:
+    the job still runs, so the next snapshot must not copy into the buffer it writes."""
+    def slow_writer(obj, handle):
+        threading.Event().wait(0.3)  # a slow disk: the write is still going on below
+        torch.save(obj, handle)
+
+    weights = torch.full((100_000,), 1.0)
+    manager = CheckpointManager(tmp_path, async_save=True, keep_last=3, serialize=slow_writer)
+    executor = manager._background._executor
+    original = executor._adjust_thread_count
+
+    def interrupted():  # the work item is already in the queue when this runs
+        executor._adjust_thread_count = original
+        original()
+        raise KeyboardInterrupt
+
+    executor._adjust_thread_count = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        manager.save({"w": weights}, step=1, epoch=1, metrics={"val_loss": 0.5})
+    weights.fill_(2.0)
+    manager.save({"w": weights}, step=2, epoch=2, metrics={"val_loss": 0.4})
+    manager.close()
+    assert torch.equal(manager.load(1).state["w"], torch.full((100_000,), 1.0))
+    assert torch.equal(manager.load(2).state["w"], torch.full((100_000,), 2.0))
+
+
+def test_a_folder_without_its_manifest_keeps_every_file_and_resume_refuses(tmp_path):
+    """Only what the journal accounts for is deleted: a lost manifest loses no checkpoint,
+    nor a user's file that looks like one; --resume says so in one line instead of
+    starting over."""
+    folder = tmp_path / "checkpoints"
+    with CheckpointManager(folder) as manager:
+        for step in (1, 2):
+            manager.save(state(step, step), step=step, epoch=1, metrics={"val_loss": 1 / step})
+    (folder / "manifest.json").unlink()
+    (folder / "my-notes-seq1.txt").write_text("precious")
+    files = sorted(os.listdir(folder))
+    CheckpointManager(folder).close()  # opened, recovery ran: nothing goes
+    assert sorted(os.listdir(folder)) == files and len(files) == 4
+    with pytest.raises(lesson.CheckpointError) as refused:
+        lesson.load_for_resume(CheckpointManager(folder), True, print)
+    message = str(refused.value)
+    assert message.startswith(str(folder / "manifest.json")) and "\n" not in message
+    assert sorted(os.listdir(folder)) == files
+
+
+def test_a_quadratic_manifest_is_refused_promptly(tmp_path):
+    """'\"\\' repeated: every quote starts a string that a backtracking scan runs to the
+    end of the file; the scan must stay linear (SIGALRM only guards against a hang)."""
+    (tmp_path / "manifest.json").write_text('"\\' * 100_000)  # 200 kB: minutes if quadratic
+    refused_within(120, tmp_path, "manifest.json: not a valid")
+
+
+def refused_within(seconds, folder, match):
+    """``CheckpointManager(folder)`` raises CheckpointError matching ``match``; SIGALRM
+    turns a hang into a failure after ``seconds`` (a guard, not a time assertion)."""
+    def hung(*_):
+        raise TimeoutError(f"CheckpointManager({folder}) still busy after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        with pytest.raises(lesson.CheckpointError, match=match):
+            CheckpointManager(folder)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_atomic_write_switches_inodes_instead_of_rewriting_the_file(tmp_path):
     """os.replace gives the name a NEW file; a reader holding the old one keeps its bytes.
     Copying into place (or writing in place) would change the bytes under the reader."""
@@ -288,8 +358,13 @@ def test_nothing_outside_the_folder_is_created_written_or_deleted(tmp_path, plan
     missing = tmp_path / "not-there.txt"  # a link to a missing file must not create it
     target = {"lock symlink": missing, "lock hard link": sentinel}.get(plant, sentinel)
     name = {"lock symlink": "writer.lock", "lock hard link": "writer.lock",
-            "manifest symlink": "manifest.json", "partial symlink": "x.pt.0a1b.partial",
+            "manifest symlink": "manifest.json",
+            "partial symlink": "epoch009-step000009-val_loss0.1000-seq9.pt.0a1b2c3d4e5f.partial",
             "orphan symlink": "epoch009-step000009-val_loss0.1000-seq9.pt"}[plant]
+    if plant in ("partial symlink", "orphan symlink"):  # journaled, as a crashed save leaves it
+        manifest = folder / "manifest.json"
+        manifest.write_text(manifest.read_text().replace(
+            '"writing": []', '"writing": ["epoch009-step000009-val_loss0.1000-seq9.pt"]'))
     (folder / name).unlink(missing_ok=True)
     if plant == "lock hard link":
         os.link(sentinel, folder / name)
@@ -306,6 +381,8 @@ def test_nothing_outside_the_folder_is_created_written_or_deleted(tmp_path, plan
     assert outside_snapshot(tmp_path, folder) == before and not missing.exists()
     if plant.startswith(("lock", "manifest")):  # refused, with one line naming the file
         assert refused.startswith(str(folder / name)) and "\n" not in refused
+    elif plant == "orphan symlink":  # a journaled name that leads outside: hostile, refused
+        assert refused.startswith(str(folder / "manifest.json")) and "\n" not in refused
     else:  # recovery removed the link itself, never what it points to
         assert refused == "" and not (folder / name).is_symlink()
 
@@ -370,14 +447,7 @@ def test_a_manifest_that_is_not_a_json_file_is_refused_without_blocking(tmp_path
         os.mkfifo(manifest)
     else:
         manifest.write_bytes(b"\xff\xfe{")
-    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
-    signal.alarm(20)  # a blocking open() would hang here: fail instead
-    try:
-        with pytest.raises(lesson.CheckpointError, match="manifest.json: "):
-            CheckpointManager(tmp_path)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    refused_within(20, tmp_path, "manifest.json: ")  # a blocking open() would hang here
 
 
 # ---- --resume checks the state it loaded before using it --------------------------------
