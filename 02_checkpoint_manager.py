@@ -121,6 +121,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder or file cannot be used; the message names the file and the cause."""
 
 
+class MonitorMismatch(CheckpointError, ValueError):
+    """The folder's manifest was written for another monitor or mode (a ValueError too, as
+    it was before it became a CheckpointError)."""
+
+
 def fsync_directory(directory: Path) -> None:
     """Make a rename or delete inside ``directory`` durable (POSIX; a no-op elsewhere).
 
@@ -221,10 +226,13 @@ def plain_file_name(name: object, directory: Path, source: Path) -> str:
 
     Names read from a manifest are data, and data can be hostile: ``"../../home/u/data.db"``
     or ``"/etc/passwd"`` would make a delete or a load reach outside the folder. A plain name
-    has no separators, is not ``.``/``..``, and is not a symlink that resolves elsewhere.
+    has no separators, is not ``.``/``..``, fits a file system's 255-byte name limit (a
+    longer one fails every call with ENAMETOOLONG), and is not a symlink that resolves
+    elsewhere.
     """
     if (not isinstance(name, str) or not name or name in (".", "..")
-            or Path(name).name != name or "/" in name or "\\" in name or "\0" in name):
+            or Path(name).name != name or "/" in name or "\\" in name or "\0" in name
+            or len(name.encode(errors="surrogateescape")) > 255):
         raise CheckpointError(f"{source}: refuses the file name {name!r}: only plain file "
                               f"names inside {directory} are allowed; nothing was read or "
                               "deleted")
@@ -646,14 +654,16 @@ class Manifest:
     (not a symlink, directory or FIFO), at most ``MAX_BYTES``, JSON nested at most
     ``MAX_DEPTH`` deep, written for this monitor and mode, and every record has exactly its
     fields with their types and ranges, and plain file names. Any failure is ONE
-    ``CheckpointError`` naming the file and the field (the monitor mismatch: ``ValueError``).
+    ``CheckpointError`` naming the file and the field (the monitor mismatch: a
+    ``MonitorMismatch``, also a ``ValueError``).
     """
 
     # 4 MiB holds ~13,000 entries of ~300 bytes: far more than any retention keeps.
     MAX_BYTES, MAX_DEPTH = 4 << 20, 8
 
-    def __init__(self, path: Path, monitor: str, mode: str) -> None:
+    def __init__(self, path: Path, monitor: str, mode: str, reserved: tuple = ()) -> None:
         self.path, self.monitor, self.mode = Path(path), monitor, mode
+        self.reserved = reserved  # other names of the folder's own (the writer's lock)
 
     def fail(self, field: str, problem: str) -> CheckpointError:
         """The error for ``field`` ("" for the whole file)."""
@@ -684,7 +694,7 @@ class Manifest:
         if not isinstance(data, dict):
             raise self.fail("(top level)", f"a JSON {type(data).__name__}, not an object")
         if (data.get("monitor"), data.get("mode")) != (self.monitor, self.mode):
-            raise ValueError(
+            raise MonitorMismatch(
                 f"{self.path}: this run monitors {reprlib.repr(data.get('monitor'))} "
                 f"({reprlib.repr(data.get('mode'))}), not {self.monitor!r} ({self.mode}); "
                 "open it with the same monitor and mode, or use another directory")
@@ -695,8 +705,8 @@ class Manifest:
         for field, names in (("deleting", pending), ("writing", writing)):
             if not isinstance(names, list):
                 raise self.fail(field, f"{reprlib.repr(names)} is not a list")
-            for name in names:  # names first: a hostile path is the first thing to refuse
-                plain_file_name(name, self.path.parent, self.path)
+            for index, name in enumerate(names):  # a hostile path is the first thing refused
+                self.name(f"{field}[{index}]", name)
         entries = [self.entry(index, item) for index, item in enumerate(records)]
         if len({e.seq for e in entries}) < len(entries):  # a manifest written before "seq"
             entries = [dataclasses.replace(e, seq=i) for i, e in enumerate(entries, start=1)]
@@ -728,14 +738,31 @@ class Manifest:
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise self.fail(f"{where}.metrics.{key}", f"{reprlib.repr(value)} is not a "
                                 "number")
+            if isinstance(value, int) and not -2**1023 < value < 2**1023:  # float() overflows
+                raise self.fail(f"{where}.metrics.{key}", f"{reprlib.repr(value)} is out of "
+                                "the float range")
+        item = item | {"metrics": {key: float(value) for key, value in item["metrics"].items()}}
         if self.monitor not in item["metrics"]:
             raise self.fail(f"{where}.metrics", f"has no {self.monitor!r}")
         if not CHECKSUM_TEXT.fullmatch(item["checksum"]):
             raise self.fail(f"{where}.checksum", f"unknown checksum "
                             f"{reprlib.repr(item['checksum'])} (crc32:<8 hex> or "
                             "sha256:<64 hex> expected)")
-        plain_file_name(item["file"], self.path.parent, self.path)
+        self.name(f"{where}.file", item["file"])
         return CheckpointEntry(**item)
+
+    def name(self, field: str, value: object) -> str:
+        """A file name the manifest gives: plain (:func:`plain_file_name`), and not one of
+        the folder's own files: journaling ``writer.lock`` for deletion would unlink the lock
+        while it is held, and a record for the manifest or a temporary makes no sense."""
+        if isinstance(value, str) and (value in (self.path.name, *self.reserved)
+                                       or value.endswith(TEMPORARY_SUFFIX)):
+            raise self.fail(field, f"{reprlib.repr(value)} is the folder's own file, not a "
+                            "checkpoint")
+        try:
+            return plain_file_name(value, self.path.parent, self.path)
+        except CheckpointError as err:  # the same words, with the field named
+            raise self.fail(field, str(err).partition(": ")[2]) from None
 
     def finish_deletions(self) -> list[CheckpointEntry]:
         """Under the writer lock: delete the files journaled as "deleting" (re-read: under
@@ -771,9 +798,13 @@ class Manifest:
         """Unlink files of this folder (names checked again), then make that durable."""
         for name in names:
             if check:
-                plain_file_name(name, self.path.parent, self.path)
-            with contextlib.suppress(FileNotFoundError):
+                self.name("deleting", name)
+            try:
                 os.unlink(self.path.parent / name)
+            except FileNotFoundError:
+                continue
+            except OSError as err:  # a directory planted under a journaled name, say
+                raise self.fail("", f"cannot delete {name!r}: {err.strerror}") from None
         if names:
             fsync_directory(self.path.parent)
 
@@ -1058,7 +1089,7 @@ class CheckpointManager(CheckpointReader):
         self.serialize = serialize  # torch.save; tests pass a writer that fails half-way
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.manifest = Manifest(self.directory / self.MANIFEST, monitor, mode)
+        self.manifest = Manifest(self.directory / self.MANIFEST, monitor, mode, (self.LOCK,))
         self._background = BackgroundWriter()  # async saves, and deletions after sync ones
         self._lock = threading.Lock()  # this manager's caller against its background thread
         self._writer_lock = WriterLock(self.directory / self.LOCK, lock_timeout)

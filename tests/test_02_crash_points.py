@@ -414,6 +414,17 @@ HOSTILE_RECORDS = {
     "checkpoints a dict": ("checkpoints", lambda d: d.update(checkpoints={})),
     "deleting a string": ("deleting", lambda d: d.update(deleting="x.pt")),
     "nested 100,000 deep": ("nested deeper", lambda d: d.update(checkpoints=deep(100_000))),
+    "metric 10**400": ("checkpoints[0].metrics.val_loss", lambda d: d["checkpoints"][0][
+        "metrics"].update(val_loss=10**400)),
+    "file 300 chars": ("checkpoints[0].file", lambda d: d["checkpoints"][0].update(
+        file="x" * 300)),
+    "deleting 300 chars": ("deleting[0]", lambda d: d.update(deleting=["x" * 300])),
+    "file the manifest": ("checkpoints[0].file", lambda d: d["checkpoints"][0].update(
+        file="manifest.json")),
+    "file the lock": ("checkpoints[0].file", lambda d: d["checkpoints"][0].update(
+        file="writer.lock")),
+    "deleting the lock": ("deleting[0]", lambda d: d.update(deleting=["writer.lock"])),
+    "writing a temporary": ("writing[0]", lambda d: d.update(writing=["a.pt.partial"])),
 }
 
 
@@ -436,6 +447,77 @@ def test_every_hostile_manifest_value_is_one_error_naming_file_and_field(tmp_pat
     message = str(refused.value)
     assert message.startswith(f"{tmp_path / 'manifest.json'}: ") and field in message
     assert "\n" not in message and sorted(os.listdir(tmp_path)) == files
+
+
+def test_a_directory_journaled_for_deletion_and_another_monitor_are_one_error(tmp_path):
+    import json
+
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(state(1, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+    (tmp_path / "sub").mkdir()
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps(data | {"deleting": ["sub"]}))
+    with pytest.raises(lesson.CheckpointError, match="manifest.json: cannot delete 'sub'"):
+        CheckpointManager(tmp_path)
+    assert (tmp_path / "sub").is_dir()
+    with pytest.raises(lesson.CheckpointError) as refused:  # and still a ValueError
+        CheckpointManager(tmp_path, monitor="accuracy", mode="max")
+    assert isinstance(refused.value, ValueError)
+
+
+def test_fuzzed_manifest_values_only_ever_raise_checkpoint_error(tmp_path):
+    """Any JSON value in any field of a record (or the journals): the constructor, inspect,
+    best and load_latest either work or raise CheckpointError, never anything raw."""
+    import json
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    with CheckpointManager(tmp_path, keep_last=3) as manager:
+        for step in (1, 2, 3):
+            manager.save(state(step, step), step=step, epoch=1, metrics={"val_loss": 1 / step})
+    base = json.loads((tmp_path / "manifest.json").read_text())
+    originals = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix == ".pt"}
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 10**400),
+                        st.floats(), st.text(max_size=300))
+    values = st.recursive(scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+        max_leaves=6)
+    fields = [*base["checkpoints"][0], "metrics.val_loss", "metrics.other", "deleting",
+              "writing", "monitor"]
+    examples = []
+
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(fields), values, st.integers(0, 2))
+    def attack(field, value, index):
+        data = json.loads(json.dumps(base))
+        record = data["checkpoints"][index]
+        if field.startswith("metrics."):
+            record["metrics"][field.removeprefix("metrics.")] = value
+        elif field in ("deleting", "writing", "monitor"):
+            data[field] = value
+        else:
+            record[field] = value
+        (tmp_path / "manifest.json").write_text(json.dumps(data))
+        examples.append(field)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", lesson.CheckpointWarning)
+                with CheckpointManager(tmp_path) as reader:
+                    reader.inspect()
+                    _ = reader.best
+                    reader.load_latest()
+        except lesson.CheckpointError:
+            pass
+        finally:  # put back what recovery may have deleted, for the next example
+            for name, content in originals.items():
+                if not (tmp_path / name).exists():
+                    (tmp_path / name).write_bytes(content)
+
+    attack()
+    print(f"\n  {len(examples)} fuzzed manifests: only CheckpointError came out")
+    assert len(examples) >= 100
 
 
 @pytest.mark.parametrize("kind", ["directory", "FIFO", "binary"])
