@@ -1474,8 +1474,9 @@ def check_resume_state(state: object, path: Path, training: Training) -> None:
             raise fail(key, f"{reprlib.repr(state.get(key))} is not a {kind.__name__}")
     integer("epoch", state["epoch"], 0, 10**6)
     integer("step", state["step"], 0, 2**62)
-    if not all(isinstance(epoch, dict) for epoch in state["history"]):
-        raise fail("history", "not a list of dicts, one per finished epoch")
+    if not all(isinstance(epoch, dict) for epoch in state["history"]) \
+            or len(state["history"]) != state["epoch"]:
+        raise fail("history", f"not a list of {state['epoch']} dicts, one per finished epoch")
     amp = state["config"].get("amp", bool(state["scaler"]))  # older: a non-empty scaler
     saved_on = state["config"].get("device", "cuda" if amp else "cpu")
     if (saved_on, amp) != (training.device.type, training.scaler.is_enabled()):
@@ -1486,24 +1487,84 @@ def check_resume_state(state: object, path: Path, training: Training) -> None:
     # Shapes and dtypes before load_state_dict: its error lists every mismatch over many
     # lines, and a wrong dtype would load silently (it is cast on copy).
     expected = training.model.state_dict()
-    if set(state["model"]) != set(expected):
-        raise fail("model", f"keys differ: {sorted(set(state['model']) ^ set(expected))[:3]}")
+    if set(state["model"]) != set(expected):  # key=repr: a hostile key need not be a str
+        differ = sorted(set(state["model"]) ^ set(expected), key=repr)[:3]
+        raise fail("model", f"keys differ: {reprlib.repr(differ)}")
     for key, tensor in state["model"].items():
         if not (isinstance(tensor, torch.Tensor) and tensor.shape == expected[key].shape
                 and tensor.dtype == expected[key].dtype):
             raise fail(f"model.{key}", f"{reprlib.repr(tensor)} is not a {expected[key].dtype} "
                        f"tensor of shape {tuple(expected[key].shape)}")
     check_rng_state(state["rng"], fail, training.train_loader.generator)
+    check_optimizer_state(state["optimizer"], fail, training.optimizer)
+    check_like("scheduler", state["scheduler"], training.scheduler.state_dict(), fail)
     # Mid-epoch, the position says how many batches of the epoch are done: 0 or the whole
     # epoch would be an epoch-end checkpoint (saved without "data"), more is impossible.
+    # The loader's own count of batches handed out must agree, or the epoch would run a
+    # different number of batches than the position claims (a bogus {} ran all of them).
     data = state.get("data")
     if data is not None:
         if not isinstance(data, dict) or not isinstance(data.get("loader"), dict):
             raise fail("data", "not a dict with the loader's state")
-        integer("data.position", data.get("position"), 1, len(training.train_loader) - 1)
-        if not isinstance(data.get("step_losses"), list) or type(data.get("seen")) is not int \
-                or not isinstance(data.get("loss_sum"), float):
-            raise fail("data", "step_losses, seen or loss_sum missing or of the wrong type")
+        position = data.get("position")
+        integer("data.position", position, 1, len(training.train_loader) - 1)
+        if set(data["loader"]) != set(training.train_loader.state_dict()) \
+                or data["loader"].get("_num_yielded") != position:
+            raise fail("data.loader", f"not the loader state of a stream {position} batches in")
+        losses = data.get("step_losses")
+        if not (isinstance(losses, list) and len(losses) == position
+                and all(type(loss) is float for loss in losses)):
+            raise fail("data.step_losses", f"not a list of {position} floats")
+        integer("data.seen", data.get("seen"), 1, 2**62)
+        if type(data.get("loss_sum")) is not float:
+            raise fail("data.loss_sum", f"{reprlib.repr(data.get('loss_sum'))} is not a float")
+
+
+def check_like(field: str, saved: object, live: object,
+               fail: Callable[[str, str], Exception]) -> None:
+    """``saved`` has the structure of ``live`` (a state_dict() of this run): a dict with the
+    same keys, each value of the same kind (an int where live has a float is fine); nested
+    dicts are compared the same way. ``load_state_dict`` copies such values blindly, so a
+    string learning rate would fail only at the first step, with a traceback."""
+    if isinstance(live, dict):
+        if not isinstance(saved, dict) or set(saved) != set(live):
+            raise fail(field, f"not a dict with the keys {sorted(live, key=repr)}")
+        for key in live:
+            check_like(f"{field}.{key}", saved[key], live[key], fail)
+    elif isinstance(live, bool):
+        if not isinstance(saved, bool):
+            raise fail(field, f"{reprlib.repr(saved)} is not a bool")
+    elif isinstance(live, (int, float)):
+        kinds = int if isinstance(live, int) else (int, float)
+        if isinstance(saved, bool) or not isinstance(saved, kinds):
+            raise fail(field, f"{reprlib.repr(saved)} is not a {type(live).__name__}")
+    elif isinstance(live, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(live):
+            raise fail(field, f"not a list of {len(live)}")
+        for index, (item, reference) in enumerate(zip(saved, live, strict=True)):
+            check_like(f"{field}[{index}]", item, reference, fail)
+
+
+def check_optimizer_state(saved: dict, fail: Callable[[str, str], Exception],
+                          optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer's param_groups like this run's (numbers as numbers), and each per-
+    parameter tensor (a momentum buffer, Adam's averages) of its parameter's shape: a wrong
+    shape loads without a word and fails, or broadcasts, at the first step."""
+    live = optimizer.state_dict()
+    check_like("optimizer.param_groups", saved.get("param_groups"), live["param_groups"], fail)
+    shapes = {index: param.shape for group, ids in zip(optimizer.param_groups,
+                                                       live["param_groups"], strict=True)
+              for index, param in zip(ids["params"], group["params"], strict=True)}
+    states = saved.get("state")
+    if not isinstance(states, dict) or not set(states) <= set(shapes):
+        raise fail("optimizer.state", f"not a dict keyed by the parameter ids {sorted(shapes)}")
+    for index, values in states.items():
+        for key, value in (values.items() if isinstance(values, dict) else [(None, None)]):
+            if key == "step" or (isinstance(value, torch.Tensor)
+                                 and value.shape == shapes[index]):
+                continue
+            raise fail(f"optimizer.state.{index}.{key}", f"{reprlib.repr(value)} is not a "
+                       f"tensor of shape {tuple(shapes[index])}")
 
 
 def check_rng_state(rng: dict, fail: Callable[[str, str], Exception],

@@ -564,8 +564,24 @@ def forge(state, case):
         "data position a string": ("data.position", lambda s: s["data"].update(position="3")),
         "saved with CUDA mixed precision": ("config.device/amp", lambda s: s["config"].update(
             device="cuda", amp=True)),
-        "optimizer groups wrong": ("optimizer", lambda s: s["optimizer"].update(
+        "optimizer groups wrong": ("optimizer.param_groups", lambda s: s["optimizer"].update(
             param_groups=[])),
+        "a model key an int": ("model", lambda s: s["model"].update(
+            {0: s["model"].pop(next(iter(s["model"])))})),
+        "a momentum buffer of the wrong shape": ("optimizer.state.0.momentum_buffer",
+                                                 lambda s: s["optimizer"]["state"][0].update(
+                                                     momentum_buffer=torch.zeros(3))),
+        "lr a string": ("optimizer.param_groups[0].lr", lambda s: s["optimizer"][
+            "param_groups"][0].update(lr="x")),
+        "scheduler last_epoch a string": ("scheduler.last_epoch", lambda s: s[
+            "scheduler"].update(last_epoch="x")),
+        "history longer than epoch": ("history", lambda s: s.update(history=[{}])),
+        "loader state empty": ("data.loader", lambda s: s["data"].update(loader={})),
+        "loader count beyond the position": ("data.loader", lambda s: s["data"]["loader"].update(
+            _num_yielded=10**9)),
+        "seen negative": ("data.seen", lambda s: s["data"].update(seen=-5)),
+        "step losses strings": ("data.step_losses", lambda s: s["data"].update(
+            step_losses=["x"] * 3)),
     }
     field, change = changes[case]
     change(state)
@@ -576,7 +592,10 @@ def forge(state, case):
     "a list", "epoch a string", "a tensor of the wrong shape", "a missing key",
     "torch RNG state too short", "NumPy state too short", "python state wrong",
     "data position past the epoch", "data position a string",
-    "saved with CUDA mixed precision", "optimizer groups wrong"])
+    "saved with CUDA mixed precision", "optimizer groups wrong", "a model key an int",
+    "a momentum buffer of the wrong shape", "lr a string", "scheduler last_epoch a string",
+    "history longer than epoch", "loader state empty", "loader count beyond the position",
+    "seen negative", "step losses strings"])
 def test_resume_refuses_a_state_that_does_not_fit_with_one_line(tmp_path, mid_epoch_state,
                                                                  case):
     field, forged = forge(mid_epoch_state, case)
