@@ -67,6 +67,7 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -255,8 +256,11 @@ def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o666) -> int
     at a file elsewhere, which a write would change), a directory, or a FIFO (an ordinary
     open of a FIFO waits forever for a writer). ``O_NOFOLLOW`` refuses the symlink,
     ``O_NONBLOCK`` returns at once for a FIFO, and ``fstat`` on the OPEN descriptor (not on
-    the name, which could be swapped in between) refuses anything but a regular file with one
-    link: a hard link is another name of an outside file. Raises ``CheckpointError``.
+    the name, which could be swapped in between) refuses anything but a regular file. Opened
+    for WRITING it must also have one link: a hard link is another name of an outside file,
+    which a write would change. Reading a hard-linked file changes nothing, and backups made
+    with ``cp -al`` or ``rsync --link-dest`` are hard links, so reads accept them.
+    Raises ``CheckpointError``.
     """
     try:
         descriptor = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
@@ -268,7 +272,8 @@ def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o666) -> int
             raise CheckpointError(f"{path}: not a regular file; nothing was read") from None
         raise
     status = os.fstat(descriptor)
-    if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
+    writing = flags & (os.O_WRONLY | os.O_RDWR)
+    if not stat.S_ISREG(status.st_mode) or (writing and status.st_nlink > 1):
         os.close(descriptor)
         kind = "has another name (a hard link)" if stat.S_ISREG(status.st_mode) else (
             "is not a regular file (a directory, a FIFO or a device)")
@@ -554,6 +559,8 @@ def verify_file(path: Path, entry: CheckpointEntry, check_hash: bool = True) -> 
         descriptor = open_regular(path)
     except FileNotFoundError:
         return "the file is missing"
+    except CheckpointError as err:  # a symlink or a FIFO in its place: a problem, not a crash
+        return str(err).partition(": ")[2]
     try:
         size = os.fstat(descriptor).st_size
         if size != entry.bytes:
@@ -566,32 +573,43 @@ def verify_file(path: Path, entry: CheckpointEntry, check_hash: bool = True) -> 
         os.close(descriptor)
 
 
+def buffer_checksum(buffer: bytes, algorithm: str) -> str:
+    """:func:`file_checksum` of bytes already in memory (zlib and hashlib release the GIL
+    on a large buffer, so this runs beside torch.load in another thread)."""
+    if algorithm == "crc32":
+        return f"crc32:{zlib.crc32(buffer):08x}"
+    return f"sha256:{hashlib.sha256(buffer).hexdigest()}"
+
+
 def load_verified(path: Path, entry: CheckpointEntry, map_location: Any) -> tuple[Any, str]:
     """Load one checkpoint and check it; return ``(state, "")`` or ``(None, problem)``.
 
-    The file is opened ONCE and both the checksum and ``torch.load`` read that descriptor: a
-    name can be swapped for another file between two opens, an open descriptor cannot, so
-    what was verified is what was loaded. The checksum runs in a second thread WHILE
-    torch.load deserialises (zlib and hashlib release the GIL), so verifying costs about the
-    slower of the two, not their sum. A load error on a file whose checksum matches is not
-    damage: it is raised as ``CheckpointError``.
+    The file is read ONCE into memory, and both the checksum and ``torch.load`` read that
+    buffer: what was verified is what was loaded. Sharing an open descriptor is not enough:
+    a file overwritten IN PLACE (``cp`` onto it, ``rsync --inplace``) changes under the
+    descriptor, and two readers of it at different moments can see two versions (95 of 322
+    loads did, in a race test). The price is a second copy of the file in memory while it
+    deserialises; section 8 prints the verified load's speed next to torch.load's. The
+    checksum runs in a second thread WHILE torch.load deserialises, so verifying costs
+    about the slower of the two, not their sum. A file that cannot be opened as a plain
+    file (a symlink, a hard link, a FIFO) is a problem like damage: the next candidate is
+    tried. A load error on a file whose checksum matches is not damage: it is raised as
+    ``CheckpointError``.
     """
     try:
         descriptor = open_regular(path)
     except FileNotFoundError:
         return None, "the file is missing"
-    # Reading the bytes into memory first and loading from there would also load what was
-    # verified, at the price of a second copy of the file in memory; the shared descriptor
-    # costs nothing (the checksum reads with pread, at its own offset; section 8 prints the
-    # verified load's speed next to torch.load's).
-    with os.fdopen(descriptor, "rb") as handle, ThreadPoolExecutor(max_workers=1) as pool:
-        size = os.fstat(descriptor).st_size
-        if size != entry.bytes:
-            return None, f"size {size} bytes, the manifest says {entry.bytes}"
-        algorithm = entry.checksum.partition(":")[0]
-        checksum = pool.submit(descriptor_checksum, descriptor, algorithm, size)
+    except CheckpointError as err:
+        return None, str(err).partition(": ")[2]
+    with os.fdopen(descriptor, "rb") as handle:
+        buffer = handle.read(entry.bytes + 1)  # one byte more: a grown file shows
+    if len(buffer) != entry.bytes:
+        return None, f"size {len(buffer)} bytes, the manifest says {entry.bytes}"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        checksum = pool.submit(buffer_checksum, buffer, entry.checksum.partition(":")[0])
         try:
-            state, error = torch.load(handle, map_location=map_location,
+            state, error = torch.load(io.BytesIO(buffer), map_location=map_location,
                                       weights_only=True), None
         except Exception as err:  # judged below, once the checksum is known
             state, error = None, err

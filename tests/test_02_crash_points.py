@@ -325,6 +325,54 @@ def refused_within(seconds, folder, match):
         signal.signal(signal.SIGALRM, previous)
 
 
+def test_a_file_overwritten_in_place_during_a_load_gives_what_was_verified(tmp_path,
+                                                                           monkeypatch):
+    """``cp`` onto a checkpoint while it loads: the bytes torch.load deserialises must be the
+    bytes the checksum vouched for. The overwrite lands just before torch.load reads."""
+    folder = tmp_path / "checkpoints"
+    with CheckpointManager(folder) as manager:
+        path = manager.save(state(1, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+    with CheckpointManager(tmp_path / "elsewhere") as manager:  # the same name and layout
+        other = manager.save(state(2, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+    assert other.stat().st_size == path.stat().st_size
+    real_load = torch.load
+
+    def overwritten_first(*args, **kwargs):
+        monkeypatch.setattr(torch, "load", real_load)
+        with path.open("r+b") as handle:  # in place: the same inode, new bytes
+            handle.write(other.read_bytes())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", overwritten_first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lesson.CheckpointWarning)
+        loaded = CheckpointManager(folder).load_latest()
+    assert loaded is not None and same(loaded.state, state(1, 1))
+
+
+@pytest.mark.parametrize("plant", ["symlink", "FIFO", "hard link"])
+def test_a_candidate_that_is_not_a_plain_file_is_skipped_not_raised(tmp_path, plant):
+    """A symlink or a FIFO where the latest checkpoint was: skipped with a warning like any
+    damage, the one before it loads; a hard link (a cp -al backup) is read as it is."""
+    with CheckpointManager(tmp_path, keep_last=2) as manager:
+        manager.save(state(1, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+        latest = manager.save(state(2, 2), step=2, epoch=1, metrics={"val_loss": 0.6})
+    if plant == "hard link":
+        os.link(latest, tmp_path / "backup.pt")
+    else:
+        latest.unlink()
+        if plant == "symlink":
+            latest.symlink_to(next(tmp_path.glob("*-seq1.pt")))
+        else:
+            os.mkfifo(latest)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", lesson.CheckpointWarning)
+        loaded = CheckpointManager(tmp_path).load_latest()
+    expected = state(2, 2) if plant == "hard link" else state(1, 1)
+    assert loaded is not None and same(loaded.state, expected)
+    assert len(caught) == (0 if plant == "hard link" else 1)
+
+
 def test_atomic_write_switches_inodes_instead_of_rewriting_the_file(tmp_path):
     """os.replace gives the name a NEW file; a reader holding the old one keeps its bytes.
     Copying into place (or writing in place) would change the bytes under the reader."""
