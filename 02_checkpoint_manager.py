@@ -284,9 +284,11 @@ def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o666) -> int
 class WriterLock:
     """A cross-process lock on a folder (``fcntl.flock`` on a lock file inside it).
 
-    flock locks belong to an open file, so they also separate two managers in ONE process,
-    and the kernel releases them when a process dies: a SIGKILLed writer never leaves the
-    folder locked. ``timeout`` seconds of waiting, then a clear error. The lock file is
+    On a local file system, flock locks belong to an open file, so they also separate two
+    managers in ONE process, and the kernel releases them when a process dies: a SIGKILLed
+    writer never leaves the folder locked. On NFS, Linux emulates flock with fcntl byte-range
+    locks, which belong to a PROCESS: two managers of one process then share the lock.
+    ``timeout`` seconds of waiting, then a clear error. The lock file is
     opened with :func:`open_regular`: a symlink or a hard link planted in its place is
     refused, so taking the lock never writes outside the folder.
     """
@@ -664,14 +666,37 @@ ENTRY_FIELDS = {"file": str, "step": int, "epoch": int, "metrics": dict, "timest
 CHECKSUM_TEXT = re.compile(r"crc32:[0-9a-f]{8}|sha256:[0-9a-f]{64}")
 
 
+def typed_record(item: dict, where: str, fail: Callable[[str, str], Exception]) -> dict:
+    """A manifest record's fields checked for type and range, its metrics made floats."""
+    for field, value in item.items():
+        kind = ENTRY_FIELDS[field]
+        if kind is int and not (type(value) is int and 0 <= value < 2**63):
+            raise fail(f"{where}.{field}", f"{reprlib.repr(value)} is not an integer in "
+                       "[0, 2**63)")
+        if kind is not int and not isinstance(value, kind):
+            raise fail(f"{where}.{field}", f"{reprlib.repr(value)} is not a {kind.__name__}")
+    # Types first, one field at a time, so the error names it: an int where a string is
+    # expected would otherwise fail later as a TypeError deep in a format string or a
+    # sort, and bytes=10**400 as an OverflowError. bool is an int in Python: refused.
+    for key, value in item["metrics"].items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise fail(f"{where}.metrics.{key}", f"{reprlib.repr(value)} is not a number")
+        if isinstance(value, int) and not -2**1023 < value < 2**1023:  # float() overflows
+            raise fail(f"{where}.metrics.{key}", f"{reprlib.repr(value)} is out of the float "
+                       "range")
+    return item | {"metrics": {key: float(value) for key, value in item["metrics"].items()}}
+
+
 class Manifest:
     """``manifest.json``: the index of a checkpoint folder, and its journal of deletions.
 
     Reading needs no lock: the file is only ever replaced atomically, so a reader sees one
     complete version. It is data from disk, so it is checked before use: a regular file
     (not a symlink, directory or FIFO), at most ``MAX_BYTES``, JSON nested at most
-    ``MAX_DEPTH`` deep, written for this monitor and mode, and every record has exactly its
-    fields with their types and ranges, and plain file names. Any failure is ONE
+    ``MAX_DEPTH`` deep, written for this monitor and mode; every record has exactly the
+    known fields, the integers in [0, 2**63), the metrics numbers within float range, the
+    checksum in its format, and plain file names that are not the folder's own (manifest,
+    lock, temporaries); metric NAMES and timestamps are free text. Any failure is ONE
     ``CheckpointError`` naming the file and the field (the monitor mismatch: a
     ``MonitorMismatch``, also a ``ValueError``).
     """
@@ -741,25 +766,7 @@ class Manifest:
         required = {"file", "step", "epoch", "metrics", "timestamp", "bytes", "checksum"}
         for field in sorted((required - set(item)) | (set(item) - set(ENTRY_FIELDS))):
             raise self.fail(f"{where}.{field}", "missing" if field in required else "unknown")
-        for field, value in item.items():
-            kind = ENTRY_FIELDS[field]
-            if kind is int and not (type(value) is int and 0 <= value < 2**63):
-                raise self.fail(f"{where}.{field}", f"{reprlib.repr(value)} is not an "
-                                "integer in [0, 2**63)")
-            if kind is not int and not isinstance(value, kind):
-                raise self.fail(f"{where}.{field}", f"{reprlib.repr(value)} is not a "
-                                f"{kind.__name__}")
-        # Types first, one field at a time, so the error names it: an int where a string is
-        # expected would otherwise fail later as a TypeError deep in a format string or a
-        # sort, and bytes=10**400 as an OverflowError. bool is an int in Python: refused.
-        for key, value in item["metrics"].items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise self.fail(f"{where}.metrics.{key}", f"{reprlib.repr(value)} is not a "
-                                "number")
-            if isinstance(value, int) and not -2**1023 < value < 2**1023:  # float() overflows
-                raise self.fail(f"{where}.metrics.{key}", f"{reprlib.repr(value)} is out of "
-                                "the float range")
-        item = item | {"metrics": {key: float(value) for key, value in item["metrics"].items()}}
+        item = typed_record(item, where, self.fail)
         if self.monitor not in item["metrics"]:
             raise self.fail(f"{where}.metrics", f"has no {self.monitor!r}")
         if not CHECKSUM_TEXT.fullmatch(item["checksum"]):
@@ -977,8 +984,9 @@ class CheckpointReader:
     Every method re-reads the manifest (cheap: a few kB of JSON), so a job that only
     evaluates sees what the trainer wrote since it opened the folder, and never caches a
     list that another process's retention has since changed. A candidate that fails its
-    check (missing, wrong size, wrong checksum) is skipped with a CheckpointWarning and the
-    next one is tried; a file that verifies but does not load raises.
+    check (missing, not a plain file, wrong size, wrong checksum) is skipped with a
+    CheckpointWarning and the next one is tried; a file that verifies but does not load
+    raises, and so does a manifest that cannot be read.
 
     It reads ``directory``, ``manifest``, ``retention`` and ``entries`` and calls ``wait()``,
     which the manager sets up; every load verifies the file against the manifest first.
@@ -1072,13 +1080,20 @@ class CheckpointManager(CheckpointReader):
     - A crash at any instant loses nothing. Each save writes a NEW file name (the write's
       ``seq`` is in it) atomically, then switches the :class:`Manifest` to it, and only then
       retires old files through the manifest's journal: no file the manifest vouches for is
-      ever overwritten, and whatever a crash leaves (a temporary, a file no entry names yet,
-      a journaled deletion) the next writer's recovery removes or finishes.
+      ever overwritten. The new file's name is journaled in the manifest BEFORE the file
+      exists, so whatever a crash leaves (a temporary, a file no entry names yet, a
+      journaled deletion) the next writer's recovery removes or finishes; it deletes
+      nothing the journal does not account for (a folder without its manifest keeps every
+      file): a file the journal does not name is never touched.
     - One :class:`WriterLock` (``writer.lock``) per folder: each save holds it and re-reads
-      the manifest under it, so two processes lose no entry and delete none of each other's
-      files. EVERY manager, a reader's too, takes it once in ``__init__`` WITHOUT waiting,
-      to finish what a crashed writer left; if a writer holds it, that step is skipped, so
-      opening a folder to evaluate never waits for, nor breaks, a save in flight.
+      the manifest under it, so two processes lose no entry. Retention applies to the
+      folder's COMBINED entries (one run's policy may retire another's older files), and a
+      re-saved step replaces its old entry whichever process wrote it: give concurrent runs
+      their own folders. Nothing is deleted without first being journaled. EVERY manager,
+      a reader's too, takes the lock once in ``__init__`` WITHOUT waiting, to finish what a
+      crashed writer left; if a writer holds it, that step is skipped, so opening a folder
+      to evaluate never waits for a save in flight (it may delete what a crashed writer
+      journaled).
     - A hostile folder is refused with one ``CheckpointError``: names outside the folder,
       symlinked or hard-linked lock and manifest files, FIFOs, malformed records.
     - A non-finite monitored metric never ranks best; only DAMAGE (missing file, wrong size
