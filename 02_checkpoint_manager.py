@@ -523,6 +523,7 @@ class CheckpointEntry:
     checksum: str  # "crc32:..." or "sha256:...", see file_checksum()
     seq: int = 0
     position: int = 0  # batches done inside epoch ``epoch`` (0: saved at an epoch end)
+    writer: str = ""  # which manager wrote it: only its writer replaces it at the same step
 
 
 @dataclasses.dataclass
@@ -662,7 +663,8 @@ def json_nesting(text: str) -> int:
 
 
 ENTRY_FIELDS = {"file": str, "step": int, "epoch": int, "metrics": dict, "timestamp": str,
-                "bytes": int, "checksum": str, "seq": int, "position": int}
+                "bytes": int, "checksum": str, "seq": int, "position": int,
+                "writer": str}
 CHECKSUM_TEXT = re.compile(r"crc32:[0-9a-f]{8}|sha256:[0-9a-f]{64}")
 
 
@@ -1054,17 +1056,18 @@ class CheckpointReader:
         return self._load_first_good(self.retention.finite_ranked(self.list()), map_location)
 
     def load(self, which: int | str, map_location: Any = "cpu") -> LoadedCheckpoint:
-        """The checkpoint saved at step ``which`` (an int) or in file ``which`` (a name from
-        the manifest); an error if there is none or it is damaged."""
+        """The checkpoint saved at step ``which`` (an int; the newest write if several
+        writers saved that step) or in file ``which`` (a name from the manifest); an error if
+        there is none or it is damaged."""
         entries = self.list()
         matches = [e for e in entries if (e.file == which if isinstance(which, str)
                                           else e.step == which)]
         if not matches:
             raise KeyError(f"{self.directory}: no checkpoint {which!r} in the manifest; kept: "
                            f"steps {[e.step for e in entries]}, files {[e.file for e in entries]}")
-        loaded = self._load_first_good(matches, map_location)
+        loaded = self._load_first_good(matches[::-1], map_location)
         if loaded is None:
-            raise CheckpointError(f"{self.directory / matches[0].file}: damaged (see the "
+            raise CheckpointError(f"{self.directory / matches[-1].file}: damaged (see the "
                                   "warning)")
         return loaded
 
@@ -1087,11 +1090,11 @@ class CheckpointManager(CheckpointReader):
       file): a file the journal does not name is never touched.
     - One :class:`WriterLock` (``writer.lock``) per folder: each save holds it and re-reads
       the manifest under it, so two processes lose no entry. Retention applies to the
-      folder's COMBINED entries (one run's policy may retire another's older files), and a
-      re-saved step replaces its old entry whichever process wrote it: give concurrent runs
-      their own folders. Nothing is deleted without first being journaled. EVERY manager,
-      a reader's too, takes the lock once in ``__init__`` WITHOUT waiting, to finish what a
-      crashed writer left; if a writer holds it, that step is skipped, so opening a folder
+      folder's COMBINED entries (one run's policy may retire another's older files); a
+      step saved again replaces only this manager's own entry (each records its writer).
+      Nothing is deleted without first being journaled. EVERY manager, a reader's too,
+      takes the lock once in ``__init__`` WITHOUT waiting, to finish what a crashed writer
+      left; if a writer holds it, that step is skipped, so opening a folder
       to evaluate never waits for a save in flight (it may delete what a crashed writer
       journaled).
     - A hostile folder is refused with one ``CheckpointError``: names outside the folder,
@@ -1126,6 +1129,7 @@ class CheckpointManager(CheckpointReader):
         self._background = BackgroundWriter()  # async saves, and deletions after sync ones
         self._lock = threading.Lock()  # this manager's caller against its background thread
         self._writer_lock = WriterLock(self.directory / self.LOCK, lock_timeout)
+        self.writer = f"{os.getpid()}-{secrets.token_hex(4)}"  # this manager, in its entries
         self.entries: list[CheckpointEntry] = self.manifest.read()[0]
         # Recovery needs the lock (a temporary may belong to a save running right now in
         # another process); try once, without waiting: a reader must never hang here.
@@ -1218,11 +1222,15 @@ class CheckpointManager(CheckpointReader):
                 raise
             entry = CheckpointEntry(
                 file=name, **fields, bytes=path.stat().st_size, checksum=checksum, seq=seq,
+                writer=self.writer,
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-            # A re-saved step (a resumed run repeating one) replaces its old entry.
-            replaced = [e.file for e in entries if e.step == entry.step]
+            # A step this manager saved again replaces its old entry; another writer's entry
+            # at the same step (a second process, an earlier run) is kept: replacing it
+            # would silently drop that process's checkpoint. Retention then decides.
+            replaced = [e.file for e in entries
+                        if e.step == entry.step and e.writer == self.writer]
             kept, dropped = self.retention.split(
-                [e for e in entries if e.step != entry.step] + [entry])
+                [e for e in entries if e.file not in replaced] + [entry])
             dropped = list(dict.fromkeys(dropped + replaced + pending))
             self.manifest.write(kept, deleting=dropped)  # the switch, and the journal
             self.entries = kept

@@ -373,6 +373,23 @@ def test_a_candidate_that_is_not_a_plain_file_is_skipped_not_raised(tmp_path, pl
     assert len(caught) == (0 if plant == "hard link" else 1)
 
 
+def test_two_writers_saving_the_same_step_keep_each_others_entries(tmp_path):
+    """Two processes (here two managers) share a folder and step numbers: neither replaces
+    the other's entry; a manager saving a step again replaces only its own."""
+    first, second = CheckpointManager(tmp_path, keep_last=5), CheckpointManager(tmp_path,
+                                                                                keep_last=5)
+    first.save(state(1, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+    second.save(state(2, 1), step=1, epoch=1, metrics={"val_loss": 0.6})
+    assert len(first.list()) == 2
+    assert sorted(same(first.load(e.file).state, state(tag, 1)) for e, tag in
+                  zip(first.list(), (1, 2), strict=True)) == [True, True]
+    second.save(state(3, 1), step=1, epoch=1, metrics={"val_loss": 0.7})  # its own again
+    first.close()
+    second.close()
+    tags = [first.load(e.file).state["tag"] for e in first.list()]
+    assert tags == [1, 3] and same(first.load(1).state, state(3, 1))  # load(step): newest
+
+
 def test_atomic_write_switches_inodes_instead_of_rewriting_the_file(tmp_path):
     """os.replace gives the name a NEW file; a reader holding the old one keeps its bytes.
     Copying into place (or writing in place) would change the bytes under the reader."""
