@@ -67,6 +67,7 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -121,6 +122,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder or file cannot be used; the message names the file and the cause."""
 
 
+class MonitorMismatch(CheckpointError, ValueError):
+    """The folder's manifest was written for another monitor or mode (a ValueError too, as
+    it was before it became a CheckpointError)."""
+
+
 def fsync_directory(directory: Path) -> None:
     """Make a rename or delete inside ``directory`` durable (POSIX; a no-op elsewhere).
 
@@ -163,6 +169,8 @@ def file_checksum(path: Path, algorithm: str = "crc32") -> str:
 
 
 TEMPORARY_SUFFIX = ".partial"
+# What create_unique() makes of a name: "<name>.<12 hex>.partial"; group 1 is the name.
+TEMPORARY_NAME = re.compile(r"(.+)\.[0-9a-f]{12}\.partial")
 
 
 def create_unique(path: Path) -> tuple[int, Path]:
@@ -219,10 +227,13 @@ def plain_file_name(name: object, directory: Path, source: Path) -> str:
 
     Names read from a manifest are data, and data can be hostile: ``"../../home/u/data.db"``
     or ``"/etc/passwd"`` would make a delete or a load reach outside the folder. A plain name
-    has no separators, is not ``.``/``..``, and is not a symlink that resolves elsewhere.
+    has no separators, is not ``.``/``..``, fits a file system's 255-byte name limit (a
+    longer one fails every call with ENAMETOOLONG), and is not a symlink that resolves
+    elsewhere.
     """
     if (not isinstance(name, str) or not name or name in (".", "..")
-            or Path(name).name != name or "/" in name or "\\" in name or "\0" in name):
+            or Path(name).name != name or "/" in name or "\\" in name or "\0" in name
+            or len(name.encode(errors="surrogateescape")) > 255):
         raise CheckpointError(f"{source}: refuses the file name {name!r}: only plain file "
                               f"names inside {directory} are allowed; nothing was read or "
                               "deleted")
@@ -245,8 +256,11 @@ def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o666) -> int
     at a file elsewhere, which a write would change), a directory, or a FIFO (an ordinary
     open of a FIFO waits forever for a writer). ``O_NOFOLLOW`` refuses the symlink,
     ``O_NONBLOCK`` returns at once for a FIFO, and ``fstat`` on the OPEN descriptor (not on
-    the name, which could be swapped in between) refuses anything but a regular file with one
-    link: a hard link is another name of an outside file. Raises ``CheckpointError``.
+    the name, which could be swapped in between) refuses anything but a regular file. Opened
+    for WRITING it must also have one link: a hard link is another name of an outside file,
+    which a write would change. Reading a hard-linked file changes nothing, and backups made
+    with ``cp -al`` or ``rsync --link-dest`` are hard links, so reads accept them.
+    Raises ``CheckpointError``.
     """
     try:
         descriptor = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
@@ -258,7 +272,8 @@ def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o666) -> int
             raise CheckpointError(f"{path}: not a regular file; nothing was read") from None
         raise
     status = os.fstat(descriptor)
-    if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
+    writing = flags & (os.O_WRONLY | os.O_RDWR)
+    if not stat.S_ISREG(status.st_mode) or (writing and status.st_nlink > 1):
         os.close(descriptor)
         kind = "has another name (a hard link)" if stat.S_ISREG(status.st_mode) else (
             "is not a regular file (a directory, a FIFO or a device)")
@@ -269,9 +284,11 @@ def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o666) -> int
 class WriterLock:
     """A cross-process lock on a folder (``fcntl.flock`` on a lock file inside it).
 
-    flock locks belong to an open file, so they also separate two managers in ONE process,
-    and the kernel releases them when a process dies: a SIGKILLed writer never leaves the
-    folder locked. ``timeout`` seconds of waiting, then a clear error. The lock file is
+    On a local file system, flock locks belong to an open file, so they also separate two
+    managers in ONE process, and the kernel releases them when a process dies: a SIGKILLed
+    writer never leaves the folder locked. On NFS, Linux emulates flock with fcntl byte-range
+    locks, which belong to a PROCESS: two managers of one process then share the lock.
+    ``timeout`` seconds of waiting, then a clear error. The lock file is
     opened with :func:`open_regular`: a symlink or a hard link planted in its place is
     refused, so taking the lock never writes outside the folder.
     """
@@ -506,6 +523,7 @@ class CheckpointEntry:
     checksum: str  # "crc32:..." or "sha256:...", see file_checksum()
     seq: int = 0
     position: int = 0  # batches done inside epoch ``epoch`` (0: saved at an epoch end)
+    writer: str = ""  # which manager wrote it: only its writer replaces it at the same step
 
 
 @dataclasses.dataclass
@@ -544,6 +562,8 @@ def verify_file(path: Path, entry: CheckpointEntry, check_hash: bool = True) -> 
         descriptor = open_regular(path)
     except FileNotFoundError:
         return "the file is missing"
+    except CheckpointError as err:  # a symlink or a FIFO in its place: a problem, not a crash
+        return str(err).partition(": ")[2]
     try:
         size = os.fstat(descriptor).st_size
         if size != entry.bytes:
@@ -556,32 +576,43 @@ def verify_file(path: Path, entry: CheckpointEntry, check_hash: bool = True) -> 
         os.close(descriptor)
 
 
+def buffer_checksum(buffer: bytes, algorithm: str) -> str:
+    """:func:`file_checksum` of bytes already in memory (zlib and hashlib release the GIL
+    on a large buffer, so this runs beside torch.load in another thread)."""
+    if algorithm == "crc32":
+        return f"crc32:{zlib.crc32(buffer):08x}"
+    return f"sha256:{hashlib.sha256(buffer).hexdigest()}"
+
+
 def load_verified(path: Path, entry: CheckpointEntry, map_location: Any) -> tuple[Any, str]:
     """Load one checkpoint and check it; return ``(state, "")`` or ``(None, problem)``.
 
-    The file is opened ONCE and both the checksum and ``torch.load`` read that descriptor: a
-    name can be swapped for another file between two opens, an open descriptor cannot, so
-    what was verified is what was loaded. The checksum runs in a second thread WHILE
-    torch.load deserialises (zlib and hashlib release the GIL), so verifying costs about the
-    slower of the two, not their sum. A load error on a file whose checksum matches is not
-    damage: it is raised as ``CheckpointError``.
+    The file is read ONCE into memory, and both the checksum and ``torch.load`` read that
+    buffer: what was verified is what was loaded. Sharing an open descriptor is not enough:
+    a file overwritten IN PLACE (``cp`` onto it, ``rsync --inplace``) changes under the
+    descriptor, and two readers of it at different moments can see two versions (95 of 322
+    loads did, in a race test). The price is a second copy of the file in memory while it
+    deserialises; section 8 prints the verified load's speed next to torch.load's. The
+    checksum runs in a second thread WHILE torch.load deserialises, so verifying costs
+    about the slower of the two, not their sum. A file that cannot be opened as a plain
+    file (a symlink, a hard link, a FIFO) is a problem like damage: the next candidate is
+    tried. A load error on a file whose checksum matches is not damage: it is raised as
+    ``CheckpointError``.
     """
     try:
         descriptor = open_regular(path)
     except FileNotFoundError:
         return None, "the file is missing"
-    # Reading the bytes into memory first and loading from there would also load what was
-    # verified, at the price of a second copy of the file in memory; the shared descriptor
-    # costs nothing (the checksum reads with pread, at its own offset; section 8 prints the
-    # verified load's speed next to torch.load's).
-    with os.fdopen(descriptor, "rb") as handle, ThreadPoolExecutor(max_workers=1) as pool:
-        size = os.fstat(descriptor).st_size
-        if size != entry.bytes:
-            return None, f"size {size} bytes, the manifest says {entry.bytes}"
-        algorithm = entry.checksum.partition(":")[0]
-        checksum = pool.submit(descriptor_checksum, descriptor, algorithm, size)
+    except CheckpointError as err:
+        return None, str(err).partition(": ")[2]
+    with os.fdopen(descriptor, "rb") as handle:
+        buffer = handle.read(entry.bytes + 1)  # one byte more: a grown file shows
+    if len(buffer) != entry.bytes:
+        return None, f"size {len(buffer)} bytes, the manifest says {entry.bytes}"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        checksum = pool.submit(buffer_checksum, buffer, entry.checksum.partition(":")[0])
         try:
-            state, error = torch.load(handle, map_location=map_location,
+            state, error = torch.load(io.BytesIO(buffer), map_location=map_location,
                                       weights_only=True), None
         except Exception as err:  # judged below, once the checksum is known
             state, error = None, err
@@ -601,26 +632,61 @@ def load_verified(path: Path, entry: CheckpointEntry, map_location: Any) -> tupl
 def json_nesting(text: str) -> int:
     """How deeply ``text``'s JSON arrays and objects nest, counted WITHOUT parsing it.
 
-    Strings are skipped whole (a bracket inside a string does not count); an unterminated
-    string only makes the count larger, and such a file is not valid JSON anyway.
-
     ``json.loads`` recurses once per level: 100,000 nested brackets raise RecursionError
     (or worse). Counting first lets a reader refuse such a file with its own error.
+
+    One pass over the characters that matter (brackets, quotes, backslashes), with two bits
+    of state: inside a string or not, and the position an escape skips. A regex that matches
+    whole strings instead backtracks: each of 50,000 unterminated ``"\\`` restarts a scan to
+    the end of the file, quadratic, minutes for 100 kB. An unterminated string only makes
+    the count smaller, and such a file is not valid JSON anyway (json.loads refuses it).
     """
     depth = deepest = 0
-    for match in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', text):
-        token = match.group()
-        if token in ("[", "{"):
+    in_string, escaped_at = False, -1
+    for match in re.finditer(r'[\[\]{}"\\]', text):
+        char, where = match.group(), match.start()
+        if where == escaped_at:  # the character after a backslash is never syntax
+            continue
+        if in_string:
+            if char == "\\":
+                escaped_at = where + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
             depth += 1
             deepest = max(deepest, depth)
-        elif token in ("]", "}"):
+        elif char in "]}":
             depth -= 1
     return deepest
 
 
 ENTRY_FIELDS = {"file": str, "step": int, "epoch": int, "metrics": dict, "timestamp": str,
-                "bytes": int, "checksum": str, "seq": int, "position": int}
+                "bytes": int, "checksum": str, "seq": int, "position": int,
+                "writer": str}
 CHECKSUM_TEXT = re.compile(r"crc32:[0-9a-f]{8}|sha256:[0-9a-f]{64}")
+
+
+def typed_record(item: dict, where: str, fail: Callable[[str, str], Exception]) -> dict:
+    """A manifest record's fields checked for type and range, its metrics made floats."""
+    for field, value in item.items():
+        kind = ENTRY_FIELDS[field]
+        if kind is int and not (type(value) is int and 0 <= value < 2**63):
+            raise fail(f"{where}.{field}", f"{reprlib.repr(value)} is not an integer in "
+                       "[0, 2**63)")
+        if kind is not int and not isinstance(value, kind):
+            raise fail(f"{where}.{field}", f"{reprlib.repr(value)} is not a {kind.__name__}")
+    # Types first, one field at a time, so the error names it: an int where a string is
+    # expected would otherwise fail later as a TypeError deep in a format string or a
+    # sort, and bytes=10**400 as an OverflowError. bool is an int in Python: refused.
+    for key, value in item["metrics"].items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise fail(f"{where}.metrics.{key}", f"{reprlib.repr(value)} is not a number")
+        if isinstance(value, int) and not -2**1023 < value < 2**1023:  # float() overflows
+            raise fail(f"{where}.metrics.{key}", f"{reprlib.repr(value)} is out of the float "
+                       "range")
+    return item | {"metrics": {key: float(value) for key, value in item["metrics"].items()}}
 
 
 class Manifest:
@@ -629,27 +695,33 @@ class Manifest:
     Reading needs no lock: the file is only ever replaced atomically, so a reader sees one
     complete version. It is data from disk, so it is checked before use: a regular file
     (not a symlink, directory or FIFO), at most ``MAX_BYTES``, JSON nested at most
-    ``MAX_DEPTH`` deep, written for this monitor and mode, and every record has exactly its
-    fields with their types and ranges, and plain file names. Any failure is ONE
-    ``CheckpointError`` naming the file and the field (the monitor mismatch: ``ValueError``).
+    ``MAX_DEPTH`` deep, written for this monitor and mode; every record has exactly the
+    known fields, the integers in [0, 2**63), the metrics numbers within float range, the
+    checksum in its format, and plain file names that are not the folder's own (manifest,
+    lock, temporaries); metric NAMES and timestamps are free text. Any failure is ONE
+    ``CheckpointError`` naming the file and the field (the monitor mismatch: a
+    ``MonitorMismatch``, also a ``ValueError``).
     """
 
-    MAX_BYTES, MAX_DEPTH = 64 << 20, 8
+    # 4 MiB holds ~13,000 entries of ~300 bytes: far more than any retention keeps.
+    MAX_BYTES, MAX_DEPTH = 4 << 20, 8
 
-    def __init__(self, path: Path, monitor: str, mode: str) -> None:
+    def __init__(self, path: Path, monitor: str, mode: str, reserved: tuple = ()) -> None:
         self.path, self.monitor, self.mode = Path(path), monitor, mode
+        self.reserved = reserved  # other names of the folder's own (the writer's lock)
 
     def fail(self, field: str, problem: str) -> CheckpointError:
         """The error for ``field`` ("" for the whole file)."""
         return CheckpointError(f"{self.path}: {field + ': ' if field else ''}{problem}; it was "
                                "left untouched, and so were the checkpoints beside it")
 
-    def read(self) -> tuple[list[CheckpointEntry], list[str]]:
-        """The entries (sorted by write order) and the pending deletions."""
+    def read(self) -> tuple[list[CheckpointEntry], list[str], list[str]]:
+        """The entries (sorted by write order), the pending deletions, and the names being
+        written (journaled before their file appears; see ``recover``)."""
         # lexists, not exists: a dangling symlink in its place must be refused below, not
         # taken for "no manifest yet" (the next write would then replace the link).
         if not os.path.lexists(self.path):
-            return [], []
+            return [], [], []
         # One bounded read of a regular file: a FIFO, a directory or a 50 GB file planted
         # in its place is refused before json sees a byte.
         with os.fdopen(open_regular(self.path), "rb") as handle:
@@ -667,21 +739,23 @@ class Manifest:
         if not isinstance(data, dict):
             raise self.fail("(top level)", f"a JSON {type(data).__name__}, not an object")
         if (data.get("monitor"), data.get("mode")) != (self.monitor, self.mode):
-            raise ValueError(
+            raise MonitorMismatch(
                 f"{self.path}: this run monitors {reprlib.repr(data.get('monitor'))} "
                 f"({reprlib.repr(data.get('mode'))}), not {self.monitor!r} ({self.mode}); "
                 "open it with the same monitor and mode, or use another directory")
-        records, pending = data.get("checkpoints"), data.get("deleting", [])
+        records = data.get("checkpoints")
+        pending, writing = data.get("deleting", []), data.get("writing", [])
         if not isinstance(records, list):
             raise self.fail("checkpoints", f"{reprlib.repr(records)} is not a list")
-        if not isinstance(pending, list):
-            raise self.fail("deleting", f"{reprlib.repr(pending)} is not a list")
-        for name in pending:  # names first: a hostile path is the first thing to refuse
-            plain_file_name(name, self.path.parent, self.path)
+        for field, names in (("deleting", pending), ("writing", writing)):
+            if not isinstance(names, list):
+                raise self.fail(field, f"{reprlib.repr(names)} is not a list")
+            for index, name in enumerate(names):  # a hostile path is the first thing refused
+                self.name(f"{field}[{index}]", name)
         entries = [self.entry(index, item) for index, item in enumerate(records)]
         if len({e.seq for e in entries}) < len(entries):  # a manifest written before "seq"
             entries = [dataclasses.replace(e, seq=i) for i, e in enumerate(entries, start=1)]
-        return sorted(entries, key=lambda e: e.seq), list(pending)
+        return sorted(entries, key=lambda e: e.seq), list(pending), list(writing)
 
     def entry(self, index: int, item: object) -> CheckpointEntry:
         """One record, checked field by field (older ones had a bare "sha256": upgraded)."""
@@ -694,63 +768,77 @@ class Manifest:
         required = {"file", "step", "epoch", "metrics", "timestamp", "bytes", "checksum"}
         for field in sorted((required - set(item)) | (set(item) - set(ENTRY_FIELDS))):
             raise self.fail(f"{where}.{field}", "missing" if field in required else "unknown")
-        for field, value in item.items():
-            kind = ENTRY_FIELDS[field]
-            if kind is int and not (type(value) is int and 0 <= value < 2**63):
-                raise self.fail(f"{where}.{field}", f"{reprlib.repr(value)} is not an "
-                                "integer in [0, 2**63)")
-            if kind is not int and not isinstance(value, kind):
-                raise self.fail(f"{where}.{field}", f"{reprlib.repr(value)} is not a "
-                                f"{kind.__name__}")
-        # Types first, one field at a time, so the error names it: an int where a string is
-        # expected would otherwise fail later as a TypeError deep in a format string or a
-        # sort, and bytes=10**400 as an OverflowError. bool is an int in Python: refused.
-        for key, value in item["metrics"].items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise self.fail(f"{where}.metrics.{key}", f"{reprlib.repr(value)} is not a "
-                                "number")
+        item = typed_record(item, where, self.fail)
         if self.monitor not in item["metrics"]:
             raise self.fail(f"{where}.metrics", f"has no {self.monitor!r}")
         if not CHECKSUM_TEXT.fullmatch(item["checksum"]):
             raise self.fail(f"{where}.checksum", f"unknown checksum "
                             f"{reprlib.repr(item['checksum'])} (crc32:<8 hex> or "
                             "sha256:<64 hex> expected)")
-        plain_file_name(item["file"], self.path.parent, self.path)
+        self.name(f"{where}.file", item["file"])
         return CheckpointEntry(**item)
+
+    def name(self, field: str, value: object) -> str:
+        """A file name the manifest gives: plain (:func:`plain_file_name`), and not one of
+        the folder's own files: journaling ``writer.lock`` for deletion would unlink the lock
+        while it is held, and a record for the manifest or a temporary makes no sense."""
+        if isinstance(value, str) and (value in (self.path.name, *self.reserved)
+                                       or value.endswith(TEMPORARY_SUFFIX)):
+            raise self.fail(field, f"{reprlib.repr(value)} is the folder's own file, not a "
+                            "checkpoint")
+        try:
+            return plain_file_name(value, self.path.parent, self.path)
+        except CheckpointError as err:  # the same words, with the field named
+            raise self.fail(field, str(err).partition(": ")[2]) from None
 
     def finish_deletions(self) -> list[CheckpointEntry]:
         """Under the writer lock: delete the files journaled as "deleting" (re-read: under
         the lock the file is the truth), write the manifest without them; the entries."""
-        entries, pending = self.read()
+        entries, pending, writing = self.read()
         self.delete(pending)
         if pending:
-            self.write(entries)
+            self.write(entries, writing=writing)
         return entries
 
-    def recover(self, checkpoint_name: re.Pattern) -> list[CheckpointEntry]:
-        """Under the writer lock (no save is running): finish journaled deletions, then
-        remove temporaries and files named like checkpoints that no entry names (a crash
-        came between the file's rename and the manifest's). Unlinking a symlink removes the
-        link, never what it points to."""
-        entries = self.finish_deletions()
-        named = {e.file for e in entries}
+    def recover(self) -> list[CheckpointEntry]:
+        """Under the writer lock (no save is running): finish journaled deletions, delete
+        the files journaled as "writing" that no entry names (a crash came before the
+        manifest switched to them), and the temporaries of those files and of the manifest.
+
+        Only what the journal accounts for is deleted: a folder whose manifest is missing
+        (deleted by hand, never copied) keeps every file, and so does a file of the user's
+        that merely looks like a checkpoint. Every orphan a crash can leave IS journaled,
+        because a save writes its name into the manifest before the file exists.
+        Unlinking a symlink removes the link, never what it points to."""
+        entries, pending, writing = self.read()
+        orphans = [name for name in writing if name not in {e.file for e in entries}]
+        owners = {self.path.name, *orphans}
+        self.delete(pending + orphans)
         self.delete([name for name in os.listdir(self.path.parent)
-                     if name.endswith(TEMPORARY_SUFFIX)
-                     or (checkpoint_name.fullmatch(name) and name not in named)], check=False)
+                     if (match := TEMPORARY_NAME.fullmatch(name)) and match[1] in owners],
+                    check=False)
+        if pending or writing:
+            self.write(entries)
         return entries
 
     def delete(self, names: list[str], check: bool = True) -> None:
         """Unlink files of this folder (names checked again), then make that durable."""
         for name in names:
             if check:
-                plain_file_name(name, self.path.parent, self.path)
-            with contextlib.suppress(FileNotFoundError):
+                self.name("deleting", name)
+            try:
                 os.unlink(self.path.parent / name)
+            except FileNotFoundError:
+                continue
+            except OSError as err:  # a directory planted under a journaled name, say
+                raise self.fail("", f"cannot delete {name!r}: {err.strerror}") from None
         if names:
             fsync_directory(self.path.parent)
 
-    def write(self, entries: list[CheckpointEntry], deleting: list[str] = ()) -> None:
-        """Replace the manifest atomically; ``deleting`` journals files about to go.
+    def write(self, entries: list[CheckpointEntry], deleting: list[str] = (),
+              writing: list[str] = ()) -> None:
+        """Replace the manifest atomically; ``deleting`` journals files about to go,
+        ``writing`` the file a save is about to create (a write-ahead journal).
 
         Indented, so ``cat manifest.json`` is readable. A NaN metric (a mid-epoch save has
         no validation loss) is written as the bare word ``NaN``: not strict JSON, but what
@@ -759,7 +847,8 @@ class Manifest:
         """
         data = {"monitor": self.monitor, "mode": self.mode,
                 "checkpoints": [dataclasses.asdict(entry) for entry in entries],
-                "deleting": list(deleting)}  # re-tried by the next writer after a crash
+                "deleting": list(deleting),  # re-tried by the next writer after a crash
+                "writing": list(writing)}  # deleted by the next writer unless an entry names it
         text = json.dumps(data, indent=2) + "\n"
         atomic_write(self.path, lambda handle: handle.write(text.encode()))
 
@@ -808,13 +897,19 @@ class BackgroundWriter:
 
     ``wait()`` forgets the job only once it is DONE: a KeyboardInterrupt that lands while
     waiting leaves it in flight, so the next ``snapshot_and_submit`` waits again instead of
-    copying into the buffer the thread is still writing to disk.
+    copying into the buffer the thread is still writing to disk. A KeyboardInterrupt can also
+    land INSIDE ``executor.submit``, after the job is queued but before its Future is kept:
+    then nothing can wait for it, so the buffer's own flag (set by the job when it ends, run
+    or not) decides, and a buffer whose flag is still down is left to that job; the next
+    snapshot takes fresh memory.
     """
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1)
         self._in_flight: Future | None = None
         self.staging: Any = None  # the last snapshot; its memory is reused by the next one
+        self._staging_free = threading.Event()  # down while a job may still read ``staging``
+        self._staging_free.set()
 
     def submit(self, work: Callable[..., Any], *args: Any) -> None:
         """Run ``work(*args)`` in the thread, after the job before it (one in flight)."""
@@ -824,8 +919,18 @@ class BackgroundWriter:
     def snapshot_and_submit(self, state: Any, work: Callable[..., Any], *args: Any) -> None:
         """Copy ``state`` to the CPU (into the previous snapshot's memory), then write it."""
         self.wait()  # the buffer is free only once the write of its last copy has finished
-        self.staging = snapshot_to_cpu(state, reuse=self.staging)
-        self._in_flight = self._executor.submit(work, self.staging, *args)
+        reuse = self.staging if self._staging_free.is_set() else None
+        self.staging = snapshot_to_cpu(state, reuse=reuse)
+        staging, free = self.staging, threading.Event()  # down BEFORE the job can exist
+        self._staging_free = free
+
+        def job() -> Any:
+            try:
+                return work(staging, *args)
+            finally:
+                free.set()
+
+        self._in_flight = self._executor.submit(job)
 
     @property
     def busy(self) -> bool:
@@ -870,8 +975,8 @@ def with_sequence(name: str, seq: int) -> str:
     return f"{name[: len(name) - len(suffix)]}-seq{seq}{suffix}"
 
 
-# The names with_sequence() makes: recovery removes such a file when no entry names it (a
-# crash came before the manifest did). Other files in the folder are never touched.
+# The names with_sequence() makes. Recovery deletes only journaled names; --resume refuses a
+# folder holding such files but no manifest (it would otherwise start over beside them).
 SEQUENCED_NAME = re.compile(r".+-seq[0-9]+(\.[A-Za-z][A-Za-z0-9]*)?")
 
 
@@ -881,8 +986,9 @@ class CheckpointReader:
     Every method re-reads the manifest (cheap: a few kB of JSON), so a job that only
     evaluates sees what the trainer wrote since it opened the folder, and never caches a
     list that another process's retention has since changed. A candidate that fails its
-    check (missing, wrong size, wrong checksum) is skipped with a CheckpointWarning and the
-    next one is tried; a file that verifies but does not load raises.
+    check (missing, not a plain file, wrong size, wrong checksum) is skipped with a
+    CheckpointWarning and the next one is tried; a file that verifies but does not load
+    raises, and so does a manifest that cannot be read.
 
     It reads ``directory``, ``manifest``, ``retention`` and ``entries`` and calls ``wait()``,
     which the manager sets up; every load verifies the file against the manifest first.
@@ -950,17 +1056,18 @@ class CheckpointReader:
         return self._load_first_good(self.retention.finite_ranked(self.list()), map_location)
 
     def load(self, which: int | str, map_location: Any = "cpu") -> LoadedCheckpoint:
-        """The checkpoint saved at step ``which`` (an int) or in file ``which`` (a name from
-        the manifest); an error if there is none or it is damaged."""
+        """The checkpoint saved at step ``which`` (an int; the newest write if several
+        writers saved that step) or in file ``which`` (a name from the manifest); an error if
+        there is none or it is damaged."""
         entries = self.list()
         matches = [e for e in entries if (e.file == which if isinstance(which, str)
                                           else e.step == which)]
         if not matches:
             raise KeyError(f"{self.directory}: no checkpoint {which!r} in the manifest; kept: "
                            f"steps {[e.step for e in entries]}, files {[e.file for e in entries]}")
-        loaded = self._load_first_good(matches, map_location)
+        loaded = self._load_first_good(matches[::-1], map_location)
         if loaded is None:
-            raise CheckpointError(f"{self.directory / matches[0].file}: damaged (see the "
+            raise CheckpointError(f"{self.directory / matches[-1].file}: damaged (see the "
                                   "warning)")
         return loaded
 
@@ -976,13 +1083,20 @@ class CheckpointManager(CheckpointReader):
     - A crash at any instant loses nothing. Each save writes a NEW file name (the write's
       ``seq`` is in it) atomically, then switches the :class:`Manifest` to it, and only then
       retires old files through the manifest's journal: no file the manifest vouches for is
-      ever overwritten, and whatever a crash leaves (a temporary, a file no entry names yet,
-      a journaled deletion) the next writer's recovery removes or finishes.
+      ever overwritten. The new file's name is journaled in the manifest BEFORE the file
+      exists, so whatever a crash leaves (a temporary, a file no entry names yet, a
+      journaled deletion) the next writer's recovery removes or finishes; it deletes
+      nothing the journal does not account for (a folder without its manifest keeps every
+      file): a file the journal does not name is never touched.
     - One :class:`WriterLock` (``writer.lock``) per folder: each save holds it and re-reads
-      the manifest under it, so two processes lose no entry and delete none of each other's
-      files. EVERY manager, a reader's too, takes it once in ``__init__`` WITHOUT waiting,
-      to finish what a crashed writer left; if a writer holds it, that step is skipped, so
-      opening a folder to evaluate never waits for, nor breaks, a save in flight.
+      the manifest under it, so two processes lose no entry. Retention applies to the
+      folder's COMBINED entries (one run's policy may retire another's older files); a
+      step saved again replaces only this manager's own entry (each records its writer).
+      Nothing is deleted without first being journaled. EVERY manager, a reader's too,
+      takes the lock once in ``__init__`` WITHOUT waiting, to finish what a crashed writer
+      left; if a writer holds it, that step is skipped, so opening a folder
+      to evaluate never waits for a save in flight (it may delete what a crashed writer
+      journaled).
     - A hostile folder is refused with one ``CheckpointError``: names outside the folder,
       symlinked or hard-linked lock and manifest files, FIFOs, malformed records.
     - A non-finite monitored metric never ranks best; only DAMAGE (missing file, wrong size
@@ -1011,16 +1125,17 @@ class CheckpointManager(CheckpointReader):
         self.serialize = serialize  # torch.save; tests pass a writer that fails half-way
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.manifest = Manifest(self.directory / self.MANIFEST, monitor, mode)
+        self.manifest = Manifest(self.directory / self.MANIFEST, monitor, mode, (self.LOCK,))
         self._background = BackgroundWriter()  # async saves, and deletions after sync ones
         self._lock = threading.Lock()  # this manager's caller against its background thread
         self._writer_lock = WriterLock(self.directory / self.LOCK, lock_timeout)
+        self.writer = f"{os.getpid()}-{secrets.token_hex(4)}"  # this manager, in its entries
         self.entries: list[CheckpointEntry] = self.manifest.read()[0]
         # Recovery needs the lock (a temporary may belong to a save running right now in
         # another process); try once, without waiting: a reader must never hang here.
         if self._writer_lock.acquire(blocking=False):  # nobody is writing: recover now
             try:
-                self.entries = self.manifest.recover(SEQUENCED_NAME)
+                self.entries = self.manifest.recover()
             finally:
                 self._writer_lock.release()
 
@@ -1075,32 +1190,47 @@ class CheckpointManager(CheckpointReader):
         """Under both locks: re-read the manifest (another writer's entries are kept), write
         the file under a name no entry uses, switch the manifest, retire the replaced."""
         # Where a crash can land, and why each place is safe:
-        # - before os.replace: only a "*.partial" temporary exists; recovery removes it.
+        # - before the journal's replace: only the manifest's temporary; recovery removes it.
+        # - before os.replace: a "*.partial" temporary of the journaled name; removed.
         # - after the replace, before the manifest's: a complete file that no entry names
-        #   (an orphan). The manifest still vouches for the old files, whose bytes nothing
-        #   touched, because the new name is new; recovery removes the orphan.
+        #   (an orphan), journaled as "writing". The manifest still vouches for the old
+        #   files, whose bytes nothing touched, because the new name is new; recovery
+        #   removes the orphan.
         # - after the manifest's replace: the new entry is live and the files to retire are
         #   journaled in "deleting"; recovery (or the background thread) deletes them and
         #   writes the manifest once more without the journal.
         # So a reader finds the previous state or the new one, never a mix: the test suite
         # checks it by killing a save at every one of its filesystem calls.
         with self._lock, self._writer_lock:
-            entries, pending = self.manifest.read()
+            entries, pending, writing = self.manifest.read()
+            if writing:  # a writer died mid-save since this manager opened: clean up first
+                entries, pending = self.manifest.recover(), []
             # The next write number, also when another writer saved since save() guessed it;
             # a hostile or old manifest could already name that file: then count on.
             seq = max([seq] + [e.seq + 1 for e in entries])
             while (name := self._name(fields, seq)) in {e.file for e in entries}:
                 seq += 1
             path = self.directory / name
-            checksum = atomic_write(path, lambda handle: self.serialize(state, handle),
-                                    self.checksum)
+            # Write-ahead: the name is journaled BEFORE the file exists, so whatever a crash
+            # leaves (a temporary, a complete file no entry names) recovery can account for.
+            self.manifest.write(entries, deleting=pending, writing=[name])
+            try:
+                checksum = atomic_write(path, lambda handle: self.serialize(state, handle),
+                                        self.checksum)
+            except Exception:  # the temporary is gone (atomic_write): so is the journal line
+                self.manifest.write(entries, deleting=pending)
+                raise
             entry = CheckpointEntry(
                 file=name, **fields, bytes=path.stat().st_size, checksum=checksum, seq=seq,
+                writer=self.writer,
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-            # A re-saved step (a resumed run repeating one) replaces its old entry.
-            replaced = [e.file for e in entries if e.step == entry.step]
+            # A step this manager saved again replaces its old entry; another writer's entry
+            # at the same step (a second process, an earlier run) is kept: replacing it
+            # would silently drop that process's checkpoint. Retention then decides.
+            replaced = [e.file for e in entries
+                        if e.step == entry.step and e.writer == self.writer]
             kept, dropped = self.retention.split(
-                [e for e in entries if e.step != entry.step] + [entry])
+                [e for e in entries if e.file not in replaced] + [entry])
             dropped = list(dict.fromkeys(dropped + replaced + pending))
             self.manifest.write(kept, deleting=dropped)  # the switch, and the journal
             self.entries = kept
@@ -1385,8 +1515,9 @@ def check_resume_state(state: object, path: Path, training: Training) -> None:
             raise fail(key, f"{reprlib.repr(state.get(key))} is not a {kind.__name__}")
     integer("epoch", state["epoch"], 0, 10**6)
     integer("step", state["step"], 0, 2**62)
-    if not all(isinstance(epoch, dict) for epoch in state["history"]):
-        raise fail("history", "not a list of dicts, one per finished epoch")
+    if not all(isinstance(epoch, dict) for epoch in state["history"]) \
+            or len(state["history"]) != state["epoch"]:
+        raise fail("history", f"not a list of {state['epoch']} dicts, one per finished epoch")
     amp = state["config"].get("amp", bool(state["scaler"]))  # older: a non-empty scaler
     saved_on = state["config"].get("device", "cuda" if amp else "cpu")
     if (saved_on, amp) != (training.device.type, training.scaler.is_enabled()):
@@ -1397,24 +1528,84 @@ def check_resume_state(state: object, path: Path, training: Training) -> None:
     # Shapes and dtypes before load_state_dict: its error lists every mismatch over many
     # lines, and a wrong dtype would load silently (it is cast on copy).
     expected = training.model.state_dict()
-    if set(state["model"]) != set(expected):
-        raise fail("model", f"keys differ: {sorted(set(state['model']) ^ set(expected))[:3]}")
+    if set(state["model"]) != set(expected):  # key=repr: a hostile key need not be a str
+        differ = sorted(set(state["model"]) ^ set(expected), key=repr)[:3]
+        raise fail("model", f"keys differ: {reprlib.repr(differ)}")
     for key, tensor in state["model"].items():
         if not (isinstance(tensor, torch.Tensor) and tensor.shape == expected[key].shape
                 and tensor.dtype == expected[key].dtype):
             raise fail(f"model.{key}", f"{reprlib.repr(tensor)} is not a {expected[key].dtype} "
                        f"tensor of shape {tuple(expected[key].shape)}")
     check_rng_state(state["rng"], fail, training.train_loader.generator)
+    check_optimizer_state(state["optimizer"], fail, training.optimizer)
+    check_like("scheduler", state["scheduler"], training.scheduler.state_dict(), fail)
     # Mid-epoch, the position says how many batches of the epoch are done: 0 or the whole
     # epoch would be an epoch-end checkpoint (saved without "data"), more is impossible.
+    # The loader's own count of batches handed out must agree, or the epoch would run a
+    # different number of batches than the position claims (a bogus {} ran all of them).
     data = state.get("data")
     if data is not None:
         if not isinstance(data, dict) or not isinstance(data.get("loader"), dict):
             raise fail("data", "not a dict with the loader's state")
-        integer("data.position", data.get("position"), 1, len(training.train_loader) - 1)
-        if not isinstance(data.get("step_losses"), list) or type(data.get("seen")) is not int \
-                or not isinstance(data.get("loss_sum"), float):
-            raise fail("data", "step_losses, seen or loss_sum missing or of the wrong type")
+        position = data.get("position")
+        integer("data.position", position, 1, len(training.train_loader) - 1)
+        if set(data["loader"]) != set(training.train_loader.state_dict()) \
+                or data["loader"].get("_num_yielded") != position:
+            raise fail("data.loader", f"not the loader state of a stream {position} batches in")
+        losses = data.get("step_losses")
+        if not (isinstance(losses, list) and len(losses) == position
+                and all(type(loss) is float for loss in losses)):
+            raise fail("data.step_losses", f"not a list of {position} floats")
+        integer("data.seen", data.get("seen"), 1, 2**62)
+        if type(data.get("loss_sum")) is not float:
+            raise fail("data.loss_sum", f"{reprlib.repr(data.get('loss_sum'))} is not a float")
+
+
+def check_like(field: str, saved: object, live: object,
+               fail: Callable[[str, str], Exception]) -> None:
+    """``saved`` has the structure of ``live`` (a state_dict() of this run): a dict with the
+    same keys, each value of the same kind (an int where live has a float is fine); nested
+    dicts are compared the same way. ``load_state_dict`` copies such values blindly, so a
+    string learning rate would fail only at the first step, with a traceback."""
+    if isinstance(live, dict):
+        if not isinstance(saved, dict) or set(saved) != set(live):
+            raise fail(field, f"not a dict with the keys {sorted(live, key=repr)}")
+        for key in live:
+            check_like(f"{field}.{key}", saved[key], live[key], fail)
+    elif isinstance(live, bool):
+        if not isinstance(saved, bool):
+            raise fail(field, f"{reprlib.repr(saved)} is not a bool")
+    elif isinstance(live, (int, float)):
+        kinds = int if isinstance(live, int) else (int, float)
+        if isinstance(saved, bool) or not isinstance(saved, kinds):
+            raise fail(field, f"{reprlib.repr(saved)} is not a {type(live).__name__}")
+    elif isinstance(live, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(live):
+            raise fail(field, f"not a list of {len(live)}")
+        for index, (item, reference) in enumerate(zip(saved, live, strict=True)):
+            check_like(f"{field}[{index}]", item, reference, fail)
+
+
+def check_optimizer_state(saved: dict, fail: Callable[[str, str], Exception],
+                          optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer's param_groups like this run's (numbers as numbers), and each per-
+    parameter tensor (a momentum buffer, Adam's averages) of its parameter's shape: a wrong
+    shape loads without a word and fails, or broadcasts, at the first step."""
+    live = optimizer.state_dict()
+    check_like("optimizer.param_groups", saved.get("param_groups"), live["param_groups"], fail)
+    shapes = {index: param.shape for group, ids in zip(optimizer.param_groups,
+                                                       live["param_groups"], strict=True)
+              for index, param in zip(ids["params"], group["params"], strict=True)}
+    states = saved.get("state")
+    if not isinstance(states, dict) or not set(states) <= set(shapes):
+        raise fail("optimizer.state", f"not a dict keyed by the parameter ids {sorted(shapes)}")
+    for index, values in states.items():
+        for key, value in (values.items() if isinstance(values, dict) else [(None, None)]):
+            if key == "step" or (isinstance(value, torch.Tensor)
+                                 and value.shape == shapes[index]):
+                continue
+            raise fail(f"optimizer.state.{index}.{key}", f"{reprlib.repr(value)} is not a "
+                       f"tensor of shape {tuple(shapes[index])}")
 
 
 def check_rng_state(rng: dict, fail: Callable[[str, str], Exception],
@@ -1448,6 +1639,13 @@ def load_for_resume(manager: CheckpointManager, which: bool | int | str,
                     log: Callable[[str], None]) -> LoadedCheckpoint | None:
     """The checkpoint to resume from: the latest good one (``which=True``, ``None`` if the
     folder has none yet), or exactly the one at step / in file ``which`` (else an error)."""
+    if not manager.manifest_path.exists():
+        strays = sorted(n for n in os.listdir(manager.directory) if SEQUENCED_NAME.fullmatch(n))
+        if strays:  # the manifest was lost: starting over would bury these, not resume them
+            raise CheckpointError(
+                f"{manager.manifest_path}: missing, yet the folder holds {len(strays)} "
+                f"checkpoint-like file(s) ({reprlib.repr(strays)}); nothing was deleted. "
+                "Restore the manifest, or move the folder aside to start a new run")
     if which is not True:
         return manager.load(which, map_location="cpu")
     loaded = manager.load_latest(map_location="cpu")

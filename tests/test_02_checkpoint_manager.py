@@ -77,7 +77,7 @@ def test_manifest_round_trip(tmp_path):
     data = json.loads((tmp_path / "manifest.json").read_text())
     entry = data["checkpoints"][0]
     assert set(entry) == {"file", "step", "epoch", "metrics", "timestamp", "bytes",
-                          "checksum", "seq", "position"}
+                          "checksum", "seq", "position", "writer"}
     assert entry["bytes"] == (tmp_path / entry["file"]).stat().st_size
     written = (tmp_path / entry["file"]).read_bytes()
     assert entry["checksum"] == f"crc32:{zlib.crc32(written):08x}"

@@ -255,6 +255,141 @@ def test_an_interrupt_inside_wait_never_lets_the_next_save_reuse_the_buffer(tmp_
     assert torch.equal(manager.load(2).state["w"], torch.full((4096,), 2.0))
 
 
+def test_an_interrupt_inside_submit_never_lets_the_next_save_reuse_the_buffer(tmp_path):
+    """Ctrl-C inside executor.submit, after the job is queued and before its Future is kept:
+    the job still runs, so the next snapshot must not copy into the buffer it writes."""
+    def slow_writer(obj, handle):
+        threading.Event().wait(0.3)  # a slow disk: the write is still going on below
+        torch.save(obj, handle)
+
+    weights = torch.full((100_000,), 1.0)
+    manager = CheckpointManager(tmp_path, async_save=True, keep_last=3, serialize=slow_writer)
+    executor = manager._background._executor
+    original = executor._adjust_thread_count
+
+    def interrupted():  # the work item is already in the queue when this runs
+        executor._adjust_thread_count = original
+        original()
+        raise KeyboardInterrupt
+
+    executor._adjust_thread_count = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        manager.save({"w": weights}, step=1, epoch=1, metrics={"val_loss": 0.5})
+    weights.fill_(2.0)
+    manager.save({"w": weights}, step=2, epoch=2, metrics={"val_loss": 0.4})
+    manager.close()
+    assert torch.equal(manager.load(1).state["w"], torch.full((100_000,), 1.0))
+    assert torch.equal(manager.load(2).state["w"], torch.full((100_000,), 2.0))
+
+
+def test_a_folder_without_its_manifest_keeps_every_file_and_resume_refuses(tmp_path):
+    """Only what the journal accounts for is deleted: a lost manifest loses no checkpoint,
+    nor a user's file that looks like one; --resume says so in one line instead of
+    starting over."""
+    folder = tmp_path / "checkpoints"
+    with CheckpointManager(folder) as manager:
+        for step in (1, 2):
+            manager.save(state(step, step), step=step, epoch=1, metrics={"val_loss": 1 / step})
+    (folder / "manifest.json").unlink()
+    (folder / "my-notes-seq1.txt").write_text("precious")
+    files = sorted(os.listdir(folder))
+    CheckpointManager(folder).close()  # opened, recovery ran: nothing goes
+    assert sorted(os.listdir(folder)) == files and len(files) == 4
+    with pytest.raises(lesson.CheckpointError) as refused:
+        lesson.load_for_resume(CheckpointManager(folder), True, print)
+    message = str(refused.value)
+    assert message.startswith(str(folder / "manifest.json")) and "\n" not in message
+    assert sorted(os.listdir(folder)) == files
+
+
+def test_a_quadratic_manifest_is_refused_promptly(tmp_path):
+    """'\"\\' repeated: every quote starts a string that a backtracking scan runs to the
+    end of the file; the scan must stay linear (SIGALRM only guards against a hang)."""
+    (tmp_path / "manifest.json").write_text('"\\' * 100_000)  # 200 kB: minutes if quadratic
+    refused_within(120, tmp_path, "manifest.json: not a valid")
+
+
+def refused_within(seconds, folder, match):
+    """``CheckpointManager(folder)`` raises CheckpointError matching ``match``; SIGALRM
+    turns a hang into a failure after ``seconds`` (a guard, not a time assertion)."""
+    def hung(*_):
+        raise TimeoutError(f"CheckpointManager({folder}) still busy after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        with pytest.raises(lesson.CheckpointError, match=match):
+            CheckpointManager(folder)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_file_overwritten_in_place_during_a_load_gives_what_was_verified(tmp_path,
+                                                                           monkeypatch):
+    """``cp`` onto a checkpoint while it loads: the bytes torch.load deserialises must be the
+    bytes the checksum vouched for. The overwrite lands just before torch.load reads."""
+    folder = tmp_path / "checkpoints"
+    with CheckpointManager(folder) as manager:
+        path = manager.save(state(1, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+    with CheckpointManager(tmp_path / "elsewhere") as manager:  # the same name and layout
+        other = manager.save(state(2, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+    assert other.stat().st_size == path.stat().st_size
+    real_load = torch.load
+
+    def overwritten_first(*args, **kwargs):
+        monkeypatch.setattr(torch, "load", real_load)
+        with path.open("r+b") as handle:  # in place: the same inode, new bytes
+            handle.write(other.read_bytes())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", overwritten_first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lesson.CheckpointWarning)
+        loaded = CheckpointManager(folder).load_latest()
+    assert loaded is not None and same(loaded.state, state(1, 1))
+
+
+@pytest.mark.parametrize("plant", ["symlink", "FIFO", "hard link"])
+def test_a_candidate_that_is_not_a_plain_file_is_skipped_not_raised(tmp_path, plant):
+    """A symlink or a FIFO where the latest checkpoint was: skipped with a warning like any
+    damage, the one before it loads; a hard link (a cp -al backup) is read as it is."""
+    with CheckpointManager(tmp_path, keep_last=2) as manager:
+        manager.save(state(1, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+        latest = manager.save(state(2, 2), step=2, epoch=1, metrics={"val_loss": 0.6})
+    if plant == "hard link":
+        os.link(latest, tmp_path / "backup.pt")
+    else:
+        latest.unlink()
+        if plant == "symlink":
+            latest.symlink_to(next(tmp_path.glob("*-seq1.pt")))
+        else:
+            os.mkfifo(latest)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", lesson.CheckpointWarning)
+        loaded = CheckpointManager(tmp_path).load_latest()
+    expected = state(2, 2) if plant == "hard link" else state(1, 1)
+    assert loaded is not None and same(loaded.state, expected)
+    assert len(caught) == (0 if plant == "hard link" else 1)
+
+
+def test_two_writers_saving_the_same_step_keep_each_others_entries(tmp_path):
+    """Two processes (here two managers) share a folder and step numbers: neither replaces
+    the other's entry; a manager saving a step again replaces only its own."""
+    first, second = CheckpointManager(tmp_path, keep_last=5), CheckpointManager(tmp_path,
+                                                                                keep_last=5)
+    first.save(state(1, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+    second.save(state(2, 1), step=1, epoch=1, metrics={"val_loss": 0.6})
+    assert len(first.list()) == 2
+    assert sorted(same(first.load(e.file).state, state(tag, 1)) for e, tag in
+                  zip(first.list(), (1, 2), strict=True)) == [True, True]
+    second.save(state(3, 1), step=1, epoch=1, metrics={"val_loss": 0.7})  # its own again
+    first.close()
+    second.close()
+    tags = [first.load(e.file).state["tag"] for e in first.list()]
+    assert tags == [1, 3] and same(first.load(1).state, state(3, 1))  # load(step): newest
+
+
 def test_atomic_write_switches_inodes_instead_of_rewriting_the_file(tmp_path):
     """os.replace gives the name a NEW file; a reader holding the old one keeps its bytes.
     Copying into place (or writing in place) would change the bytes under the reader."""
@@ -288,8 +423,13 @@ def test_nothing_outside_the_folder_is_created_written_or_deleted(tmp_path, plan
     missing = tmp_path / "not-there.txt"  # a link to a missing file must not create it
     target = {"lock symlink": missing, "lock hard link": sentinel}.get(plant, sentinel)
     name = {"lock symlink": "writer.lock", "lock hard link": "writer.lock",
-            "manifest symlink": "manifest.json", "partial symlink": "x.pt.0a1b.partial",
+            "manifest symlink": "manifest.json",
+            "partial symlink": "epoch009-step000009-val_loss0.1000-seq9.pt.0a1b2c3d4e5f.partial",
             "orphan symlink": "epoch009-step000009-val_loss0.1000-seq9.pt"}[plant]
+    if plant in ("partial symlink", "orphan symlink"):  # journaled, as a crashed save leaves it
+        manifest = folder / "manifest.json"
+        manifest.write_text(manifest.read_text().replace(
+            '"writing": []', '"writing": ["epoch009-step000009-val_loss0.1000-seq9.pt"]'))
     (folder / name).unlink(missing_ok=True)
     if plant == "lock hard link":
         os.link(sentinel, folder / name)
@@ -306,6 +446,8 @@ def test_nothing_outside_the_folder_is_created_written_or_deleted(tmp_path, plan
     assert outside_snapshot(tmp_path, folder) == before and not missing.exists()
     if plant.startswith(("lock", "manifest")):  # refused, with one line naming the file
         assert refused.startswith(str(folder / name)) and "\n" not in refused
+    elif plant == "orphan symlink":  # a journaled name that leads outside: hostile, refused
+        assert refused.startswith(str(folder / "manifest.json")) and "\n" not in refused
     else:  # recovery removed the link itself, never what it points to
         assert refused == "" and not (folder / name).is_symlink()
 
@@ -337,6 +479,17 @@ HOSTILE_RECORDS = {
     "checkpoints a dict": ("checkpoints", lambda d: d.update(checkpoints={})),
     "deleting a string": ("deleting", lambda d: d.update(deleting="x.pt")),
     "nested 100,000 deep": ("nested deeper", lambda d: d.update(checkpoints=deep(100_000))),
+    "metric 10**400": ("checkpoints[0].metrics.val_loss", lambda d: d["checkpoints"][0][
+        "metrics"].update(val_loss=10**400)),
+    "file 300 chars": ("checkpoints[0].file", lambda d: d["checkpoints"][0].update(
+        file="x" * 300)),
+    "deleting 300 chars": ("deleting[0]", lambda d: d.update(deleting=["x" * 300])),
+    "file the manifest": ("checkpoints[0].file", lambda d: d["checkpoints"][0].update(
+        file="manifest.json")),
+    "file the lock": ("checkpoints[0].file", lambda d: d["checkpoints"][0].update(
+        file="writer.lock")),
+    "deleting the lock": ("deleting[0]", lambda d: d.update(deleting=["writer.lock"])),
+    "writing a temporary": ("writing[0]", lambda d: d.update(writing=["a.pt.partial"])),
 }
 
 
@@ -361,6 +514,77 @@ def test_every_hostile_manifest_value_is_one_error_naming_file_and_field(tmp_pat
     assert "\n" not in message and sorted(os.listdir(tmp_path)) == files
 
 
+def test_a_directory_journaled_for_deletion_and_another_monitor_are_one_error(tmp_path):
+    import json
+
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(state(1, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+    (tmp_path / "sub").mkdir()
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps(data | {"deleting": ["sub"]}))
+    with pytest.raises(lesson.CheckpointError, match="manifest.json: cannot delete 'sub'"):
+        CheckpointManager(tmp_path)
+    assert (tmp_path / "sub").is_dir()
+    with pytest.raises(lesson.CheckpointError) as refused:  # and still a ValueError
+        CheckpointManager(tmp_path, monitor="accuracy", mode="max")
+    assert isinstance(refused.value, ValueError)
+
+
+def test_fuzzed_manifest_values_only_ever_raise_checkpoint_error(tmp_path):
+    """Any JSON value in any field of a record (or the journals): the constructor, inspect,
+    best and load_latest either work or raise CheckpointError, never anything raw."""
+    import json
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    with CheckpointManager(tmp_path, keep_last=3) as manager:
+        for step in (1, 2, 3):
+            manager.save(state(step, step), step=step, epoch=1, metrics={"val_loss": 1 / step})
+    base = json.loads((tmp_path / "manifest.json").read_text())
+    originals = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix == ".pt"}
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 10**400),
+                        st.floats(), st.text(max_size=300))
+    values = st.recursive(scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+        max_leaves=6)
+    fields = [*base["checkpoints"][0], "metrics.val_loss", "metrics.other", "deleting",
+              "writing", "monitor"]
+    examples = []
+
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(fields), values, st.integers(0, 2))
+    def attack(field, value, index):
+        data = json.loads(json.dumps(base))
+        record = data["checkpoints"][index]
+        if field.startswith("metrics."):
+            record["metrics"][field.removeprefix("metrics.")] = value
+        elif field in ("deleting", "writing", "monitor"):
+            data[field] = value
+        else:
+            record[field] = value
+        (tmp_path / "manifest.json").write_text(json.dumps(data))
+        examples.append(field)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", lesson.CheckpointWarning)
+                with CheckpointManager(tmp_path) as reader:
+                    reader.inspect()
+                    _ = reader.best
+                    reader.load_latest()
+        except lesson.CheckpointError:
+            pass
+        finally:  # put back what recovery may have deleted, for the next example
+            for name, content in originals.items():
+                if not (tmp_path / name).exists():
+                    (tmp_path / name).write_bytes(content)
+
+    attack()
+    print(f"\n  {len(examples)} fuzzed manifests: only CheckpointError came out")
+    assert len(examples) >= 100
+
+
 @pytest.mark.parametrize("kind", ["directory", "FIFO", "binary"])
 def test_a_manifest_that_is_not_a_json_file_is_refused_without_blocking(tmp_path, kind):
     manifest = tmp_path / "manifest.json"
@@ -370,14 +594,7 @@ def test_a_manifest_that_is_not_a_json_file_is_refused_without_blocking(tmp_path
         os.mkfifo(manifest)
     else:
         manifest.write_bytes(b"\xff\xfe{")
-    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
-    signal.alarm(20)  # a blocking open() would hang here: fail instead
-    try:
-        with pytest.raises(lesson.CheckpointError, match="manifest.json: "):
-            CheckpointManager(tmp_path)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    refused_within(20, tmp_path, "manifest.json: ")  # a blocking open() would hang here
 
 
 # ---- --resume checks the state it loaded before using it --------------------------------
@@ -412,8 +629,24 @@ def forge(state, case):
         "data position a string": ("data.position", lambda s: s["data"].update(position="3")),
         "saved with CUDA mixed precision": ("config.device/amp", lambda s: s["config"].update(
             device="cuda", amp=True)),
-        "optimizer groups wrong": ("optimizer", lambda s: s["optimizer"].update(
+        "optimizer groups wrong": ("optimizer.param_groups", lambda s: s["optimizer"].update(
             param_groups=[])),
+        "a model key an int": ("model", lambda s: s["model"].update(
+            {0: s["model"].pop(next(iter(s["model"])))})),
+        "a momentum buffer of the wrong shape": ("optimizer.state.0.momentum_buffer",
+                                                 lambda s: s["optimizer"]["state"][0].update(
+                                                     momentum_buffer=torch.zeros(3))),
+        "lr a string": ("optimizer.param_groups[0].lr", lambda s: s["optimizer"][
+            "param_groups"][0].update(lr="x")),
+        "scheduler last_epoch a string": ("scheduler.last_epoch", lambda s: s[
+            "scheduler"].update(last_epoch="x")),
+        "history longer than epoch": ("history", lambda s: s.update(history=[{}])),
+        "loader state empty": ("data.loader", lambda s: s["data"].update(loader={})),
+        "loader count beyond the position": ("data.loader", lambda s: s["data"]["loader"].update(
+            _num_yielded=10**9)),
+        "seen negative": ("data.seen", lambda s: s["data"].update(seen=-5)),
+        "step losses strings": ("data.step_losses", lambda s: s["data"].update(
+            step_losses=["x"] * 3)),
     }
     field, change = changes[case]
     change(state)
@@ -424,7 +657,10 @@ def forge(state, case):
     "a list", "epoch a string", "a tensor of the wrong shape", "a missing key",
     "torch RNG state too short", "NumPy state too short", "python state wrong",
     "data position past the epoch", "data position a string",
-    "saved with CUDA mixed precision", "optimizer groups wrong"])
+    "saved with CUDA mixed precision", "optimizer groups wrong", "a model key an int",
+    "a momentum buffer of the wrong shape", "lr a string", "scheduler last_epoch a string",
+    "history longer than epoch", "loader state empty", "loader count beyond the position",
+    "seen negative", "step losses strings"])
 def test_resume_refuses_a_state_that_does_not_fit_with_one_line(tmp_path, mid_epoch_state,
                                                                  case):
     field, forged = forge(mid_epoch_state, case)
