@@ -67,7 +67,6 @@ import datetime
 import errno
 import fcntl
 import hashlib
-import io
 import json
 import math
 import os
@@ -576,28 +575,28 @@ def verify_file(path: Path, entry: CheckpointEntry, check_hash: bool = True) -> 
         os.close(descriptor)
 
 
-def buffer_checksum(buffer: bytes, algorithm: str) -> str:
-    """:func:`file_checksum` of bytes already in memory (zlib and hashlib release the GIL
-    on a large buffer, so this runs beside torch.load in another thread)."""
-    if algorithm == "crc32":
-        return f"crc32:{zlib.crc32(buffer):08x}"
-    return f"sha256:{hashlib.sha256(buffer).hexdigest()}"
+def file_identity(descriptor: int) -> tuple[int, int, int, int]:
+    """What changes when a file is written: inode, size, mtime and ctime (ns)."""
+    info = os.fstat(descriptor)
+    return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def load_verified(path: Path, entry: CheckpointEntry, map_location: Any) -> tuple[Any, str]:
     """Load one checkpoint and check it; return ``(state, "")`` or ``(None, problem)``.
 
-    The file is read ONCE into memory, and both the checksum and ``torch.load`` read that
-    buffer: what was verified is what was loaded. Sharing an open descriptor is not enough:
-    a file overwritten IN PLACE (``cp`` onto it, ``rsync --inplace``) changes under the
-    descriptor, and two readers of it at different moments can see two versions (95 of 322
-    loads did, in a race test). The price is a second copy of the file in memory while it
-    deserialises; section 8 prints the verified load's speed next to torch.load's. The
-    checksum runs in a second thread WHILE torch.load deserialises, so verifying costs
-    about the slower of the two, not their sum. A file that cannot be opened as a plain
-    file (a symlink, a hard link, a FIFO) is a problem like damage: the next candidate is
-    tried. A load error on a file whose checksum matches is not damage: it is raised as
-    ``CheckpointError``.
+    The file is opened ONCE; the checksum (a second thread, ``os.pread``) and ``torch.load``
+    read that open descriptor at the same time, so verifying costs about the slower of the
+    two, not their sum (section 8 prints the verified load next to torch.load). Holding the
+    descriptor means a rename cannot substitute another file. A write INTO the file (``cp``
+    onto it, ``rsync --inplace``) could still show the two readers two versions, so the
+    file's identity (inode, size, mtime, ctime) is read before and after: a file written
+    while it was read is a problem like damage, never returned. (A write changes mtime and
+    ctime, and nobody can set ctime back; the kernel's clock ticks are a few ms, so only a
+    write in the same tick as the file's previous write would go unseen.) Reading the file
+    into memory first and loading from that buffer also closes this, but halved the load's
+    speed here (a second copy of every byte). A file that cannot be opened as a plain file
+    (a symlink, a FIFO) is a problem like damage: the next candidate is tried. A load
+    error on a file whose checksum matches is not damage: it is raised as CheckpointError.
     """
     try:
         descriptor = open_regular(path)
@@ -605,19 +604,27 @@ def load_verified(path: Path, entry: CheckpointEntry, map_location: Any) -> tupl
         return None, "the file is missing"
     except CheckpointError as err:
         return None, str(err).partition(": ")[2]
-    with os.fdopen(descriptor, "rb") as handle:
-        buffer = handle.read(entry.bytes + 1)  # one byte more: a grown file shows
-    if len(buffer) != entry.bytes:
-        return None, f"size {len(buffer)} bytes, the manifest says {entry.bytes}"
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        checksum = pool.submit(buffer_checksum, buffer, entry.checksum.partition(":")[0])
-        try:
-            state, error = torch.load(io.BytesIO(buffer), map_location=map_location,
-                                      weights_only=True), None
-        except Exception as err:  # judged below, once the checksum is known
-            state, error = None, err
-        if checksum.result() != entry.checksum:
-            return None, MISMATCH
+    try:
+        before = file_identity(descriptor)
+        if before[1] != entry.bytes:
+            return None, f"size {before[1]} bytes, the manifest says {entry.bytes}"
+        with ThreadPoolExecutor(max_workers=1) as pool, \
+                os.fdopen(os.dup(descriptor), "rb") as handle:
+            checksum = pool.submit(descriptor_checksum, descriptor,
+                                   entry.checksum.partition(":")[0], entry.bytes)
+            try:
+                state, error = torch.load(handle, map_location=map_location,
+                                          weights_only=True), None
+            except Exception as err:  # judged below, once the checksum is known
+                state, error = None, err
+            digest = checksum.result()
+        changed = file_identity(descriptor) != before
+    finally:
+        os.close(descriptor)
+    if changed:
+        return None, "the file was written while it was read (in place: cp, rsync --inplace)"
+    if digest != entry.checksum:
+        return None, MISMATCH
     if error is not None:  # the bytes are exactly those saved: not damage, say so loudly
         lines = [line.strip() for line in
                  re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]

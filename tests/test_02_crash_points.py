@@ -325,10 +325,10 @@ def refused_within(seconds, folder, match):
         signal.signal(signal.SIGALRM, previous)
 
 
-def test_a_file_overwritten_in_place_during_a_load_gives_what_was_verified(tmp_path,
-                                                                           monkeypatch):
-    """``cp`` onto a checkpoint while it loads: the bytes torch.load deserialises must be the
-    bytes the checksum vouched for. The overwrite lands just before torch.load reads."""
+def test_a_file_overwritten_in_place_during_a_load_is_never_returned(tmp_path, monkeypatch):
+    """``cp`` onto a checkpoint while it loads: the checksum and torch.load may see two
+    versions, so the load is refused (the file changed while it was read), never returned.
+    The overwrite lands just before torch.load reads."""
     folder = tmp_path / "checkpoints"
     with CheckpointManager(folder) as manager:
         path = manager.save(state(1, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
@@ -347,7 +347,40 @@ def test_a_file_overwritten_in_place_during_a_load_gives_what_was_verified(tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lesson.CheckpointWarning)
         loaded = CheckpointManager(folder).load_latest()
-    assert loaded is not None and same(loaded.state, state(1, 1))
+    assert loaded is None  # the only candidate changed under the load: nothing unverified
+
+
+def test_a_write_between_the_checksum_and_torch_load_is_never_returned(tmp_path, monkeypatch):
+    """The worst order: the checksum reads the old bytes (and matches), THEN the file is
+    written in place, THEN torch.load reads the new ones. Only the identity check sees it."""
+    import threading
+
+    folder = tmp_path / "checkpoints"
+    with CheckpointManager(folder) as manager:
+        path = manager.save(state(1, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+    with CheckpointManager(tmp_path / "elsewhere") as manager:
+        other = manager.save(state(2, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+    os.utime(path, ns=(10**18, 10**18))  # an old mtime: the overwrite's then surely differs
+    checked = threading.Event()
+    real_checksum, real_load = lesson.descriptor_checksum, torch.load
+
+    def checksum_then_overwrite(*args):
+        digest = real_checksum(*args)
+        with path.open("r+b") as handle:  # in place: the same inode, new bytes
+            handle.write(other.read_bytes())
+        checked.set()
+        return digest
+
+    def load_after_the_overwrite(*args, **kwargs):
+        checked.wait(60)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(lesson, "descriptor_checksum", checksum_then_overwrite)
+    monkeypatch.setattr(torch, "load", load_after_the_overwrite)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lesson.CheckpointWarning)
+        loaded = CheckpointManager(folder).load_latest()
+    assert checked.is_set() and loaded is None
 
 
 @pytest.mark.parametrize("plant", ["symlink", "FIFO", "hard link"])
