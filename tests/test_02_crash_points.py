@@ -706,3 +706,34 @@ def test_resume_refuses_a_state_that_does_not_fit_with_one_line(tmp_path, mid_ep
     message = exited.value.code
     assert isinstance(message, str) and message.startswith(f"error: {path}: field ")
     assert f"'{field}'" in message and "\n" not in message and "Traceback" not in message
+
+
+@pytest.mark.parametrize("damage", ["missing", "symlink", "FIFO", "grown", "flipped"])
+def test_verify_names_every_problem_and_leaks_no_descriptor(tmp_path, damage):
+    """verify() is what --verify and the damaged-file fallback ask: None only for a file that
+    is exactly the one the manifest vouches for; every other case is a reason, and no open
+    descriptor is left behind (the verify runs on every candidate of every load)."""
+    with CheckpointManager(tmp_path / "c") as manager:
+        path = manager.save(state(1, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+        entry = manager.list()[0]
+        assert manager.verify(entry) is None
+        before = len(os.listdir("/proc/self/fd"))
+        if damage == "missing":
+            path.unlink()
+        elif damage == "symlink":
+            path.unlink()
+            (path.parent / "beside.pt").write_bytes(b"x")  # inside: a link out is refused
+            path.symlink_to(path.parent / "beside.pt")
+        elif damage == "FIFO":
+            path.unlink()
+            os.mkfifo(path)
+        elif damage == "grown":
+            with path.open("ab") as handle:
+                handle.write(b"\0")
+        else:
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 1
+            path.write_bytes(bytes(data))
+        problem = manager.verify(entry)
+        assert isinstance(problem, str) and problem, damage
+        assert len(os.listdir("/proc/self/fd")) == before
