@@ -1249,6 +1249,17 @@ if in_notebook():
 # (measured below) - call model.requires_grad_(False), and fine-tune from the fp32 model.
 
 
+def load_without_assign(state_dict: dict, device: torch.device) -> str:
+    """What a plain ``load_state_dict(state_dict)`` of int8 weights into a fresh fp32 model
+    says: "loaded", or the line of its error that matters."""
+    fresh = linear_classifier().to(device).eval()
+    try:
+        fresh.load_state_dict(state_dict)
+        return "loaded"
+    except RuntimeError as err:
+        return first_line(err, "'Parameter' object").rstrip("\",).")
+
+
 def lesson_5g_assign(run: Run, int8_mlp: nn.Module, reference: Path) -> dict:
     """Load int8_state_dict.pt into a fresh fp32 model without and with assign=True.
 
@@ -1262,13 +1273,9 @@ def lesson_5g_assign(run: Run, int8_mlp: nn.Module, reference: Path) -> dict:
     state_dict = torch.load(run.out_dir / "int8_state_dict.pt", map_location=run.device,
                             weights_only=True)
     batch = torch.load(reference, map_location=run.device, weights_only=True)["inputs"]
-    fresh = linear_classifier().to(run.device).eval()
-    try:
-        fresh.load_state_dict(state_dict)
-        without_assign = "loaded"
-    except RuntimeError as err:
-        without_assign = first_line(err, "'Parameter' object").rstrip("\",).")
+    without_assign = load_without_assign(state_dict, run.device)
     print(f"  load_state_dict(state_dict): {without_assign}")
+    fresh = linear_classifier().to(run.device).eval()
     quantized_first = linear_classifier().to(run.device).eval()
     quantize_(quantized_first, Int8WeightOnlyConfig(set_inductor_config=False))
     before = quantized_first[1].weight
@@ -1284,9 +1291,9 @@ def lesson_5g_assign(run: Run, int8_mlp: nn.Module, reference: Path) -> dict:
           f"copied into the same weight object: {in_place}")
     fresh(batch).sum().backward()  # runs without an error...
     grad = fresh[1].weight.grad
-    print(f"  after assign=True: requires_grad={fresh[1].weight.requires_grad}; after a "
-          f"backward, the int8 weight's .grad is {'None' if grad is None else 'set'} (bias "
-          f".grad set: {fresh[1].bias.grad is not None}): "
+    print(f"  after assign=True: requires_grad={fresh[1].weight.requires_grad}; after a backward"
+          f", the int8 weight's .grad is {'None' if grad is None else 'set'} (bias .grad set: "
+          f"{fresh[1].bias.grad is not None}): "
           f"{'inference only' if grad is None else 'gradients reach the int8 weights'}")
     return {"int8_reload_max_abs_diff": diff, "int8_quantize_first_max_abs_diff": first_diff,
             "int8_quantize_first_in_place": in_place,
