@@ -71,10 +71,13 @@ import os
 import pickle
 import pickletools
 import re
+import signal
 import stat
 import struct
 import subprocess
 import sys
+import threading
+import time
 import types
 import warnings
 import zipfile
@@ -1357,6 +1360,10 @@ MAX_ZIP_DIRECTORY_BYTES = 16 * 2**20  # a zip's central directory: ~100 bytes pe
 MAX_TENSOR_DIMENSIONS = 64  # more than any real tensor has
 MAX_KEY_SIZE = 10_000  # values inside one dict key or set element: hashing a tuple walks all
 # of them, and shared references make a 311-byte tuple of 2**60 values (a real key: a few)
+MAX_INT_BYTES = 64  # a 512-bit integer: hashing a bigger one, again for each use as a key,
+# costs time no other limit counts (an 8 MB integer: ~6 ms a hash); checkpoints need 64 bits
+MAX_SECONDS = 20  # the whole inspection, the confirming load included: dict insertions with
+# colliding keys are quadratic, and allowed calls can allocate and free in a loop
 MAX_CONFIRM_BYTES = 256 * 2**20  # memory the confirming torch.load may take beyond the
 # file's own size: an allowed call like bytearray(2**30) would otherwise allocate a gigabyte
 
@@ -1526,6 +1533,9 @@ class _OpcodeReader:
             return self.number("s", 4) if char == "J" else self.number("u", 2)
         if op in (0x8A, 0x8B):  # LONG1, LONG4: the digits' length, then the digits
             length = self.number("u", 1) if op == 0x8A else self.number("s", 4)
+            if length > MAX_INT_BYTES:
+                raise InspectionLimit(f"an integer of {length} bytes (over MAX_INT_BYTES = "
+                                      f"{MAX_INT_BYTES})")
             return int.from_bytes(self.take(length), "little", signed=True)
         if char == "G":  # BINFLOAT
             return struct.unpack(">d", self.take(8))[0]
@@ -2021,21 +2031,48 @@ def inspect_checkpoint(path: str | Path) -> Inspection:
     # torch.load(weights_only=True), whose own checks (storages, sizes) must agree.
     report = Inspection(Path(path))
     confirm = None
-    try:
-        confirm = _inspect_into(report)
-    except Exception as err:  # any unreadable input: one line, never a traceback
-        report.status = 2
-        report.problem = _escape(f"{type(err).__name__}: " if not isinstance(
-            err, (ValueError, CheckpointLoadError)) else "", 40) + _escape(str(err), 300)
-    _judge(report)
-    if report.status == 0 and (report.needs or report.refused_opcodes or report.dangerous):
-        report.status = 1
-    if report.status == 0 and confirm is not None:
-        try:  # every byte of the pickle was read above; now torch's own loader confirms
-            confirm()
-        except Exception as err:
-            report.status, report.problem = 2, _escape(first_line(err), 300)
+    with _deadline():
+        try:
+            confirm = _inspect_into(report)
+        except Exception as err:  # any unreadable input: one line, never a traceback
+            report.status = 2
+            report.problem = _escape(f"{type(err).__name__}: " if not isinstance(
+                err, (ValueError, CheckpointLoadError)) else "", 40) + _escape(str(err), 300)
+        _judge(report)
+        if report.status == 0 and (report.needs or report.refused_opcodes
+                                   or report.dangerous):
+            report.status = 1
+        if report.status == 0 and confirm is not None:
+            try:  # every byte of the pickle was read above; now torch's own loader confirms
+                confirm()
+            except Exception as err:
+                report.status, report.problem = 2, _escape(first_line(err), 300)
     return report
+
+
+@contextlib.contextmanager
+def _deadline() -> Iterator[None]:
+    """MAX_SECONDS for the block, by SIGALRM (main thread only, where Python allows it):
+    past it an InspectionLimit is raised wherever the inspection is, and becomes status 2.
+    A timer someone else had set (a test's guard) is put back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise InspectionLimit(f"the inspection took over MAX_SECONDS = {MAX_SECONDS} s")
+
+    started = time.monotonic()
+    previous_handler = signal.signal(signal.SIGALRM, expire)
+    previous_timer, _ = signal.setitimer(signal.ITIMER_REAL, MAX_SECONDS)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_handler)
+        if previous_timer:
+            left = previous_timer - (time.monotonic() - started)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
 
 
 # The advice prints each global's module and name as code (an import line, a list), so a
@@ -2264,8 +2301,10 @@ def _confirm_load(path: Path, mmap: bool, identity: tuple = ()) -> None:
             raise CheckpointLoadError(f"{path}: changed between the inspection and the "
                                       "confirming load: refused")
         pinned = f"/proc/self/fd/{descriptor}"
-        with warnings.catch_warnings(), _memory_bound(path):  # protocol: judged, not warned
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        # Warnings the file's calls raise (a deprecated sparse or cuda constructor) are not
+        # printed: stderr stays empty, and the verdict line is the inspector's alone.
+        with warnings.catch_warnings(), _memory_bound(path):
+            warnings.simplefilter("ignore")
             if os.path.exists(pinned):
                 torch.load(pinned, map_location="cpu", weights_only=True, mmap=mmap)
             else:
@@ -2527,9 +2566,9 @@ def print_inspection(report: Inspection, limit: int = 40) -> None:
             f"{', '.join(report.refused_opcodes)}")
     for danger in report.dangerous:
         say(f"WARNING: {danger}: do NOT allow it; this file may be malicious")
-    if report.dangerous:
-        say("(the WARNING list is a heuristic: a global without one may still run code)")
-    elif not report.refused_opcodes and not report.kind.startswith("torch.distributed"):
+    say("(the WARNING list is a heuristic: a global without one may still run code)")
+    if not (report.dangerous or report.refused_opcodes
+            or report.kind.startswith("torch.distributed")):
         say("if, after reviewing each, you trust them, allow exactly these for this one "
             "load (the import line imports each module, and importing runs that module's "
             "import-time code: review the module list too):\n" + safe_globals_line(report.needs))

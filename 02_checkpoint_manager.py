@@ -762,6 +762,19 @@ class Manifest:
         entries = [self.entry(index, item) for index, item in enumerate(records)]
         if len({e.seq for e in entries}) < len(entries):  # a manifest written before "seq"
             entries = [dataclasses.replace(e, seq=i) for i, e in enumerate(entries, start=1)]
+        # A journal never names a checkpoint the manifest vouches for (a save journals a NEW
+        # name, retention a name it has just dropped), and "writing" only names that a save
+        # makes (-seq<N>): recovery deletes what the journals name, so a journal that broke
+        # either rule would delete a live checkpoint or a file of the user's.
+        live = {e.file for e in entries}
+        for field, names in (("deleting", pending), ("writing", writing)):
+            for index, name in enumerate(names):
+                if name in live:
+                    raise self.fail(f"{field}[{index}]", f"{reprlib.repr(name)} is a checkpoint "
+                                    "this manifest lists; a journal never names one")
+                if field == "writing" and not SEQUENCED_NAME.fullmatch(name):
+                    raise self.fail(f"{field}[{index}]", f"{reprlib.repr(name)} is not a name a "
+                                    "save makes (<template>-seq<N>)")
         return sorted(entries, key=lambda e: e.seq), list(pending), list(writing)
 
     def entry(self, index: int, item: object) -> CheckpointEntry:
@@ -1215,7 +1228,11 @@ class CheckpointManager(CheckpointReader):
             # The next write number, also when another writer saved since save() guessed it;
             # a hostile or old manifest could already name that file: then count on.
             seq = max([seq] + [e.seq + 1 for e in entries])
-            while (name := self._name(fields, seq)) in {e.file for e in entries}:
+            # A name that exists on disk (a stray file, a checkpoint of a manifest restored
+            # from an older backup) is skipped too: os.replace would destroy it, and recovery
+            # after a crash here would delete it as the journaled orphan.
+            while ((name := self._name(fields, seq)) in {e.file for e in entries}
+                   or os.path.lexists(self.directory / name)):
                 seq += 1
             path = self.directory / name
             # Write-ahead: the name is journaled BEFORE the file exists, so whatever a crash
@@ -1546,6 +1563,14 @@ def check_resume_state(state: object, path: Path, training: Training) -> None:
     check_rng_state(state["rng"], fail, training.train_loader.generator)
     check_optimizer_state(state["optimizer"], fail, training.optimizer)
     check_like("scheduler", state["scheduler"], training.scheduler.state_dict(), fail)
+    # Types are not enough for a scheduler: T_max = 0 loads and divides by zero at the
+    # epoch's end, a NaN eta_min turns every weight into NaN. Its numbers must be finite,
+    # its period at least 1 and its epoch count at least -1 (the value before the first step).
+    for key, value in state["scheduler"].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                not math.isfinite(value) or (key == "T_max" and value < 1)
+                or (key == "last_epoch" and value < -1)):
+            raise fail(f"scheduler.{key}", f"{reprlib.repr(value)} is out of range")
     # Mid-epoch, the position says how many batches of the epoch are done: 0 or the whole
     # epoch would be an epoch-end checkpoint (saved without "data"), more is impossible.
     # The loader's own count of batches handed out must agree, or the epoch would run a
@@ -1603,16 +1628,25 @@ def check_optimizer_state(saved: dict, fail: Callable[[str, str], Exception],
     shapes = {index: param.shape for group, ids in zip(optimizer.param_groups,
                                                        live["param_groups"], strict=True)
               for index, param in zip(ids["params"], group["params"], strict=True)}
+    # load_state_dict pairs saved ids with parameters by the ORDER of "params": a permuted
+    # list passes the key and type checks and puts a buffer on the wrong parameter.
+    for index, (group, reference) in enumerate(zip(saved["param_groups"], live["param_groups"],
+                                                   strict=True)):
+        if group["params"] != reference["params"]:
+            raise fail(f"optimizer.param_groups.{index}.params",
+                       f"{reprlib.repr(group['params'])}, not this run's {reference['params']}")
     states = saved.get("state")
     if not isinstance(states, dict) or not set(states) <= set(shapes):
         raise fail("optimizer.state", f"not a dict keyed by the parameter ids {sorted(shapes)}")
     for index, values in states.items():
         for key, value in (values.items() if isinstance(values, dict) else [(None, None)]):
             if key == "step" or (isinstance(value, torch.Tensor)
+                                 and value.layout == torch.strided
+                                 and value.dtype.is_floating_point
                                  and value.shape == shapes[index]):
                 continue
             raise fail(f"optimizer.state.{index}.{key}", f"{reprlib.repr(value)} is not a "
-                       f"tensor of shape {tuple(shapes[index])}")
+                       f"dense floating tensor of shape {tuple(shapes[index])}")
 
 
 def check_rng_state(rng: dict, fail: Callable[[str, str], Exception],

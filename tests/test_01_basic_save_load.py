@@ -175,7 +175,7 @@ def test_inspect_a_lightning_style_file_names_its_globals_and_the_line_works(tmp
     assert status == 1
     report = lesson.inspect_checkpoint(path)
     assert {"argparse.Namespace", "numpy.dtypes.Float64DType"} <= set(report.needs)
-    assert not report.dangerous and "WARNING" not in out
+    assert not report.dangerous and "WARNING:" not in out
     assert "entry  epoch" in out and "tensor state_dict.backbone.0.weight" in out
     line = lesson.safe_globals_line(report.needs)
     scope = {"torch": torch, "path": path}

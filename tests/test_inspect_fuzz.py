@@ -224,10 +224,10 @@ ATTACKS = [
     ("zip_bomb_lying_header", {2}, "not readable"),
     ("many_globals", {2}, "MAX_GLOBALS"),
     ("shape_text", {2}, "invalid shape"),
-    ("shape_huge", {2}, "invalid shape"),
+    ("shape_huge", {2}, "MAX_INT_BYTES"),  # 10**400 as a shape: refused as an integer
     ("shape_mixed", {2}, "invalid shape"),
     ("dcp_tuple_key", {2}, "key that is not text"),
-    ("dcp_huge_size", {2}, "invalid shape"),
+    ("dcp_huge_size", {2}, "MAX_INT_BYTES"),
     ("lone_surrogate_name", {0, 2}, "\\ud800"),
     ("advice_not_a_name", {1}, "not a Python name"),
     ("hash_bomb_dict", {2}, "MAX_KEY_SIZE"),
@@ -619,3 +619,24 @@ def test_fuzz_hostile_pickles_in_every_container(tmp_path):
         assert not marker.exists(), out.getvalue()
     print(f"fuzz: {examples} hostile inputs, exit statuses {statuses}, "
           f"slowest {slowest:.3f} s")
+
+
+def test_a_slow_file_stops_at_max_seconds(tmp_path, capsys, monkeypatch):
+    """Allowed calls that allocate and free in a loop (bytearray(10**8), each overwritten
+    under one dict key) stay under the memory cap and would run for minutes: the deadline
+    (MAX_SECONDS, lowered here) stops the inspection with exit 2 naming it."""
+    monkeypatch.setattr(lesson, "MAX_SECONDS", 1)
+    step = b"K\x00h\x00J" + struct.pack("<i", 10**8) + b"\x85Rs"
+    body = b"\x80\x02c__builtin__\nbytearray\nq\x00}q\x01" + step * 400 + b"."
+    zip_with(tmp_path / "slow.pt", body)
+    status, out, err = inspect_cli(tmp_path / "slow.pt", capsys)
+    assert (status, err) == (2, "") and "MAX_SECONDS" in out, out
+
+
+def test_the_confirming_load_prints_no_warning_of_the_files_calls(tmp_path, capsys):
+    """A deprecated constructor the file calls (torch.sparse.FloatTensor) warns inside
+    torch.load; the inspector's stderr stays empty and its verdict is the only verdict."""
+    zip_with(tmp_path / "sparse.pt", b"\x80\x02ctorch.sparse\nFloatTensor\nK\x03\x85R.")
+    status, out, err = inspect_cli(tmp_path / "sparse.pt", capsys)
+    assert err == "" and status in (0, 1, 2), err
+    assert "verdict" in out or "not readable" in out
