@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
 import os
 import shutil
@@ -737,3 +738,32 @@ def test_verify_names_every_problem_and_leaks_no_descriptor(tmp_path, damage):
         problem = manager.verify(entry)
         assert isinstance(problem, str) and problem, damage
         assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("journal", ["deleting", "writing"])
+def test_a_journal_that_names_a_live_checkpoint_or_a_users_file_deletes_nothing(tmp_path,
+                                                                                journal):
+    """Recovery deletes what the journals name: a manifest whose journal names a checkpoint
+    it also lists (or, for "writing", a file no save makes) is refused, and nothing goes."""
+    with CheckpointManager(tmp_path) as manager:
+        latest = manager.save(state(1, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+    (tmp_path / "NOTES.txt").write_text("mine")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for names in ([latest.name], ["NOTES.txt"]) if journal == "writing" else ([latest.name],):
+        manifest[journal] = names
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(lesson.CheckpointError, match=journal):
+            CheckpointManager(tmp_path)
+        assert latest.exists() and (tmp_path / "NOTES.txt").read_text() == "mine"
+
+
+def test_a_save_never_takes_the_name_of_a_file_already_on_disk(tmp_path):
+    """A stray file with the very name the next save would use (a checkpoint left beside a
+    manifest restored from a backup) is neither overwritten nor deleted."""
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(state(1, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
+        stray = tmp_path / manager._name({"step": 2, "epoch": 1, "metrics": {"val_loss": 0.4}},
+                                         2)
+        stray.write_bytes(b"someone's file")
+        path = manager.save(state(2, 1), step=2, epoch=1, metrics={"val_loss": 0.4})
+    assert path != stray and stray.read_bytes() == b"someone's file"
