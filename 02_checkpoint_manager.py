@@ -60,7 +60,6 @@ tests/test_02_crash_points.py: a new process then loads the previous or the new 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import datetime
@@ -96,7 +95,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from common.compare import bit_identical, max_abs_diff
 from common.data import make_image_classification, make_loaders
-from common.devices import seed_everything
+from common.devices import deterministic_kernels, seed_everything
 from common.models import MLP, SmallCNN
 from common.run import Run, first_line, format_bytes, in_notebook, make_parser, script_file
 from common.timing import benchmark, benchmark_interleaved
@@ -1701,32 +1700,6 @@ def load_for_resume(manager: CheckpointManager, which: bool | int | str,
     return loaded
 
 
-@contextlib.contextmanager
-def deterministic_kernels(device: torch.device) -> Any:
-    """On CUDA, deterministic kernels for the block (restored after); nothing on the CPU.
-
-    cuDNN picks the fastest convolution algorithm by timing them (benchmark mode), and some
-    CUDA kernels add with atomics in whatever order threads finish: two runs then differ in
-    the last bits, and "bit-exact resume" is false. cudnn.deterministic, benchmark off and
-    torch.use_deterministic_algorithms fix that (warn_only: an op with no deterministic
-    kernel warns instead of failing). CPU kernels here are deterministic already.
-    """
-    if device.type != "cuda":
-        yield
-        return
-    cudnn = torch.backends.cudnn
-    previous = (torch.are_deterministic_algorithms_enabled(),
-                torch.is_deterministic_algorithms_warn_only_enabled(),
-                cudnn.deterministic, cudnn.benchmark)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    cudnn.deterministic, cudnn.benchmark = True, False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        cudnn.deterministic, cudnn.benchmark = previous[2], previous[3]
-
-
 def train(directory: Path, *, epochs: int, seed: int, device: torch.device,
           resume: bool | int | str = False, saves: SaveSchedule | None = None,
           stop: PreemptionFlag | None = None, crash_at_step: int | None = None,
@@ -1734,7 +1707,8 @@ def train(directory: Path, *, epochs: int, seed: int, device: torch.device,
           log: Callable[[str], None] = print) -> Training:
     """Build a Training, resume it if asked, run it, and return it (model, manager, history,
     ``resumed_from``). The manager is closed when this returns or raises."""
-    with deterministic_kernels(device):
+    # warn_only: an op with no deterministic CUDA kernel warns instead of stopping training
+    with deterministic_kernels(device, warn_only=True):
         training = Training(directory, epochs=epochs, seed=seed, device=device, saves=saves,
                             async_save=async_save, num_workers=num_workers, log=log)
         try:

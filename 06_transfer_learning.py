@@ -35,12 +35,10 @@ torchvision loader) work with any model: nothing in them knows SmallCNN.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import os
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import matplotlib
@@ -52,7 +50,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from common.compare import max_abs_diff
 from common.data import make_image_classification, make_loaders
-from common.devices import seed_everything
+from common.devices import deterministic_kernels, seed_everything
 from common.models import SmallCNN
 from common.run import Run, format_bytes, in_notebook, make_parser, script_file
 from common.training import (
@@ -194,39 +192,6 @@ class FineTunableCNN(SmallCNN):
         if self.backbone_frozen:
             self.backbone.eval()
         return self
-
-
-@contextlib.contextmanager
-def deterministic_kernels(device: torch.device) -> Iterator[None]:
-    """On CUDA, deterministic kernels inside the block (or an error where none exists); the
-    previous settings come back on exit. On the CPU it does nothing.
-
-    cuDNN picks convolution algorithms per run (benchmark mode) and some CUDA backward
-    kernels add with atomics, so two identical runs differ in the last bits. This sets
-    torch.use_deterministic_algorithms(True), cudnn.deterministic = True and cudnn.benchmark
-    = False: repeatable on the same GPU model, driver and torch build. Earlier torch releases
-    refused cuBLAS in this mode unless CUBLAS_WORKSPACE_CONFIG was ":4096:8" or ":16:8", so it
-    is set for the block when absent (torch 2.14's libraries no longer hold that check; torch
-    reads the variable when it creates a cuBLAS workspace, so to cover a whole run, export
-    it before starting Python).
-    """
-    if device.type != "cuda":
-        yield
-        return
-    cudnn = torch.backends.cudnn
-    saved = (torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled(),
-             cudnn.deterministic, cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    cudnn.deterministic, cudnn.benchmark = True, False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
-        if saved[4] is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def build_optimizer(model: FineTunableCNN, phase: int) -> torch.optim.Optimizer:

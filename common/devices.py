@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -24,6 +26,40 @@ def pick_device(name: str = "auto") -> torch.device:
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise SystemExit(f"unknown device {name!r}: use auto, cpu or cuda")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device, warn_only: bool = False) -> Iterator[None]:
+    """On CUDA, deterministic kernels inside the block; the previous settings come back on
+    exit. On the CPU it does nothing (the CPU kernels used here are deterministic already).
+
+    cuDNN picks convolution algorithms per run (benchmark mode) and some CUDA backward
+    kernels add with atomics, so two identical runs differ in the last bits. This sets
+    torch.use_deterministic_algorithms(True) (``warn_only``: an op with no deterministic
+    kernel warns instead of raising), cudnn.deterministic = True and cudnn.benchmark =
+    False: repeatable on the same GPU model, driver and torch build. Earlier torch releases
+    refused cuBLAS in this mode unless CUBLAS_WORKSPACE_CONFIG was ":4096:8" or ":16:8", so it
+    is set for the block when absent (torch 2.14's libraries no longer hold that check; torch
+    reads the variable when it creates a cuBLAS workspace, so to cover a whole run, export
+    it before starting Python).
+    """
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.deterministic, cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def seed_everything(seed: int) -> None:

@@ -66,6 +66,8 @@ def test_the_printed_jit_notice_category_is_the_caught_one():
 
 def test_deterministic_kernels_sets_the_cuda_flags_and_puts_them_back(monkeypatch):
     """The CUDA branch only flips flags (no GPU needed to check it); the CPU one is a no-op."""
+    import os
+
     import torch
 
     lesson = load_script("06_transfer_learning")
@@ -79,7 +81,7 @@ def test_deterministic_kernels_sets_the_cuda_flags_and_puts_them_back(monkeypatc
     with lesson.deterministic_kernels(torch.device("cuda")):
         assert torch.are_deterministic_algorithms_enabled() is True
         assert cudnn.deterministic is True and cudnn.benchmark is False
-        assert lesson.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic,
             cudnn.benchmark) == before
-    assert "CUBLAS_WORKSPACE_CONFIG" not in lesson.os.environ
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
