@@ -244,8 +244,11 @@ def test_an_interrupt_inside_wait_never_lets_the_next_save_reuse_the_buffer(tmp_
     weights = torch.full((4096,), 1.0)
     manager = CheckpointManager(tmp_path, async_save=True, keep_last=3, serialize=slow_writer)
     manager.save({"w": weights}, step=1, epoch=1, metrics={"val_loss": 0.5})
-    threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+    # pthread_kill, not os.kill: a process-wide signal may be taken by another thread (the
+    # suite's background runs), and then nothing interrupts the main thread's wait.
+    main_thread = threading.main_thread().ident
     with pytest.raises(KeyboardInterrupt):
+        threading.Timer(0.05, signal.pthread_kill, (main_thread, signal.SIGINT)).start()
         manager.wait()
     assert manager._background.busy  # the write of step 1 is still in flight
     weights.fill_(2.0)
