@@ -234,25 +234,44 @@ def test_a_keyboard_interrupt_at_every_step_then_going_on_loses_nothing(tmp_path
 
 
 def test_an_interrupt_inside_wait_never_lets_the_next_save_reuse_the_buffer(tmp_path):
-    """The torn-checkpoint case: Ctrl-C while wait() blocks on an async write, then save()."""
+    """The torn-checkpoint case: Ctrl-C while wait() blocks on an async write, then save().
+
+    The Ctrl-C is raised where the signal's handler would raise it, inside Future.result()
+    (a real SIGINT from a timer thread proved unreliable under load: nothing interrupted the
+    main thread's wait). The write of step 1 is held until the next save() waits for it; a
+    manager that forgot it after the interrupt would copy step 2 into the buffer that write
+    still reads, and step 1's file would hold step 2's weights."""
     release = threading.Event()
 
     def slow_writer(obj, handle):
-        release.wait(10)
+        release.wait(5)  # a fixed manager releases it at once; a broken one waits this long
         torch.save(obj, handle)
 
     weights = torch.full((4096,), 1.0)
     manager = CheckpointManager(tmp_path, async_save=True, keep_last=3, serialize=slow_writer)
     manager.save({"w": weights}, step=1, epoch=1, metrics={"val_loss": 0.5})
-    # pthread_kill, not os.kill: a process-wide signal may be taken by another thread (the
-    # suite's background runs), and then nothing interrupts the main thread's wait.
-    main_thread = threading.main_thread().ident
+    writing = manager._background._in_flight
+
+    class CtrlCOnce:
+        """The Future of step 1's write, whose first result() is interrupted by Ctrl-C."""
+
+        interrupted = False
+
+        def result(self, timeout=None):
+            if not self.interrupted:
+                self.interrupted = True
+                raise KeyboardInterrupt
+            release.set()  # the next save waits for the write: now let it finish
+            return writing.result(timeout)
+
+        def done(self):
+            return writing.done()
+
+    manager._background._in_flight = CtrlCOnce()
     with pytest.raises(KeyboardInterrupt):
-        threading.Timer(0.05, signal.pthread_kill, (main_thread, signal.SIGINT)).start()
         manager.wait()
-    assert manager._background.busy  # the write of step 1 is still in flight
+    assert manager._background.busy and not writing.done()  # step 1 is still being written
     weights.fill_(2.0)
-    threading.Timer(0.1, release.set).start()
     manager.save({"w": weights}, step=2, epoch=2, metrics={"val_loss": 0.4})
     manager.close()
     assert torch.equal(manager.load(1).state["w"], torch.full((4096,), 1.0))
