@@ -34,8 +34,10 @@ exported_program.pt2 (torch.export, CPU weights), model_aoti.pt2 (the AOTInducto
 cpp/ (load_model.cpp, its CMakeLists.txt and the built load_model program), model.pte (the
 ExecuTorch program), mlp_fp32_state_dict.pt and int8_state_dict.pt (5b's model, fp32 and
 int8), int8_reference.pt (a batch and its int8 outputs), int8_exported_program.pt2,
-int8_state_dict.safetensors, inductor_cache/ (Inductor's compiled kernels and a copy of the
-built C++ program: deleting it only costs a recompile), latency.png and summary.json.
+int8_state_dict.safetensors, inductor_cache/ (Inductor's compiled kernels, and a copy of the
+C++ program, the AOTInductor package and model.pte keyed by what built them, so a second run
+copies them instead of compiling again: deleting it only costs a recompile), latency.png and
+summary.json.
 
 TorchScript (torch.jit.trace / torch.jit.script) is deprecated: torch 2.10+ warns on every
 call and the official tutorial was removed. Many deployed systems still load TorchScript .pt
@@ -50,6 +52,7 @@ import concurrent.futures
 import contextlib
 import copy
 import hashlib
+import importlib.metadata
 import io
 import json
 import logging
@@ -62,7 +65,7 @@ import tempfile
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -119,6 +122,27 @@ def keep_compiler_caches_in(folder: Path) -> None:
 
     inductor_config.cpp_cache_precompile_headers = False
     inductor_config.aot_inductor.precompile_headers = False
+
+
+def compile_cache(name: str) -> Path:
+    """The folder for one kind of build product, inside Inductor's cache folder (the out-dir's
+    inductor_cache/ unless you set TORCHINDUCTOR_CACHE_DIR): see build_once."""
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / name
+
+
+def aoti_cache_key(program: torch.export.ExportedProgram) -> list[str | bytes]:
+    """What decides an AOTInductor package: the program (graph and weights, as
+    torch.export.save writes them), torch, the C++ compiler, Inductor's settings and the CPU
+    instruction set the kernels are compiled for. AOTInductor itself caches nothing: Inductor's
+    FX graph cache skips ahead-of-time compiles (compile_fx.py: ``and not aot_mode``)."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    compiler = get_cpp_compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    return [buffer.getvalue(), torch.__version__, compiler, version,
+            torch._inductor.config.get_hash(), torch.backends.cpu.get_cpu_capability()]
 
 
 def has_cpp_compiler() -> bool:
@@ -229,45 +253,71 @@ def cpp_loader_command(compiler: str, source: Path, binary: Path) -> list[str]:
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 
 
+def build_once(cache: Path | None, key: Iterable[str | bytes], target: Path,
+               build: Callable[[Path], None]) -> float | None:
+    """Make ``target`` by calling ``build(partial)``, or copy the file a previous run kept.
+
+    A compile is a function of its inputs: the same source or program, tool versions and
+    settings give the same file. So each result is kept in ``cache`` under the SHA-256 of
+    everything that decides it (``key``), and a later run with the same inputs copies it
+    instead of compiling again. Returns the build's seconds, or None when it was copied.
+    Files are written under temporary names and renamed when complete: an interrupted
+    build, or another process reading the cache meanwhile, never sees half a file. Trust the
+    cache folder as you trust Inductor's own cache beside it: code from both runs here.
+    """
+    digest = hashlib.sha256()
+    for part in key:  # length-prefixed: ("ab", "c") and ("a", "bc") differ
+        data = part if isinstance(part, bytes) else part.encode()
+        digest.update(len(data).to_bytes(8, "little") + data)
+    cached = (cache / f"{target.stem}-{digest.hexdigest()[:16]}{target.suffix}"
+              if cache is not None else None)
+    # the suffix stays last: aoti_compile_and_package wants a package path ending in .pt2
+    partial = target.with_name(f"{target.stem}.{os.getpid()}.partial{target.suffix}")
+    if cached is not None and cached.is_file():
+        shutil.copy2(cached, partial)
+        os.replace(partial, target)
+        return None
+    started = time.perf_counter()
+    try:
+        build(partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    seconds = time.perf_counter() - started
+    if cached is not None:  # copy, then rename: another process never reads half a file
+        cache.mkdir(parents=True, exist_ok=True)
+        spare = cached.with_name(f"{cached.stem}.{os.getpid()}.partial{cached.suffix}")
+        shutil.copy2(partial, spare)
+        os.replace(spare, cached)
+    os.replace(partial, target)
+    return seconds
+
+
 def build_cpp_loader(folder: Path, compiler: str, cache: Path | None = None) -> float | None:
     """Write CPP_LOADER (and a CMakeLists.txt) into ``folder`` and compile it.
 
     Returns the compile's seconds, or None when ``cache`` already held a program built from
-    the same source, command, compiler and torch (then it is copied, not rebuilt: the
-    compile is 10-20 s of header parsing). The binary is written under a temporary name and
-    renamed when it is complete, so an interrupted build never leaves half a program behind.
-    A failure raises with the compiler's first error line; its whole output goes to build.log.
+    the same source, command, compiler and torch (build_once: then it is copied, not
+    rebuilt; the compile is 10-20 s of header parsing). A failure raises with the
+    compiler's first error line; its whole output goes to build.log.
     """
-    source, binary = folder / "load_model.cpp", folder / "load_model"
+    source = folder / "load_model.cpp"
     source.write_text(CPP_LOADER)
     (folder / "CMakeLists.txt").write_text(CPP_CMAKE)
-    partial = folder / f"load_model.{os.getpid()}.partial"
-    command = cpp_loader_command(compiler, source, partial)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     recipe = cpp_loader_command(compiler, Path("SOURCE"), Path("BINARY"))  # no folder names
-    stamp = hashlib.sha256("\n".join([CPP_LOADER, *recipe, version, torch.__version__])
-                           .encode()).hexdigest()[:16]
-    cached = cache / f"load_model-{stamp}" if cache else None
-    if cached is not None and cached.is_file():
-        shutil.copy2(cached, partial)
-        os.replace(partial, binary)
-        return None
-    started = time.perf_counter()
-    completed = subprocess.run(command, cwd=folder, capture_output=True, text=True,
-                               timeout=900, check=False)
-    if completed.returncode != 0:
-        (folder / "build.log").write_text(completed.stdout + completed.stderr)
-        partial.unlink(missing_ok=True)
-        errors = [line for line in completed.stderr.splitlines() if "error" in line]
-        raise RuntimeError(f"{compiler} could not build {source}: "
-                           f"{(errors or ['no error line'])[0][:300]} (full log: build.log)")
-    seconds = time.perf_counter() - started
-    if cached is not None:  # copy, then rename: another process never runs half a file
-        cache.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(partial, cache / f"{cached.name}.{os.getpid()}.partial")
-        os.replace(cache / f"{cached.name}.{os.getpid()}.partial", cached)
-    os.replace(partial, binary)
-    return seconds
+
+    def compile_to(partial: Path) -> None:
+        completed = subprocess.run(cpp_loader_command(compiler, source, partial), cwd=folder,
+                                   capture_output=True, text=True, timeout=900, check=False)
+        if completed.returncode != 0:
+            (folder / "build.log").write_text(completed.stdout + completed.stderr)
+            errors = [line for line in completed.stderr.splitlines() if "error" in line]
+            raise RuntimeError(f"{compiler} could not build {source}: "
+                               f"{(errors or ['no error line'])[0][:300]} (full log: build.log)")
+
+    return build_once(cache, [CPP_LOADER, *recipe, version, torch.__version__],
+                      folder / "load_model", compile_to)
 
 
 def start_in_background(function: Callable[..., float], *args) -> Future:
@@ -363,6 +413,15 @@ def export_to_executorch(program: torch.export.ExportedProgram, path: Path) -> P
     partial.write_bytes(buffer)
     os.replace(partial, path)
     return path
+
+
+def lower_once(program_file: Path, path: Path) -> float | None:
+    """export_to_executorch on the program in ``program_file`` (a torch.export.save file),
+    through build_once: the .pte is kept under a hash of that file, executorch and torch.
+    Returns the lowering's seconds, or None when a previous run's .pte was copied."""
+    key = [program_file.read_bytes(), torch.__version__, importlib.metadata.version("executorch")]
+    return build_once(compile_cache("executorch"), key, path, lambda partial: export_to_executorch(
+        torch.export.load(program_file), partial))
 
 
 def load_pte_method(path: Path, name: str = "forward"):
@@ -477,7 +536,7 @@ def setup(argv: list[str] | None = None) -> tuple[Run, nn.Module, torch.Tensor, 
     with quiet_torch_logs():
         from torch.utils import cpp_extension  # noqa: F401
     cpp_build = (start_in_background(build_cpp_loader, run.folder("cpp"), compiler,
-                                     Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "cpp_loader")
+                                     compile_cache("cpp_loader"))
                  if compiler else None)
     model, loaders, accuracy = train_demo_model(run.device, run.seed)
     model.eval()
@@ -771,6 +830,9 @@ if in_notebook():
 #     device type and built against ONE torch version's C++ ABI. Load it with the torch that
 #     built it (Python or C++); after a torch upgrade, recompile it from the ExportedProgram.
 # So keep the ExportedProgram as the thing you archive, and the package as a build product.
+# A build product is a function of its inputs, and AOTInductor caches nothing itself (every
+# call compiles again), so build_once keeps the package under a hash of the program, torch,
+# compiler and Inductor settings (aoti_cache_key): a second run of this script copies it.
 
 
 def lesson_4_aoti(run: Run, program, model: nn.Module, example: torch.Tensor) -> tuple:
@@ -787,13 +849,16 @@ def lesson_4_aoti(run: Run, program, model: nn.Module, example: torch.Tensor) ->
         return None, {"aoti_built": False}
     path = run.path("model_aoti.pt2")
     with quiet_torch_logs():  # a CUDA build without a GPU logs "No CUDA runtime is found"
-        timing = benchmark(lambda: torch._inductor.aoti_compile_and_package(
-            program, package_path=str(path)), warmup=0, repeats=1)
+        seconds = build_once(compile_cache("aoti_packages"), aoti_cache_key(program), path,
+                             lambda partial: torch._inductor.aoti_compile_and_package(
+                                 program, package_path=str(partial)))
     compiled = torch._inductor.aoti_load_package(str(path))
     with torch.no_grad():
         diff = max_abs_diff(compiled(example[:5]), model(example[:5]))
-    print(f"  aoti_compile_and_package: {timing.median_ms / 1000:.1f} s; package "
-          f"{format_bytes(path.stat().st_size)}; at batch 5 max |diff| = {diff:.3g}")
+    how = (f"aoti_compile_and_package: {seconds:.1f} s" if seconds is not None else
+           "copied from the compile cache (same program, torch, compiler and Inductor config)")
+    print(f"  {how}; package {format_bytes(path.stat().st_size)}; at batch 5 max |diff| = "
+          f"{diff:.3g}")
     run.artifact("aoti_package", path)
     for name in ("exported_program.pt2", "model_aoti.pt2"):
         info = describe_pt2(run.out_dir / name)
@@ -801,7 +866,8 @@ def lesson_4_aoti(run: Run, program, model: nn.Module, example: torch.Tensor) ->
                  f" for {info['device']}" if info["libraries"] else
                  f"graph JSON, schema {info['schema']}, written by torch {info['torch']}")
         print(f"  {name:<21} {info['kind']:<20} {format_bytes(info['bytes']):>9}: {holds}")
-    return compiled, {"aoti_built": True, "aoti_compile_seconds": round(timing.median_ms / 1000, 2),
+    return compiled, {"aoti_built": True, "aoti_compile_reused": seconds is None,
+                      "aoti_compile_seconds": round(seconds or 0.0, 2),
                       "aoti_max_abs_diff": diff,
                       "aoti_package_device": describe_pt2(path)["device"]}
 
@@ -848,7 +914,7 @@ def lesson_4b_cpp(run: Run, cpp_build: Future | None, model: nn.Module,
     run.artifact("cpp_loader", folder / "load_model")
     print(f"  built cpp/load_model in {seconds:.1f} s (in the background since setup)"
           if seconds is not None else
-          "  cpp/load_model: copied from the compiler cache (same source, compiler and torch)")
+          "  cpp/load_model: copied from the compile cache (same source, compiler and torch)")
     worst = 0.0
     with run.scratch("cpp_io") as scratch, torch.no_grad():
         for inputs in (example[:1], torch.cat([example, example, example[:1]])):
@@ -884,17 +950,17 @@ if in_notebook():
 # <= min(Dim max, 15) (measured: max 8 -> 8, 12 -> 12, 16 -> 15, 64 -> 15, 1024 -> 15; without
 # the partitioner the plan follows the Dim), and a larger batch fails at execute time. Its
 # C++ runtime logs to the process's stderr directly; native_stderr_captured() collects those
-# lines, and the lesson
-# shows the one that explains the refusal.
+# lines, and the lesson shows the one that explains the refusal. Lowering is a build like
+# AOTInductor's: lower_once keeps model.pte (with build_once) under a hash of the program
+# file, executorch and torch, and a second run copies it.
 
 
 def lesson_4c_executorch(run: Run, program, model: nn.Module, example: torch.Tensor) -> tuple:
     """Lower section 3's program to a .pte, run it at three batch sizes, find its limit."""
     run.section("4c. Phones and microcontrollers: ExecuTorch")
     path = run.path("model.pte")
-    cpu_program = torch.export.load(run.out_dir / "exported_program.pt2")  # section 3's file
     try:
-        timing = benchmark(lambda: export_to_executorch(cpu_program, path), warmup=0, repeats=1)
+        seconds = lower_once(run.out_dir / "exported_program.pt2", path)  # section 3's file
         method = load_pte_method(path)
     except ImportError as err:  # not installed, or built for another torch release
         print(f"  SKIPPED (executorch cannot be imported: {first_line(err)[:80]}); install the "
@@ -902,8 +968,9 @@ def lesson_4c_executorch(run: Run, program, model: nn.Module, example: torch.Ten
         return None, {"executorch_built": False}
     planned = method.metadata.input_tensor_meta(0).sizes()
     allowed = max(int(bounds.upper) for bounds in program.range_constraints.values())
-    print(f"  to_edge_transform_and_lower + to_executorch: {timing.median_ms / 1000:.1f} s; "
-          f"model.pte {format_bytes(path.stat().st_size)}")
+    how = ("copied from the compile cache (same program, executorch and torch)" if seconds is None
+           else f"to_edge_transform_and_lower + to_executorch: {seconds:.1f} s")
+    print(f"  {how}; model.pte {format_bytes(path.stat().st_size)}")
     print(f"  memory planned for input {tuple(planned)}: batch <= {planned[0]} "
           f"(the ExportedProgram allows up to {allowed})")
     run.artifact("executorch_program", path)
@@ -922,7 +989,8 @@ def lesson_4c_executorch(run: Run, program, model: nn.Module, example: torch.Ten
     print(f"  batch {planned[0] + 1}, one above the plan: refused: {refused}; the runtime "
           f"logged:\n    {reason[:120]}")
     return method, {"executorch_built": True,
-                    "executorch_lower_seconds": round(timing.median_ms / 1000, 2),
+                    "executorch_lower_reused": seconds is None,
+                    "executorch_lower_seconds": round(seconds or 0.0, 2),
                     "executorch_pte_bytes": path.stat().st_size,
                     "executorch_planned_max_batch": planned[0],
                     "executorch_max_abs_diff": worst,

@@ -128,6 +128,36 @@ def test_cpp_build_failure_names_the_source_and_leaves_no_binary(tmp_path):
     assert "C++20 required" in (tmp_path / "build.log").read_text()
 
 
+def test_build_once_copies_the_same_inputs_and_rebuilds_for_new_ones(tmp_path):
+    cache, target, builds = tmp_path / "cache", tmp_path / "out" / "thing.pt2", []
+    target.parent.mkdir()
+
+    def build(content):
+        def write(partial):
+            assert partial.suffix == ".pt2" and partial.parent == target.parent
+            builds.append(content)
+            partial.write_bytes(content)
+        return write
+
+    assert lesson.build_once(cache, ["program", b"v1"], target, build(b"first")) >= 0.0
+    assert lesson.build_once(cache, ["program", b"v1"], target, build(b"other")) is None
+    assert target.read_bytes() == b"first" and builds == [b"first"]  # copied, not built
+    assert lesson.build_once(cache, ["progra", b"mv1"], target, build(b"second")) is not None
+    assert target.read_bytes() == b"second"  # another key (length-prefixed parts): built
+
+    def broken(partial):
+        partial.write_bytes(b"half")
+        raise RuntimeError("compiler crashed")
+
+    entries = sorted(cache.iterdir())
+    with pytest.raises(RuntimeError, match="compiler crashed"):
+        lesson.build_once(cache, ["new"], target, broken)
+    assert target.read_bytes() == b"second"  # the previous result is untouched
+    assert sorted(cache.iterdir()) == entries  # nothing kept from the failed build
+    assert [p.name for p in target.parent.iterdir()] == ["thing.pt2"]  # no partial left
+    assert lesson.build_once(None, ["program", b"v1"], target, build(b"third")) is not None
+
+
 def test_executorch_program_runs_at_batch_1_and_above_the_example(default_run):
     pytest.importorskip("executorch", reason="executorch is in requirements.txt")
     out = default_run("05_torchscript_export").out_dir
