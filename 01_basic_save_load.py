@@ -38,7 +38,7 @@ Run it:   python 01_basic_save_load.py [--device cpu|cuda] [--out-dir DIR] [--se
           past a named limit).
           As a notebook: run the cells top to bottom from the project folder (jupytext,
           VS Code, PyCharm); flags go in the LESSON_ARGS environment variable.
-Takes:    about 11 s on a 2-core CPU (three child processes; two load a ~270 MB file).
+Takes:    about 11 s on a 2-core CPU (three child processes; two load a ~134 MB file).
 Next:     02_checkpoint_manager.py, checkpoints that survive crashes and resume bit-exactly.
 
 Files it writes (in --out-dir): the files each section names as it writes them (a whole
@@ -1018,7 +1018,7 @@ def load_in_child(mode: str, path: Path, width: int, depth: int) -> dict:
 
 
 def lesson_9_big_checkpoints(run: Run) -> dict:
-    """A ~270 MB state_dict loaded naively and with meta + mmap + assign, peak RSS each.
+    """A ~134 MB state_dict loaded naively and with meta + mmap + assign, peak RSS each.
 
     Expect the naive path to peak near twice the file size (the initialised model plus the
     loaded copy) and the mmap path near once (the pages the forward pass touched), with the
@@ -1028,11 +1028,11 @@ def lesson_9_big_checkpoints(run: Run) -> dict:
     if not Path("/proc/self/clear_refs").exists():
         print("  SKIPPED (not Linux): peak-memory figures need /proc; the recipe above still holds")
         return {}
-    width, depth = 4096, 4
+    width, depth = 4096, 2
     big = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
     with torch.no_grad():
         expected = float(big(torch.ones(1, width)).double().sum())
-    with run.scratch("big_checkpoint") as folder:  # a few hundred MB: not worth keeping
+    with run.scratch("big_checkpoint") as folder:  # ~134 MB: not worth keeping
         path = folder / "big_model_state_dict.pt"
         torch.save(big.state_dict(), path)
         del big
