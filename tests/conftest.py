@@ -41,7 +41,10 @@ def run_env() -> dict[str, str]:
 RUN_FIXTURES = ("default_run", "notebook_run")
 # The notebook test checks the form (every cell runs and shows its banner), not the figures,
 # which the end-to-end tests check on the default run: a smaller I/O benchmark keeps it quick.
+# 07's notebook uses the session's S3 server (--s3-endpoint, ScriptRuns.s3_server): that is
+# the run tests/test_07_s3.py checks the given-endpoint mode and the second client on.
 NOTEBOOK_ARGS = {"02_checkpoint_manager": "--io-mb 16 --epochs 3"}
+S3_NOTEBOOK = "07_distributed_training"
 
 
 def expected_seconds(stem: str) -> float:
@@ -187,6 +190,10 @@ class NotebookRun:
     notebook: object  # the executed nbformat notebook; None if it could not be written
     out_dir: Path
 
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.out_dir / "summary.json").read_text())
+
 
 class ScriptRuns:
     """Whole-script runs of this session, ``PARALLEL_RUNS`` at a time in the background."""
@@ -196,15 +203,38 @@ class ScriptRuns:
         self.pool = concurrent.futures.ThreadPoolExecutor(
             PARALLEL_RUNS, thread_name_prefix="script-runs")  # tests/confinement.py skips them
         self.futures: dict[tuple[str, str, str], concurrent.futures.Future] = {}
+        self.s3 = None
+
+    def s3_server(self):
+        """The session's S3 server (SeaweedFS on free loopback ports), started on first use;
+        None where weed or s3fs is missing (07 then prints SKIPPED for its S3 sections)."""
+        from common.s3server import missing_requirement, start_s3_server
+
+        if self.s3 is None and missing_requirement() is None:
+            self.s3 = start_s3_server("ckpt", root=str(self.tmp_path_factory.mktemp("weed")))
+        return self.s3
 
     def submit(self, fixture: str, stem: str, device: str = "cpu") -> concurrent.futures.Future:
-        """Start a run (once); its folders are made here, in the main thread."""
+        """Start a run (once); its folders (and a server it needs) are made here, in the main
+        thread."""
         key = (fixture, stem, device)
         if key not in self.futures:
             folder = self.tmp_path_factory.mktemp(f"{stem}_{device}_{fixture}")
-            work = run_default if fixture == "default_run" else run_notebook
-            self.futures[key] = self.pool.submit(work, stem, device, folder)
+            if fixture == "default_run":
+                self.futures[key] = self.pool.submit(run_default, stem, device, folder)
+            else:
+                args, env = NOTEBOOK_ARGS.get(stem, ""), {}
+                server = self.s3_server() if stem == S3_NOTEBOOK else None
+                if server is not None:
+                    args += f" --s3-endpoint {server.endpoint} --s3-bucket {server.bucket}"
+                    env = {"AWS_ACCESS_KEY_ID": server.key, "AWS_SECRET_ACCESS_KEY": server.secret}
+                self.futures[key] = self.pool.submit(run_notebook, stem, device, folder, args, env)
         return self.futures[key]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.s3 is not None:
+            self.s3.stop()
 
     def get(self, fixture: str, stem: str, device: str = "cpu"):
         return self.submit(fixture, stem, device).result()
@@ -220,13 +250,16 @@ def run_default(stem: str, device: str, folder: Path) -> ScriptRun:
     return run
 
 
-def run_notebook(stem: str, device: str, folder: Path) -> NotebookRun:
-    """The script executed cell by cell in a Jupyter kernel (see tests/notebook_run.py)."""
+def run_notebook(stem: str, device: str, folder: Path, args: str = "",
+                 env: dict[str, str] | None = None) -> NotebookRun:
+    """The script executed cell by cell in a Jupyter kernel (see tests/notebook_run.py), with
+    ``args`` as its flags and ``env`` added to its environment."""
     result = folder / "executed.ipynb"
     completed = subprocess.run(
         [sys.executable, "-m", "tests.notebook_run", stem, str(folder / "out"), str(result),
-         f"--device {device} {NOTEBOOK_ARGS.get(stem, '')}".strip()],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False, env=run_env())
+         f"--device {device} {args}".strip()],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
+        env={**run_env(), **(env or {})})
     notebook = nbformat.read(result, as_version=4) if result.exists() else None
     return NotebookRun(completed.returncode, completed.stderr, notebook, folder / "out")
 
@@ -241,7 +274,7 @@ def script_runs(tmp_path_factory, pytestconfig, shared_compiler_cache):
                                    key=lambda key: (-expected_seconds(key[0]), key)):
             runs.submit(fixture, stem, device)
     yield runs
-    runs.pool.shutdown(wait=True, cancel_futures=True)
+    runs.close()
 
 
 @pytest.fixture(scope="session")

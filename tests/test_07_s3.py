@@ -1,8 +1,9 @@
-"""07's object-storage sections (6-13) against real SeaweedFS servers this module starts.
+"""07's object-storage sections (6-13) against real SeaweedFS servers on free loopback ports.
 
-One server per module (on free loopback ports, in tmp_path), used through --s3-endpoint the way
-a reader would use their own; the S3 sections run once on a copy of the default run's FSDP2
-checkpoint, and a second client (a plain FsspecReader, not the script) reads what they left.
+The session's server (conftest's ScriptRuns.s3_server) is the one 07's notebook run uses through
+--s3-endpoint, the way a reader would use their own: the tests check what that run measured and
+what it left there, with a second client (a plain FsspecReader, not the script). The default run
+starts and removes its own server; test_two_servers_at_once_do_not_collide starts another.
 """
 
 from __future__ import annotations
@@ -29,37 +30,20 @@ STEM = "07_distributed_training"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    started = start_s3_server("ckpt", root=str(tmp_path_factory.mktemp("weed")))
-    yield started
-    started.stop()
+def server(script_runs):
+    return script_runs.s3_server()
 
 
 @pytest.fixture(scope="module")
-def s3_run(server, default_run, tmp_path_factory):
-    """Sections 6-13 with --s3-endpoint (credentials in the standard AWS_* variables)."""
-    source = default_run(STEM).out_dir
-    out_dir = tmp_path_factory.mktemp("s3_run")
-    saved = {name: os.environ.get(name) for name in ("AWS_ACCESS_KEY_ID",
-                                                     "AWS_SECRET_ACCESS_KEY")}
-    os.environ |= {"AWS_ACCESS_KEY_ID": server.key, "AWS_SECRET_ACCESS_KEY": server.secret}
-    try:
-        run = lesson.setup(["--device", "cpu", "--out-dir", str(out_dir), "--s3-endpoint",
-                            server.endpoint, "--s3-bucket", server.bucket])
-        shutil.copytree(source / "dcp_checkpoint", out_dir / "dcp_checkpoint")
-        shutil.copy(source / "portable_model.pt", out_dir / "portable_model.pt")
-        lesson.s3_lessons(run)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+def s3_run(server, notebook_run):
+    """07's notebook run: every section, with --s3-endpoint (the session's server) for 6-13."""
+    run = notebook_run(STEM)
+    assert run.returncode == 0, run.stderr[-4000:]
     return run
 
 
 def test_s3_sections_hold_against_a_given_endpoint(s3_run, server):
-    metrics = s3_run.metrics
+    metrics = s3_run.summary["metrics"]
     assert metrics["s3_one_file_max_abs_diff"] == 0.0
     assert metrics["s3_reshard_max_abs_diff"] == 0.0  # saved by 2 ranks, loaded by 3
     assert metrics["s3_killed_upload_visible"] is False
@@ -74,7 +58,7 @@ def test_s3_sections_hold_against_a_given_endpoint(s3_run, server):
     assert metrics["s3_restricted_load_max_abs_diff"] == 0.0
     assert metrics["s3_save_vs_raw_put"] > 0 and metrics["s3_load_vs_raw_get"] > 0
     assert not (s3_run.out_dir / "s3_target.json").exists()  # no surprise file left
-    assert (s3_run.out_dir / s3_run.artifacts["s3_speed_chart"]).stat().st_size > 5000
+    assert (s3_run.out_dir / s3_run.summary["artifacts"]["s3_speed_chart"]).stat().st_size > 5000
     assert server.process.poll() is None  # --s3-endpoint: the script did not stop OUR server
 
 
@@ -83,7 +67,7 @@ def test_a_second_client_reads_the_s3_checkpoint(s3_run, server):
     """A plain FsspecReader, not the script, reads s3_dcp_checkpoint: 07's weights."""
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-    url = s3_run.artifacts["s3_dcp_checkpoint"]
+    url = s3_run.summary["artifacts"]["s3_dcp_checkpoint"]
     assert url.startswith(f"s3://{server.bucket}/")
     state = SmallCNN().state_dict()
     dcp.load(state, storage_reader=FsspecReader(url, **server.storage_options()), no_dist=True)
