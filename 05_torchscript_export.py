@@ -156,9 +156,14 @@ def has_cpp_compiler() -> bool:
 # runs both on one input and writes both outputs. Tensors cross the language border as files:
 # torch::jit::pickle_load reads a tensor that Python saved with torch.save, and
 # torch::jit::pickle_save writes a tuple that Python reads with torch.load(weights_only=True).
+# It includes the headers it uses, not <torch/script.h> (which pulls in the whole C++ frontend),
+# and cpp_loader_command builds it with -O0 (its work happens inside libtorch, which is already
+# optimised): measured here, 24 s with <torch/script.h> and -O1, 13 s like this.
 CPP_LOADER = r"""// load_model.cpp: run a TorchScript file and an AOTInductor package; no Python.
 // Usage: load_model TORCHSCRIPT.pt AOTI_PACKAGE.pt2 INPUT.pt OUTPUT.pt DEVICE
-#include <torch/script.h>                                             // torch::jit::load
+#include <ATen/core/grad_mode.h>                                // at::NoGradGuard
+#include <torch/csrc/jit/serialization/import.h>                // torch::jit::load
+#include <torch/csrc/jit/serialization/pickle.h>                // pickle_load, pickle_save
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>  // AOTIModelPackageLoader
 #include <fstream>
 #include <iostream>
@@ -177,21 +182,21 @@ int main(int argc, char* argv[]) {
   }
   std::string step = "starting";  // named in the error message: which file, doing what
   try {
-    torch::NoGradGuard no_grad;                  // inference: no autograd bookkeeping
-    const torch::Device device(argv[5]);         // "cpu", "cuda" or "cuda:1"
+    at::NoGradGuard no_grad;                     // inference: no autograd bookkeeping
+    const c10::Device device(argv[5]);           // "cpu", "cuda" or "cuda:1"
     step = std::string("reading the input tensor ") + argv[3];  // saved with torch.save
-    torch::Tensor input = torch::jit::pickle_load(read_bytes(argv[3])).toTensor().to(device);
+    at::Tensor input = torch::jit::pickle_load(read_bytes(argv[3])).toTensor().to(device);
 
     step = std::string("running the TorchScript file ") + argv[1];
     torch::jit::Module scripted = torch::jit::load(argv[1], device);
     scripted.eval();
-    torch::Tensor from_script = scripted.forward({input}).toTensor();
+    at::Tensor from_script = scripted.forward({input}).toTensor();
 
     // The package holds code compiled for one device and one torch version: the one that
     // built it (its loader must come from that same libtorch).
     step = std::string("running the AOTInductor package ") + argv[2];
     torch::inductor::AOTIModelPackageLoader package(argv[2]);
-    torch::Tensor from_package = package.run({input})[0];
+    at::Tensor from_package = package.run({input})[0];
 
     // Python reads this with torch.load(path, weights_only=True): a tuple of two tensors.
     step = std::string("writing ") + argv[4];
@@ -247,7 +252,7 @@ def cpp_loader_command(compiler: str, source: Path, binary: Path) -> list[str]:
     includes = [f"-I{folder}" for folder in cpp_extension.include_paths()]
     libraries = cpp_extension.library_paths()
     keep_all = ["-Wl,--no-as-needed"] if sys.platform.startswith("linux") else []  # GNU ld
-    return [compiler, "-std=c++20", "-O1", str(source), "-o", str(binary), *includes,
+    return [compiler, "-std=c++20", "-O0", str(source), "-o", str(binary), *includes,
             *[f"-L{folder}" for folder in libraries], *keep_all,
             "-ltorch", "-ltorch_cpu", "-lc10", *[f"-Wl,-rpath,{folder}" for folder in libraries],
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
@@ -884,7 +889,7 @@ if in_notebook():
 # them; pickle_save writes a tuple that torch.load(weights_only=True) reads back).
 # Build it against the libtorch inside the pip wheel, as setup did (cpp_loader_command):
 #     TORCH=$(python -c "import torch, os; print(os.path.dirname(torch.__file__))")
-#     g++ -std=c++20 load_model.cpp -o load_model -I$TORCH/include \
+#     g++ -std=c++20 -O0 load_model.cpp -o load_model -I$TORCH/include \
 #         -I$TORCH/include/torch/csrc/api/include -L$TORCH/lib -Wl,--no-as-needed \
 #         -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$TORCH/lib -D_GLIBCXX_USE_CXX11_ABI=1
 # or with CMake against a libtorch zip from pytorch.org (cpp/CMakeLists.txt):
