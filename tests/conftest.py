@@ -79,11 +79,19 @@ def stems_needed(items, fixture: str) -> set[tuple[str, str]]:
 NEEDED = pytest.StashKey[dict]()
 
 
+def waits_for_a_run(item) -> bool:
+    """Whether a test must wait for a whole-script run before its work starts. A test marked
+    ``run_at_end`` (a long test that compares with the default run only at its end) runs with
+    the unit tests instead: its own work then overlaps the background runs."""
+    return (any(f in getattr(item, "fixturenames", ()) for f in RUN_FIXTURES)
+            and item.get_closest_marker("run_at_end") is None)
+
+
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: start only the runs still needed
 def pytest_collection_modifyitems(session, config, items):
     """Remember which whole-script runs the session needs; run their tests last."""
     config.stash[NEEDED] = {fixture: stems_needed(items, fixture) for fixture in RUN_FIXTURES}
-    items.sort(key=lambda item: any(f in getattr(item, "fixturenames", ()) for f in RUN_FIXTURES))
+    items.sort(key=waits_for_a_run)
 
 
 def pytest_itemcollected(item):
