@@ -2042,6 +2042,13 @@ def inspect_checkpoint(path: str | Path) -> Inspection:
         if report.status == 0 and (report.needs or report.refused_opcodes
                                    or report.dangerous):
             report.status = 1
+        gpu = [name for name in report.globals if name.startswith("torch.cuda.")]
+        if report.status == 0 and gpu and torch.cuda.is_available():
+            # torch.cuda.FloatTensor and kin are on the allow-list, and they allocate GPU
+            # memory, which RLIMIT_AS (the confirming load's memory cap) does not bound.
+            report.status, report.problem = 2, (
+                f"it calls {_escape(gpu[0])}, which allocates GPU memory with arguments the "
+                "file chooses, outside the confirming load's memory cap: not confirmed")
         if report.status == 0 and confirm is not None:
             try:  # every byte of the pickle was read above; now torch's own loader confirms
                 confirm()

@@ -640,3 +640,19 @@ def test_the_confirming_load_prints_no_warning_of_the_files_calls(tmp_path, caps
     status, out, err = inspect_cli(tmp_path / "sparse.pt", capsys)
     assert err == "" and status in (0, 1, 2), err
     assert "verdict" in out or "not readable" in out
+
+
+def test_a_gpu_constructor_is_never_confirmed_on_a_gpu_machine(tmp_path, capsys, monkeypatch):
+    """torch.cuda.FloatTensor(2**40) is on weights_only's allow-list; on a machine with a GPU
+    the confirming load would allocate GPU memory, which the memory cap does not bound."""
+    called = []
+    monkeypatch.setattr(lesson, "_confirm_load", lambda *args, **kwargs: called.append(args))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    zip_with(tmp_path / "gpu.pt", b"\x80\x02ctorch.cuda\nFloatTensor\nK\x03\x85R.")
+    status, out, err = inspect_cli(tmp_path / "gpu.pt", capsys)
+    assert_clean(out, err)
+    assert status == 2 and called == []
+    assert "torch.cuda.FloatTensor, which allocates GPU memory" in out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine confirms
+    inspect_cli(tmp_path / "gpu.pt", capsys)
+    assert len(called) == 1
