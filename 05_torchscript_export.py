@@ -134,15 +134,18 @@ def aoti_cache_key(program: torch.export.ExportedProgram) -> list[str | bytes]:
     """What decides an AOTInductor package: the program (graph and weights, as
     torch.export.save writes them), torch, the C++ compiler, Inductor's settings and the CPU
     instruction set the kernels are compiled for. AOTInductor itself caches nothing: Inductor's
-    FX graph cache skips ahead-of-time compiles (compile_fx.py: ``and not aot_mode``)."""
+    FX graph cache skips ahead-of-time compiles (compile_fx.py: ``and not aot_mode``). The
+    settings are taken as that cache takes them, save_config_portable(): config.get_hash()
+    would hash xpu.cutlass_dir too, which is the folder Python started in."""
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     compiler = get_cpp_compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    return [buffer.getvalue(), torch.__version__, compiler, version,
-            torch._inductor.config.get_hash(), torch.backends.cpu.get_cpu_capability()]
+    settings = repr(sorted(torch._inductor.config.save_config_portable().items()))
+    return [buffer.getvalue(), torch.__version__, compiler, version, settings,
+            torch.backends.cpu.get_cpu_capability()]
 
 
 def has_cpp_compiler() -> bool:
