@@ -2042,10 +2042,12 @@ def inspect_checkpoint(path: str | Path) -> Inspection:
         if report.status == 0 and (report.needs or report.refused_opcodes
                                    or report.dangerous):
             report.status = 1
-        gpu = [name for name in report.globals if name.startswith("torch.cuda.")]
+        gpu = [name for name in report.globals if name in CUDA_TENSOR_CLASSES]
         if report.status == 0 and gpu and torch.cuda.is_available():
             # torch.cuda.FloatTensor and kin are on the allow-list, and they allocate GPU
             # memory, which RLIMIT_AS (the confirming load's memory cap) does not bound.
+            # (torch.cuda.FloatStorage, which torch <= 1.12 wrote for every GPU tensor, is
+            # only a storage-type marker for weights_only: it is never called.)
             report.status, report.problem = 2, (
                 f"it calls {_escape(gpu[0])}, which allocates GPU memory with arguments the "
                 "file chooses, outside the confirming load's memory cap: not confirmed")
@@ -2169,6 +2171,11 @@ def _inspect_into(report: Inspection) -> Callable[[], Any] | None:
 # Why not torch.serialization.get_unsafe_globals_in_checkpoint, as before: it answers for zip
 # files only, compares "module.name" strings (a dotted name is one string like any other),
 # and is one more reader of the hostile bytes. The allow-list it uses is the one below.
+# The legacy CUDA tensor constructors (torch.cuda.FloatTensor, torch.cuda.sparse.LongTensor...).
+CUDA_TENSOR_CLASSES = frozenset(f"{cls.__module__}.{cls.__name__}" for cls in torch._tensor_classes
+                                if cls.__module__.startswith("torch.cuda"))
+
+
 def _weights_only_allowed() -> frozenset:
     """The exact (module, name) pairs torch.load(weights_only=True) accepts in this process:
     its built-in allow-list (torch keeps it in a private module; there is no public function

@@ -656,3 +656,30 @@ def test_a_gpu_constructor_is_never_confirmed_on_a_gpu_machine(tmp_path, capsys,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine confirms
     inspect_cli(tmp_path / "gpu.pt", capsys)
     assert len(called) == 1
+
+
+def test_a_gpu_checkpoint_of_torch_1_12_is_confirmed_on_a_gpu_machine(tmp_path, capsys,
+                                                                      monkeypatch):
+    """torch <= 1.12 named torch.cuda.FloatStorage as the storage type of every GPU tensor:
+    weights_only never calls it, so the guard above must not refuse such a file."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with lesson.saved_as_if_on_cuda():
+        torch.save({"w": torch.randn(3, 4)}, tmp_path / "modern.pt")
+    with zipfile.ZipFile(tmp_path / "modern.pt") as archive:
+        records = {name: archive.read(name) for name in archive.namelist()}
+    pickled = next(name for name in records if name.endswith("/data.pkl"))
+    old = records[pickled].replace(b"ctorch\nFloatStorage\n", b"ctorch.cuda\nFloatStorage\n")
+    assert old != records[pickled]
+    writer = torch._C.PyTorchFileWriter(str(tmp_path / "torch112.pt"))
+    for name, data in records.items():
+        record = name.split("/", 1)[1]
+        if record.startswith((".data/", ".format_version", ".storage_alignment", "byteorder",
+                              "version", "serialization_id")):
+            continue  # the writer adds its own
+        data = old if name == pickled else data
+        writer.write_record(record, data, len(data))
+    writer.write_end_of_file()
+    del writer
+    status, out, err = inspect_cli(tmp_path / "torch112.pt", capsys)
+    assert_clean(out, err)
+    assert status == 0 and "torch.cuda.FloatStorage" in out, out
