@@ -2049,8 +2049,8 @@ def inspect_checkpoint(path: str | Path) -> Inspection:
             # (torch.cuda.FloatStorage, which torch <= 1.12 wrote for every GPU tensor, is
             # only a storage-type marker for weights_only: it is never called.)
             report.status, report.problem = 2, (
-                f"it calls {_escape(gpu[0])}, which allocates GPU memory with arguments the "
-                "file chooses, outside the confirming load's memory cap: not confirmed")
+                f"it names {_escape(gpu[0])}, a constructor that allocates GPU memory of a size "
+                "the file chooses, outside the confirming load's memory cap: not confirmed")
         if report.status == 0 and confirm is not None:
             try:  # every byte of the pickle was read above; now torch's own loader confirms
                 confirm()
@@ -2171,9 +2171,11 @@ def _inspect_into(report: Inspection) -> Callable[[], Any] | None:
 # Why not torch.serialization.get_unsafe_globals_in_checkpoint, as before: it answers for zip
 # files only, compares "module.name" strings (a dotted name is one string like any other),
 # and is one more reader of the hostile bytes. The allow-list it uses is the one below.
-# The legacy CUDA tensor constructors (torch.cuda.FloatTensor, torch.cuda.sparse.LongTensor...).
+# The legacy dense CUDA tensor constructors (torch.cuda.FloatTensor...): called with a size,
+# each allocates that much GPU memory. (The torch.cuda.sparse ones allocate nothing for a size,
+# and the torch.cuda.*Storage names are storage-type markers that weights_only never calls.)
 CUDA_TENSOR_CLASSES = frozenset(f"{cls.__module__}.{cls.__name__}" for cls in torch._tensor_classes
-                                if cls.__module__.startswith("torch.cuda"))
+                                if cls.__module__ == "torch.cuda")
 
 
 def _weights_only_allowed() -> frozenset:

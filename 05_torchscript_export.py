@@ -53,12 +53,15 @@ import contextlib
 import copy
 import hashlib
 import importlib.metadata
+import inspect
 import io
 import json
 import logging
 import os
+import platform
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -125,27 +128,53 @@ def keep_compiler_caches_in(folder: Path) -> None:
 
 
 def compile_cache(name: str) -> Path:
-    """The folder for one kind of build product, inside Inductor's cache folder (the out-dir's
-    inductor_cache/ unless you set TORCHINDUCTOR_CACHE_DIR): see build_once."""
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / name
+    """The folder for one kind of build product, inside Inductor's cache folder (here the
+    out-dir's inductor_cache/, unless you set TORCHINDUCTOR_CACHE_DIR): see build_once."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir  # honours the variable
+
+    return Path(cache_dir()) / name
 
 
 def aoti_cache_key(program: torch.export.ExportedProgram) -> list[str | bytes]:
     """What decides an AOTInductor package: the program (graph and weights, as
-    torch.export.save writes them), torch, the C++ compiler, Inductor's settings and the CPU
-    instruction set the kernels are compiled for. AOTInductor itself caches nothing: Inductor's
+    torch.export.save writes them), torch (and the hash of its source), the C++ compiler,
+    Inductor's settings, the GPU, CUDA and Triton where there are any, the number of threads
+    the CPU kernels are built for, and the CPU they are compiled for (Inductor passes
+    -march=native, so a package built on an AVX-512 machine may not run on one without).
+    AOTInductor itself caches nothing: Inductor's
     FX graph cache skips ahead-of-time compiles (compile_fx.py: ``and not aot_mode``). The
-    settings are taken as that cache takes them, save_config_portable(): config.get_hash()
-    would hash xpu.cutlass_dir too, which is the folder Python started in."""
+    settings are taken as that cache takes them (save_config_portable): config.get_hash()
+    would hash xpu.cutlass_dir too, the working folder when Inductor's config was imported."""
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     compiler = get_cpp_compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    settings = repr(sorted(torch._inductor.config.save_config_portable().items()))
+    from torch._inductor.codecache import CacheBase
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.utils import parallel_num_threads
+
+    settings = repr(sorted((name, value) for name, value in torch._inductor.config
+                           .save_config_portable(ignore_private_configs=False).items()
+                           if name != "aot_inductor.metadata"))  # the last compile fills it
     return [buffer.getvalue(), torch.__version__, compiler, version, settings,
-            torch.backends.cpu.get_cpu_capability()]
+            repr(CacheBase.get_system()),  # torch's source hash; GPU, CUDA, Triton if any
+            str(parallel_num_threads()),  # CPU kernels are built for this many threads
+            platform.machine(), native_cpu(),  # Inductor compiles with -march=native
+            str(pick_vec_isa())]  # the vector instruction set Inductor's kernels use
+
+
+def native_cpu() -> str:
+    """The CPU that -march=native compiles for: its model and feature flags on Linux (so a
+    package built on an AVX-512 machine is not copied to one without), else what Python
+    knows of it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(wanted))  # each distinct line once (one per core)
 
 
 def has_cpp_compiler() -> bool:
@@ -159,9 +188,8 @@ def has_cpp_compiler() -> bool:
 # runs both on one input and writes both outputs. Tensors cross the language border as files:
 # torch::jit::pickle_load reads a tensor that Python saved with torch.save, and
 # torch::jit::pickle_save writes a tuple that Python reads with torch.load(weights_only=True).
-# It includes the headers it uses, not <torch/script.h> (which pulls in the whole C++ frontend),
-# and cpp_loader_command builds it with -O0 (its work happens inside libtorch, which is already
-# optimised): measured here, 24 s with <torch/script.h> and -O1, 13 s like this.
+# It includes the three headers it uses, not <torch/script.h>, which adds every ATen operator
+# header through <ATen/ATen.h> (g++ -M here: about 3,400 headers to parse instead of 5,000).
 CPP_LOADER = r"""// load_model.cpp: run a TorchScript file and an AOTInductor package; no Python.
 // Usage: load_model TORCHSCRIPT.pt AOTI_PACKAGE.pt2 INPUT.pt OUTPUT.pt DEVICE
 #include <ATen/core/grad_mode.h>                                // at::NoGradGuard
@@ -255,7 +283,7 @@ def cpp_loader_command(compiler: str, source: Path, binary: Path) -> list[str]:
     includes = [f"-I{folder}" for folder in cpp_extension.include_paths()]
     libraries = cpp_extension.library_paths()
     keep_all = ["-Wl,--no-as-needed"] if sys.platform.startswith("linux") else []  # GNU ld
-    return [compiler, "-std=c++20", "-O0", str(source), "-o", str(binary), *includes,
+    return [compiler, "-std=c++20", "-O1", str(source), "-o", str(binary), *includes,
             *[f"-L{folder}" for folder in libraries], *keep_all,
             "-ltorch", "-ltorch_cpu", "-lc10", *[f"-Wl,-rpath,{folder}" for folder in libraries],
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
@@ -267,11 +295,14 @@ def build_once(cache: Path | None, key: Iterable[str | bytes], target: Path,
 
     A compile is a function of its inputs: the same source or program, tool versions and
     settings give the same file. So each result is kept in ``cache`` under the SHA-256 of
-    everything that decides it (``key``), and a later run with the same inputs copies it
-    instead of compiling again. Returns the build's seconds, or None when it was copied.
-    Files are written under temporary names and renamed when complete: an interrupted
-    build, or another process reading the cache meanwhile, never sees half a file. Trust the
-    cache folder as you trust Inductor's own cache beside it: code from both runs here.
+    everything that decides it (``key``), with the SHA-256 of its bytes beside it, written
+    last; a later run with the same inputs copies it instead of compiling again, if it is
+    a regular file (not a link) whose bytes match. Returns the build's seconds, or None when
+    it was copied. Every file is written under a unique temporary name (two processes or
+    threads may build the same key at once) and renamed when complete: an interrupted build
+    never leaves half a file under the final name. A cache that cannot be written is a
+    warning; the target is still made. Trust the cache folder as you trust Inductor's own
+    cache beside it: code from both runs here.
     """
     digest = hashlib.sha256()
     for part in key:  # length-prefixed: ("ab", "c") and ("a", "bc") differ
@@ -279,26 +310,73 @@ def build_once(cache: Path | None, key: Iterable[str | bytes], target: Path,
         digest.update(len(data).to_bytes(8, "little") + data)
     cached = (cache / f"{target.stem}-{digest.hexdigest()[:16]}{target.suffix}"
               if cache is not None else None)
-    # the suffix stays last: aoti_compile_and_package wants a package path ending in .pt2
-    partial = target.with_name(f"{target.stem}.{os.getpid()}.partial{target.suffix}")
-    if cached is not None and cached.is_file():
-        shutil.copy2(cached, partial)
-        os.replace(partial, target)
-        return None
-    started = time.perf_counter()
+    partial = unique_partial(target)  # keeps the suffix: AOTInductor wants a path ending .pt2
     try:
+        if cached is not None and cache_hit(cached):
+            shutil.copyfile(cached, partial)
+            shutil.copymode(cached, partial)  # a program stays executable
+            os.replace(partial, target)
+            return None
+        started = time.perf_counter()
         build(partial)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    seconds = time.perf_counter() - started
-    if cached is not None:  # copy, then rename: another process never reads half a file
-        cache.mkdir(parents=True, exist_ok=True)
-        spare = cached.with_name(f"{cached.stem}.{os.getpid()}.partial{cached.suffix}")
-        shutil.copy2(partial, spare)
-        os.replace(spare, cached)
-    os.replace(partial, target)
-    return seconds
+        seconds = time.perf_counter() - started
+        if cached is not None:
+            try:
+                keep_in_cache(partial, cached)
+            except OSError as err:
+                warnings.warn(f"compile cache not written ({cached}): {err}", RuntimeWarning,
+                              stacklevel=2)
+        os.replace(partial, target)
+        return seconds
+    finally:
+        partial.unlink(missing_ok=True)  # gone already after a rename; a failed build's rest
+
+
+def unique_partial(path: Path) -> Path:
+    """A new, empty, uniquely named file beside ``path`` to write it under (same suffix)."""
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
+                                    suffix=f".partial{path.suffix}")
+    os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)  # mkstemp makes it 0600; a plain file would get this
+    return Path(name)
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def cache_hit(cached: Path) -> bool:
+    """Whether ``cached`` is a regular file (not a symlink) whose bytes have the SHA-256 that
+    keep_in_cache recorded beside it after writing it (a torn or edited entry is a miss)."""
+    record = cached.with_name(cached.name + ".sha256")
+    try:
+        if not stat.S_ISREG(os.lstat(cached).st_mode) or os.path.islink(record):
+            return False
+        return record.read_text().strip() == file_sha256(cached)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def keep_in_cache(built: Path, cached: Path) -> None:
+    """Copy ``built`` to ``cached`` and then its SHA-256 beside it, each flushed to disk and
+    renamed into place: a reader never takes a half-copied entry for a whole one."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    record = cached.with_name(cached.name + ".sha256")
+    for destination, content in ((cached, built.read_bytes()),
+                                 (record, file_sha256(built).encode())):
+        spare = unique_partial(destination)
+        try:
+            with spare.open("wb") as handle:
+                handle.write(content)
+                handle.flush()
+                os.fsync(handle.fileno())
+            shutil.copymode(built, spare)
+            os.replace(spare, destination)
+        finally:
+            spare.unlink(missing_ok=True)
 
 
 def build_cpp_loader(folder: Path, compiler: str, cache: Path | None = None) -> float | None:
@@ -425,9 +503,11 @@ def export_to_executorch(program: torch.export.ExportedProgram, path: Path) -> P
 
 def lower_once(program_file: Path, path: Path) -> float | None:
     """export_to_executorch on the program in ``program_file`` (a torch.export.save file),
-    through build_once: the .pte is kept under a hash of that file, executorch and torch.
+    through build_once: the .pte is kept under a hash of that file, executorch, torch and
+    the recipe (export_to_executorch's source: its partitioner and settings).
     Returns the lowering's seconds, or None when a previous run's .pte was copied."""
-    key = [program_file.read_bytes(), torch.__version__, importlib.metadata.version("executorch")]
+    key = [program_file.read_bytes(), torch.__version__, importlib.metadata.version("executorch"),
+           inspect.getsource(export_to_executorch)]  # the recipe: partitioner and settings
     return build_once(compile_cache("executorch"), key, path, lambda partial: export_to_executorch(
         torch.export.load(program_file), partial))
 
@@ -892,7 +972,7 @@ if in_notebook():
 # them; pickle_save writes a tuple that torch.load(weights_only=True) reads back).
 # Build it against the libtorch inside the pip wheel, as setup did (cpp_loader_command):
 #     TORCH=$(python -c "import torch, os; print(os.path.dirname(torch.__file__))")
-#     g++ -std=c++20 -O0 load_model.cpp -o load_model -I$TORCH/include \
+#     g++ -std=c++20 load_model.cpp -o load_model -I$TORCH/include \
 #         -I$TORCH/include/torch/csrc/api/include -L$TORCH/lib -Wl,--no-as-needed \
 #         -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$TORCH/lib -D_GLIBCXX_USE_CXX11_ABI=1
 # or with CMake against a libtorch zip from pytorch.org (cpp/CMakeLists.txt):

@@ -212,14 +212,22 @@ class ScriptRuns:
             PARALLEL_RUNS, thread_name_prefix="script-runs")  # tests/confinement.py skips them
         self.futures: dict[tuple[str, str, str], concurrent.futures.Future] = {}
         self.s3 = None
+        self.s3_problem: str | None = None
 
     def s3_server(self):
         """The session's S3 server (SeaweedFS on free loopback ports), started on first use;
-        None where weed or s3fs is missing (07 then prints SKIPPED for its S3 sections)."""
+        None where weed or s3fs is missing or the server did not start (07 then starts its
+        own, or prints SKIPPED; ``s3_problem`` says why). A failed start is not retried."""
         from common.s3server import missing_requirement, start_s3_server
 
-        if self.s3 is None and missing_requirement() is None:
-            self.s3 = start_s3_server("ckpt", root=str(self.tmp_path_factory.mktemp("weed")))
+        if self.s3 is None and self.s3_problem is None:
+            self.s3_problem = missing_requirement()
+            if self.s3_problem is None:
+                try:
+                    self.s3 = start_s3_server("ckpt",
+                                              root=str(self.tmp_path_factory.mktemp("weed")))
+                except (RuntimeError, OSError) as err:
+                    self.s3_problem = f"the session's S3 server did not start: {err}"
         return self.s3
 
     def submit(self, fixture: str, stem: str, device: str = "cpu") -> concurrent.futures.Future:
@@ -240,9 +248,11 @@ class ScriptRuns:
         return self.futures[key]
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        if self.s3 is not None:
-            self.s3.stop()
+        try:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            if self.s3 is not None:
+                self.s3.stop()
 
     def get(self, fixture: str, stem: str, device: str = "cpu"):
         return self.submit(fixture, stem, device).result()
@@ -277,12 +287,14 @@ def script_runs(tmp_path_factory, pytestconfig, shared_compiler_cache):
     """Start every whole-script run the session needs: default runs first, longest first."""
     runs = ScriptRuns(tmp_path_factory)
     needed = pytestconfig.stash.get(NEEDED, {})
-    for fixture in RUN_FIXTURES:
-        for stem, device in sorted(needed.get(fixture, ()),
-                                   key=lambda key: (-expected_seconds(key[0]), key)):
-            runs.submit(fixture, stem, device)
-    yield runs
-    runs.close()
+    try:
+        for fixture in RUN_FIXTURES:
+            for stem, device in sorted(needed.get(fixture, ()),
+                                       key=lambda key: (-expected_seconds(key[0]), key)):
+                runs.submit(fixture, stem, device)
+        yield runs
+    finally:
+        runs.close()
 
 
 @pytest.fixture(scope="session")

@@ -238,9 +238,10 @@ def test_an_interrupt_inside_wait_never_lets_the_next_save_reuse_the_buffer(tmp_
 
     The Ctrl-C is raised where the signal's handler would raise it, inside Future.result()
     (a real SIGINT from a timer thread proved unreliable under load: nothing interrupted the
-    main thread's wait). The write of step 1 is held until the next save() waits for it; a
-    manager that forgot it after the interrupt would copy step 2 into the buffer that write
-    still reads, and step 1's file would hold step 2's weights."""
+    main thread's wait). The write of step 1 is held until the next save() waits for it. A
+    manager that forgot it after the interrupt fails the busy check; one that also reused the
+    buffer that write still reads would leave step 2's weights in step 1's file (checked at
+    the end)."""
     release = threading.Event()
 
     def slow_writer(obj, handle):

@@ -6,6 +6,7 @@ import concurrent.futures
 import hashlib
 import os
 import subprocess
+import threading
 import warnings
 from pathlib import Path
 
@@ -156,6 +157,44 @@ def test_build_once_copies_the_same_inputs_and_rebuilds_for_new_ones(tmp_path):
     assert sorted(cache.iterdir()) == entries  # nothing kept from the failed build
     assert [p.name for p in target.parent.iterdir()] == ["thing.pt2"]  # no partial left
     assert lesson.build_once(None, ["program", b"v1"], target, build(b"third")) is not None
+
+    def program(partial):  # a compiler's output is executable; its copies must be too
+        partial.write_bytes(b"#!/bin/sh\n")
+        partial.chmod(0o755)
+
+    other = tmp_path / "out2" / "tool"
+    other.parent.mkdir()
+    for folder in (target.parent, other.parent):  # built, then copied into a fresh folder
+        lesson.build_once(cache, ["tool"], folder / "tool", program)
+        assert os.access(folder / "tool", os.X_OK)
+
+
+def test_build_once_never_serves_a_torn_or_linked_entry_and_two_builders_both_land(tmp_path):
+    cache, target = tmp_path / "cache", tmp_path / "out" / "thing.pt2"
+    target.parent.mkdir()
+    assert lesson.build_once(cache, ["k"], target, lambda p: p.write_bytes(b"good" * 1000))
+    (entry,) = [p for p in cache.iterdir() if p.suffix == ".pt2"]
+    entry.write_bytes(b"good")  # torn (a power cut before the hash was written, an edit)
+    assert lesson.build_once(cache, ["k"], target, lambda p: p.write_bytes(b"new")) is not None
+    assert target.read_bytes() == b"new" and lesson.cache_hit(entry)  # rebuilt and re-kept
+    outside = tmp_path / "outside.pt2"
+    outside.write_bytes(b"new")
+    entry.unlink()
+    entry.symlink_to(outside)  # a link with the right bytes is still not an entry
+    assert lesson.build_once(cache, ["k"], target, lambda p: p.write_bytes(b"third")) is not None
+    assert target.read_bytes() == b"third" and outside.read_bytes() == b"new"
+
+    both_inside = threading.Barrier(2, timeout=60)
+
+    def slow(partial):  # two threads build one key at once: unique temporary names
+        both_inside.wait()
+        partial.write_bytes(b"same" * 100_000)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: lesson.build_once(cache, ["t"], target, slow), range(2)))
+    assert all(result is not None for result in results)
+    assert target.read_bytes() == b"same" * 100_000
+    assert [p.name for p in target.parent.iterdir()] == ["thing.pt2"]
 
 
 def test_executorch_program_runs_at_batch_1_and_above_the_example(default_run):

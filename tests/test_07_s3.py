@@ -31,7 +31,10 @@ STEM = "07_distributed_training"
 
 @pytest.fixture(scope="module")
 def server(script_runs):
-    return script_runs.s3_server()
+    started = script_runs.s3_server()
+    if started is None:
+        pytest.fail(script_runs.s3_problem)  # weed and s3fs are here (pytestmark): a real failure
+    return started
 
 
 @pytest.fixture(scope="module")

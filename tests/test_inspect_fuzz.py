@@ -643,8 +643,9 @@ def test_the_confirming_load_prints_no_warning_of_the_files_calls(tmp_path, caps
 
 
 def test_a_gpu_constructor_is_never_confirmed_on_a_gpu_machine(tmp_path, capsys, monkeypatch):
-    """torch.cuda.FloatTensor(2**40) is on weights_only's allow-list; on a machine with a GPU
-    the confirming load would allocate GPU memory, which the memory cap does not bound."""
+    """torch.cuda.FloatTensor is on weights_only's allow-list (a file may call it on 2**40); on
+    a machine with a GPU the confirming load would allocate GPU memory, which the memory cap
+    does not bound."""
     called = []
     monkeypatch.setattr(lesson, "_confirm_load", lambda *args, **kwargs: called.append(args))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
@@ -652,7 +653,7 @@ def test_a_gpu_constructor_is_never_confirmed_on_a_gpu_machine(tmp_path, capsys,
     status, out, err = inspect_cli(tmp_path / "gpu.pt", capsys)
     assert_clean(out, err)
     assert status == 2 and called == []
-    assert "torch.cuda.FloatTensor, which allocates GPU memory" in out
+    assert "torch.cuda.FloatTensor, a constructor that allocates GPU memory" in out
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine confirms
     inspect_cli(tmp_path / "gpu.pt", capsys)
     assert len(called) == 1
