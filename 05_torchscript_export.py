@@ -23,9 +23,11 @@ What you will learn (each section runs real code and prints the measured figure)
 Run it:   python 05_torchscript_export.py [--device cpu|cuda] [--out-dir DIR] [--seed N]
           As a notebook: run the cells top to bottom from the project folder (jupytext,
           VS Code, PyCharm); flags go in the LESSON_ARGS environment variable.
-Takes:    about 45 s on a 2-core CPU, most of it C++ compiles: AOTInductor's, torch.compile's
+Takes:    about 60 s on a 2-core CPU, most of it C++ compiles: AOTInductor's, torch.compile's
           and the C++ program's (needs g++/clang++; without one, those are skipped with a
-          message), and about 10 s for ExecuTorch (import and lowering).
+          message), and about 10 s for ExecuTorch (import and lowering); about 35 s when run
+          again, as a second run copies the AOTInductor package, the C++ program and the
+          .pte from inductor_cache/ (build_once).
 Next:     06_transfer_learning.py, loading what fits into a changed model.
 
 Files it writes (in --out-dir): example_input.pt (the batch every export traced with),
