@@ -341,7 +341,7 @@ def in_world(run: Run, world: int, *lessons: Callable[[Path, torch.device, int],
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 # What the forkserver imports once, so that no process of any world imports it again: torch,
 # DCP and FSDP2; torch._dynamo, which the first DTensor that fully_shard builds would import in
-# every process of every world (DTensor.__new__ is wrapped in torch._compile._disable_dynamo:
+# every process of every world (DTensor.__init__ is wrapped in torch._compile._disable_dynamo:
 # 1 s a process here); s3fs for sections 7-8 (an ImportError in the preload is ignored).
 WORLD_PRELOAD = ["torch", "torch._dynamo", "torch.distributed.checkpoint",
                  "torch.distributed.fsdp", "s3fs", "common.distributed"]
