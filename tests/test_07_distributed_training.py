@@ -82,41 +82,62 @@ def summary_of(out_dir):
     return json.loads((out_dir / "summary.json").read_text())
 
 
-def test_runs_under_torchrun(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=3", SCRIPT, "--device", "cpu", "--out-dir",
-               str(tmp_path / "out")]
-    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
-                               timeout=600, check=False)
+OVERLAP = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from tests.conftest import load_script
+lesson = load_script("07_distributed_training")
+out_dir, other_job, release = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+start_processes = lesson.mp.start_processes
+
+
+def start_alongside_the_other_job(*args, **kwargs):
+    # in_world holds its rendezvous store by now, on the port its processes get
+    print("store on port", kwargs["args"][3], flush=True)
+    while not (other_job / "portable_model.pt").exists() and not release.exists():
+        time.sleep(0.05)  # the torchrun job is about to start a world of its own
+    start_processes(*args, **kwargs)
+    while not release.exists():  # hold the store until the torchrun job has ended
+        time.sleep(0.05)
+
+
+lesson.mp.start_processes = start_alongside_the_other_job
+run = lesson.setup(["--device", "cpu", "--out-dir", out_dir])
+print(lesson.in_world(run, 2, lesson.lesson_2_ddp)["ddp_ranks_max_abs_diff"])
+"""
+
+
+def test_runs_under_torchrun_while_another_job_starts_a_world(tmp_path):
+    """torchrun's 3 processes are the saving world, and its rank 0 starts a world of 2 for
+    lesson 4, while a second job on this machine holds a world's rendezvous store of its own
+    and runs a world of 2 when the torchrun job starts its world: each gets its own port (the
+    parent holds it), and neither waits for or joins the other."""
+    release, torchrun_out = tmp_path / "release", tmp_path / "torchrun_out"
+    other = subprocess.Popen([sys.executable, "-c", OVERLAP.format(root=str(ROOT)),
+                              str(tmp_path / "other_out"), str(torchrun_out), str(release)],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    try:
+        lines = []  # wait until the other job holds its store: then start torchrun
+        while not (lines and lines[-1].startswith("store on port")):
+            lines.append(other.stdout.readline())
+            assert lines[-1], "".join(lines)[-3000:]  # it ended before holding a store
+        completed = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc_per_node=3", SCRIPT, "--device", "cpu", "--out-dir", str(torchrun_out)],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    finally:
+        release.touch()
+    output = "".join(lines) + other.communicate(timeout=600)[0]
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
-    metrics = summary_of(tmp_path / "out")["metrics"]
+    metrics = summary_of(torchrun_out)["metrics"]
     assert metrics["save_world_size"] == 3 and metrics["reshard_world_size"] == 2
     assert metrics["dcp_files"] == 3
     assert metrics["reshard_max_abs_diff"] == 0.0
     assert metrics["reshard_optimizer_max_abs_diff"] == 0.0  # Adam's state resharded too
     assert metrics["ddp_ranks_max_abs_diff"] == 0.0
     assert metrics["dcp_no_dist_max_abs_diff"] == 0.0
-
-
-OVERLAP = """
-import sys
-sys.path.insert(0, {root!r})
-from tests.conftest import load_script
-lesson = load_script("07_distributed_training")
-run = lesson.setup(["--device", "cpu", "--out-dir", sys.argv[1]])
-print(lesson.in_world(run, 2, lesson.lesson_2_ddp)["ddp_ranks_max_abs_diff"])
-"""
-
-
-def test_two_runs_can_overlap(tmp_path):
-    """Two jobs on one machine, each starting a world at the same moment: each gets its own
-    rendezvous port (the parent holds it), and neither waits for or joins the other."""
-    code = OVERLAP.format(root=str(ROOT))
-    processes = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"run{i}")],
-                                  cwd=tmp_path, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [process.communicate(timeout=600)[0] for process in processes]
-    for process, output in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, output[-3000:]
-        assert output.strip().splitlines()[-1] == "0.0"
-        assert "======== 2. DDP" in output  # the lesson's banner and rank 0's lines came back
+    assert other.returncode == 0, output[-3000:]
+    assert output.strip().splitlines()[-1] == "0.0"
+    assert "======== 2. DDP" in output  # the lesson's banner and rank 0's lines came back
