@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -77,20 +78,32 @@ def stems_needed(items, fixture: str) -> set[tuple[str, str]]:
 
 
 NEEDED = pytest.StashKey[dict]()
+WORK_MODULES = pytest.StashKey[set]()
+# Long tests whose work is other processes (torchrun, kill -9 sequences: mostly waiting) hand
+# that work to @background_work at import; the session starts it at once in a lane of its
+# own, beside the script runs, and the test takes the result (background_result fixture):
+# the minutes it waits then overlap the unit tests instead of following them.
+BACKGROUND_WORK: dict[str, Callable[[Path], object]] = {}
+
+
+def background_work(function: Callable[[Path], object]) -> Callable[[Path], object]:
+    """Register ``function(folder)`` to run in the background from the session's start."""
+    BACKGROUND_WORK[f"{function.__module__}.{function.__name__}"] = function
+    return function
 
 
 def waits_for_a_run(item) -> bool:
-    """Whether a test must wait for a whole-script run before its work starts. A test marked
-    ``run_at_end`` (a long test that compares with the default run only at its end) runs with
-    the unit tests instead: its own work then overlaps the background runs."""
-    return (any(f in getattr(item, "fixturenames", ()) for f in RUN_FIXTURES)
-            and item.get_closest_marker("run_at_end") is None)
+    """Whether a test waits for background work (a whole-script run, a @background_work)."""
+    return any(f in getattr(item, "fixturenames", ()) for f in (*RUN_FIXTURES,
+                                                                "background_result"))
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: start only the runs still needed
 def pytest_collection_modifyitems(session, config, items):
     """Remember which whole-script runs the session needs; run their tests last."""
     config.stash[NEEDED] = {fixture: stems_needed(items, fixture) for fixture in RUN_FIXTURES}
+    config.stash[WORK_MODULES] = {item.module.__name__ for item in items
+                                  if "background_result" in getattr(item, "fixturenames", ())}
     items.sort(key=waits_for_a_run)
 
 
@@ -213,6 +226,17 @@ class ScriptRuns:
         self.futures: dict[tuple[str, str, str], concurrent.futures.Future] = {}
         self.s3 = None
         self.s3_problem: str | None = None
+        self.work_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="script-runs-work")
+        self.work_futures: dict[str, concurrent.futures.Future] = {}
+
+    def work(self, function: Callable[[Path], object]) -> concurrent.futures.Future:
+        """Start ``function`` (registered with background_work) once, in its own folder."""
+        key = f"{function.__module__}.{function.__name__}"
+        if key not in self.work_futures:
+            folder = self.tmp_path_factory.mktemp(function.__name__[:30])
+            self.work_futures[key] = self.work_pool.submit(function, folder)
+        return self.work_futures[key]
 
     def s3_server(self):
         """The session's S3 server (SeaweedFS on free loopback ports), started on first use;
@@ -249,6 +273,7 @@ class ScriptRuns:
 
     def close(self) -> None:
         try:
+            self.work_pool.shutdown(wait=True, cancel_futures=True)
             self.pool.shutdown(wait=True, cancel_futures=True)
         finally:
             if self.s3 is not None:
@@ -288,6 +313,10 @@ def script_runs(tmp_path_factory, pytestconfig, shared_compiler_cache):
     runs = ScriptRuns(tmp_path_factory)
     needed = pytestconfig.stash.get(NEEDED, {})
     try:
+        modules = pytestconfig.stash.get(WORK_MODULES, set())
+        for function in BACKGROUND_WORK.values():  # registered by the modules collected
+            if function.__module__ in modules:
+                runs.work(function)
         for fixture in RUN_FIXTURES:
             for stem, device in sorted(needed.get(fixture, ()),
                                        key=lambda key: (-expected_seconds(key[0]), key)):
@@ -301,6 +330,13 @@ def script_runs(tmp_path_factory, pytestconfig, shared_compiler_cache):
 def default_run(script_runs):
     """``default_run(stem, device)``: the script's default run, executed once per session."""
     return lambda stem, device="cpu": script_runs.get("default_run", stem, device)
+
+
+@pytest.fixture(scope="session")
+def background_result(script_runs):
+    """``background_result(function)``: what a @background_work function returned (its
+    exception, raised here, if it failed)."""
+    return lambda function: script_runs.work(function).result()
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import torch
 
 from common.compare import bit_identical, max_abs_diff
 from common.models import SmallCNN
-from tests.conftest import ROOT, load_script, run_env
+from tests.conftest import ROOT, background_work, load_script, run_env
 
 lesson = load_script("02_checkpoint_manager")
 CheckpointManager = lesson.CheckpointManager
@@ -440,10 +440,10 @@ def unfinished_saves(manifest):
             or (p.suffix == ".pt" and p.name not in named)]
 
 
-@pytest.mark.run_at_end
-def test_kill_9_at_random_steps_then_resume_is_bit_identical(default_run, tmp_path):
-    """SIGKILL at random instants, mid-epoch and mid-save, with step saves; then finish
-    with another K: the final weights equal the uninterrupted default run's."""
+@background_work
+def killed_at_random_steps_then_resumed(tmp_path):
+    """The kill -9 test's processes, run from the session's start (conftest's
+    background_work); returns the out-dir the final, resumed run wrote."""
     out_dir = tmp_path / "killed"
     manifest = out_dir / "checkpoints" / "manifest.json"
     chance = random.Random(1234)
@@ -477,13 +477,22 @@ def test_kill_9_at_random_steps_then_resume_is_bit_identical(default_run, tmp_pa
     stdout, stderr = final.communicate(timeout=300)
     assert final.returncode == 0, stderr[-2000:]
     assert "resumed from" in stdout
-    reference = default_run("02_checkpoint_manager")  # asked for last: see run_at_end
+    return out_dir
+
+
+def test_kill_9_at_random_steps_then_resume_is_bit_identical(default_run, background_result):
+    """SIGKILL at random instants, mid-epoch and mid-save, with step saves; then finish
+    with another K: the final weights equal the uninterrupted default run's."""
+    out_dir = background_result(killed_at_random_steps_then_resumed)
+    reference = default_run("02_checkpoint_manager")
     assert reference.returncode == 0, reference.stderr[-2000:]
     assert bit_identical(final_weights(reference.out_dir), final_weights(out_dir))
 
 
-@pytest.mark.run_at_end
-def test_sigterm_mid_epoch_saves_exits_143_and_resume_is_bit_identical(default_run, tmp_path):
+@background_work
+def preempted_by_sigterm_then_resumed(tmp_path):
+    """The SIGTERM test's processes, run from the session's start (conftest's
+    background_work); returns the out-dir the resumed run wrote."""
     out_dir = tmp_path / "preempted"
     process = run_cli(out_dir, "--step-delay", "0.1")
     for line in process.stdout:
@@ -504,7 +513,13 @@ def test_sigterm_mid_epoch_saves_exits_143_and_resume_is_bit_identical(default_r
     stdout, stderr = final.communicate(timeout=300)
     assert final.returncode == 0, stderr[-2000:]
     assert f"resumed from {entry.file}" in stdout
-    reference = default_run("02_checkpoint_manager")  # asked for last: see run_at_end
+    return out_dir
+
+
+def test_sigterm_mid_epoch_saves_exits_143_and_resume_is_bit_identical(default_run,
+                                                                      background_result):
+    out_dir = background_result(preempted_by_sigterm_then_resumed)
+    reference = default_run("02_checkpoint_manager")
     assert bit_identical(final_weights(reference.out_dir), final_weights(out_dir))
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from common.compare import max_abs_diff
 from common.models import SmallCNN
-from tests.conftest import ROOT, load_script
+from tests.conftest import ROOT, background_work, load_script
 
 lesson = load_script("07_distributed_training")
 SCRIPT = str(ROOT / "07_distributed_training.py")
@@ -108,11 +108,10 @@ print(lesson.in_world(run, 2, lesson.lesson_2_ddp)["ddp_ranks_max_abs_diff"])
 """
 
 
-def test_runs_under_torchrun_while_another_job_starts_a_world(tmp_path):
-    """torchrun's 3 processes are the saving world, and its rank 0 starts a world of 2 for
-    lesson 4, while a second job on this machine holds a world's rendezvous store of its own
-    and runs a world of 2 when the torchrun job starts its world: each gets its own port (the
-    parent holds it), and neither waits for or joins the other."""
+@background_work
+def torchrun_beside_another_job(tmp_path):
+    """The test below, its processes run from the session's start (conftest's
+    background_work): (torchrun's CompletedProcess, the other job's output and status)."""
     release, torchrun_out = tmp_path / "release", tmp_path / "torchrun_out"
     other = subprocess.Popen([sys.executable, "-c", OVERLAP.format(root=str(ROOT)),
                               str(tmp_path / "other_out"), str(torchrun_out), str(release)],
@@ -130,6 +129,16 @@ def test_runs_under_torchrun_while_another_job_starts_a_world(tmp_path):
     finally:
         release.touch()
     output = "".join(lines) + other.communicate(timeout=600)[0]
+    return completed, torchrun_out, output, other.returncode
+
+
+def test_runs_under_torchrun_while_another_job_starts_a_world(background_result):
+    """torchrun's 3 processes are the saving world, and its rank 0 starts a world of 2 for
+    lesson 4, while a second job on this machine holds a world's rendezvous store of its own
+    and runs a world of 2 when the torchrun job starts its world: each gets its own port (the
+    parent holds it), and neither waits for or joins the other."""
+    completed, torchrun_out, output, other_status = background_result(
+        torchrun_beside_another_job)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
     metrics = summary_of(torchrun_out)["metrics"]
     assert metrics["save_world_size"] == 3 and metrics["reshard_world_size"] == 2
@@ -138,6 +147,6 @@ def test_runs_under_torchrun_while_another_job_starts_a_world(tmp_path):
     assert metrics["reshard_optimizer_max_abs_diff"] == 0.0  # Adam's state resharded too
     assert metrics["ddp_ranks_max_abs_diff"] == 0.0
     assert metrics["dcp_no_dist_max_abs_diff"] == 0.0
-    assert other.returncode == 0, output[-3000:]
+    assert other_status == 0, output[-3000:]
     assert output.strip().splitlines()[-1] == "0.0"
     assert "======== 2. DDP" in output  # the lesson's banner and rank 0's lines came back
