@@ -36,6 +36,14 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PARALLEL_RUNS = max(1, min(2, os.cpu_count() or 1))
 
 
+# The tests in this process get one intra-op thread too, for the same reason: beside two
+# background runs, torch's default (a thread per core) only adds threads that wait on each
+# other. Results within this process do not depend on the count; the comparisons with a
+# script's run are made between runs that all have one thread (run_env).
+if PARALLEL_RUNS > 1:
+    torch.set_num_threads(1)
+
+
 def run_env() -> dict[str, str]:
     """The environment of a background run: this one (the shared compiler cache included)."""
     return {**os.environ, "OMP_NUM_THREADS": "1"} if PARALLEL_RUNS > 1 else dict(os.environ)
