@@ -155,6 +155,20 @@ def confined_writes(request):
                         request.getfixturevalue("monkeypatch"), tuple(session_caches))
 
 
+def open_descriptors(folder) -> list[str]:
+    """This process's open descriptors on files under ``folder``: only these count in a leak
+    check, as the session's background threads open and close descriptors of their own."""
+    folder, found = os.path.realpath(folder), []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # closed since listdir
+            continue
+        if target.startswith(folder + os.sep):
+            found.append(target)
+    return sorted(found)
+
+
 def load_script(stem: str) -> ModuleType:
     """Import ``NN_name.py`` as a module (its name starts with a digit, so ``import`` cannot)."""
     name = f"lesson_{stem}"

@@ -26,7 +26,7 @@ import warnings
 import pytest
 import torch
 
-from tests.conftest import load_script
+from tests.conftest import load_script, open_descriptors
 
 lesson = load_script("02_checkpoint_manager")
 CheckpointManager = lesson.CheckpointManager
@@ -741,7 +741,7 @@ def test_verify_names_every_problem_and_leaks_no_descriptor(tmp_path, damage):
         path = manager.save(state(1, 1), step=1, epoch=1, metrics={"val_loss": 0.5})
         entry = manager.list()[0]
         assert manager.verify(entry) is None
-        before = len(os.listdir("/proc/self/fd"))
+        before = open_descriptors(tmp_path)
         if damage == "missing":
             path.unlink()
         elif damage == "symlink":
@@ -760,7 +760,7 @@ def test_verify_names_every_problem_and_leaks_no_descriptor(tmp_path, damage):
             path.write_bytes(bytes(data))
         problem = manager.verify(entry)
         assert isinstance(problem, str) and problem, damage
-        assert len(os.listdir("/proc/self/fd")) == before
+        assert open_descriptors(tmp_path) == before
 
 
 @pytest.mark.parametrize("journal", ["deleting", "writing"])

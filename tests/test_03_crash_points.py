@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.models import MLP
-from tests.conftest import load_script
+from tests.conftest import load_script, open_descriptors
 
 lesson = load_script("03_model_versioning")
 TINY = {"class": "MLP", "kwargs": {"in_features": 4, "hidden": 4, "num_classes": 2,
@@ -185,10 +185,6 @@ def test_a_register_killed_at_every_filesystem_step_loses_nothing(base, tmp_path
     assert any(".partial, left by" in m for m in messages)  # killed inside the index write
 
 
-def open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def test_a_register_interrupted_at_every_filesystem_step_loses_nothing(base, tmp_path):
     source, old, new = base
     states, point = [], 0
@@ -196,14 +192,14 @@ def test_a_register_interrupted_at_every_filesystem_step_loses_nothing(base, tmp
         point += 1
         root = tmp_path / f"interrupt{point}"
         shutil.copytree(source, root)
-        before = open_descriptors()
+        before = open_descriptors(tmp_path)
         interrupted = False
         with FaultInjector(point, interrupt):
             try:
                 register(lesson.ModelRegistry(root, code_folder=root), 1)
             except KeyboardInterrupt:
                 interrupted = True
-        assert open_descriptors() == before  # nothing leaked: the lock was released
+        assert open_descriptors(tmp_path) == before  # nothing leaked: the lock was released
         states.append(check_state(root, old, new)[0])
         if not interrupted:
             break
