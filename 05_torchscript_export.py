@@ -346,8 +346,13 @@ def unique_partial(path: Path) -> Path:
 
 
 def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (hashlib.file_digest needs Python 3.11;
+    torch 2.14 still runs on 3.10)."""
+    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cache_hit(cached: Path) -> bool:
