@@ -120,9 +120,17 @@ def keep_compiler_caches_in(folder: Path) -> None:
 
     By default they go to /tmp/torchinductor_<user>. TORCHINDUCTOR_CACHE_DIR moves the kernel
     cache (if you set it yourself, your choice wins: a warm cache makes the next compile
-    several times faster); precompiled headers have their own location, so we switch them off.
+    several times faster). Setting a variable imports nothing, so setup calls this first and
+    starts the C++ build at once; switch_off_precompiled_headers() imports Inductor after.
+    An empty variable counts as unset: Inductor would make "" the current folder.
     """
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+
+
+def switch_off_precompiled_headers() -> None:
+    """Precompiled headers have their own location, outside the cache folder: switch them
+    off. Importing Inductor's config imports torch._dynamo (about 2 s here)."""
     import torch._inductor.config as inductor_config
 
     inductor_config.cpp_cache_precompile_headers = False
@@ -131,10 +139,13 @@ def keep_compiler_caches_in(folder: Path) -> None:
 
 def compile_cache(name: str) -> Path:
     """The folder for one kind of build product, inside Inductor's cache folder (here the
-    out-dir's inductor_cache/, unless you set TORCHINDUCTOR_CACHE_DIR): see build_once."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir  # honours the variable
+    out-dir's inductor_cache/, unless you set TORCHINDUCTOR_CACHE_DIR): see build_once.
 
-    return Path(cache_dir()) / name
+    torch._inductor.runtime.cache_dir_utils.cache_dir() returns the variable, made absolute,
+    once it is set, as keep_compiler_caches_in makes sure; it is read here directly because
+    importing that module imports all of Inductor first (about 2 s), and setup needs this
+    folder before the C++ build can start."""
+    return Path(os.path.abspath(os.environ["TORCHINDUCTOR_CACHE_DIR"])) / name
 
 
 def aoti_cache_key(program: torch.export.ExportedProgram) -> list[str | bytes]:
@@ -623,7 +634,7 @@ def quiet_torch_logs() -> Iterator[None]:
 def setup(argv: list[str] | None = None) -> tuple[Run, nn.Module, torch.Tensor, Future | None]:
     """Start the run and the C++ build, train the model, save the example input."""
     run = Run.start(HERE, make_parser(HERE, __doc__.splitlines()[0]), argv)
-    keep_compiler_caches_in(run.out_dir / "inductor_cache")
+    keep_compiler_caches_in(run.out_dir / "inductor_cache")  # first: before anything builds
     compiler = find_cxx_compiler()
     # On a CUDA wheel without a GPU, importing cpp_extension logs "No CUDA runtime is found".
     # Import it here: quiet_torch_logs() redirects the whole process's output, so the build
@@ -633,6 +644,7 @@ def setup(argv: list[str] | None = None) -> tuple[Run, nn.Module, torch.Tensor, 
     cpp_build = (start_in_background(build_cpp_loader, run.folder("cpp"), compiler,
                                      compile_cache("cpp_loader"))
                  if compiler else None)
+    switch_off_precompiled_headers()  # imports Inductor while the compiler runs
     model, loaders, accuracy = train_demo_model(run.device, run.seed)
     model.eval()
     print(f"trained SmallCNN for 2 epochs: validation accuracy {accuracy:.3f}")
@@ -1098,18 +1110,25 @@ if in_notebook():
 
 
 # %% 5. torch.compile: speed inside the same process
-# torch.compile(model) returns a wrapper that compiles on the first call (and again for new
-# shapes, until it marks them dynamic). Nothing is written that you could deploy: the compiled
-# code lives in this process (and in a cache). Use it to speed up training or a Python server;
-# use torch.export / AOTInductor to ship a file. Its state_dict gains an "_orig_mod." prefix
-# (07 shows how to strip it).
+# torch.compile(model) returns a wrapper that compiles on the first call, for that call's
+# shapes: the first call at a NEW batch size compiles again (then with a symbolic batch), a
+# second pause of seconds in the middle of serving. So this section compiles at the batch
+# size section 6 times, SIDE_BY_SIDE_BATCH; where the batch varies, torch.compile(model,
+# dynamic=True) compiles once for every size (its kernels take the size as an argument).
+# Pitfall: pass a tensor, not a view. Dynamo also guards on a view's base (a slice of a
+# loader batch has one), and a later input that is not a view fails that guard ("'NoneType'
+# object has no attribute 'size'" under TORCH_LOGS=recompiles) and compiles again.
+# Nothing is written that you could deploy: the compiled code lives in this process (and in
+# a cache). Use it to speed up training or a Python server; use torch.export / AOTInductor
+# to ship a file. Its state_dict gains an "_orig_mod." prefix (07 shows how to strip it).
+SIDE_BY_SIDE_BATCH = 8  # section 6's batch; inside every variant's limits (4c's plan too)
 
 
 def lesson_5_compile(run: Run, model: nn.Module, example: torch.Tensor) -> tuple:
-    """Compile the model; time the first call (the compile); compare outputs.
+    """Compile the model; time the first call (the compile) and the second; compare outputs.
 
-    The first call pays for the compile (seconds); later calls are fast. A server that
-    restarts often pays it at every start, which is one reason to ship AOTInductor instead.
+    The first call pays for the compile (seconds); later calls at that size are fast. A
+    server that restarts often pays it at every start: one reason to ship AOTInductor instead.
     """
     run.section("5. torch.compile: speed inside the same process")
     if not has_cpp_compiler():
@@ -1117,12 +1136,16 @@ def lesson_5_compile(run: Run, model: nn.Module, example: torch.Tensor) -> tuple
               "and on CUDA Triton builds a small C launcher per kernel")
         return None, {"compile_first_call_seconds": 0.0}
     compiled = torch.compile(model)
+    batch = torch.cat([example, example])[:SIDE_BY_SIDE_BATCH].clone()  # a tensor, not a view
     with torch.no_grad():
-        first = benchmark(lambda: compiled(example), warmup=0, repeats=1, device=run.device)
-        diff = max_abs_diff(compiled(example), model(example))
-    print(f"  first call (compiles): {first.median_ms / 1000:.1f} s; max |diff| = {diff:.3g}")
+        first = benchmark(lambda: compiled(batch), warmup=0, repeats=1, device=run.device)
+        second = benchmark(lambda: compiled(batch), warmup=0, repeats=1, device=run.device)
+        diff = max_abs_diff(compiled(batch), model(batch))
+    print(f"  batch {len(batch)}: first call (compiles) {first.median_ms / 1000:.1f} s, second "
+          f"call {second.median_ms:.2f} ms; max |diff| = {diff:.3g}")
     print(f"  compiled.state_dict() keys start with: {next(iter(compiled.state_dict()))!r}")
-    return compiled, {"compile_first_call_seconds": round(first.median_ms / 1000, 2)}
+    return compiled, {"compile_first_call_seconds": round(first.median_ms / 1000, 2),
+                      "compile_second_call_ms": round(second.median_ms, 3)}
 
 
 if in_notebook():
@@ -1565,8 +1588,6 @@ if in_notebook():
 #     replaces TorchScript's lite interpreter (PyTorch Mobile).
 #   - Other runtimes (ONNX Runtime, TensorRT, OpenVINO):  ONNX, see 04.
 #   - TorchScript:  only to keep existing deployments running; plan the move to torch.export.
-
-SIDE_BY_SIDE_BATCH = 8
 
 
 def lesson_6_side_by_side(run: Run, model: nn.Module, candidates: dict) -> dict:
