@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import importlib.util
 import json
 import os
@@ -38,10 +39,12 @@ PARALLEL_RUNS = max(1, min(2, os.cpu_count() or 1))
 
 # The tests in this process get one intra-op thread too, for the same reason: beside two
 # background runs, torch's default (a thread per core) only adds threads that wait on each
-# other. Results within this process do not depend on the count; the comparisons with a
-# script's run are made between runs that all have one thread (run_env).
+# other; and so do the processes the tests start (the variable is inherited). Results within
+# a process do not depend on the count; the comparisons with a script's run are made between
+# runs that all have one thread (run_env).
 if PARALLEL_RUNS > 1:
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def run_env() -> dict[str, str]:
@@ -128,6 +131,19 @@ def pytest_itemcollected(item):
 # they feed the code under test paths that point at the machine's files.
 CONFINED_MODULES = {"test_hostile_inputs.py", "test_02_crash_points.py", "test_03_crash_points.py",
                     "test_02_durability.py", "test_inspect_fuzz.py"}
+
+
+@pytest.fixture(autouse=True)
+def frozen_survivors():
+    """Before each test, freeze what the session holds (gc.freeze; it only splices lists).
+
+    The session keeps torch, onnx, executorch, the scripts and their caches alive to the end,
+    and each of Python's full collections would walk all of them again: measured in a suite
+    run, this process spent 12.5 s in 58 of them. Frozen, they are skipped, and a collection
+    walks only what the running test made. Reference counting still frees what a test drops.
+    """
+    gc.freeze()
+    yield
 
 
 @pytest.fixture(scope="session", autouse=True)
