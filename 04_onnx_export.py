@@ -169,17 +169,21 @@ def first_diverging_node(onnx_program: torch.onnx.ONNXProgram, args: tuple,
     objects it holds (measured here for SmallCNN in a fresh process: 16 collections, 4.1 s
     of 4.2 s; more in a notebook or a test session; 0.1 s in all with the freeze).
     gc.freeze() moves every object alive now out of the collector's sight, so each
-    collection only looks at what the check itself creates; gc.unfreeze() hands them back.
+    collection only looks at what the check itself creates; gc.unfreeze() hands them back,
+    unless the caller had frozen objects itself (a pre-fork server does): unfreeze() would
+    thaw those too, so then everything stays frozen.
     """
     verification_log = logging.getLogger("torch.onnx._internal.exporter._verification")
     level = verification_log.level
     verification_log.setLevel(logging.ERROR)  # it warns for every value past 0.01; we report
+    frozen_by_caller = gc.get_freeze_count() > 0
     gc.freeze()
     try:
         infos = torch.onnx.verification.verify_onnx_program(onnx_program, args=args,
                                                              compare_intermediates=True)
     finally:
-        gc.unfreeze()
+        if not frozen_by_caller:
+            gc.unfreeze()
         verification_log.setLevel(level)
     producers = {value.name: node for node in onnx_program.model.graph
                  for value in node.outputs}
