@@ -19,7 +19,7 @@ Run it:   python 04_onnx_export.py [--device cpu|cuda] [--out-dir DIR] [--seed N
           As a notebook: run the cells top to bottom from the project folder (jupytext,
           VS Code, PyCharm); flags go in the LESSON_ARGS environment variable.
 Takes:    about 17 s on a 2-core CPU (each export takes about a second; section 3d's
-          value-by-value verification about 3 s).
+          value-by-value verification 0.2 s).
 Next:     05_torchscript_export.py, TorchScript and its successors torch.export and AOTInductor.
 
 Files it writes (in --out-dir): model.onnx (one file, weights inside), model.optimized.onnx
@@ -164,10 +164,11 @@ def first_diverging_node(onnx_program: torch.onnx.ONNXProgram, args: tuple,
     producer is the node to look at. Returns (VerificationInfo, node) or (None, None) when
     every value agrees within ``atol``. It runs ORT once per value.
 
-    Pitfall: each time the check has run ORT, torch 2.14's ONNXProgram.release() calls
-    gc.collect() twice: a full collection of this whole process, whose cost grows with the
-    objects it holds (measured here for SmallCNN in a fresh process: 16 collections, 4.1 s
-    of 4.2 s; more in a notebook or a test session; 0.1 s in all with the freeze).
+    Pitfall: for each value, torch 2.14's ONNXProgram.compute_values() calls release()
+    before and after its ORT run, and release() calls gc.collect(): two full collections of
+    this whole process per value, whose cost grows with the objects it holds (measured here
+    for SmallCNN in a fresh process: 16 collections, 4.1 s of 4.2 s; more in a notebook or a
+    test session; 0.1 s in all with the freeze).
     gc.freeze() moves every object alive now out of the collector's sight, so each
     collection only looks at what the check itself creates; gc.unfreeze() hands them back,
     unless the caller had frozen objects itself (a pre-fork server does): unfreeze() would
