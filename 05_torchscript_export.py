@@ -143,8 +143,8 @@ def compile_cache(name: str) -> Path:
 
     torch._inductor.runtime.cache_dir_utils.cache_dir() returns the variable, made absolute,
     once it is set, as keep_compiler_caches_in makes sure; it is read here directly because
-    importing that module imports all of Inductor first (about 2 s), and setup needs this
-    folder before the C++ build can start."""
+    importing that module first imports the torch._inductor package, and with it
+    torch._dynamo (about 2 s), and setup needs this folder before the C++ build can start."""
     return Path(os.path.abspath(os.environ["TORCHINDUCTOR_CACHE_DIR"])) / name
 
 
