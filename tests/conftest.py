@@ -140,7 +140,9 @@ def frozen_survivors():
     The session keeps torch, onnx, executorch, the scripts and their caches alive to the end,
     and each of Python's full collections would walk all of them again: measured in a suite
     run, this process spent 12.5 s in 58 of them. Frozen, they are skipped, and a collection
-    walks only what the running test made. Reference counting still frees what a test drops.
+    walks only what the running test made. Reference counting still frees what a test drops;
+    reference cycles a test leaves uncollected are frozen with the rest at the next test's
+    start and never freed (memory, not time).
     """
     gc.freeze()
     yield
