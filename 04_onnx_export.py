@@ -19,7 +19,7 @@ Run it:   python 04_onnx_export.py [--device cpu|cuda] [--out-dir DIR] [--seed N
           As a notebook: run the cells top to bottom from the project folder (jupytext,
           VS Code, PyCharm); flags go in the LESSON_ARGS environment variable.
 Takes:    about 17 s on a 2-core CPU (each export takes about a second; section 3d's
-          value-by-value verification 0.2 s).
+          value-by-value verification under half a second).
 Next:     05_torchscript_export.py, TorchScript and its successors torch.export and AOTInductor.
 
 Files it writes (in --out-dir): model.onnx (one file, weights inside), model.optimized.onnx
