@@ -140,10 +140,16 @@ def frozen_survivors():
     The session keeps torch, onnx, executorch, the scripts and their caches alive to the end,
     and each of Python's full collections would walk all of them again: measured in a suite
     run, this process spent 12.5 s in 58 of them. Frozen, they are skipped, and a collection
-    walks only what the running test made. Reference counting still frees what a test drops;
-    reference cycles a test leaves uncollected are frozen with the rest at the next test's
-    start and never freed (memory, not time).
+    walks only what the running test made. Reference counting still frees what a test drops,
+    but not its reference cycles (a caught exception's traceback and frames, a module and its
+    hooks): frozen, they would stay for the session. So first collect the young generations,
+    where most of them still are; it walks only objects made since the last freeze. Measured
+    on test_02_crash_points, test_inspect_fuzz and test_hostile_inputs together: 70,000 such
+    objects kept and peak RSS 1059 MB with the freeze alone, 27,000 and 1013 MB with this
+    collection too (1017 MB with no freeze), for 0.3 s more in collections (a full one before
+    each freeze cost as much as the freeze saved).
     """
+    gc.collect(1)
     gc.freeze()
     yield
 

@@ -169,6 +169,25 @@ def test_build_once_copies_the_same_inputs_and_rebuilds_for_new_ones(tmp_path):
         assert os.access(folder / "tool", os.X_OK)
 
 
+@pytest.mark.parametrize("value", [None, "", "relative/cache", "absolute"])
+def test_compile_cache_is_inside_the_folder_inductor_uses(tmp_path, monkeypatch, value):
+    """The script's build products land in Inductor's cache folder whatever the variable holds:
+    unset or empty (the out-dir's), relative (to the working folder) or absolute (yours)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    if value is None:
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    else:
+        mine = str(tmp_path / "mine") if value == "absolute" else value
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", mine)
+    lesson.keep_compiler_caches_in(tmp_path / "out" / "inductor_cache")
+    expected = {"relative/cache": tmp_path / "relative" / "cache",
+                "absolute": tmp_path / "mine"}.get(value, tmp_path / "out" / "inductor_cache")
+    assert lesson.compile_cache("aoti_packages") == expected / "aoti_packages"
+    assert Path(cache_dir()) == expected  # Inductor's own reading of the variable
+
+
 def test_build_once_never_serves_a_torn_or_linked_entry_and_two_builders_both_land(tmp_path):
     cache, target = tmp_path / "cache", tmp_path / "out" / "thing.pt2"
     target.parent.mkdir()
