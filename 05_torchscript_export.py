@@ -1113,14 +1113,10 @@ if in_notebook():
 # torch.compile(model) returns a wrapper that compiles on the first call, for that call's
 # shapes: the first call at a NEW batch size compiles again (then with a symbolic batch), a
 # second pause of seconds in the middle of serving. So this section compiles at the batch
-# size section 6 times, SIDE_BY_SIDE_BATCH; where the batch varies, torch.compile(model,
-# dynamic=True) compiles a symbolic batch from the first call (its kernels take the size as
-# an argument), but not once for all: on torch 2.14 SmallCNN still compiled three times,
-# for batch 1, 2-15 and 16 and up (sizes 0 and 1 are always specialised, and the choice of
-# conv backend guards at 16). Pitfall there: pass a tensor, not a view. With a symbolic
-# batch Dynamo also guards on a view's base (a slice of a loader batch has one), and a later
-# input that is not a view fails that guard ("'NoneType' object has no attribute 'size'"
-# under TORCH_LOGS=recompiles) and compiles again.
+# size section 6 times, SIDE_BY_SIDE_BATCH. Where the batch varies, torch.compile(model,
+# dynamic=True) compiles a symbolic batch from the first call: fewer compiles, not always
+# one (SmallCNN compiled three times on torch 2.14: batch 1, 2-15, 16 and up).
+# TORCH_LOGS=recompiles names the guard behind each new compile.
 # Nothing is written that you could deploy: the compiled code lives in this process (and in
 # a cache). Use it to speed up training or a Python server; use torch.export / AOTInductor
 # to ship a file. Its state_dict gains an "_orig_mod." prefix (07 shows how to strip it).
