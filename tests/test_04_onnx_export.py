@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import onnx
 import pytest
@@ -112,6 +114,19 @@ def test_first_diverging_node_names_the_planted_fault_and_nothing_in_a_clean_exp
         bias.const_value = original
     assert node is conv and info.name == conv.outputs[0].name
     assert info.max_abs_diff == pytest.approx(0.5, abs=1e-5)
+
+
+def test_first_diverging_node_leaves_the_collector_as_it_found_it(exported):
+    """It freezes the process's objects for the check; it thaws them after only if the
+    caller had frozen none (gc.unfreeze() would also thaw a caller's own freeze)."""
+    program, example = exported[2], (torch.randn(4, 1, 16, 16),)
+    gc.unfreeze()  # this session's fixture froze everything; start from nothing frozen
+    lesson.first_diverging_node(program, example)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller's own freeze, as a pre-fork server makes
+    frozen = gc.get_freeze_count()
+    lesson.first_diverging_node(program, example)
+    assert gc.get_freeze_count() >= 0.9 * frozen  # still frozen (a few may have been freed)
 
 
 def test_reference_evaluator_agrees_with_onnx_runtime_at_an_unseen_shape(exported):
