@@ -48,8 +48,9 @@ if PARALLEL_RUNS > 1:
 
 
 def run_env() -> dict[str, str]:
-    """The environment of a background run: this one (the shared compiler cache included)."""
-    return {**os.environ, "OMP_NUM_THREADS": "1"} if PARALLEL_RUNS > 1 else dict(os.environ)
+    """The environment of a background run: this one (the shared compiler cache, and one
+    intra-op thread where PARALLEL_RUNS > 1, set above)."""
+    return dict(os.environ)
 RUN_FIXTURES = ("default_run", "notebook_run")
 # The notebook test checks the form (every cell runs and shows its banner), not the figures,
 # which the end-to-end tests check on the default run: a smaller I/O benchmark keeps it quick.
