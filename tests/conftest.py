@@ -174,7 +174,7 @@ def confined_writes(request):
         yield None
         return
     session_caches = [os.environ[name] for name in ("TORCHINDUCTOR_CACHE_DIR",)
-                      if name in os.environ]  # shared_compiler_cache's, under pytest's tmp
+                      if name in os.environ]  # pytest_sessionstart's, under pytest's tmp
     session_caches.append(str(request.getfixturevalue("hypothesis_home")))
     yield from confined(request.getfixturevalue("tmp_path"),
                         request.getfixturevalue("monkeypatch"), tuple(session_caches))
@@ -234,19 +234,6 @@ def run_script(stem: str, out_dir: Path, cwd: Path, *args: str, timeout: int = 9
         cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False, env=env,
     )
     return ScriptRun(completed.returncode, completed.stdout, completed.stderr, out_dir, cwd)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def shared_compiler_cache(tmp_path_factory):
-    """One Inductor cache for the whole session: 05 compiles the same model as a script and
-    as a notebook, and the second compile then takes seconds, not tens of seconds."""
-    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor_cache"))
-    yield
-    if previous is None:
-        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    else:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
 @dataclass
@@ -354,23 +341,73 @@ def run_notebook(stem: str, device: str, folder: Path, args: str = "",
     return NotebookRun(completed.returncode, completed.stderr, notebook, folder / "out")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def script_runs(tmp_path_factory, pytestconfig, shared_compiler_cache):
-    """Start every whole-script run the session needs: default runs first, longest first."""
-    runs = ScriptRuns(tmp_path_factory)
-    needed = pytestconfig.stash.get(NEEDED, {})
+RUNS = pytest.StashKey[ScriptRuns]()
+PREVIOUS_CACHE = pytest.StashKey[object]()
+
+
+def runs_whole_suite(config) -> bool:
+    """Whether this session runs every test: no paths given (pyproject's testpaths) and
+    nothing that narrows, reorders or only lists the selection."""
+    option = config.option
+    narrowing = ("keyword", "markexpr", "deselect", "ignore", "ignore_glob", "collectonly",
+                 "lf", "stepwise", "showfixtures", "show_fixtures_per_test", "setuponly",
+                 "setupplan")
+    return (config.args_source == pytest.Config.ArgsSource.TESTPATHS
+            and not any(getattr(option, name, None) for name in narrowing))
+
+
+def pytest_sessionstart(session):
+    """Make the session's compiler cache and its ScriptRuns; on a whole-suite run, start the
+    longest default runs at once, before collection.
+
+    One Inductor cache serves the whole session (TORCHINDUCTOR_CACHE_DIR, which every run
+    inherits): 05 compiles the same model as a script and as a notebook, and the second
+    compile then takes seconds, not tens of seconds. Collection imports every test module
+    (about 6 s here, on one core); a whole-suite run certainly needs the default runs that
+    start first, so they start now, on the other core. Any other selection waits for
+    collection to say which runs it needs (script_runs).
+    """
+    config = session.config
+    factory = config._tmp_path_factory  # what the tmp_path_factory fixture returns
+    config.stash[PREVIOUS_CACHE] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(factory.mktemp("inductor_cache"))
+    runs = config.stash[RUNS] = ScriptRuns(factory)
+    if runs_whole_suite(config):
+        for stem in sorted(SCRIPTS, key=lambda stem: (-expected_seconds(stem), stem))[
+                :PARALLEL_RUNS]:
+            runs.submit("default_run", stem, "cpu")
+
+
+def pytest_sessionfinish(session):
+    """Wait for the runs still going (and stop the S3 server); restore the cache variable."""
+    config = session.config
+    if RUNS not in config.stash:
+        return
     try:
-        modules = pytestconfig.stash.get(WORK_MODULES, set())
-        for function in BACKGROUND_WORK.values():  # registered by the modules collected
-            if function.__module__ in modules:
-                runs.work(function)
-        for fixture in RUN_FIXTURES:
-            for stem, device in sorted(needed.get(fixture, ()),
-                                       key=lambda key: (-expected_seconds(key[0]), key)):
-                runs.submit(fixture, stem, device)
-        yield runs
+        config.stash[RUNS].close()
     finally:
-        runs.close()
+        previous = config.stash[PREVIOUS_CACHE]
+        if previous is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def script_runs(pytestconfig):
+    """Start every whole-script run the session needs: default runs first, longest first
+    (those pytest_sessionstart started already are not started again)."""
+    runs = pytestconfig.stash[RUNS]
+    needed = pytestconfig.stash.get(NEEDED, {})
+    modules = pytestconfig.stash.get(WORK_MODULES, set())
+    for function in BACKGROUND_WORK.values():  # registered by the modules collected
+        if function.__module__ in modules:
+            runs.work(function)
+    for fixture in RUN_FIXTURES:
+        for stem, device in sorted(needed.get(fixture, ()),
+                                   key=lambda key: (-expected_seconds(key[0]), key)):
+            runs.submit(fixture, stem, device)
+    return runs
 
 
 @pytest.fixture(scope="session")
