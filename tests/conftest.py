@@ -226,13 +226,42 @@ class ScriptRun:
         return self.summary["metrics"]
 
 
+# The process groups of the runs still going: ScriptRuns.close() kills them at session end,
+# when no test is left to read their results (a collection error, -x, Ctrl-C, --cache-show).
+LIVE_RUNS: set[subprocess.Popen] = set()
+
+
+def run_captured(command: list[str], *, cwd, timeout: int,
+                 env: dict[str, str] | None) -> subprocess.CompletedProcess:
+    """subprocess.run(command, capture_output=True, text=True), in a process group of its own
+    (the script's children too: a Jupyter kernel, compile workers) that close() can kill."""
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+        LIVE_RUNS.add(process)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException:
+            kill_group(process)
+            process.communicate()
+            raise
+        finally:
+            LIVE_RUNS.discard(process)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, 9)
+    except OSError:  # already gone
+        pass
+
+
 def run_script(stem: str, out_dir: Path, cwd: Path, *args: str, timeout: int = 900,
                env: dict[str, str] | None = None) -> ScriptRun:
     """Run ``python NN_name.py --out-dir out_dir *args`` from ``cwd`` and capture everything."""
-    completed = subprocess.run(
+    completed = run_captured(
         [sys.executable, str(ROOT / f"{stem}.py"), "--out-dir", str(out_dir), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False, env=env,
-    )
+        cwd=cwd, timeout=timeout, env=env)
     return ScriptRun(completed.returncode, completed.stdout, completed.stderr, out_dir, cwd)
 
 
@@ -306,9 +335,14 @@ class ScriptRuns:
         return self.futures[key]
 
     def close(self) -> None:
+        """At session end: cancel the queued runs, kill those still going (no test is left to
+        read them), wait for the background work, stop the S3 server."""
         try:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            for process in list(LIVE_RUNS):
+                kill_group(process)
+            self.pool.shutdown(wait=True)
             self.work_pool.shutdown(wait=True, cancel_futures=True)
-            self.pool.shutdown(wait=True, cancel_futures=True)
         finally:
             if self.s3 is not None:
                 self.s3.stop()
@@ -332,11 +366,10 @@ def run_notebook(stem: str, device: str, folder: Path, args: str = "",
     """The script executed cell by cell in a Jupyter kernel (see tests/notebook_run.py), with
     ``args`` as its flags and ``env`` added to its environment."""
     result = folder / "executed.ipynb"
-    completed = subprocess.run(
+    completed = run_captured(
         [sys.executable, "-m", "tests.notebook_run", stem, str(folder / "out"), str(result),
          f"--device {device} {args}".strip()],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
-        env={**run_env(), **(env or {})})
+        cwd=ROOT, timeout=900, env={**run_env(), **(env or {})})
     notebook = nbformat.read(result, as_version=4) if result.exists() else None
     return NotebookRun(completed.returncode, completed.stderr, notebook, folder / "out")
 
@@ -351,14 +384,26 @@ def runs_whole_suite(config) -> bool:
     option = config.option
     narrowing = ("keyword", "markexpr", "deselect", "ignore", "ignore_glob", "collectonly",
                  "lf", "stepwise", "showfixtures", "show_fixtures_per_test", "setuponly",
-                 "setupplan")
+                 "setupplan", "cacheshow")  # stepwise: --sw-skip/--sw-reset set it too
     return (config.args_source == pytest.Config.ArgsSource.TESTPATHS
             and not any(getattr(option, name, None) for name in narrowing))
 
 
+def session_runs(config) -> ScriptRuns:
+    """The session's ScriptRuns, and its compiler cache, made on first use: a session that
+    runs no test (--co, --fixtures) makes no tmp folder (with --basetemp, pytest would
+    empty that folder)."""
+    if RUNS not in config.stash:
+        factory = config._tmp_path_factory  # what the tmp_path_factory fixture returns
+        config.stash[PREVIOUS_CACHE] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(factory.mktemp("inductor_cache"))
+        config.stash[RUNS] = ScriptRuns(factory)
+    return config.stash[RUNS]
+
+
 def pytest_sessionstart(session):
-    """Make the session's compiler cache and its ScriptRuns; on a whole-suite run, start the
-    longest default runs at once, before collection.
+    """On a whole-suite run, make the session's compiler cache and its ScriptRuns now and
+    start the longest default runs at once, before collection.
 
     One Inductor cache serves the whole session (TORCHINDUCTOR_CACHE_DIR, which every run
     inherits): 05 compiles the same model as a script and as a notebook, and the second
@@ -368,18 +413,15 @@ def pytest_sessionstart(session):
     collection to say which runs it needs (script_runs).
     """
     config = session.config
-    factory = config._tmp_path_factory  # what the tmp_path_factory fixture returns
-    config.stash[PREVIOUS_CACHE] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(factory.mktemp("inductor_cache"))
-    runs = config.stash[RUNS] = ScriptRuns(factory)
     if runs_whole_suite(config):
+        runs = session_runs(config)
         for stem in sorted(SCRIPTS, key=lambda stem: (-expected_seconds(stem), stem))[
                 :PARALLEL_RUNS]:
             runs.submit("default_run", stem, "cpu")
 
 
 def pytest_sessionfinish(session):
-    """Wait for the runs still going (and stop the S3 server); restore the cache variable."""
+    """Kill the runs still going (and stop the S3 server); restore the cache variable."""
     config = session.config
     if RUNS not in config.stash:
         return
@@ -397,7 +439,7 @@ def pytest_sessionfinish(session):
 def script_runs(pytestconfig):
     """Start every whole-script run the session needs: default runs first, longest first
     (those pytest_sessionstart started already are not started again)."""
-    runs = pytestconfig.stash[RUNS]
+    runs = session_runs(pytestconfig)
     needed = pytestconfig.stash.get(NEEDED, {})
     modules = pytestconfig.stash.get(WORK_MODULES, set())
     for function in BACKGROUND_WORK.values():  # registered by the modules collected
