@@ -20,6 +20,7 @@ import re
 import resource
 import shutil
 import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -82,16 +83,21 @@ class FaultInjector:
     def __init__(self, at: int, action) -> None:
         self.at, self.action, self.calls = at, action, 0
         self.original = {name: getattr(os, name) for name in STEPS}
+        self.foreign: set[threading.Thread] = set()
 
     def _wrap(self, function):
         def wrapper(*args, **kwargs):
-            self.calls += 1
-            if self.calls == self.at:
-                self.action()
+            if threading.current_thread() not in self.foreign:
+                self.calls += 1
+                if self.calls == self.at:
+                    self.action()
             return function(*args, **kwargs)
         return wrapper
 
     def __enter__(self) -> FaultInjector:
+        # The session's own threads (its background script runs and work) call these
+        # functions too while a test runs: their calls are neither counted nor interrupted.
+        self.foreign = set(threading.enumerate()) - {threading.current_thread()}
         for name, function in self.original.items():
             setattr(os, name, self._wrap(function))
         return self
