@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import zlib
 
 from tests.conftest import load_script
@@ -22,15 +23,18 @@ def record_calls(monkeypatch) -> list[tuple[str, str]]:
     """Wrap os.fsync and os.replace; each call is logged as (call, what it was given)."""
     calls: list[tuple[str, str]] = []
     fsync, replace = os.fsync, os.replace
+    test = threading.current_thread()  # the session's background threads call them too
 
     def spy_fsync(descriptor: int) -> None:
-        kind = "folder" if stat.S_ISDIR(os.fstat(descriptor).st_mode) else "file"
-        size = os.fstat(descriptor).st_size
-        calls.append(("fsync", f"{kind}:{size}"))
+        if threading.current_thread() is test:
+            kind = "folder" if stat.S_ISDIR(os.fstat(descriptor).st_mode) else "file"
+            size = os.fstat(descriptor).st_size
+            calls.append(("fsync", f"{kind}:{size}"))
         fsync(descriptor)
 
     def spy_replace(source, destination) -> None:
-        calls.append(("replace", os.path.basename(destination)))
+        if threading.current_thread() is test:
+            calls.append(("replace", os.path.basename(destination)))
         replace(source, destination)
 
     monkeypatch.setattr(os, "fsync", spy_fsync)
