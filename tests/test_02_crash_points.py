@@ -68,11 +68,18 @@ def faults(at, action):
     count = [0]
     counting = threading.Lock()
     # The session's own threads (its background script runs and work) call these functions
-    # too while a test runs; only this thread and the threads started from here on count.
-    foreign = set(threading.enumerate()) - {threading.current_thread()}
+    # too while a test runs, and may start threads of their own meanwhile: only this thread
+    # and the threads it starts (an async save's writer, and the threads they start) count.
+    own = {threading.current_thread()}
+    start = threading.Thread.start
+
+    def start_own(thread):
+        if threading.current_thread() in own:
+            own.add(thread)  # before it runs: its first call counts
+        return start(thread)
 
     def step(name):
-        if threading.current_thread() in foreign:
+        if threading.current_thread() not in own:
             return
         with counting:
             count[0] += 1
@@ -96,9 +103,11 @@ def faults(at, action):
         return CountingFile(handle, step) if "w" in mode or "a" in mode else handle
 
     os.fdopen = fdopen
+    threading.Thread.start = start_own
     try:
         yield count
     finally:
+        threading.Thread.start = start
         for name, original in originals.items():
             setattr(os, name, original)
 

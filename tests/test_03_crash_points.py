@@ -83,11 +83,19 @@ class FaultInjector:
     def __init__(self, at: int, action) -> None:
         self.at, self.action, self.calls = at, action, 0
         self.original = {name: getattr(os, name) for name in STEPS}
-        self.foreign: set[threading.Thread] = set()
+        self.own: set[threading.Thread] = set()
+        self.start = threading.Thread.start
+
+    def _start(self):
+        def start(thread: threading.Thread) -> None:  # a function: Thread binds it
+            if threading.current_thread() in self.own:
+                self.own.add(thread)  # before it runs: its first call counts
+            self.start(thread)
+        return start
 
     def _wrap(self, function):
         def wrapper(*args, **kwargs):
-            if threading.current_thread() not in self.foreign:
+            if threading.current_thread() in self.own:
                 self.calls += 1
                 if self.calls == self.at:
                     self.action()
@@ -96,13 +104,17 @@ class FaultInjector:
 
     def __enter__(self) -> FaultInjector:
         # The session's own threads (its background script runs and work) call these
-        # functions too while a test runs: their calls are neither counted nor interrupted.
-        self.foreign = set(threading.enumerate()) - {threading.current_thread()}
+        # functions too while a test runs, and may start threads of their own meanwhile:
+        # only this thread and the threads it starts (and they start) are counted and
+        # interrupted.
+        self.own = {threading.current_thread()}
+        threading.Thread.start = self._start()
         for name, function in self.original.items():
             setattr(os, name, self._wrap(function))
         return self
 
     def __exit__(self, *exc_info) -> None:
+        threading.Thread.start = self.start
         for name, function in self.original.items():
             setattr(os, name, function)
 
