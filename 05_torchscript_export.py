@@ -53,6 +53,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import glob
 import hashlib
 import importlib.metadata
 import inspect
@@ -346,14 +347,46 @@ def build_once(cache: Path | None, key: Iterable[str | bytes], target: Path,
 
 
 def unique_partial(path: Path) -> Path:
-    """A new, empty, uniquely named file beside ``path`` to write it under (same suffix)."""
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
+    """A new, empty, uniquely named file beside ``path`` to write it under (same suffix).
+
+    Its name holds this process's id, and the next build of ``path`` first deletes what a
+    process killed mid-build (kill -9, a power cut: no finally runs) left behind
+    (remove_dead_partials).
+    """
+    remove_dead_partials(path)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.{os.getpid()}.",
                                     suffix=f".partial{path.suffix}")
     os.close(handle)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(name, 0o666 & ~umask)  # mkstemp makes it 0600; a plain file would get this
     return Path(name)
+
+
+def remove_dead_partials(path: Path) -> None:
+    """Delete the temporaries of ``path`` (unique_partial's, and a writer's own ``.partial``
+    beside one) whose process no longer runs; a running builder's stay. Only plain files."""
+    for leftover in path.parent.glob(f".{glob.escape(path.stem)}.*.partial"
+                                     f"{glob.escape(path.suffix)}*"):
+        owner = leftover.name[len(path.stem) + 2:].split(".", 1)[0]
+        if (owner.isdigit() and not process_runs(int(owner))
+                and stat.S_ISREG(os.lstat(leftover).st_mode)):
+            leftover.unlink(missing_ok=True)
+
+
+def process_runs(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 checks without signalling). Where that
+    cannot be asked safely (pid 0 is the process group; on Windows os.kill terminates
+    the process whatever the signal), the answer is yes: a leftover is kept, not lost."""
+    if pid <= 0 or os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; not a pid
+        return True  # (keep the file)
+    return True
 
 
 def file_sha256(path: Path) -> str:

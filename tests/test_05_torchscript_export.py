@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import os
+import signal
 import subprocess
 import threading
 import warnings
@@ -214,6 +216,53 @@ def test_build_once_never_serves_a_torn_or_linked_entry_and_two_builders_both_la
     assert all(result is not None for result in results)
     assert target.read_bytes() == b"same" * 100_000
     assert [p.name for p in target.parent.iterdir()] == ["thing.pt2"]
+
+
+def test_a_build_killed_midway_leaves_a_temporary_the_next_build_deletes(tmp_path):
+    """kill -9 inside a build leaves its temporary (no finally runs); the next build of the
+    same target deletes it, and leaves alone the temporary of a builder still running."""
+    target = tmp_path / "out" / "thing.pt2"
+    target.parent.mkdir()
+    ready_read, ready_write = os.pipe()
+    go_read, go_write = os.pipe()
+
+    def builder(then):  # a forked child: builds, writes one byte, then runs ``then``
+        def build(partial):
+            partial.write_bytes(b"half")
+            os.write(ready_write, b"x")
+            then()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                lesson.build_once(None, ["k"], target, build)
+            finally:
+                os.write(ready_write, b"!")  # (only read if the build never began)
+                os._exit(0)
+        assert os.read(ready_read, 1) == b"x"  # its temporary exists now
+        return pid
+
+    def temporaries():
+        return sorted(p.name for p in target.parent.iterdir() if p.name != "thing.pt2")
+
+    killed = builder(lambda: os.kill(os.getpid(), signal.SIGKILL))
+    assert os.WTERMSIG(os.waitpid(killed, 0)[1]) == signal.SIGKILL
+    (left,) = temporaries()
+    assert left.startswith(f".thing.{killed}.") and ".partial" in left  # the kill's leftover
+    running = builder(lambda: os.read(go_read, 1))  # blocks inside its build
+    try:
+        (mine,) = temporaries()  # this build's start deleted the dead one's
+        assert mine.startswith(f".thing.{running}.")
+        assert lesson.build_once(None, ["k"], target, lambda p: p.write_bytes(b"whole")) >= 0
+        assert temporaries() == [mine]  # a running builder's temporary stays
+        os.write(go_write, b"x")
+        assert os.waitpid(running, 0)[1] == 0
+        assert [p.name for p in target.parent.iterdir()] == ["thing.pt2"]
+    finally:
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            os.kill(running, signal.SIGKILL)
+            os.waitpid(running, 0)
+        for descriptor in (ready_read, ready_write, go_read, go_write):
+            os.close(descriptor)
 
 
 def test_executorch_program_runs_at_batch_1_and_above_the_example(default_run):
