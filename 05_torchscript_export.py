@@ -351,7 +351,7 @@ def unique_partial(path: Path) -> Path:
 
     Its name holds this process's id, and the next build of ``path`` first deletes what a
     process killed mid-build (kill -9, a power cut: no finally runs) left behind
-    (remove_dead_partials).
+    (remove_dead_partials; not on Windows, where no process can be asked about safely).
     """
     remove_dead_partials(path)
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.{os.getpid()}.",
@@ -365,19 +365,29 @@ def unique_partial(path: Path) -> Path:
 
 def remove_dead_partials(path: Path) -> None:
     """Delete the temporaries of ``path`` (unique_partial's, and a writer's own ``.partial``
-    beside one) whose process no longer runs; a running builder's stay. Only plain files."""
+    beside one) whose process no longer runs; a running builder's stay. Only plain files
+    named exactly so (another target's, or a name whose id part is not ASCII digits, is
+    left alone), and only where they can be deleted: a failure here never fails a build.
+    The ids are this machine's: don't share the folder with builders on another machine
+    or in another container (a network drive), whose running builds' files would look dead.
+    """
+    tail = re.compile(rf"([0-9]+)\.[^.]+{re.escape('.partial' + path.suffix)}(?:\.partial)?",
+                      re.ASCII)
     for leftover in path.parent.glob(f".{glob.escape(path.stem)}.*.partial"
                                      f"{glob.escape(path.suffix)}*"):
-        owner = leftover.name[len(path.stem) + 2:].split(".", 1)[0]
-        if (owner.isdigit() and not process_runs(int(owner))
-                and stat.S_ISREG(os.lstat(leftover).st_mode)):
-            leftover.unlink(missing_ok=True)
+        owner = tail.fullmatch(leftover.name[len(path.stem) + 2:])
+        if owner is None or process_runs(int(owner[1])):
+            continue
+        with contextlib.suppress(OSError):  # deleted already by another builder; not ours
+            if stat.S_ISREG(os.lstat(leftover).st_mode):
+                leftover.unlink()
 
 
 def process_runs(pid: int) -> bool:
     """Whether process ``pid`` exists (signal 0 checks without signalling). Where that
-    cannot be asked safely (pid 0 is the process group; on Windows os.kill terminates
-    the process whatever the signal), the answer is yes: a leftover is kept, not lost."""
+    cannot be asked (pid 0 and below name process groups, not a process; on Windows
+    signal 0 is CTRL_C_EVENT and other signals terminate the process), the answer is yes:
+    a leftover is kept, not lost."""
     if pid <= 0 or os.name == "nt":
         return True
     try:

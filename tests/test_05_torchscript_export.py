@@ -265,6 +265,39 @@ def test_a_build_killed_midway_leaves_a_temporary_the_next_build_deletes(tmp_pat
             os.close(descriptor)
 
 
+def test_dead_partials_removal_keeps_what_is_not_a_dead_temporary_and_never_raises(
+        tmp_path, monkeypatch):
+    """Only plain files named as a temporary of the same target, whose process is gone, go;
+    other targets' files, odd names, links, folders and FIFOs stay, and nothing raises."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = gone.pid
+    target = tmp_path / "thing.pt2"
+    doomed = [f".thing.{dead}.ab_12.partial.pt2", f".thing.{dead}.cd.partial.pt2.partial"]
+    kept = [f".thing.{os.getpid()}.ab.partial.pt2",  # this process (any thread) runs
+            f".thing.{dead}.x.{os.getpid()}.y.partial.pt2",  # thing.<dead>.x.pt2's, running
+            ".thing.\u00b2.ab.partial.pt2",  # isdigit, yet int() raises
+            ".thing.\u0661\u0662.ab.partial.pt2",  # Arabic-Indic 12: not ASCII
+            f".thing.{10 ** 40}.ab.partial.pt2", ".thing.0.ab.partial.pt2", "thing.pt2"]
+    for name in doomed + kept:
+        (tmp_path / name).write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"mine")
+    (tmp_path / f".thing.{dead}.ln.partial.pt2").symlink_to(outside)
+    (tmp_path / f".thing.{dead}.dir.partial.pt2").mkdir()
+    os.mkfifo(tmp_path / f".thing.{dead}.fifo.partial.pt2")
+    before = {p.name for p in tmp_path.iterdir()}
+    lesson.remove_dead_partials(target)
+    assert {p.name for p in tmp_path.iterdir()} == before - set(doomed)
+    assert outside.read_bytes() == b"mine"
+    leftover = tmp_path / f".thing.{dead}.ef.partial.pt2"
+    leftover.write_bytes(b"x")
+    monkeypatch.setattr(Path, "unlink", lambda *a, **k: (_ for _ in ()).throw(
+        PermissionError("not ours (a sticky folder)")))
+    lesson.remove_dead_partials(target)  # a file it may not delete never fails a build
+    assert leftover.exists()
+
+
 def test_executorch_program_runs_at_batch_1_and_above_the_example(default_run):
     pytest.importorskip("executorch", reason="executorch is in requirements.txt")
     out = default_run("05_torchscript_export").out_dir
