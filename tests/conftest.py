@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import gc
 import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -64,6 +66,11 @@ def expected_seconds(stem: str) -> float:
     """The "Takes: about N s" of a script's docstring: the longest runs start first."""
     found = re.search(r"^Takes:\s+about (\d+) s", (ROOT / f"{stem}.py").read_text(), re.M)
     return float(found[1]) if found else 0.0
+
+
+def longest_first(runs) -> list[tuple[str, str]]:
+    """(stem, device) pairs, the longest script first (then by name: a stable order)."""
+    return sorted(runs, key=lambda key: (-expected_seconds(key[0]), key))
 
 
 def stems_needed(items, fixture: str) -> set[tuple[str, str]]:
@@ -250,10 +257,9 @@ def run_captured(command: list[str], *, cwd, timeout: int,
 
 
 def kill_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, 9)
-    except OSError:  # already gone
-        pass
+    """SIGKILL the run's whole process group (its session leader's pid is the group's id)."""
+    with contextlib.suppress(OSError):  # already gone
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def run_script(stem: str, out_dir: Path, cwd: Path, *args: str, timeout: int = 900,
@@ -415,9 +421,8 @@ def pytest_sessionstart(session):
     config = session.config
     if runs_whole_suite(config):
         runs = session_runs(config)
-        for stem in sorted(SCRIPTS, key=lambda stem: (-expected_seconds(stem), stem))[
-                :PARALLEL_RUNS]:
-            runs.submit("default_run", stem, "cpu")
+        for stem, device in longest_first((stem, "cpu") for stem in SCRIPTS)[:PARALLEL_RUNS]:
+            runs.submit("default_run", stem, device)
 
 
 def pytest_sessionfinish(session):
@@ -446,8 +451,7 @@ def script_runs(pytestconfig):
         if function.__module__ in modules:
             runs.work(function)
     for fixture in RUN_FIXTURES:
-        for stem, device in sorted(needed.get(fixture, ()),
-                                   key=lambda key: (-expected_seconds(key[0]), key)):
+        for stem, device in longest_first(needed.get(fixture, ())):
             runs.submit(fixture, stem, device)
     return runs
 
