@@ -19,15 +19,17 @@ and fails the test:
   them by name before the test, ``from torch import save``, keeps the unwrapped one).
 - Python processes the test starts with ``subprocess`` (from the test's thread) get the same
   hook through tests/confined_site/sitecustomize.py (PYTHONPATH) and report to a log file that
-  the fixture reads. Their per-user cache and config folders (XDG_CACHE_HOME, XDG_CONFIG_HOME,
-  MPLCONFIGDIR: matplotlib creates ~/.config/matplotlib and ~/.cache/matplotlib on import) point
-  into a folder beside tmp_path. The environment of the test process itself is not changed, so
-  background runs started meanwhile are not confined.
+  the fixture reads (tests/zygote.py's forks run that sitecustomize too). Their per-user
+  cache and config folders (XDG_CACHE_HOME, XDG_CONFIG_HOME, MPLCONFIGDIR: matplotlib creates
+  ~/.config/matplotlib and ~/.cache/matplotlib on import) point into a folder beside
+  tmp_path. The environment of the test process itself is not changed, so background runs
+  started meanwhile are not confined.
 
 Not covered: other C, C++ or Rust code that opens a file by name (in this process or a child),
 programs that are not Python, os.mkfifo/os.mknod (no audit event), and a child started with
-``python -I``, ``-E`` or ``-S`` (it skips sitecustomize). Reads are never refused. Byte-code
-caches (``__pycache__``) are allowed anywhere.
+``python -I``, ``-E`` or ``-S`` (it skips sitecustomize; tests/zygote.py's fork of
+``python -I`` skips it too). Reads are never refused. Byte-code caches (``__pycache__``) are
+allowed anywhere.
 """
 
 from __future__ import annotations

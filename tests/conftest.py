@@ -21,6 +21,7 @@ import nbformat
 import pytest
 import torch
 
+from tests import zygote
 from tests.confinement import confined
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -426,7 +427,9 @@ def pytest_sessionstart(session):
 
 
 def pytest_sessionfinish(session):
-    """Kill the runs still going (and stop the S3 server); restore the cache variable."""
+    """Stop the fork server; kill the runs still going (and stop the S3 server); restore the
+    cache variable."""
+    zygote.shutdown()
     config = session.config
     if RUNS not in config.stash:
         return

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import pickle
-import subprocess
 import sys
 import warnings
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from common.models import MLP, SmallCNN
+from tests import zygote
 from tests.conftest import ROOT, load_script
 
 lesson = load_script("01_basic_save_load")
@@ -296,10 +296,10 @@ def test_inspect_names_deployment_files_instead_of_failing_obscurely(tmp_path, c
 def test_inspect_from_the_command_line_writes_nothing(tmp_path):
     torch.save(SmallCNN().state_dict(), tmp_path / "model.pt")
     out_dir = tmp_path / "would_be_out_dir"
-    done = subprocess.run([sys.executable, str(ROOT / "01_basic_save_load.py"), "--inspect",
-                           str(tmp_path / "model.pt"), "--out-dir", str(out_dir)],
-                          capture_output=True, text=True, timeout=120, check=False,
-                          cwd=tmp_path)
+    done = zygote.run([sys.executable, str(ROOT / "01_basic_save_load.py"), "--inspect",
+                       str(tmp_path / "model.pt"), "--out-dir", str(out_dir)],
+                      capture_output=True, text=True, timeout=120, check=False,
+                      cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "loads as it is" in done.stdout and not out_dir.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]

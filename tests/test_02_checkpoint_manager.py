@@ -19,6 +19,7 @@ import torch
 
 from common.compare import bit_identical, max_abs_diff
 from common.models import SmallCNN
+from tests import zygote
 from tests.conftest import ROOT, background_work, load_script, run_env
 
 lesson = load_script("02_checkpoint_manager")
@@ -117,8 +118,8 @@ def test_a_process_killed_mid_write_leaves_everything_intact(tmp_path):
         manager.serialize = dying_writer
         manager.save({{"w": torch.zeros(1000)}}, step=3, epoch=3, metrics={{"val_loss": 0.1}})
     """)
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                               timeout=120, check=False)
+    completed = zygote.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=120, check=False)
     assert completed.returncode == -signal.SIGKILL, completed.stderr
     leftovers = sorted(p.name for p in tmp_path.glob("*.partial"))
     assert leftovers  # the kill really happened mid-write...
@@ -425,8 +426,8 @@ def run_cli(out_dir, *flags, **popen):
                "--out-dir", str(out_dir), "--train-only", *flags]
     # The reference default run's environment: bit-exact needs its thread count too.
     env = {**run_env(), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, **popen)
+    return zygote.popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True, env=env, **popen)
 
 
 def final_weights(out_dir):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.models import MLP
+from tests import zygote
 from tests.conftest import ROOT, load_script
 
 lesson = load_script("03_model_versioning")
@@ -230,8 +230,8 @@ def test_migration_reads_old_parameter_names():
 
 
 def run_verify(path):
-    return subprocess.run([sys.executable, str(ROOT / "03_model_versioning.py"), "--verify",
-                           str(path)], capture_output=True, text=True, timeout=120, check=False)
+    return zygote.run([sys.executable, str(ROOT / "03_model_versioning.py"), "--verify",
+                       str(path)], capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_verify_cli_exit_codes(registry, tmp_path, capsys):

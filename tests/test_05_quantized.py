@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 import sys
 import zipfile
 
 import pytest
 import torch
+
+from tests import zygote
 
 SCRIPT = "05_torchscript_export"
 
@@ -119,7 +120,7 @@ def test_side_by_side_table_has_the_int8_rows(run05):
 
 def test_a_process_with_only_torch_and_torchao_reproduces_the_int8_outputs(run05, tmp_path):
     artifacts = run05.summary["artifacts"]
-    completed = subprocess.run(
+    completed = zygote.run(
         [sys.executable, "-I", "-c", READER,
          *(str(run05.out_dir / artifacts[name])
            for name in ("int8_state_dict", "int8_safetensors", "int8_reference"))],

@@ -13,6 +13,7 @@ from torch import nn
 
 from common.compare import max_abs_diff
 from common.models import SmallCNN
+from tests import zygote
 from tests.conftest import ROOT, background_work, load_script
 
 lesson = load_script("07_distributed_training")
@@ -119,10 +120,10 @@ def torchrun_beside_another_job(tmp_path):
     background_work): torchrun's CompletedProcess and out-dir, the other job's output and exit
     status."""
     release, torchrun_out = tmp_path / "release", tmp_path / "torchrun_out"
-    other = subprocess.Popen([sys.executable, "-c", OVERLAP.format(root=str(ROOT)),
-                              str(tmp_path / "other_out"), str(torchrun_out), str(release)],
-                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    other = zygote.popen([sys.executable, "-c", OVERLAP.format(root=str(ROOT)),
+                          str(tmp_path / "other_out"), str(torchrun_out), str(release)],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
     lines, completed = [], None
     try:  # wait until the other job holds its store: then start torchrun
         while not (lines and lines[-1].startswith("store on port")):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from common.models import SmallCNN
+from tests import zygote
 from tests.conftest import DEVICES, SCRIPTS
 
 RUNS = [(stem, device) for stem in SCRIPTS for device in DEVICES]
@@ -269,7 +270,7 @@ def test_05_claims(default_run, tmp_path):
     aoti = torch._inductor.aoti_load_package(str(run.out_dir / artifacts["aoti_package"]))
     torch.testing.assert_close(aoti(batch), reference, rtol=1e-4, atol=1e-5)
     # Both files load where neither common/ nor the script can be imported.
-    completed = subprocess.run(
+    completed = zygote.run(
         [sys.executable, "-I", "-c", FRESH_LOAD, str(run.out_dir / artifacts["torchscript_model"]),
          str(run.out_dir / artifacts["exported_program"]),
          str(run.out_dir / artifacts["example_input"])],

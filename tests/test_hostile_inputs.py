@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from common.models import MLP, SmallCNN
+from tests import zygote
 from tests.conftest import ROOT, load_script
 
 manager_lesson = load_script("02_checkpoint_manager")
@@ -139,8 +140,8 @@ def test_a_save_keeps_another_writers_pending_deletions(tmp_path, async_save):
 
 def test_two_writer_processes_on_one_folder_lose_nothing(tmp_path):
     code = WRITER.format(root=str(ROOT), folder=str(tmp_path))
-    writers = [subprocess.Popen([sys.executable, "-c", code, str(first)],
-                                stderr=subprocess.PIPE, text=True) for first in (1, 101)]
+    writers = [zygote.popen([sys.executable, "-c", code, str(first)],
+                            stderr=subprocess.PIPE, text=True) for first in (1, 101)]
     for writer in writers:
         assert writer.wait(timeout=300) == 0, writer.stderr.read()
     manager = CheckpointManager(tmp_path, save_top_k=2, keep_last=3)
@@ -261,8 +262,8 @@ REGISTER = textwrap.dedent("""
 
 def test_two_processes_registering_at_once_get_two_versions(tmp_path):
     code = REGISTER.format(root=str(ROOT), folder=str(tmp_path), small=SMALL)
-    processes = [subprocess.Popen([sys.executable, "-c", code, str(seed)], text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    processes = [zygote.popen([sys.executable, "-c", code, str(seed)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                  for seed in (1, 2)]
     outputs = [p.communicate(timeout=300) for p in processes]
     assert all(p.returncode == 0 for p in processes), outputs

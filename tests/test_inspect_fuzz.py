@@ -11,7 +11,6 @@ import os
 import pickle
 import random
 import struct
-import subprocess
 import sys
 import textwrap
 import time
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from common.models import SmallCNN
+from tests import zygote
 from tests.conftest import ROOT, load_script
 
 lesson = load_script("01_basic_save_load")
@@ -305,8 +305,8 @@ def test_the_advice_line_works_in_a_fresh_interpreter(tmp_path):
         program += (f"path = {str(tmp_path / name)!r}\n"
                     + advice.replace("    torch.load", "    loaded = torch.load")
                     + "\nprint(type(loaded).__name__)\n")
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120, check=False)
+    done = zygote.run([sys.executable, "-c", program], capture_output=True, text=True,
+                      cwd=ROOT, timeout=120, check=False)
     assert done.returncode == 0, program + "\n" + done.stderr[-1500:]
     assert done.stdout.split() == ["SmallCNN", "dict"]
     assert "import common.models" in lesson.safe_globals_line(["common.models.SmallCNN"])
@@ -446,9 +446,9 @@ def test_the_bombs_stay_within_memory_in_a_child(tmp_path):
         folder = tmp_path / name
         folder.mkdir()
         targets.append(str(write_attack(name, folder, folder / "CANARY")))
-    done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(ROOT),
-                           str(tmp_path / "small.pt"), *targets], capture_output=True,
-                          text=True, timeout=300, check=False)
+    done = zygote.run([sys.executable, "-c", MEMORY_CHILD, str(ROOT),
+                       str(tmp_path / "small.pt"), *targets], capture_output=True,
+                      text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     for path, figures in json.loads(done.stdout).items():
         print(f"{os.path.basename(os.path.dirname(path))}: status {figures['status']}, "

@@ -1,0 +1,90 @@
+"""tests/zygote.py: its forks behave as ``python`` processes would, and it forks only those
+it can reproduce (the rest run as real processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests import zygote
+from tests.conftest import ROOT
+
+
+def run(*args, **kwargs):
+    """A zygote run of ``python ARGS``, capturing text; also returns whether it was forked."""
+    process = zygote.popen([sys.executable, *args], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, **kwargs)
+    stdout, stderr = process.communicate(timeout=120)
+    return process.returncode, stdout, stderr, getattr(process, "_forked", False)
+
+
+def test_a_fork_sees_what_python_would_give_it(tmp_path):
+    script = tmp_path / "show.py"
+    script.write_text("import os, sys\n"
+                      "print(__name__, __file__ == sys.argv[0], sys.argv[1:], sys.path[0],\n"
+                      "      os.getcwd(), os.environ.get('ZYGOTE_TEST'), sys.stdin.read() == '')\n"
+                      "print('to stderr', file=sys.stderr)\n"
+                      "sys.exit(7)\n")
+    code, out, err, forked = run(str(script), "a", "b c", cwd=tmp_path, stdin=subprocess.DEVNULL,
+                                 env={**os.environ, "ZYGOTE_TEST": "yes"})
+    assert forked and code == 7 and err == "to stderr\n"
+    assert out.split() == ["__main__", "True", "['a',", "'b", "c']", str(tmp_path),
+                           str(tmp_path), "yes", "True"]
+    code, out, _, forked = run("-c", "import sys; print(sys.argv, repr(sys.path[0]))", "x")
+    assert forked and code == 0 and out == "['-c', 'x'] ''\n"
+
+
+def test_isolated_mode_keeps_the_project_off_sys_path(tmp_path):
+    probe = "import importlib.util as u, sys; print(u.find_spec('common') is None, '' in sys.path)"
+    assert run("-c", probe, cwd=ROOT)[1:] == ("False True\n", "", True)
+    assert run("-I", "-c", probe, cwd=ROOT)[1:] == ("True False\n", "", True)
+
+
+def test_an_uncaught_exception_is_exit_1_and_the_programs_own_traceback():
+    code, out, err, forked = run("-c", "def f():\n    raise ValueError('boom')\nf()")
+    assert forked and code == 1 and out == ""
+    assert err.startswith("Traceback (most recent call last):\n  File \"<string>\", line 3")
+    assert err.endswith("ValueError: boom\n") and "zygote" not in err
+    assert run("-c", "import sys; sys.exit('a message')")[:3] == (1, "", "a message\n")
+    assert run("-c", "raise KeyboardInterrupt")[0] == -signal.SIGINT  # as python dies of it
+
+
+def test_exit_joins_threads_runs_atexit_and_flushes():
+    program = ("import atexit, threading, time\n"
+               "atexit.register(print, 'atexit')\n"
+               "threading.Thread(target=lambda: (time.sleep(0.2), print('thread'))).start()\n"
+               "print('main', end='')\n")
+    assert run("-c", program)[:3] == (0, "mainthread\natexit\n", "")
+
+
+def test_signals_reach_the_fork_and_its_own_session(tmp_path):
+    process = zygote.popen([sys.executable, "-c", "import time; print('up', flush=True); "
+                            "time.sleep(60)"], stdout=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    assert process.stdout.readline() == "up\n" and process._forked
+    assert os.getpgid(process.pid) == process.pid  # kill_group's process group
+    os.killpg(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    process.stdout.close()
+
+
+def test_a_sitecustomize_on_pythonpath_runs_first(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text("import builtins; builtins.MARK = 'site'\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    assert run("-c", "print(MARK)", env=env)[1:] == ("site\n", "", True)
+
+
+def test_what_a_fork_cannot_reproduce_runs_as_a_real_process(tmp_path):
+    seeded = {**os.environ, "PYTHONHASHSEED": "123"}  # read as the interpreter starts
+    code, out, _, forked = run("-c", "print(hash('zygote'))", env=seeded)
+    real = subprocess.run([sys.executable, "-c", "print(hash('zygote'))"], env=seeded,
+                          capture_output=True, text=True, check=True)
+    assert (code, out, forked) == (0, real.stdout, False)
+    code, out, _, forked = run("-m", "json.tool", "--help")  # an interpreter option
+    assert code == 0 and "usage" in out and not forked
+    with pytest.raises(FileNotFoundError):  # as subprocess says it
+        zygote.popen([sys.executable, "-c", "pass"], cwd=tmp_path / "missing")

@@ -1,0 +1,399 @@
+"""Fresh Python processes for tests without a fresh ``import torch`` each: a fork server.
+
+Many tests start ``python SCRIPT ...`` or ``python -c CODE ...`` and look at what that process
+does: its exit status, its output, the files it leaves, how it dies under SIGKILL. Each such
+process spends about 2.3 s of CPU importing torch before it does anything, and the suite
+starts dozens. This module starts one server that imports torch once; each request forks it,
+and the fork runs the script or code as ``python`` would: its own pid (signals reach it),
+argv, working folder, environment, sys.path, stdin/stdout/stderr, a fresh ``__main__``,
+normal interpreter exit (threads joined, atexit, flush), exit status 1 and a traceback for an
+uncaught exception, death by the signal that killed it.
+
+``popen(args, **kwargs)`` and ``run(args, **kwargs)`` take subprocess's arguments. What the
+fork cannot reproduce goes to a real ``subprocess`` instead, so a test never depends on the
+difference: interpreter options (``-I``, ``-m``, ``-u``, ...), a program other than
+sys.executable, an environment that differs from the server's in a variable read before or
+while torch is imported (``PYTHON*``, ``OMP_*``, ``LD_*``, ...), a ``cwd`` that does not
+exist, options subprocess has and these children do not (``preexec_fn``, ``pass_fds``,
+``user``, ...), and any platform without ``fork`` and ``socket.send_fds``.
+
+The server starts on first use (once per pytest process) and ends when that process closes
+its end of the control socket or exits. Its children are those of a process that imported
+torch and nothing of the project: ``sys.modules`` holds torch and what torch imports, as in a
+fresh ``python -c "import torch"``. Python's ``random`` reseeds in each fork by itself; the
+hash seed (PYTHONHASHSEED) is the server's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+# Variables read when the interpreter starts or torch is imported: a child whose environment
+# differs from the server's in one of them runs as a real process.
+STARTUP_PREFIXES = ("PYTHON", "OMP_", "KMP_", "MKL_", "GOMP_", "LD_", "MALLOC_", "TORCH_",
+                    "PYTORCH_", "CUDA_", "NCCL_", "LC_", "LANG")
+# ...except these, which the fork applies itself (the text layer of stdio, .pyc writing)
+APPLIED_IN_CHILD = ("PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING",
+                    "PYTHONPATH")  # and a sitecustomize.py found on PYTHONPATH
+MESSAGE_LIMIT = 1 << 22  # a request: argv, cwd and environment as JSON
+
+
+def _startup_view(env) -> dict[str, str]:
+    return {k: v for k, v in env.items()
+            if k.startswith(STARTUP_PREFIXES) and k not in APPLIED_IN_CHILD}
+
+
+def fresh_sys_path(option: str) -> list[str]:
+    """sys.path of ``python OPTION -c ...`` started now."""
+    return json.loads(subprocess.run(
+        [sys.executable, option, "-c", "import json, sys; print(json.dumps(sys.path))"],
+        capture_output=True, text=True, check=True, cwd="/").stdout)
+
+
+class _Server:
+    """The fork server of this process: started on first use, one per pytest process."""
+
+    lock = threading.Lock()
+    instance: _Server | None = None
+    failed = False
+
+    def __init__(self) -> None:
+        self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.env = dict(os.environ)
+        self.base_path = fresh_sys_path("-E")[1:]  # after the script's folder or ''
+        self.isolated_path = fresh_sys_path("-I")  # -I puts no folder first
+        self.process = subprocess.Popen(  # as a file, not tests.zygote: no package imported
+            [sys.executable, os.path.abspath(__file__), str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=self.env)
+        theirs.close()
+        self.send_lock = threading.Lock()
+
+    @classmethod
+    def get(cls) -> _Server | None:
+        with cls.lock:
+            if cls.instance is None and not cls.failed:
+                try:
+                    cls.instance = cls()
+                except (OSError, subprocess.SubprocessError, ValueError):
+                    cls.failed = True
+            return cls.instance
+
+    def eligible(self, args, env, cwd, extra: bool) -> bool:
+        """Whether a fork of the server can be ``args`` run with ``env`` in ``cwd``."""
+        if extra or len(args) < 2 or os.fspath(args[0]) != sys.executable:
+            return False
+        args = [os.fspath(a) for a in args[1:]]
+        if args[0] == "-I":  # isolated: the fork gets -I's sys.path and ignores PYTHON*
+            args = args[1:]
+        if not args or args[0].startswith("-") and args[0] != "-c" or args == ["-c"]:
+            return False
+        if cwd is not None and not os.path.isdir(cwd):
+            return False
+        child_env = os.environ if env is None else env
+        return _startup_view(child_env) == _startup_view(self.env) and self.process.poll() is None
+
+    def start(self, request: dict, fds: list[int]) -> socket.socket:
+        """Send a request with its stdio descriptors; the socket that will report its pid and
+        exit status."""
+        mine, theirs = socket.socketpair()
+        try:
+            with self.send_lock:
+                socket.send_fds(self.control, [json.dumps(request).encode()],
+                                [*fds, theirs.fileno()])
+        finally:
+            theirs.close()
+        return mine
+
+
+class ZygotePopen(subprocess.Popen):
+    """subprocess.Popen whose child is a fork of the server (see the module docstring), or a
+    real process where the final arguments need one: this is decided in _execute_child,
+    after Popen.__init__ (and any wrapper of it, as tests/confinement.py installs) has made
+    the environment the child gets."""
+
+    _zygote: _Server
+    _forked = False  # True once the server forked the child; False: a real process
+
+    def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env,
+                       startupinfo, creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite,
+                       errread, errwrite, restore_signals, *rest):
+        gid, gids, uid, umask, new_session, *group = rest  # process_group: 3.11 and later
+        extra = (executable or preexec_fn or pass_fds or shell or not close_fds
+                 or (gid, gids, uid) != (None, None, None) or umask != -1
+                 or group not in ([], [-1]))
+        if not self._zygote.eligible(list(args), env, cwd, bool(extra)):
+            return super()._execute_child(
+                args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
+                creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite,
+                restore_signals, *rest)
+        args = [os.fspath(a) for a in args]
+        child_env = dict(os.environ if env is None else env)
+        isolated = args[1] == "-I"
+        request = {"argv": args[2:] if isolated else args[1:], "isolated": isolated,
+                   "cwd": os.path.abspath(cwd) if cwd is not None else os.getcwd(),
+                   "env": {os.fsdecode(k): os.fsdecode(v) for k, v in child_env.items()},
+                   "path": self._zygote.isolated_path if isolated else self._zygote.base_path,
+                   "new_session": bool(new_session)}
+        fds = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1,
+               errwrite if errwrite != -1 else 2]
+        try:
+            self._status = self._zygote.start(request, fds)
+            self._status_buffer = b""
+            line = self._read_line(block=True)
+            if not line.startswith("pid "):
+                raise subprocess.SubprocessError(f"the fork server did not start {args}: {line}")
+            self.pid = int(line.split()[1])
+            self._child_created = self._forked = True
+        finally:
+            self._close_pipe_fds(p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)
+
+    def _read_line(self, block: bool) -> str | None:
+        while b"\n" not in self._status_buffer:
+            self._status.setblocking(block)
+            try:
+                part = self._status.recv(4096)
+            except BlockingIOError:
+                return None
+            if not part:
+                return "lost"
+            self._status_buffer += part
+        line, self._status_buffer = self._status_buffer.split(b"\n", 1)
+        return line.decode()
+
+    def _try_wait(self, wait_flags):
+        if not self._forked:
+            return super()._try_wait(wait_flags)
+        line = self._read_line(block=not wait_flags & os.WNOHANG)
+        if line is None:
+            return 0, 0
+        self._status.close()
+        if line.startswith("exit "):
+            return self.pid, int(line.split()[1])
+        return self.pid, 255 << 8  # the reaper is gone: report a failure, not a success
+
+    def _internal_poll(self, _deadstate=None, **kwargs):
+        if not self._forked:
+            return super()._internal_poll(_deadstate, **kwargs)
+        if self.returncode is None and self._waitpid_lock.acquire(False):
+            try:
+                if self.returncode is None:
+                    pid, status = self._try_wait(os.WNOHANG)
+                    if pid == self.pid:
+                        self._handle_exitstatus(status)
+            except OSError:
+                if _deadstate is not None:
+                    self.returncode = _deadstate
+            finally:
+                self._waitpid_lock.release()
+        return self.returncode
+
+
+def popen(args, **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen(args, **kwargs)``, run as a fork of the server where it can be."""
+    usable = hasattr(socket, "send_fds") and hasattr(os, "fork") and not os.environ.get(
+        "TESTS_NO_ZYGOTE")  # set it to compare, or to rule the server out
+    server = _Server.get() if usable else None
+    if server is None:
+        return subprocess.Popen(args, **kwargs)
+    return type("BoundZygotePopen", (ZygotePopen,), {"_zygote": server})(args, **kwargs)
+
+
+def shutdown() -> None:
+    """Stop the server (its children go on): pytest's session end calls this."""
+    with _Server.lock:
+        server, _Server.instance = _Server.instance, None
+    if server is not None:
+        server.control.close()  # the server sees EOF and returns
+        try:
+            server.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+
+
+def run(args, *, input=None, capture_output=False, timeout=None, check=False, **kwargs):
+    """``subprocess.run`` over ``popen``: the same arguments, results and exceptions."""
+    if capture_output:
+        kwargs["stdout"] = kwargs["stderr"] = subprocess.PIPE
+    if input is not None:
+        kwargs["stdin"] = subprocess.PIPE
+    with popen(args, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired as error:
+            process.kill()
+            error.stdout, error.stderr = process.communicate()
+            raise
+        except BaseException:
+            process.kill()
+            raise
+        returncode = process.poll()
+    if check and returncode:
+        raise subprocess.CalledProcessError(returncode, process.args, stdout, stderr)
+    return subprocess.CompletedProcess(process.args, returncode, stdout, stderr)
+
+
+# --------------------------------------------------------------------------- the server side
+
+def serve(control_fd: int) -> None:
+    """The server: import torch once, then fork a reaper per request until the control
+    socket closes. Single-threaded, so each fork copies a quiet process."""
+    import torch  # noqa: F401 - the point of the server
+
+    control = socket.socket(fileno=control_fd)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # reapers are reaped by the kernel
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in pytest: the server goes at EOF
+    while True:
+        try:
+            message, fds, _flags, _address = socket.recv_fds(control, MESSAGE_LIMIT, 4)
+        except InterruptedError:
+            continue
+        if not message:
+            return  # the pytest process closed its end or exited
+        if os.fork() == 0:
+            control.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _reaper(json.loads(message), fds)  # never returns
+        for fd in fds:
+            os.close(fd)
+
+
+def _reaper(request: dict, fds: list[int]) -> None:
+    """Fork the worker, report its pid, wait for it, report its wait status, exit."""
+    status = socket.socket(fileno=fds[3])
+    pid = os.fork()
+    if pid == 0:
+        status.close()
+        _worker(request, fds[:3])  # never returns
+    try:
+        for fd in fds[:3]:
+            os.close(fd)
+        status.sendall(f"pid {pid}\n".encode())
+        while True:
+            try:
+                _, wait_status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        status.sendall(f"exit {wait_status}\n".encode())
+    finally:
+        os._exit(0)
+
+
+def _worker(request: dict, stdio: list[int]) -> None:
+    """Become ``python ARGV...`` in this forked process, then exit as it would."""
+    import builtins
+    import io
+    import types
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh python has it
+    if request["new_session"]:
+        os.setsid()
+    for target, fd in enumerate(stdio):
+        if fd != target:
+            os.dup2(fd, target)
+    for fd in set(stdio):
+        if fd > 2:
+            os.close(fd)
+    env = request["env"]
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(env)
+    settings = {} if request["isolated"] else env  # -I ignores the PYTHON* variables
+    sys.dont_write_bytecode = bool(settings.get("PYTHONDONTWRITEBYTECODE"))
+    unbuffered = bool(settings.get("PYTHONUNBUFFERED"))
+    encoding, _, errors = (settings.get("PYTHONIOENCODING") or "utf-8").partition(":")
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(
+        open(0, "rb", closefd=False), encoding=encoding, errors=errors or "strict")
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(
+        open(1, "wb", buffering=0 if unbuffered else -1, closefd=False), encoding=encoding,
+        errors=errors or "strict", line_buffering=os.isatty(1), write_through=unbuffered)
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+        open(2, "wb", buffering=0 if unbuffered else -1, closefd=False), encoding=encoding,
+        errors="backslashreplace", line_buffering=True, write_through=unbuffered)
+    argv = request["argv"]
+    if argv[0] == "-c":
+        source, filename, first = argv[1], "<string>", ""
+        sys.argv = ["-c", *argv[2:]]
+    else:
+        filename = os.path.abspath(argv[0])
+        with open(filename, "rb") as handle:
+            source = handle.read()
+        first = os.path.dirname(filename)
+        sys.argv = list(argv)
+    if request["isolated"]:
+        sys.path[:] = request["path"]
+        sys.orig_argv = [sys.executable, "-I", *argv]
+    else:
+        pythonpath = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        sys.path[:] = [first, *pythonpath, *request["path"]]
+        sys.orig_argv = [sys.executable, *argv]
+        _run_sitecustomize(pythonpath)
+    main = types.ModuleType("__main__")
+    main.__dict__.update(__builtins__=builtins, __spec__=None, __loader__=None,
+                         __package__=None, __cached__=None)
+    if filename != "<string>":
+        main.__file__ = filename
+    sys.modules["__main__"] = main
+    code, interrupted = 0, False
+    try:
+        exec(compile(source, filename, "exec", dont_inherit=True), main.__dict__)
+    except SystemExit as done:
+        code = done.code
+    except BaseException as error:
+        tb = error.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+            tb = tb.tb_next  # show the program's frames, not this module's
+        error = error.with_traceback(tb or error.__traceback__)  # excepthook prints this one
+        sys.excepthook(type(error), error, error.__traceback__)
+        code, interrupted = 1, isinstance(error, KeyboardInterrupt)
+    _exit(code, interrupted)
+
+
+def _run_sitecustomize(pythonpath: list[str]) -> None:
+    """Python imports ``sitecustomize`` at start-up from the first folder of sys.path that
+    has one; the server imported its own (if any) already, so run the one a PYTHONPATH
+    folder adds (tests/confined_site's, which confines a child's writes)."""
+    import importlib.util
+
+    for folder in pythonpath:
+        candidate = os.path.join(folder, "sitecustomize.py")
+        if os.path.isfile(candidate):
+            spec = importlib.util.spec_from_file_location("sitecustomize", candidate)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["sitecustomize"] = module
+            spec.loader.exec_module(module)
+            return
+
+
+def _exit(code, interrupted: bool) -> None:
+    """End as python ends: join the non-daemon threads, run atexit, flush stdout and stderr,
+    exit with ``code`` (a non-int one printed, then 1), or die by SIGINT after an uncaught
+    KeyboardInterrupt. Then os._exit: what python does next, tearing down every module, takes
+    0.9 s with torch imported, and nothing a program may rely on happens in it."""
+    import atexit
+
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 120  # as python reports a stdout it could not flush
+    if interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code or 0)
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
