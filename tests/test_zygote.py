@@ -88,3 +88,24 @@ def test_what_a_fork_cannot_reproduce_runs_as_a_real_process(tmp_path):
     assert code == 0 and "usage" in out and not forked
     with pytest.raises(FileNotFoundError):  # as subprocess says it
         zygote.popen([sys.executable, "-c", "pass"], cwd=tmp_path / "missing")
+
+
+def test_a_server_started_in_a_confined_test_confines_no_later_child(tmp_path, monkeypatch):
+    """The server starts on first use, maybe in a confined test: its forks must not inherit
+    that test's confinement (they would refuse every later test's writes)."""
+    from tests.confinement import confined
+
+    zygote.shutdown()  # the next request starts a server, under the confinement below
+    (tmp_path / "inside").mkdir()
+    write = "import sys; open(sys.argv[1], 'w').close()"
+    confinement = confined(tmp_path / "inside", monkeypatch)
+    next(confinement)
+    try:
+        assert run("-c", write, str(tmp_path / "inside" / "f"))[:3] == (0, "", "")
+        code, _, err, forked = run("-c", write, str(tmp_path / "outside"))
+        assert forked and code == 1 and "confined test: refused open" in err
+    finally:
+        monkeypatch.undo()
+        with pytest.raises(AssertionError, match="outside"):
+            next(confinement)  # the child's refusal was logged for the test
+    assert run("-c", write, str(tmp_path / "outside")) == (0, "", "", True)

@@ -56,6 +56,14 @@ def fresh_sys_path(option: str) -> list[str]:
         capture_output=True, text=True, check=True, cwd="/").stdout)
 
 
+class _PlainPopen(subprocess.Popen):
+    """subprocess.Popen with the ``__init__`` it had when this module was imported: a wrapper
+    installed later (tests/confinement.py's, which confines the children a confined test
+    starts) must not reach the server, whose audit hook every fork would inherit."""
+
+    __init__ = subprocess.Popen.__init__
+
+
 class _Server:
     """The fork server of this process: started on first use, one per pytest process."""
 
@@ -68,7 +76,7 @@ class _Server:
         self.env = dict(os.environ)
         self.base_path = fresh_sys_path("-E")[1:]  # after the script's folder or ''
         self.isolated_path = fresh_sys_path("-I")  # -I puts no folder first
-        self.process = subprocess.Popen(  # as a file, not tests.zygote: no package imported
+        self.process = _PlainPopen(  # as a file, not tests.zygote: no package imported
             [sys.executable, os.path.abspath(__file__), str(theirs.fileno())],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=self.env)
         theirs.close()
