@@ -109,3 +109,13 @@ def test_a_server_started_in_a_confined_test_confines_no_later_child(tmp_path, m
         with pytest.raises(AssertionError, match="outside"):
             next(confinement)  # the child's refusal was logged for the test
     assert run("-c", write, str(tmp_path / "outside")) == (0, "", "", True)
+
+
+def test_two_forks_draw_different_random_numbers():
+    draw = ("import random, torch, multiprocessing as mp; "
+            "print(torch.initial_seed(), float(torch.rand(1)), random.random(), "
+            "bytes(mp.current_process().authkey).hex())")
+    first, second = run("-c", draw), run("-c", draw)
+    assert first[0] == second[0] == 0 and first[3] and second[3], (first, second)
+    pairs = zip(first[1].split(), second[1].split(), strict=True)
+    assert all(a != b for a, b in pairs), (first, second)

@@ -301,6 +301,7 @@ def _worker(request: dict, stdio: list[int]) -> None:
     import types
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh python has it
+    _reseed()
     if request["new_session"]:
         os.setsid()
     for target, fd in enumerate(stdio):
@@ -362,6 +363,20 @@ def _worker(request: dict, stdio: list[int]) -> None:
         sys.excepthook(type(error), error, error.__traceback__)
         code, interrupted = 1, isinstance(error, KeyboardInterrupt)
     _exit(code, interrupted)
+
+
+def _reseed() -> None:
+    """What a fresh process draws at random and a fork would share with every other fork:
+    torch's default seed (a fresh ``import torch`` seeds from the OS; two forks would draw the
+    same "random" tensors, and two children that should differ would agree) and
+    multiprocessing's authentication key. Python's ``random`` and numpy reseed by themselves;
+    the hash seed cannot be changed after start-up."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.seed()
+    process = sys.modules.get("multiprocessing.process")
+    if process is not None:
+        process.current_process().authkey = os.urandom(32)
 
 
 def _run_sitecustomize(pythonpath: list[str]) -> None:
