@@ -119,3 +119,30 @@ def test_two_forks_draw_different_random_numbers():
     assert first[0] == second[0] == 0 and first[3] and second[3], (first, second)
     pairs = zip(first[1].split(), second[1].split(), strict=True)
     assert all(a != b for a, b in pairs), (first, second)
+
+
+def test_failures_before_the_program_runs_are_reported_as_python_reports_them(tmp_path):
+    missing = tmp_path / "missing.py"
+    code, out, err, forked = run(str(missing))
+    assert forked and (code, out) == (2, "") and err == (
+        f"{sys.executable}: can't open file {str(missing)!r}: [Errno 2] No such file or "
+        "directory\n")
+    (tmp_path / "sitecustomize.py").write_text("raise RuntimeError('bad site')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    assert run("-c", "print('ran')", env=env) == (
+        0, "ran\n", "Error in sitecustomize; set PYTHONVERBOSE for traceback:\n"
+        "RuntimeError: bad site\n", True)
+    code, _, err, forked = run("-c", "x = (")
+    assert forked and code == 1 and "zygote" not in err and err.endswith("never closed\n")
+
+
+def test_stdio_error_handler_and_a_large_environment_are_as_a_real_process_has_them():
+    show = "import os, sys; print(os.fsdecode(b'\\xff'), sys.stdout.errors, len(os.environ['B2']))"
+    env = {**os.environ, **{f"B{i}": "x" * 100_000 for i in range(3)}}  # over one datagram
+    real = subprocess.run([sys.executable, "-c", show], capture_output=True, env=env, check=True)
+    process = zygote.popen([sys.executable, "-c", show], stdout=subprocess.PIPE, env=env)
+    assert (process.communicate(timeout=120)[0], process._forked) == (real.stdout, False)
+    show = show.replace("len(os.environ['B2'])", "0")
+    real = subprocess.run([sys.executable, "-c", show], capture_output=True, check=True)
+    process = zygote.popen([sys.executable, "-c", show], stdout=subprocess.PIPE)
+    assert (process.communicate(timeout=120)[0], process._forked) == (real.stdout, True)

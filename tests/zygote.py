@@ -42,6 +42,10 @@ STARTUP_PREFIXES = ("PYTHON", "OMP_", "KMP_", "MKL_", "GOMP_", "LD_", "MALLOC_",
 APPLIED_IN_CHILD = ("PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING",
                     "PYTHONPATH")  # and a sitecustomize.py found on PYTHONPATH
 MESSAGE_LIMIT = 1 << 22  # a request: argv, cwd and environment as JSON
+# A larger request runs as a real process: one datagram must fit the socket's send buffer
+# (about 200 KiB by default; a real process takes an environment of up to 2 MiB).
+REQUEST_LIMIT = 1 << 17
+_STDIO_ERRORS = "strict"  # the server's stdin/stdout error handler, set in serve()
 
 
 def _startup_view(env) -> dict[str, str]:
@@ -106,14 +110,13 @@ class _Server:
         child_env = os.environ if env is None else env
         return _startup_view(child_env) == _startup_view(self.env) and self.process.poll() is None
 
-    def start(self, request: dict, fds: list[int]) -> socket.socket:
+    def start(self, request: bytes, fds: list[int]) -> socket.socket:
         """Send a request with its stdio descriptors; the socket that will report its pid and
         exit status."""
         mine, theirs = socket.socketpair()
         try:
             with self.send_lock:
-                socket.send_fds(self.control, [json.dumps(request).encode()],
-                                [*fds, theirs.fileno()])
+                socket.send_fds(self.control, [request], [*fds, theirs.fileno()])
         finally:
             theirs.close()
         return mine
@@ -135,19 +138,22 @@ class ZygotePopen(subprocess.Popen):
         extra = (executable or preexec_fn or pass_fds or shell or not close_fds
                  or (gid, gids, uid) != (None, None, None) or umask != -1
                  or group not in ([], [-1]))
-        if not self._zygote.eligible(list(args), env, cwd, bool(extra)):
+        request = None
+        if self._zygote.eligible(list(args), env, cwd, bool(extra)):
+            args = [os.fspath(a) for a in args]
+            child_env = dict(os.environ if env is None else env)
+            isolated = args[1] == "-I"
+            request = json.dumps({
+                "argv": args[2:] if isolated else args[1:], "isolated": isolated,
+                "cwd": os.path.abspath(cwd) if cwd is not None else os.getcwd(),
+                "env": {os.fsdecode(k): os.fsdecode(v) for k, v in child_env.items()},
+                "path": self._zygote.isolated_path if isolated else self._zygote.base_path,
+                "new_session": bool(new_session)}).encode()
+        if request is None or len(request) > REQUEST_LIMIT:
             return super()._execute_child(
                 args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
                 creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite,
                 restore_signals, *rest)
-        args = [os.fspath(a) for a in args]
-        child_env = dict(os.environ if env is None else env)
-        isolated = args[1] == "-I"
-        request = {"argv": args[2:] if isolated else args[1:], "isolated": isolated,
-                   "cwd": os.path.abspath(cwd) if cwd is not None else os.getcwd(),
-                   "env": {os.fsdecode(k): os.fsdecode(v) for k, v in child_env.items()},
-                   "path": self._zygote.isolated_path if isolated else self._zygote.base_path,
-                   "new_session": bool(new_session)}
         fds = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1,
                errwrite if errwrite != -1 else 2]
         try:
@@ -254,6 +260,10 @@ def serve(control_fd: int) -> None:
     socket closes. Single-threaded, so each fork copies a quiet process."""
     import torch  # noqa: F401 - the point of the server
 
+    global _STDIO_ERRORS
+    if ":" not in os.environ.get("PYTHONIOENCODING", ""):  # the server's own is the default
+        _STDIO_ERRORS = sys.stdout.errors
+
     control = socket.socket(fileno=control_fd)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # reapers are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in pytest: the server goes at EOF
@@ -277,8 +287,15 @@ def _reaper(request: dict, fds: list[int]) -> None:
     status = socket.socket(fileno=fds[3])
     pid = os.fork()
     if pid == 0:
-        status.close()
-        _worker(request, fds[:3])  # never returns
+        try:
+            status.close()
+            _worker(request, fds[:3])  # never returns
+        except BaseException:  # a failure before the program ran: never the server's loop
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(1)
     try:
         for fd in fds[:3]:
             os.close(fd)
@@ -318,11 +335,12 @@ def _worker(request: dict, stdio: list[int]) -> None:
     sys.dont_write_bytecode = bool(settings.get("PYTHONDONTWRITEBYTECODE"))
     unbuffered = bool(settings.get("PYTHONUNBUFFERED"))
     encoding, _, errors = (settings.get("PYTHONIOENCODING") or "utf-8").partition(":")
+    errors = errors or _STDIO_ERRORS
     sys.stdin = sys.__stdin__ = io.TextIOWrapper(
-        open(0, "rb", closefd=False), encoding=encoding, errors=errors or "strict")
+        open(0, "rb", closefd=False), encoding=encoding, errors=errors)
     sys.stdout = sys.__stdout__ = io.TextIOWrapper(
         open(1, "wb", buffering=0 if unbuffered else -1, closefd=False), encoding=encoding,
-        errors=errors or "strict", line_buffering=os.isatty(1), write_through=unbuffered)
+        errors=errors, line_buffering=os.isatty(1), write_through=unbuffered)
     sys.stderr = sys.__stderr__ = io.TextIOWrapper(
         open(2, "wb", buffering=0 if unbuffered else -1, closefd=False), encoding=encoding,
         errors="backslashreplace", line_buffering=True, write_through=unbuffered)
@@ -332,8 +350,13 @@ def _worker(request: dict, stdio: list[int]) -> None:
         sys.argv = ["-c", *argv[2:]]
     else:
         filename = os.path.abspath(argv[0])
-        with open(filename, "rb") as handle:
-            source = handle.read()
+        try:
+            with open(filename, "rb") as handle:
+                source = handle.read()
+        except OSError as error:
+            print(f"{sys.executable}: can't open file {filename!r}: [Errno {error.errno}] "
+                  f"{error.strerror}", file=sys.stderr, flush=True)
+            os._exit(2)
         first = os.path.dirname(filename)
         sys.argv = list(argv)
     if request["isolated"]:
@@ -359,7 +382,7 @@ def _worker(request: dict, stdio: list[int]) -> None:
         tb = error.__traceback__
         while tb is not None and tb.tb_frame.f_code.co_filename != filename:
             tb = tb.tb_next  # show the program's frames, not this module's
-        error = error.with_traceback(tb or error.__traceback__)  # excepthook prints this one
+        error = error.with_traceback(tb)  # excepthook prints this one
         sys.excepthook(type(error), error, error.__traceback__)
         code, interrupted = 1, isinstance(error, KeyboardInterrupt)
     _exit(code, interrupted)
@@ -391,7 +414,12 @@ def _run_sitecustomize(pythonpath: list[str]) -> None:
             spec = importlib.util.spec_from_file_location("sitecustomize", candidate)
             module = importlib.util.module_from_spec(spec)
             sys.modules["sitecustomize"] = module
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            except Exception as error:  # python reports it and runs the program anyway
+                del sys.modules["sitecustomize"]
+                print("Error in sitecustomize; set PYTHONVERBOSE for traceback:\n"
+                      f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
             return
 
 
