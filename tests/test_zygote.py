@@ -146,3 +146,16 @@ def test_stdio_error_handler_and_a_large_environment_are_as_a_real_process_has_t
     real = subprocess.run([sys.executable, "-c", show], capture_output=True, check=True)
     process = zygote.popen([sys.executable, "-c", show], stdout=subprocess.PIPE)
     assert (process.communicate(timeout=120)[0], process._forked) == (real.stdout, True)
+
+
+def test_exit_finalizes_main_as_python_does(tmp_path):
+    """python clears __main__ at exit: a file the program left open is flushed, __del__ runs."""
+    program = ("import sys\nf = open(sys.argv[1], 'w'); f.write('data')\n"
+               "class D:\n    def __del__(self): print('del ran')\nd = D()\n")
+    assert run("-c", program, str(tmp_path / "left_open")) == (0, "del ran\n", "", True)
+    assert (tmp_path / "left_open").read_text() == "data"
+
+
+def test_a_different_openblas_setting_runs_as_a_real_process():
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}  # read when numpy (torch's) loads it
+    assert run("-c", "pass", env=env) == (0, "", "", False)
