@@ -159,3 +159,21 @@ def test_exit_finalizes_main_as_python_does(tmp_path):
 def test_a_different_openblas_setting_runs_as_a_real_process():
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}  # read when numpy (torch's) loads it
     assert run("-c", "pass", env=env) == (0, "", "", False)
+
+
+def test_a_signal_ignored_here_stays_ignored_in_the_child_as_exec_leaves_it():
+    show = ("import signal; print(signal.getsignal(signal.SIGINT) == signal.default_int_handler,"
+            " int(signal.getsignal(signal.SIGHUP)))")
+    assert run("-c", show) == (0, "True 0\n", "", True)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        assert run("-c", show) == (0, "True 1\n", "", True)
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+def test_bytes_arguments_and_cwd_are_forked_as_subprocess_accepts_them(tmp_path):
+    process = zygote.popen([os.fsencode(sys.executable), b"-c", b"import os; print(os.getcwd())"],
+                           stdout=subprocess.PIPE, cwd=os.fsencode(tmp_path))
+    assert process.communicate(timeout=120)[0] == os.fsencode(tmp_path) + b"\n"
+    assert process.returncode == 0 and process._forked

@@ -48,6 +48,10 @@ MESSAGE_LIMIT = 1 << 22  # a request: argv, cwd and environment as JSON
 # (about 200 KiB by default; a real process takes an environment of up to 2 MiB).
 REQUEST_LIMIT = 1 << 17
 _STDIO_ERRORS = "strict"  # the server's stdin/stdout error handler, set in serve()
+# Signals whose disposition a child inherits, less those python itself sets (SIGPIPE, SIGXFSZ
+# ignored) or that cannot change.
+_CATCHABLE = [number for number in signal.valid_signals() if number not in (
+    signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE, signal.SIGXFSZ)]
 
 
 def _startup_view(env) -> dict[str, str]:
@@ -100,9 +104,9 @@ class _Server:
 
     def eligible(self, args, env, cwd, extra: bool) -> bool:
         """Whether a fork of the server can be ``args`` run with ``env`` in ``cwd``."""
-        if extra or len(args) < 2 or os.fspath(args[0]) != sys.executable:
+        if extra or len(args) < 2 or os.fsdecode(args[0]) != sys.executable:
             return False
-        args = [os.fspath(a) for a in args[1:]]
+        args = [os.fsdecode(a) for a in args[1:]]
         if args[0] == "-I":  # isolated: the fork gets -I's sys.path and ignores PYTHON*
             args = args[1:]
         if not args or args[0].startswith("-") and args[0] != "-c" or args == ["-c"]:
@@ -142,15 +146,15 @@ class ZygotePopen(subprocess.Popen):
                  or group not in ([], [-1]))
         request = None
         if self._zygote.eligible(list(args), env, cwd, bool(extra)):
-            args = [os.fspath(a) for a in args]
+            args = [os.fsdecode(a) for a in args]
             child_env = dict(os.environ if env is None else env)
             isolated = args[1] == "-I"
             request = json.dumps({
                 "argv": args[2:] if isolated else args[1:], "isolated": isolated,
-                "cwd": os.path.abspath(cwd) if cwd is not None else os.getcwd(),
+                "cwd": os.fsdecode(os.path.abspath(cwd)) if cwd is not None else os.getcwd(),
                 "env": {os.fsdecode(k): os.fsdecode(v) for k, v in child_env.items()},
                 "path": self._zygote.isolated_path if isolated else self._zygote.base_path,
-                "new_session": bool(new_session)}).encode()
+                "new_session": bool(new_session), "ignored": _ignored_signals()}).encode()
         if request is None or len(request) > REQUEST_LIMIT:
             return super()._execute_child(
                 args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
@@ -208,6 +212,12 @@ class ZygotePopen(subprocess.Popen):
             finally:
                 self._waitpid_lock.release()
         return self.returncode
+
+
+def _ignored_signals() -> list[int]:
+    """The signals this process ignores: an exec'd child inherits SIG_IGN (python then keeps
+    SIGINT ignored, without its KeyboardInterrupt handler); the rest start at SIG_DFL."""
+    return [int(number) for number in _CATCHABLE if signal.getsignal(number) == signal.SIG_IGN]
 
 
 def popen(args, **kwargs) -> subprocess.Popen:
@@ -323,7 +333,14 @@ def _worker(request: dict, stdio: list[int]) -> None:
     import io
     import types
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh python has it
+    ignored = set(request["ignored"])
+    for number in _CATCHABLE:  # as exec leaves them: ignored stays ignored, the rest default
+        try:
+            signal.signal(number, signal.SIG_IGN if number in ignored else signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    if signal.SIGINT not in ignored:  # python's own handler, as a fresh python has it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     _reseed()
     if request["new_session"]:
         os.setsid()
