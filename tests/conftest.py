@@ -427,20 +427,22 @@ def pytest_sessionstart(session):
 
 
 def pytest_sessionfinish(session):
-    """Stop the fork server; kill the runs still going (and stop the S3 server); restore the
-    cache variable."""
-    zygote.shutdown()
+    """Kill the runs still going (and stop the S3 server); restore the cache variable; stop
+    the fork server last (background work still going would start another one)."""
     config = session.config
-    if RUNS not in config.stash:
-        return
     try:
-        config.stash[RUNS].close()
+        if RUNS not in config.stash:
+            return
+        try:
+            config.stash[RUNS].close()
+        finally:
+            previous = config.stash[PREVIOUS_CACHE]
+            if previous is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
     finally:
-        previous = config.stash[PREVIOUS_CACHE]
-        if previous is None:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+        zygote.shutdown()
 
 
 @pytest.fixture(scope="session", autouse=True)

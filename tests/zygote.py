@@ -20,8 +20,13 @@ exist, options subprocess has and these children do not (``preexec_fn``, ``pass_
 The server starts on first use (once per pytest process) and ends when that process closes
 its end of the control socket or exits. Its children are those of a process that imported
 torch and nothing of the project: ``sys.modules`` holds torch and what torch imports, as in a
-fresh ``python -c "import torch"``. Python's ``random`` reseeds in each fork by itself; the
-hash seed (PYTHONHASHSEED) is the server's.
+fresh ``python -c "import torch"``. Python's ``random`` and numpy reseed in each fork by
+themselves, torch's default generator and multiprocessing's authkey are reseeded here; the
+hash seed cannot be: every fork of one server has the server's, so two forks order sets of
+strings alike where two real processes may not. A test whose claim is that two children
+agree (or differ) must not let the hash seed decide it: give it ``PYTHONHASHSEED=random`` in
+the child's environment (a different startup variable: real processes) if it may.
+What torch printed or warned while the server imported it is not in a fork's output.
 """
 
 from __future__ import annotations
