@@ -3,6 +3,7 @@ it can reproduce (the rest run as real processes)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -177,3 +178,22 @@ def test_bytes_arguments_and_cwd_are_forked_as_subprocess_accepts_them(tmp_path)
                            stdout=subprocess.PIPE, cwd=os.fsencode(tmp_path))
     assert process.communicate(timeout=120)[0] == os.fsencode(tmp_path) + b"\n"
     assert process.returncode == 0 and process._forked
+
+
+def test_a_fork_is_orphaned_when_the_process_that_started_it_goes():
+    """pytest killed: its real children are orphaned (test_07's other job watches for
+    os.getppid() == 1 to stop waiting). The reaper between them must not outlive pytest."""
+    watch = ("import os, time\nfirst = os.getppid(); print(first, flush=True)\n"
+             "deadline = time.monotonic() + 60\n"
+             "while os.getppid() == first and time.monotonic() < deadline: time.sleep(0.02)\n"
+             "print(os.getppid(), flush=True)\n")
+    process = zygote.popen([sys.executable, "-c", watch], stdout=subprocess.PIPE, text=True)
+    try:
+        first = process.stdout.readline()
+        assert process._forked and first.strip()
+        process._status.close()  # what pytest's death does to the reaper's end
+        assert process.stdout.readline() not in ("", first)
+    finally:
+        process.stdout.close()
+        with contextlib.suppress(OSError):
+            os.kill(process.pid, signal.SIGKILL)

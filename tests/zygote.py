@@ -321,6 +321,7 @@ def _reaper(request: dict, fds: list[int]) -> None:
         for fd in fds[:3]:
             os.close(fd)
         status.sendall(f"pid {pid}\n".encode())
+        _until_exit_or_orphaned(pid, status)
         while True:
             try:
                 _, wait_status = os.waitpid(pid, 0)
@@ -330,6 +331,30 @@ def _reaper(request: dict, fds: list[int]) -> None:
         status.sendall(f"exit {wait_status}\n".encode())
     finally:
         os._exit(0)
+
+
+def _until_exit_or_orphaned(pid: int, status: socket.socket) -> None:
+    """Wait until the worker exits; if the pytest process dies first (its end of ``status``
+    closes), exit: the worker is orphaned as a real child of pytest would be (os.getppid()
+    becomes 1, which tests/test_07's other job watches for)."""
+    import select
+
+    if not hasattr(os, "pidfd_open"):
+        return
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    poller.register(status, select.POLLIN)  # pytest never writes: readable means closed
+    while True:
+        ready = {fd for fd, _ in poller.poll()}
+        if pidfd in ready:
+            os.close(pidfd)
+            return
+        if status.fileno() in ready:
+            os._exit(0)
 
 
 def _worker(request: dict, stdio: list[int]) -> None:
