@@ -11,22 +11,27 @@ uncaught exception, death by the signal that killed it.
 
 ``popen(args, **kwargs)`` and ``run(args, **kwargs)`` take subprocess's arguments. What the
 fork cannot reproduce goes to a real ``subprocess`` instead, so a test never depends on the
-difference: interpreter options (``-I``, ``-m``, ``-u``, ...), a program other than
-sys.executable, an environment that differs from the server's in a variable read before or
-while torch is imported (``PYTHON*``, ``OMP_*``, ``LD_*``, ...), a ``cwd`` that does not
+difference: interpreter options (``-m``, ``-u``, ``-E``, ...; a lone ``-I`` is forked, with
+its sys.path), a program other than sys.executable, an environment that differs from the
+server's in a variable of STARTUP_PREFIXES (``PYTHON*``, ``OMP_*``, ``LD_*``, ...: not every
+variable read before or while torch is imported, see there), a ``cwd`` that does not
 exist, options subprocess has and these children do not (``preexec_fn``, ``pass_fds``,
 ``user``, ...), and any platform without ``fork`` and ``socket.send_fds``.
 
 The server starts on first use (once per pytest process) and ends when that process closes
 its end of the control socket or exits. Its children are those of a process that imported
 torch and nothing of the project: ``sys.modules`` holds torch and what torch imports, as in a
-fresh ``python -c "import torch"``. Python's ``random`` and numpy reseed in each fork by
-themselves, torch's default generator and multiprocessing's authkey are reseeded here; the
-hash seed cannot be: every fork of one server has the server's, so two forks order sets of
-strings alike where two real processes may not. A test whose claim is that two children
-agree (or differ) must not let the hash seed decide it: give it ``PYTHONHASHSEED=random`` in
-the child's environment (a different startup variable: real processes) if it may.
-What torch printed or warned while the server imported it is not in a fork's output.
+fresh ``python -c "import torch"`` (the same 1,204 module names here, against 108 in a
+python that imported nothing: a child that checks what is NOT imported must not run here).
+Python's ``random`` reseeds in each fork by itself, numpy.random is not imported until a
+child imports it (then it seeds from the OS), torch's default generator
+(a fresh ``import torch`` seeds it from the OS) and multiprocessing's authkey are reseeded
+here; the hash seed cannot be: every fork of one server has the server's, so two forks order
+sets of strings alike where two real processes may not. A test whose claim is that two
+children agree (or differ) must not let the hash seed decide it: give it
+``PYTHONHASHSEED=random`` in the child's environment (a different startup variable: real
+processes) if it may. What torch printed or warned while the server imported it is not in a
+fork's output.
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ import sys
 import threading
 
 # Variables read when the interpreter starts or torch is imported: a child whose environment
-# differs from the server's in one of them runs as a real process.
+# differs from the server's in one of them runs as a real process. Not all of them: import
+# torch also reads TORCHDYNAMO_*, TORCHEXPORT_*, TORCHINDUCTOR_FORCE_DISABLE_CACHES, FX_*
+# and KINETO_USE_DAEMON, and site reads HOME; a child that differs only in those is forked
+# and sees the server's values.
 STARTUP_PREFIXES = ("PYTHON", "OMP_", "KMP_", "MKL_", "GOMP_", "LD_", "MALLOC_", "TORCH_",
                     "PYTORCH_", "CUDA_", "NCCL_", "LC_", "LANG",
                     # numpy (torch imports it) loads OpenBLAS; time reads TZ on import
@@ -445,8 +453,8 @@ def _reseed() -> None:
     """What a fresh process draws at random and a fork would share with every other fork:
     torch's default seed (a fresh ``import torch`` seeds from the OS; two forks would draw the
     same "random" tensors, and two children that should differ would agree) and
-    multiprocessing's authentication key. Python's ``random`` and numpy reseed by themselves;
-    the hash seed cannot be changed after start-up."""
+    multiprocessing's authentication key. Python's ``random`` reseeds by itself, numpy.random
+    is imported (and seeded) by the child; the hash seed cannot be changed after start-up."""
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.seed()
@@ -477,10 +485,15 @@ def _run_sitecustomize(pythonpath: list[str]) -> None:
 
 
 def _exit(code, interrupted: bool) -> None:
-    """End as python ends: join the non-daemon threads, run atexit, flush stdout and stderr,
-    exit with ``code`` (a non-int one printed, then 1), or die by SIGINT after an uncaught
-    KeyboardInterrupt. Then os._exit: what python does next, tearing down every module, takes
-    0.9 s with torch imported; of it, only the clearing of __main__ is done here."""
+    """End as python ends, nearly: join the non-daemon threads, run atexit, clear
+    ``__main__`` (python's finalization starts with it: ``__del__`` of the program's objects
+    runs, files it left open in its globals are flushed and closed) and collect, flush stdout
+    and stderr, exit with ``code`` (a non-int one printed, then 1; python prints it before
+    the threads and atexit, this after), or die by SIGINT after an uncaught
+    KeyboardInterrupt. Then os._exit, skipping the rest of python's teardown of every module
+    (0.6-0.9 s of CPU with torch imported): objects held only by other modules are not
+    finalized, and a suspended generator's ``finally`` does not run. Atexit callbacks
+    (logging.shutdown, weakref.finalize, multiprocessing's exit function) ran above."""
     import atexit
     import gc
 
@@ -497,7 +510,8 @@ def _exit(code, interrupted: bool) -> None:
         try:
             stream.flush()
         except (OSError, ValueError):
-            code = code or 120  # as python reports a stdout it could not flush
+            code = code or 120  # python: 120 whatever the code, the error printed, closed
+            # streams skipped; here a non-zero code is kept and a closed stream also gives 120
     if interrupted:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
