@@ -197,3 +197,43 @@ def test_a_fork_is_orphaned_when_the_process_that_started_it_goes():
         process.stdout.close()
         with contextlib.suppress(OSError):
             os.kill(process.pid, signal.SIGKILL)
+
+
+def test_stdin_encoding_session_and_script_path_are_the_callers(tmp_path):
+    done = zygote.run([sys.executable, "-c", "import sys; print(sys.stdin.read()[::-1])"],
+                      input="olleh", capture_output=True, text=True, timeout=120)
+    assert done.stdout == "hello\n"  # the caller's stdin, not the server's
+    latin = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+    done = zygote.run([sys.executable, "-c", "print('\\u00e9')"], env=latin,
+                      capture_output=True, timeout=120)
+    assert done.stdout == b"\xe9\n"
+    group = run("-c", "import os; print(os.getpgid(0))")
+    assert group[1] == f"{os.getpgrp()}\n" and group[3]  # no start_new_session: our group
+    (tmp_path / "where.py").write_text("print(__file__)\n")
+    assert run("where.py", cwd=tmp_path)[1] == f"{tmp_path / 'where.py'}\n"  # absolute
+
+
+def test_pass_fds_and_preexec_fn_get_a_real_process(tmp_path):
+    read, write = os.pipe()
+    try:
+        process = zygote.popen([sys.executable, "-c", f"import os; os.write({write}, b'x')"],
+                               pass_fds=[write])
+        assert process.wait(timeout=120) == 0 and not getattr(process, "_forked", False)
+        assert os.read(read, 1) == b"x"
+    finally:
+        os.close(read)
+        os.close(write)
+    process = zygote.popen([sys.executable, "-c", "pass"], preexec_fn=os.getpid)
+    assert process.wait(timeout=120) == 0 and not getattr(process, "_forked", False)
+
+
+def test_a_child_whose_reaper_dies_is_not_reported_as_a_success():
+    process = zygote.popen([sys.executable, "-c", "import os, time; print(os.getppid(), "
+                            "flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    reaper = int(process.stdout.readline())
+    os.kill(reaper, signal.SIGKILL)
+    try:
+        assert process.wait(timeout=60) != 0
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.stdout.close()
