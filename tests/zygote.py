@@ -168,6 +168,7 @@ class ZygotePopen(subprocess.Popen):
                 "env": {os.fsdecode(k): os.fsdecode(v) for k, v in child_env.items()},
                 "path": self._zygote.isolated_path if isolated else self._zygote.base_path,
                 "new_session": bool(new_session), "ignored": _ignored_signals()}).encode()
+        _log("fork" if request is not None and len(request) <= REQUEST_LIMIT else "real", args)
         if request is None or len(request) > REQUEST_LIMIT:
             return super()._execute_child(
                 args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
@@ -225,6 +226,18 @@ class ZygotePopen(subprocess.Popen):
             finally:
                 self._waitpid_lock.release()
         return self.returncode
+
+
+# With TESTS_ZYGOTE_LOG=FILE, one line per child: how it ran and its first arguments. Opened
+# here, at import (a confined test may not open a file outside its tmp_path), and taken out
+# of the environment (a child that imports this module must not open it).
+_LOG_PATH = os.environ.pop("TESTS_ZYGOTE_LOG", "")
+_LOG = os.open(_LOG_PATH, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if _LOG_PATH else None
+
+
+def _log(how: str, args) -> None:
+    if _LOG is not None:
+        os.write(_LOG, f"{how} {[os.fsdecode(a)[:60] for a in list(args)[1:3]]}\n".encode())
 
 
 def _ignored_signals() -> list[int]:
