@@ -239,12 +239,13 @@ class ScriptRun:
 LIVE_RUNS: set[subprocess.Popen] = set()
 
 
-def run_captured(command: list[str], *, cwd, timeout: int,
-                 env: dict[str, str] | None) -> subprocess.CompletedProcess:
+def run_captured(command: list[str], *, cwd, timeout: int, env: dict[str, str] | None,
+                 pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
     """subprocess.run(command, capture_output=True, text=True), in a process group of its own
     (the script's children too: a Jupyter kernel, compile workers) that close() can kill."""
     with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+                          stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          pass_fds=pass_fds) as process:
         LIVE_RUNS.add(process)
         try:
             stdout, stderr = process.communicate(timeout=timeout)
@@ -373,10 +374,12 @@ def run_notebook(stem: str, device: str, folder: Path, args: str = "",
     """The script executed cell by cell in a Jupyter kernel (see tests/notebook_run.py), with
     ``args`` as its flags and ``env`` added to its environment."""
     result = folder / "executed.ipynb"
+    shared = zygote.share()  # the kernel is a fork of the session's server (notebook_run.py)
     completed = run_captured(
         [sys.executable, "-m", "tests.notebook_run", stem, str(folder / "out"), str(result),
          f"--device {device} {args}".strip()],
-        cwd=ROOT, timeout=900, env={**run_env(), **(env or {})})
+        cwd=ROOT, timeout=900, pass_fds=(shared[0],) if shared else (),
+        env={**run_env(), **(env or {}), **({"TESTS_ZYGOTE": shared[1]} if shared else {})})
     notebook = nbformat.read(result, as_version=4) if result.exists() else None
     return NotebookRun(completed.returncode, completed.stderr, notebook, folder / "out")
 

@@ -4,7 +4,9 @@ jupytext turns the script's ``# %%`` cells into a notebook; nbclient runs it in 
 kernel started in the project folder, with the lesson's flags in LESSON_ARGS (a kernel has no
 command line). The executed notebook, outputs and any error included, is written to RESULT
 either way; the exit status is 1 when a cell failed. Each notebook gets its own process so
-that the tests can run two at a time.
+that the tests can run two at a time. Started by the tests with the session's fork server
+(tests/zygote.py: TESTS_ZYGOTE and its socket), the kernel is a fork of that server's
+torch-importing process, as the tests' own Python children are, instead of a fresh python.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import os
 import sys
 from pathlib import Path
 
+import jupyter_client.launcher
 import jupytext
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+
+from tests import zygote
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +30,8 @@ def main(stem: str, out_dir: str, result: str, flags: str = "") -> int:
     notebook = jupytext.read(ROOT / f"{stem}.py")
     os.environ["LESSON_ARGS"] = f"--out-dir {out_dir} {flags}".strip()
     os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    if zygote.attach():  # the pytest session's fork server: the kernel is one of its forks
+        jupyter_client.launcher.Popen = zygote.popen  # (tests/zygote.py), not a fresh python
     client = NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(ROOT)}})
     try:

@@ -85,8 +85,8 @@ def test_what_a_fork_cannot_reproduce_runs_as_a_real_process(tmp_path):
     real = subprocess.run([sys.executable, "-c", "print(hash('zygote'))"], env=seeded,
                           capture_output=True, text=True, check=True)
     assert (code, out, forked) == (0, real.stdout, False)
-    code, out, _, forked = run("-m", "json.tool", "--help")  # an interpreter option
-    assert code == 0 and "usage" in out and not forked
+    code, out, _, forked = run("-E", "-c", "print('e')")  # an interpreter option
+    assert code == 0 and out == "e\n" and not forked
     with pytest.raises(FileNotFoundError):  # as subprocess says it
         zygote.popen([sys.executable, "-c", "pass"], cwd=tmp_path / "missing")
 
@@ -237,3 +237,25 @@ def test_a_child_whose_reaper_dies_is_not_reported_as_a_success():
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.stdout.close()
+
+
+def test_python_dash_m_runs_the_module_as_main_from_the_working_folder(tmp_path):
+    (tmp_path / "shown.py").write_text("import sys\nprint(__name__, sys.argv, sys.path[0])\n")
+    code, out, err, forked = run("-m", "shown", "x", cwd=tmp_path)
+    assert (code, err, forked) == (0, "", True)
+    assert out == f"__main__ ['{tmp_path / 'shown.py'}', 'x'] {tmp_path}\n"
+    code, out, err, forked = run("-m", "no_such_module_here", cwd=tmp_path)
+    assert (code, out, forked) == (1, "", True)
+    assert err == f"{sys.executable}: No module named no_such_module_here\n"
+
+
+def test_a_new_session_exists_when_popen_returns():
+    """Jupyter reads os.getpgid(kernel.pid) right after Popen returns and signals that group:
+    with the server's group (pytest's) there, an interrupt reached pytest."""
+    process = zygote.popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                           start_new_session=True)
+    try:
+        assert process._forked and os.getpgid(process.pid) == process.pid
+    finally:
+        process.kill()
+        process.wait(timeout=60)

@@ -11,8 +11,9 @@ uncaught exception, death by the signal that killed it.
 
 ``popen(args, **kwargs)`` and ``run(args, **kwargs)`` take subprocess's arguments. What the
 fork cannot reproduce goes to a real ``subprocess`` instead, so a test never depends on the
-difference: interpreter options (``-m``, ``-u``, ``-E``, ...; a lone ``-I`` is forked, with
-its sys.path), a program other than sys.executable, an environment that differs from the
+difference: interpreter options (``-u``, ``-E``, ``-I -m``, ...; ``-c``, ``-m MODULE`` and
+``-I`` before ``-c`` or a script are forked, the last with -I's sys.path), a program other
+than sys.executable, an environment that differs from the
 server's in a variable of STARTUP_PREFIXES (``PYTHON*``, ``OMP_*``, ``LD_*``, ...: not every
 variable read before or while torch is imported, see there), a ``cwd`` that does not
 exist, options subprocess has and these children do not (``preexec_fn``, ``pass_fds``,
@@ -94,16 +95,22 @@ class _Server:
     instance: _Server | None = None
     failed = False
 
-    def __init__(self) -> None:
+    def __init__(self, shared: dict | None = None) -> None:
+        self.send_lock = threading.Lock()
+        if shared is not None:  # another process's server (share()): its socket and facts
+            self.control = socket.socket(fileno=shared["fd"])
+            self.startup, self.process = shared["startup"], None
+            self.base_path, self.isolated_path = shared["base_path"], shared["isolated_path"]
+            return
         self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.env = dict(os.environ)
+        env = dict(os.environ)
+        self.startup = _startup_view(env)
         self.base_path = fresh_sys_path("-E")[1:]  # after the script's folder or ''
         self.isolated_path = fresh_sys_path("-I")  # -I puts no folder first
         self.process = _PlainPopen(  # as a file, not tests.zygote: no package imported
             [sys.executable, os.path.abspath(__file__), str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=self.env)
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
         theirs.close()
-        self.send_lock = threading.Lock()
 
     @classmethod
     def get(cls) -> _Server | None:
@@ -120,14 +127,17 @@ class _Server:
         if extra or len(args) < 2 or os.fsdecode(args[0]) != sys.executable:
             return False
         args = [os.fsdecode(a) for a in args[1:]]
-        if args[0] == "-I":  # isolated: the fork gets -I's sys.path and ignores PYTHON*
+        isolated = args[0] == "-I"
+        if isolated:  # the fork gets -I's sys.path and ignores PYTHON*
             args = args[1:]
-        if not args or args[0].startswith("-") and args[0] != "-c" or args == ["-c"]:
+        if (not args or args[0].startswith("-") and args[0] not in ("-c", "-m")
+                or args[0] in ("-c", "-m") and len(args) < 2 or args[0] == "-m" and isolated):
             return False
         if cwd is not None and not os.path.isdir(cwd):
             return False
         child_env = os.environ if env is None else env
-        return _startup_view(child_env) == _startup_view(self.env) and self.process.poll() is None
+        return (_startup_view(child_env) == self.startup
+                and (self.process is None or self.process.poll() is None))
 
     def start(self, request: bytes, fds: list[int]) -> socket.socket:
         """Send a request with its stdio descriptors; the socket that will report its pid and
@@ -256,12 +266,40 @@ def popen(args, **kwargs) -> subprocess.Popen:
     return type("BoundZygotePopen", (ZygotePopen,), {"_zygote": server})(args, **kwargs)
 
 
+def share() -> tuple[int, str] | None:
+    """For a process this one starts (tests/notebook_run.py, whose Jupyter kernel is forked
+    here too): the descriptor to pass it (pass_fds) and the value of TESTS_ZYGOTE for its
+    environment; None where there is no server."""
+    usable = hasattr(socket, "send_fds") and hasattr(os, "fork") and not os.environ.get(
+        "TESTS_NO_ZYGOTE")
+    server = _Server.get() if usable else None
+    if server is None:
+        return None
+    fd = server.control.fileno()
+    return fd, json.dumps({"fd": fd, "startup": server.startup, "base_path": server.base_path,
+                           "isolated_path": server.isolated_path})
+
+
+def attach() -> bool:
+    """In a process started with share()'s descriptor and TESTS_ZYGOTE: use that server
+    (requests from several processes on one socket: each is one datagram). Returns whether
+    there was one to attach."""
+    shared = os.environ.pop("TESTS_ZYGOTE", "")
+    if not shared:
+        return False
+    with _Server.lock:
+        _Server.instance = _Server(json.loads(shared))
+    return True
+
+
 def shutdown() -> None:
     """Stop the server (its children go on): pytest's session end calls this."""
     with _Server.lock:
         server, _Server.instance = _Server.instance, None
     if server is not None:
         server.control.close()  # the server sees EOF and returns
+        if server.process is None:  # another process's server: it stops it
+            return
         try:
             server.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -327,11 +365,13 @@ def serve(control_fd: int) -> None:
 def _reaper(request: dict, fds: list[int]) -> None:
     """Fork the worker, report its pid, wait for it, report its wait status, exit."""
     status = socket.socket(fileno=fds[3])
+    ready_read, ready_write = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             status.close()
-            _worker(request, fds[:3])  # never returns
+            os.close(ready_read)
+            _worker(request, fds[:3], ready_write)  # never returns
         except BaseException:  # a failure before the program ran: never the server's loop
             import traceback
 
@@ -341,6 +381,9 @@ def _reaper(request: dict, fds: list[int]) -> None:
     try:
         for fd in fds[:3]:
             os.close(fd)
+        os.close(ready_write)
+        os.read(ready_read, 1)  # its session and group are made (or it died): as after exec,
+        os.close(ready_read)  # a caller's os.getpgid(pid) gets the child's own (Jupyter's does)
         status.sendall(f"pid {pid}\n".encode())
         _until_exit_or_orphaned(pid, status)
         while True:
@@ -378,8 +421,9 @@ def _until_exit_or_orphaned(pid: int, status: socket.socket) -> None:
             os._exit(0)
 
 
-def _worker(request: dict, stdio: list[int]) -> None:
-    """Become ``python ARGV...`` in this forked process, then exit as it would."""
+def _worker(request: dict, stdio: list[int], ready: int) -> None:
+    """Become ``python ARGV...`` in this forked process, then exit as it would; ``ready`` is
+    closed once its signals and session are those the caller asked for."""
     import builtins
     import io
     import types
@@ -395,6 +439,7 @@ def _worker(request: dict, stdio: list[int]) -> None:
     _reseed()
     if request["new_session"]:
         os.setsid()
+    os.close(ready)
     for target, fd in enumerate(stdio):
         if fd != target:
             os.dup2(fd, target)
@@ -419,7 +464,11 @@ def _worker(request: dict, stdio: list[int]) -> None:
         open(2, "wb", buffering=0 if unbuffered else -1, closefd=False), encoding=encoding,
         errors="backslashreplace", line_buffering=True, write_through=unbuffered)
     argv = request["argv"]
-    if argv[0] == "-c":
+    module = argv[1] if argv[0] == "-m" else None
+    if module is not None:  # as python -m: the working folder first, runpy runs it
+        source, filename, first = None, None, os.getcwd()
+        sys.argv = ["-m", *argv[2:]]
+    elif argv[0] == "-c":
         source, filename, first = argv[1], "<string>", ""
         sys.argv = ["-c", *argv[2:]]
     else:
@@ -444,18 +493,24 @@ def _worker(request: dict, stdio: list[int]) -> None:
     main = types.ModuleType("__main__")
     main.__dict__.update(__builtins__=builtins, __spec__=None, __loader__=None,
                          __package__=None, __cached__=None)
-    if filename != "<string>":
+    if filename not in ("<string>", None):
         main.__file__ = filename
     sys.modules["__main__"] = main
     code, interrupted = 0, False
     try:
-        exec(compile(source, filename, "exec", dont_inherit=True), main.__dict__)
+        if module is not None:
+            import runpy
+
+            runpy._run_module_as_main(module)  # what python -m calls (alter_argv too)
+        else:
+            exec(compile(source, filename, "exec", dont_inherit=True), main.__dict__)
     except SystemExit as done:
         code = done.code
     except BaseException as error:
         tb = error.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename != filename:
-            tb = tb.tb_next  # show the program's frames, not this module's
+        while tb is not None and (tb.tb_frame.f_code.co_filename != filename if filename
+                                  else tb.tb_frame.f_code.co_filename == __file__):
+            tb = tb.tb_next  # show the program's frames (python -m: runpy's too), not ours
         error = error.with_traceback(tb)  # excepthook prints this one
         sys.excepthook(type(error), error, error.__traceback__)
         code, interrupted = 1, isinstance(error, KeyboardInterrupt)
