@@ -22,7 +22,7 @@ exist, options subprocess has and these children do not (``preexec_fn``, ``pass_
 The server starts on first use (once per pytest process) and ends when that process closes
 its end of the control socket or exits. Its children are those of a process that imported
 torch and nothing of the project: ``sys.modules`` holds torch and what torch imports, as in a
-fresh ``python -c "import torch"`` (the same 1,204 module names here, against 108 in a
+fresh ``python -c "import torch"`` (the same 1,204 module names here, against 102 in a
 python that imported nothing: a child that checks what is NOT imported must not run here).
 Python's ``random`` reseeds in each fork by itself, numpy.random is not imported until a
 child imports it (then it seeds from the OS), torch's default generator
@@ -47,9 +47,11 @@ import threading
 
 # Variables read when the interpreter starts or torch is imported: a child whose environment
 # differs from the server's in one of them runs as a real process. Not all of them: import
-# torch also reads TORCHDYNAMO_*, TORCHEXPORT_*, TORCHINDUCTOR_FORCE_DISABLE_CACHES, FX_*
-# and KINETO_USE_DAEMON, and site reads HOME; a child that differs only in those is forked
-# and sees the server's values.
+# torch also reads, among others, TORCHDYNAMO_*, TORCHEXPORT_*,
+# TORCHINDUCTOR_FORCE_DISABLE_CACHES, FX_*, COMPILE_STROBELIGHT_*, KINETO_USE_DAEMON,
+# NUMPY_MADVISE_HUGEPAGE, and in C DNNL_*/ONEDNN_*/MKLDNN_*, GFORTRAN_*, GLIBCXX_TUNABLES and
+# OPENSSL_*; site reads HOME; a child that differs only in those is forked and sees the
+# server's values.
 STARTUP_PREFIXES = ("PYTHON", "OMP_", "KMP_", "MKL_", "GOMP_", "LD_", "MALLOC_", "TORCH_",
                     "PYTORCH_", "CUDA_", "NCCL_", "LC_", "LANG",
                     # numpy (torch imports it) loads OpenBLAS; time reads TZ on import
@@ -560,7 +562,7 @@ def _exit(code, interrupted: bool) -> None:
     the threads and atexit, this after), or die by SIGINT after an uncaught
     KeyboardInterrupt. Then os._exit, skipping the rest of python's teardown of every module
     (0.6-0.9 s of CPU with torch imported): objects held only by other modules are not
-    finalized, and a suspended generator's ``finally`` does not run. Atexit callbacks
+    finalized (a suspended generator held there does not run its ``finally``). Atexit callbacks
     (logging.shutdown, weakref.finalize, multiprocessing's exit function) ran above."""
     import atexit
     import gc
