@@ -259,3 +259,13 @@ def test_a_new_session_exists_when_popen_returns():
     finally:
         process.kill()
         process.wait(timeout=60)
+
+
+def test_jupyters_parent_pid_is_the_forks_parent():
+    """ipykernel exits when its ppid leaves JPY_PARENT_PID; a pid that is not its ppid it
+    ignores, and an orphan under a subreaper (not pid 1) would then run on for ever."""
+    env = {**os.environ, "JPY_PARENT_PID": str(os.getpid())}
+    done = zygote.run([sys.executable, "-c", "import os; print(os.environ['JPY_PARENT_PID'] "
+                       "== str(os.getppid()))"], env=env, capture_output=True, text=True,
+                      timeout=120)
+    assert done.stdout == "True\n"

@@ -179,7 +179,8 @@ class ZygotePopen(subprocess.Popen):
                 "cwd": os.fsdecode(os.path.abspath(cwd)) if cwd is not None else os.getcwd(),
                 "env": {os.fsdecode(k): os.fsdecode(v) for k, v in child_env.items()},
                 "path": self._zygote.isolated_path if isolated else self._zygote.base_path,
-                "new_session": bool(new_session), "ignored": _ignored_signals()}).encode()
+                "new_session": bool(new_session), "ignored": _ignored_signals(),
+                "caller": os.getpid()}).encode()
         _log("fork" if request is not None and len(request) <= REQUEST_LIMIT else "real", args)
         if request is None or len(request) > REQUEST_LIMIT:
             return super()._execute_child(
@@ -449,6 +450,10 @@ def _worker(request: dict, stdio: list[int], ready: int) -> None:
         if fd > 2:
             os.close(fd)
     env = request["env"]
+    if env.get("JPY_PARENT_PID") == str(request["caller"]):  # Jupyter's "my parent": here the
+        env["JPY_PARENT_PID"] = str(os.getppid())  # reaper, which goes when the caller goes
+        # (ipykernel ignores a parent pid that is not its ppid, then only notices ppid 1: a
+        # kernel orphaned under a subreaper, systemd --user's, would run on for ever)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(env)
