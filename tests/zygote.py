@@ -32,7 +32,9 @@ sets of strings alike where two real processes may not. A test whose claim is th
 children agree (or differ) must not let the hash seed decide it: give it
 ``PYTHONHASHSEED=random`` in the child's environment (a different startup variable: real
 processes) if it may. What torch printed or warned while the server imported it is not in a
-fork's output.
+fork's output, and ``-m`` of a module the server imported with torch (``email.utils``,
+``unittest.mock``...) prints runpy's RuntimeWarning that it was "found in sys.modules" where a
+fresh python prints nothing.
 """
 
 from __future__ import annotations
@@ -148,6 +150,9 @@ class _Server:
         try:
             with self.send_lock:
                 socket.send_fds(self.control, [request], [*fds, theirs.fileno()])
+        except OSError:
+            mine.close()
+            raise
         finally:
             theirs.close()
         return mine
@@ -181,17 +186,22 @@ class ZygotePopen(subprocess.Popen):
                 "path": self._zygote.isolated_path if isolated else self._zygote.base_path,
                 "new_session": bool(new_session), "ignored": _ignored_signals(),
                 "caller": os.getpid()}).encode()
-        _log("fork" if request is not None and len(request) <= REQUEST_LIMIT else "real", args)
-        if request is None or len(request) > REQUEST_LIMIT:
+        status = None
+        if request is not None and len(request) <= REQUEST_LIMIT:
+            fds = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1,
+                   errwrite if errwrite != -1 else 2]
+            try:
+                status = self._zygote.start(request, fds)
+            except OSError:  # the server is gone (an attached one has no process to poll):
+                pass  # nothing was forked, so it runs as a real process
+        _log("real" if status is None else "fork", args)
+        if status is None:
             return super()._execute_child(
                 args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
                 creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite,
                 restore_signals, *rest)
-        fds = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1,
-               errwrite if errwrite != -1 else 2]
         try:
-            self._status = self._zygote.start(request, fds)
-            self._status_buffer = b""
+            self._status, self._status_buffer = status, b""
             line = self._read_line(block=True)
             if not line.startswith("pid "):
                 raise subprocess.SubprocessError(f"the fork server did not start {args}: {line}")
@@ -385,8 +395,13 @@ def _reaper(request: dict, fds: list[int]) -> None:
         for fd in fds[:3]:
             os.close(fd)
         os.close(ready_write)
-        os.read(ready_read, 1)  # its session and group are made (or it died): as after exec,
-        os.close(ready_read)  # a caller's os.getpgid(pid) gets the child's own (Jupyter's does)
+        group = os.read(ready_read, 32)  # its process group once its session is made, or b""
+        os.close(ready_read)  # if it died first: as after exec, a caller's os.getpgid(pid)
+        expected = pid if request["new_session"] else os.getpgid(0)  # gets the child's own
+        if group and int(group) != expected:  # (Jupyter's does, then signals that group)
+            os.kill(pid, signal.SIGKILL)
+            status.sendall(f"group {int(group)} is not {expected}\n".encode())
+            return
         status.sendall(f"pid {pid}\n".encode())
         _until_exit_or_orphaned(pid, status)
         while True:
@@ -442,6 +457,7 @@ def _worker(request: dict, stdio: list[int], ready: int) -> None:
     _reseed()
     if request["new_session"]:
         os.setsid()
+    os.write(ready, str(os.getpgid(0)).encode())  # the reaper checks it, then reports the pid
     os.close(ready)
     for target, fd in enumerate(stdio):
         if fd != target:
