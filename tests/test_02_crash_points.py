@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from tests.conftest import load_script, open_descriptors
+from tests.threads import own_threads
 
 lesson = load_script("02_checkpoint_manager")
 CheckpointManager = lesson.CheckpointManager
@@ -67,16 +68,6 @@ def faults(at, action):
                  hasattr(os, name)}
     count = [0]
     counting = threading.Lock()
-    # The session's own threads (its background script runs and work) call these functions
-    # too while a test runs, and may start threads of their own meanwhile: only this thread
-    # and the threads it starts (an async save's writer, and the threads they start) count.
-    own = {threading.current_thread()}
-    start = threading.Thread.start
-
-    def start_own(thread):
-        if threading.current_thread() in own:
-            own.add(thread)  # before it runs: its first call counts
-        return start(thread)
 
     def step(name):
         if threading.current_thread() not in own:
@@ -94,22 +85,20 @@ def faults(at, action):
             return originals[name](*args, **kwargs)
         return wrapper
 
-    for name in originals:
-        if name != "fdopen":
-            setattr(os, name, wrap(name))
-
     def fdopen(descriptor, mode="r", *args, **kwargs):
         handle = originals["fdopen"](descriptor, mode, *args, **kwargs)
         return CountingFile(handle, step) if "w" in mode or "a" in mode else handle
 
-    os.fdopen = fdopen
-    threading.Thread.start = start_own
-    try:
-        yield count
-    finally:
-        threading.Thread.start = start
-        for name, original in originals.items():
-            setattr(os, name, original)
+    # The session's own threads call these functions too while a test runs: only this
+    # thread and the threads it starts count (tests/threads.py).
+    with own_threads() as own:
+        for name in originals:
+            setattr(os, name, fdopen if name == "fdopen" else wrap(name))
+        try:
+            yield count
+        finally:
+            for name, original in originals.items():
+                setattr(os, name, original)
 
 
 def state(tag, step):

@@ -34,6 +34,7 @@ from torch import nn
 
 from common.models import MLP
 from tests.conftest import load_script, open_descriptors
+from tests.threads import own_threads
 
 lesson = load_script("03_model_versioning")
 TINY = {"class": "MLP", "kwargs": {"in_features": 4, "hidden": 4, "num_classes": 2,
@@ -83,15 +84,8 @@ class FaultInjector:
     def __init__(self, at: int, action) -> None:
         self.at, self.action, self.calls = at, action, 0
         self.original = {name: getattr(os, name) for name in STEPS}
+        self.threads = own_threads()
         self.own: set[threading.Thread] = set()
-        self.start = threading.Thread.start
-
-    def _start(self):
-        def start(thread: threading.Thread) -> None:  # a function: Thread binds it
-            if threading.current_thread() in self.own:
-                self.own.add(thread)  # before it runs: its first call counts
-            self.start(thread)
-        return start
 
     def _wrap(self, function):
         def wrapper(*args, **kwargs):
@@ -103,18 +97,15 @@ class FaultInjector:
         return wrapper
 
     def __enter__(self) -> FaultInjector:
-        # The session's own threads (its background script runs and work) call these
-        # functions too while a test runs, and may start threads of their own meanwhile:
-        # only this thread and the threads it starts (and they start) are counted and
-        # interrupted.
-        self.own = {threading.current_thread()}
-        threading.Thread.start = self._start()
+        # The session's own threads call these functions too while a test runs: only this
+        # thread and the threads it starts are counted and interrupted (tests/threads.py).
+        self.own = self.threads.__enter__()
         for name, function in self.original.items():
             setattr(os, name, self._wrap(function))
         return self
 
     def __exit__(self, *exc_info) -> None:
-        threading.Thread.start = self.start
+        self.threads.__exit__(*exc_info)
         for name, function in self.original.items():
             setattr(os, name, function)
 
