@@ -164,8 +164,11 @@ class ZygotePopen(subprocess.Popen):
     after Popen.__init__ (and any wrapper of it, as tests/confinement.py installs) has made
     the environment the child gets."""
 
-    _zygote: _Server
     _forked = False  # True once the server forked the child; False: a real process
+
+    def __init__(self, server: _Server, args, **kwargs) -> None:
+        self._zygote = server  # before Popen.__init__, which calls _execute_child
+        super().__init__(args, **kwargs)
 
     def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env,
                        startupinfo, creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite,
@@ -269,23 +272,27 @@ def _ignored_signals() -> list[int]:
     return [int(number) for number in _CATCHABLE if signal.getsignal(number) == signal.SIG_IGN]
 
 
+def _server() -> _Server | None:
+    """This process's server, started on first use; None without fork and socket.send_fds,
+    with TESTS_NO_ZYGOTE set (to compare, or to rule the server out), or if it did not
+    start."""
+    usable = hasattr(socket, "send_fds") and hasattr(os, "fork") and not os.environ.get(
+        "TESTS_NO_ZYGOTE")
+    return _Server.get() if usable else None
+
+
 def popen(args, **kwargs) -> subprocess.Popen:
     """``subprocess.Popen(args, **kwargs)``, run as a fork of the server where it can be."""
-    usable = hasattr(socket, "send_fds") and hasattr(os, "fork") and not os.environ.get(
-        "TESTS_NO_ZYGOTE")  # set it to compare, or to rule the server out
-    server = _Server.get() if usable else None
-    if server is None:
-        return subprocess.Popen(args, **kwargs)
-    return type("BoundZygotePopen", (ZygotePopen,), {"_zygote": server})(args, **kwargs)
+    server = _server()
+    return subprocess.Popen(args, **kwargs) if server is None else ZygotePopen(
+        server, args, **kwargs)
 
 
 def share() -> tuple[int, str] | None:
     """For a process this one starts (tests/notebook_run.py, whose Jupyter kernel is forked
     here too): the descriptor to pass it (pass_fds) and the value of TESTS_ZYGOTE for its
     environment; None where there is no server."""
-    usable = hasattr(socket, "send_fds") and hasattr(os, "fork") and not os.environ.get(
-        "TESTS_NO_ZYGOTE")
-    server = _Server.get() if usable else None
+    server = _server()
     if server is None:
         return None
     fd = server.control.fileno()
