@@ -154,44 +154,6 @@ def ort_session(path: Path, device: torch.device, threads: int,
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
-def first_diverging_node(onnx_program: torch.onnx.ONNXProgram, args: tuple,
-                         atol: float = 1e-4) -> tuple:
-    """The first value inside the ONNX graph that departs from PyTorch's, and its node.
-
-    torch.onnx.verification.verify_onnx_program(..., compare_intermediates=True) runs the
-    ExportedProgram node by node and ONNX Runtime up to each ONNX value of the same name, in
-    graph order. Everything after the first bad value inherits its error, so that value's
-    producer is the node to look at. Returns (VerificationInfo, node) or (None, None) when
-    every value agrees within ``atol``. It runs ORT once per value.
-
-    Pitfall: for each value, torch 2.14's ONNXProgram.compute_values() calls release()
-    before and after its ORT run, and release() calls gc.collect(): two full collections of
-    this whole process per value, whose cost grows with the objects it holds (measured here
-    for SmallCNN in a fresh process: 16 collections, 4.1 s of 4.2 s; 0.1 s in all with the
-    freeze). gc.freeze() moves every object alive now out of the collector's sight, so each
-    collection only looks at what the check creates. gc.unfreeze() hands them back, unless
-    the caller had frozen objects itself (a pre-fork server does): it would thaw those too.
-    """
-    verification_log = logging.getLogger("torch.onnx._internal.exporter._verification")
-    level = verification_log.level
-    verification_log.setLevel(logging.ERROR)  # it warns for every value past 0.01; we report
-    frozen_by_caller = gc.get_freeze_count() > 0
-    gc.freeze()
-    try:
-        infos = torch.onnx.verification.verify_onnx_program(onnx_program, args=args,
-                                                             compare_intermediates=True)
-    finally:
-        if not frozen_by_caller:
-            gc.unfreeze()
-        verification_log.setLevel(level)
-    producers = {value.name: node for node in onnx_program.model.graph
-                 for value in node.outputs}
-    for info in infos:
-        if info.max_abs_diff > atol:
-            return info, producers.get(info.name)
-    return None, None
-
-
 # ############################################################################################
 # The lessons, in order. In a notebook each cell runs its lesson (the `if in_notebook():`
 # lines); `python 04_onnx_export.py` runs them all through main() at the bottom.
@@ -421,11 +383,49 @@ if in_notebook():
 # is an API on the ONNXProgram that export returns: torch.onnx.verification.
 # verify_onnx_program(onnx_program, args=...) gives one VerificationInfo (max_abs_diff,
 # max_rel_diff, histograms) per output, in a fraction of a second. When an output is wrong,
-# compare_intermediates=True finds WHERE, and this script's first_diverging_node (above,
-# copyable) reads its per-value results in graph order and returns the first
+# compare_intermediates=True finds WHERE, and first_diverging_node (below; copyable, it uses
+# nothing from common/) reads its per-value results in graph order and returns the first
 # value past the tolerance and the ONNX node that produced it.
 # To show it, we plant a fault in the in-memory ONNX model, as a broken conversion or a bad
 # quantisation would: the second Conv's weights times 1.05. Then we put the weights back.
+
+
+def first_diverging_node(onnx_program: torch.onnx.ONNXProgram, args: tuple,
+                         atol: float = 1e-4) -> tuple:
+    """The first value inside the ONNX graph that departs from PyTorch's, and its node.
+
+    torch.onnx.verification.verify_onnx_program(..., compare_intermediates=True) runs the
+    ExportedProgram node by node and ONNX Runtime up to each ONNX value of the same name, in
+    graph order. Everything after the first bad value inherits its error, so that value's
+    producer is the node to look at. Returns (VerificationInfo, node) or (None, None) when
+    every value agrees within ``atol``. It runs ORT once per value.
+
+    Pitfall: for each value, torch 2.14's ONNXProgram.compute_values() calls release()
+    before and after its ORT run, and release() calls gc.collect(): two full collections of
+    this whole process per value, whose cost grows with the objects it holds (measured here
+    for SmallCNN in a fresh process: 16 collections, 4.1 s of 4.2 s; 0.1 s in all with the
+    freeze). gc.freeze() moves every object alive now out of the collector's sight, so each
+    collection only looks at what the check creates. gc.unfreeze() hands them back, unless
+    the caller had frozen objects itself (a pre-fork server does): it would thaw those too.
+    """
+    verification_log = logging.getLogger("torch.onnx._internal.exporter._verification")
+    level = verification_log.level
+    verification_log.setLevel(logging.ERROR)  # it warns for every value past 0.01; we report
+    frozen_by_caller = gc.get_freeze_count() > 0
+    gc.freeze()
+    try:
+        infos = torch.onnx.verification.verify_onnx_program(onnx_program, args=args,
+                                                             compare_intermediates=True)
+    finally:
+        if not frozen_by_caller:
+            gc.unfreeze()
+        verification_log.setLevel(level)
+    producers = {value.name: node for node in onnx_program.model.graph
+                 for value in node.outputs}
+    for info in infos:
+        if info.max_abs_diff > atol:
+            return info, producers.get(info.name)
+    return None, None
 
 
 def lesson_3d_find_divergence(run: Run, onnx_program: torch.onnx.ONNXProgram) -> dict:
